@@ -1,0 +1,18 @@
+"""qwen3: Qwen3 from scratch in PyTorch."""
+
+from .checkpoint import CheckpointError, load_model, save_model
+from .config import PRESETS, ConfigError, Qwen3Config
+from .generate import generate
+from .model import KVCache, Qwen3ForCausalLM
+
+__all__ = [
+    "PRESETS",
+    "CheckpointError",
+    "ConfigError",
+    "KVCache",
+    "Qwen3Config",
+    "Qwen3ForCausalLM",
+    "generate",
+    "load_model",
+    "save_model",
+]

@@ -1,0 +1,177 @@
+"""Hugging Face checkpoints in and out: `config.json` plus safetensors, single-file or sharded with an index.
+
+Loading builds the module on the meta device (no memory), reads each tensor straight from the
+safetensors file to the target device, converts it to the requested dtype, and assigns it: peak memory
+stays near one copy of the weights. Every tensor is checked by name and shape against the model the
+config describes; anything missing, unexpected or mis-shaped is an error naming the tensor and the file.
+Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import Qwen3Config
+from .hub import MODEL_FILES, resolve_source
+from .model import Qwen3ForCausalLM
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+TIED_KEY = "lm_head.weight"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not match the model its config describes; the message names tensor and file."""
+
+
+def load_model(
+    source: str | os.PathLike,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    attention: str = "sdpa",
+) -> Qwen3ForCausalLM:
+    """Load a Qwen3 checkpoint from a directory or a Hub repo id (e.g. "Qwen/Qwen3-0.6B")."""
+    directory = resolve_source(source, MODEL_FILES)
+    config = Qwen3Config.from_json(directory / "config.json")
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(config, attention=attention)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop(TIED_KEY)
+
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor, path in _read_tensors(directory, device):
+        if config.tie_word_embeddings and name == TIED_KEY:
+            continue  # some tied checkpoints store a copy of the embedding; the embedding wins
+        if name not in expected:
+            raise CheckpointError(f"unexpected tensor {name!r} in {path} (not part of a Qwen3 model of this config)")
+        if tuple(tensor.shape) != expected[name]:
+            raise CheckpointError(
+                f"tensor {name!r} in {path}: expected shape {expected[name]}, found {tuple(tensor.shape)}"
+            )
+        state[name] = tensor.to(dtype)
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"missing tensors in {directory}: {shown}")
+
+    if config.tie_word_embeddings:
+        state[TIED_KEY] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        model.tie_weights()  # assign=True replaced both Parameters; make them one again
+    model.init_buffers(device)
+    return model.eval()
+
+
+def _read_tensors(directory: Path, device: torch.device | str) -> Iterator[tuple[str, torch.Tensor, Path]]:
+    """Yield (name, tensor, file) for every tensor of a single-file or sharded safetensors checkpoint."""
+    if (directory / INDEX_FILE).is_file():
+        index_path = directory / INDEX_FILE
+        try:
+            weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index_path}: not a safetensors index (needs a 'weight_map' object)") from e
+        files = sorted(set(weight_map.values()))
+    elif (directory / SINGLE_FILE).is_file():
+        weight_map, files = None, [SINGLE_FILE]
+    else:
+        raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in {directory}")
+
+    for file in files:
+        path = directory / file
+        if not path.is_file():
+            raise CheckpointError(f"{INDEX_FILE} in {directory} lists {file}, which does not exist")
+        try:
+            handle = safe_open(path, framework="pt", device=str(device))
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+        with handle as f:
+            for name in f.keys():
+                if weight_map is not None and weight_map.get(name) != file:
+                    raise CheckpointError(f"tensor {name!r} in {path} is not listed for that file in {INDEX_FILE}")
+                yield name, f.get_tensor(name), path
+
+
+def save_model(
+    model: Qwen3ForCausalLM,
+    directory: str | os.PathLike,
+    max_shard_bytes: int = 5 * 2**30,
+    generation_config: dict | None = None,
+) -> Path:
+    """Write `config.json` and safetensors in Hugging Face's layout; shard above `max_shard_bytes`.
+
+    Every file is written to a temporary name and renamed into place, and shards of an earlier save
+    that the new one does not use are removed only after the new files are complete.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    state = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        state.pop(TIED_KEY, None)  # HF convention: the tied copy is not stored
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    shard_bytes = 0
+    for name, tensor in state.items():
+        size = tensor.numel() * tensor.element_size()
+        if shards[-1] and shard_bytes + size > max_shard_bytes:
+            shards.append({})
+            shard_bytes = 0
+        shards[-1][name] = tensor
+        shard_bytes += size
+
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        written = [SINGLE_FILE]
+        with _atomic_path(directory / SINGLE_FILE) as tmp:
+            save_file(shards[0], tmp, metadata=metadata)
+    else:
+        written = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        weight_map = {}
+        for file, shard in zip(written, shards, strict=True):
+            with _atomic_path(directory / file) as tmp:
+                save_file(shard, tmp, metadata=metadata)
+            weight_map.update(dict.fromkeys(shard, file))
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        _write_text(directory / INDEX_FILE, json.dumps(index, indent=2, sort_keys=True) + "\n")
+        written.append(INDEX_FILE)
+
+    config_dict = config.to_dict()
+    config_dict["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    _write_text(directory / "config.json", json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
+    if generation_config is not None:
+        _write_text(directory / "generation_config.json", json.dumps(generation_config, indent=2) + "\n")
+
+    for stale in [*directory.glob("model*.safetensors"), directory / INDEX_FILE]:
+        if stale.name not in written and stale.exists():
+            stale.unlink()
+    return directory
+
+
+@contextmanager
+def _atomic_path(target: Path) -> Iterator[str]:
+    """Yield a temporary path beside `target`; rename it onto `target` only if the block succeeds."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _write_text(target: Path, text: str) -> None:
+    with _atomic_path(target) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")

@@ -1,0 +1,379 @@
+"""Qwen3, written out in one file: RMSNorm, rotary embedding, grouped-query attention with QK-norm,
+SwiGLU MLP, pre-norm decoder block, and the causal language model on top.
+
+Shape legend used in the comments:
+    B  batch size                   T  tokens in this forward (prompt length, or 1 when decoding)
+    S  key/value slots (T without a cache, the cache's max_length with one)
+    H  hidden_size                  V  vocab_size                I  intermediate_size
+    nh num_attention_heads          nkv num_key_value_heads      D  head_dim (nh * D may differ from H)
+
+Positions are explicit: `positions[b, t]` is the absolute position of token t of row b. With a KV cache,
+a token's keys and values are written to slot `positions[b, t]`, and a query at position p attends to the
+slots 0..p. That single rule gives causal masking, chunked prefill and batches of prompts of different
+lengths (right-padded: the padding writes slots that the row's later tokens overwrite before reading).
+
+Numerics (fp32 checked to 1e-4 of transformers by tests/test_parity.py; bf16 compared there too):
+- RMSNorm (also q_norm/k_norm) computes the mean square and the rescaling in fp32, casts back to the
+  model dtype, then multiplies by the learned scale: exactly transformers' order. Squares of bf16
+  activations summed in bf16 would lose the small components.
+- RoPE tables are computed once in fp32 (positions times inverse frequencies, then cos/sin), and the
+  rotation itself runs in fp32 before casting q and k back. transformers casts cos/sin to the model
+  dtype first and rotates in bf16 when the model is bf16; in fp32 the two are identical.
+- Softmax is fp32: explicitly in the textbook path, inside the kernel in SDPA.
+- The residual stream, matmuls and logits stay in the model dtype, as in transformers. The sampler
+  upcasts logits to fp32.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import Qwen3Config
+
+# ---------------------------------------------------------------------------------------------------
+# Normalisation and position encoding
+# ---------------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight. No mean subtraction and no bias, unlike LayerNorm."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def rope_inverse_frequencies(config: Qwen3Config) -> tuple[Tensor, float]:
+    """Per-pair rotation speeds theta^(-2i/D), i < D/2, adjusted by the rope type; and the attention factor.
+
+    `linear` divides every frequency by `factor` (positions interpolated). `yarn` leaves the fast
+    (high-frequency) pairs alone, interpolates the slow ones, ramps linearly between them, and scales
+    cos/sin by an attention factor 0.1 ln(factor) + 1 (as transformers' `_compute_yarn_parameters`).
+    """
+    dim, base = config.head_dim, config.rope_theta
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim  # (D/2,)
+    inv_freq = 1.0 / (base**exponents)
+    rope_type, scaling = config.rope_type, config.rope_scaling or {}
+    if rope_type == "default":
+        return inv_freq, 1.0
+    factor = float(scaling["factor"])
+    if rope_type == "linear":
+        return inv_freq / factor, 1.0
+
+    # yarn
+    original_max = scaling.get("original_max_position_embeddings") or config.max_position_embeddings
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+
+        def get_mscale(scale: float, m: float = 1.0) -> float:
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        if mscale and mscale_all_dim:
+            attention_factor = get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = get_mscale(factor)
+    beta_fast = scaling.get("beta_fast") or 32
+    beta_slow = scaling.get("beta_slow") or 1
+
+    def correction_dim(num_rotations: float) -> float:
+        # The pair index whose wavelength fits `num_rotations` times into the original context.
+        return dim * math.log(original_max / (num_rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolation_weight = 1 - ramp  # 1 for fast pairs (kept), 0 for slow ones (interpolated)
+    pos_freqs = base**exponents
+    inv_freq = (1.0 / (factor * pos_freqs)) * ramp + (1.0 / pos_freqs) * extrapolation_weight
+    return inv_freq, float(attention_factor)
+
+
+class RotaryEmbedding(nn.Module):
+    """Precomputed cos/sin tables, (max_position_embeddings, D/2) in fp32, looked up by position."""
+
+    def __init__(self, config: Qwen3Config, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.register_buffer("cos", None, persistent=False)
+        self.register_buffer("sin", None, persistent=False)
+        self.build(device)
+
+    def build(self, device: torch.device | str | None) -> None:
+        inv_freq, attention_factor = rope_inverse_frequencies(self.config)
+        positions = torch.arange(self.config.max_position_embeddings, device=device).float()
+        angles = positions[:, None] * inv_freq.to(device)[None, :]  # (max_pos, D/2)
+        self.cos = angles.cos() * attention_factor
+        self.sin = angles.sin() * attention_factor
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 - nn.Module's own signature
+        # model.to(torch.bfloat16) casts every floating buffer; the tables must stay fp32, so rebuild them.
+        super()._apply(fn, recurse)
+        if self.cos.dtype != torch.float32:
+            self.build(self.cos.device)
+        return self
+
+    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
+        """Rotate each pair (x[i], x[i + D/2]) of x (B, n, T, D) by angle positions (B, T) * inv_freq[i]."""
+        cos = self.cos[positions][:, None]  # (B, 1, T, D/2)
+        sin = self.sin[positions][:, None]
+        x1, x2 = x.float().chunk(2, dim=-1)  # the two halves, each (B, n, T, D/2)
+        rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        return rotated.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Attention: two interchangeable implementations of softmax(q k^T / sqrt(D) + mask) v
+# ---------------------------------------------------------------------------------------------------
+
+AttentionFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+
+
+def textbook_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """The formula spelled out. q (B, nh, T, D); k, v (B, nkv, S, D); mask (B, 1, T, S) True = may attend."""
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)  # (B, nh, S, D): query head h reads KV head h // groups
+    v = v.repeat_interleave(groups, dim=1)
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, nh, T, S)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    return weights @ v  # (B, nh, T, D)
+
+
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """The same computation through PyTorch's fused kernel (flash / memory-efficient / math)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
+ATTENTION_IMPLEMENTATIONS: dict[str, AttentionFn] = {"sdpa": sdpa_attention, "textbook": textbook_attention}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The KV cache
+# ---------------------------------------------------------------------------------------------------
+
+
+class KVCache:
+    """Static key/value cache: (layers, B, nkv, max_length, D) for keys and the same for values.
+
+    Allocated once for the batch size and length the caller asks for; nothing grows, so a decode step
+    has static shapes. Slot s holds the keys/values of the token at position s.
+    """
+
+    def __init__(
+        self,
+        config: Qwen3Config,
+        batch_size: int,
+        max_length: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if not 0 < max_length <= config.max_position_embeddings:
+            raise ValueError(
+                f"max_length: {max_length} must be in 1..max_position_embeddings ({config.max_position_embeddings})"
+            )
+        if batch_size <= 0:
+            raise ValueError(f"batch_size: must be positive, found {batch_size}")
+        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_length, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_length(self) -> int:
+        return self.k.shape[3]
+
+    @staticmethod
+    def bytes_per_token(config: Qwen3Config, dtype: torch.dtype) -> int:
+        """2 (k and v) x layers x kv heads x head_dim x bytes: 112 KiB for Qwen3-0.6B in bf16."""
+        element = torch.empty((), dtype=dtype).element_size()
+        return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * element
+
+    def update(self, layer: int, positions: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, nkv, T, D) at slots positions (B, T), in place; return the layer's whole cache."""
+        index = positions[:, None, :, None].expand_as(k)  # (B, nkv, T, D)
+        self.k[layer].scatter_(2, index, k)
+        self.v[layer].scatter_(2, index, v)
+        return self.k[layer], self.v[layer]  # (B, nkv, S, D) each
+
+
+# ---------------------------------------------------------------------------------------------------
+# The transformer
+# ---------------------------------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    """Grouped-query attention: nh query heads share nkv key/value heads; q and k are RMS-normalised
+    per head (QK-norm) before the rotary embedding."""
+
+    def __init__(self, config: Qwen3Config) -> None:
+        super().__init__()
+        nh, nkv, d, h = config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.hidden_size
+        self.num_heads, self.num_kv_heads, self.head_dim = nh, nkv, d
+        self.q_proj = nn.Linear(h, nh * d, bias=False)
+        self.k_proj = nn.Linear(h, nkv * d, bias=False)
+        self.v_proj = nn.Linear(h, nkv * d, bias=False)
+        self.o_proj = nn.Linear(nh * d, h, bias=False)
+        self.q_norm = RMSNorm(d, config.rms_norm_eps)
+        self.k_norm = RMSNorm(d, config.rms_norm_eps)
+
+    def forward(
+        self,
+        x: Tensor,
+        positions: Tensor,
+        mask: Tensor,
+        rope: RotaryEmbedding,
+        attention: AttentionFn,
+        cache: KVCache | None,
+        layer: int,
+    ) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)  # (B, T, nh, D)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, nkv, D)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        q = self.q_norm(q).transpose(1, 2)  # (B, nh, T, D)
+        k = self.k_norm(k).transpose(1, 2)  # (B, nkv, T, D)
+        v = v.transpose(1, 2)
+        q, k = rope(q, positions), rope(k, positions)
+        if cache is not None:
+            k, v = cache.update(layer, positions, k, v)  # (B, nkv, S, D)
+        out = attention(q, k, v, mask)  # (B, nh, T, D)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)); the gate decides, per feature, how much of `up` passes."""
+
+    def __init__(self, config: Qwen3Config) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # (B, T, I) -> (B, T, H)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: Qwen3Config) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, positions: Tensor, mask: Tensor, rope: RotaryEmbedding,
+                attention: AttentionFn, cache: KVCache | None, layer: int) -> Tensor:  # fmt: skip
+        x = x + self.self_attn(self.input_layernorm(x), positions, mask, rope, attention, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen3Model(nn.Module):
+    """Embedding, the decoder layers, the final norm: token ids (B, T) -> hidden states (B, T, H)."""
+
+    def __init__(self, config: Qwen3Config) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Qwen3ForCausalLM(nn.Module):
+    """The language model. Parameter names are exactly those of Hugging Face checkpoints."""
+
+    def __init__(self, config: Qwen3Config, attention: str = "sdpa") -> None:
+        super().__init__()
+        self.config = config
+        self.model = Qwen3Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rope = RotaryEmbedding(config)
+        self.attention = attention
+        if config.tie_word_embeddings:
+            self.tie_weights()
+
+    @property
+    def attention(self) -> str:
+        return self._attention
+
+    @attention.setter
+    def attention(self, name: str) -> None:
+        if name not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"attention: {name!r} is not one of {sorted(ATTENTION_IMPLEMENTATIONS)}")
+        self._attention = name
+
+    def tie_weights(self) -> None:
+        """Share one (V, H) matrix between the input embedding and the output projection."""
+        self.lm_head.weight = self.model.embed_tokens.weight
+
+    def init_weights(self, std: float = 0.02) -> None:
+        """Fresh weights for training from scratch: normal(0, std) matrices, unit norm scales (as HF)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute the non-persistent RoPE tables on `device`; needed after building on the meta device."""
+        self.rope.build(device)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        positions: Tensor | None = None,
+        cache: KVCache | None = None,
+        logits_index: Tensor | None = None,
+    ) -> Tensor:
+        """input_ids (B, T) -> logits (B, T, V); or (B, V) at token index logits_index[b] of each row.
+
+        positions (B, T) default to 0..T-1. With `cache`, keys/values are written at those positions and
+        queries attend to every cached slot up to their own position.
+        """
+        B, T = input_ids.shape
+        if positions is None:
+            positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        hidden = self.hidden_states(input_ids, positions, cache)
+        if logits_index is not None:
+            hidden = hidden[torch.arange(B, device=hidden.device), logits_index]  # (B, H)
+        return self.lm_head(hidden)
+
+    def hidden_states(self, input_ids: Tensor, positions: Tensor, cache: KVCache | None = None) -> Tensor:
+        """The transformer without the LM head: (B, T) -> final-normed hidden states (B, T, H)."""
+        if cache is None:
+            key_positions = positions  # (B, S=T)
+        else:
+            key_positions = torch.arange(cache.max_length, device=input_ids.device).expand(input_ids.shape[0], -1)
+        mask = (key_positions[:, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, S)
+        attention = ATTENTION_IMPLEMENTATIONS[self.attention]
+        x = self.model.embed_tokens(input_ids)  # (B, T, H)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, positions, mask, self.rope, attention, cache, i)
+        return self.model.norm(x)
+
+    def num_parameters(self, include_embedding: bool = True) -> int:
+        """Unique parameters (a tied matrix counts once)."""
+        params = {id(p): p for p in self.parameters()}
+        total = sum(p.numel() for p in params.values())
+        if not include_embedding:
+            total -= self.model.embed_tokens.weight.numel()
+        return total

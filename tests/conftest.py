@@ -1,0 +1,97 @@
+"""Shared fixtures: random-weight reference models from transformers, saved as real HF checkpoints."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+ASSETS = Path(__file__).parent / "assets"
+QWEN3_06B_FILES = ASSETS / "qwen3-0.6b"  # the real tokenizer + published config (see NOTICE.md there)
+
+SMALL = dict(
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=24,  # nh * D = 96 != hidden 64, as in Qwen3 (2048 != 1024)
+    max_position_embeddings=512,
+    rms_norm_eps=1e-6,
+    rope_theta=10_000.0,
+    tie_word_embeddings=True,
+)
+
+
+def hf_config(**overrides):
+    """A transformers Qwen3Config; `rope_scaling` in overrides becomes transformers 5's rope_parameters."""
+    from transformers import Qwen3Config as HFConfig
+
+    fields = {**SMALL, **overrides}
+    rope = {"rope_type": "default", "rope_theta": fields.pop("rope_theta")}
+    rope.update(fields.pop("rope_scaling", None) or {})
+    return HFConfig(**fields, rope_parameters=rope)
+
+
+def randomize(model: torch.nn.Module, seed: int) -> None:
+    """Draw every parameter, norms included (HF initialises norm scales to exactly 1, which would hide
+    a missing or misplaced q_norm/k_norm)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.6 / p.shape[-1] ** 0.5)
+
+
+def make_reference(directory: Path, seed: int = 0, dtype=torch.float32, **overrides):
+    """Build transformers' Qwen3ForCausalLM with random weights, save it to `directory`, return it."""
+    from transformers import Qwen3ForCausalLM as HFModel
+
+    torch.manual_seed(seed)
+    model = HFModel(hf_config(**overrides)).to(dtype).eval()
+    randomize(model, seed)
+    model.save_pretrained(directory)
+    return model
+
+
+def rewrite_config(directory: Path, edit) -> None:
+    path = Path(directory) / "config.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def to_hub_style(data: dict) -> None:
+    """Rewrite a transformers-5 config.json in the Hub's (transformers 4) spelling."""
+    rope = data.pop("rope_parameters")
+    data["rope_theta"] = rope.pop("rope_theta")
+    data["rope_scaling"] = None if rope.get("rope_type") == "default" else rope
+
+
+@pytest.fixture
+def small_checkpoint(tmp_path):
+    """(reference model, directory) for the small tied GQA config."""
+    ref = make_reference(tmp_path / "small")
+    return ref, tmp_path / "small"
+
+
+@pytest.fixture(scope="session")
+def tokenizer_files() -> Path:
+    return QWEN3_06B_FILES
+
+
+def copy_tokenizer_files(directory: Path) -> None:
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(QWEN3_06B_FILES / name, directory / name)
+
+
+def rel_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |ours - ref| / max |ref|, in float64."""
+    ours, ref = ours.double(), ref.double()
+    return ((ours - ref).abs().max() / ref.abs().max()).item()
