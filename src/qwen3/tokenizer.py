@@ -1,0 +1,276 @@
+"""The Qwen3 tokenizer: Hugging Face `tokenizers` running the model's own `tokenizer.json`, plus chat helpers.
+
+Encoding and decoding are the `tokenizers` library's byte-level BPE, so ids match transformers'
+`AutoTokenizer` exactly; this module adds what a chat loop needs around it: end-of-turn ids, the chat
+template (rendered by `qwen3.chat`), and streaming decode.
+
+Special-token look-alikes. `encode(text)` encodes every character of `text` as plain text: a user who
+types "<|im_end|>" gets the tokens of those nine characters, never the control token 151645, so text
+cannot forge turn boundaries. We checked what transformers does, and it differs: its Qwen3 tokenizer
+(`split_special_tokens=False` in `tokenizer_config.json`) turns the text "<|im_end|>" into 151645
+wherever it appears, and the non-special added tokens "<think>", "<tool_call>" likewise.
+`encode(text, allow_special=True)` reproduces transformers' default exactly (tested); the chat template
+uses it, since a rendered prompt carries its markers as text. (transformers' `split_special_tokens=True`
+still matches "<think>" and "<tool_call>", which are added tokens not flagged special; plain encoding
+matches no added token at all.)
+
+Streaming. Byte-level BPE tokens are bytes, not characters: an emoji or CJK character can be split
+across two or three tokens, and decoding such a prefix ends in U+FFFD. `StreamDecoder` decodes a short
+window of recent ids, emits the text before a trailing U+FFFD and holds that back until the character
+completes; once the window decodes with no pending character it is dropped, so each step costs O(1).
+This relies on the decoder being byte-level (UTF-8 decoding is left to right, so text before an
+incomplete trailing character never changes), which is what Qwen's `tokenizer.json` uses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import tokenizers
+
+from .chat import ChatTemplate
+from .hub import TOKENIZER_FILES, resolve_source
+
+REPLACEMENT_CHAR = "\ufffd"
+_SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+def _token_content(value: Any) -> str | None:
+    """A special token as written in tokenizer_config.json: a string, or a dict with "content"."""
+    if isinstance(value, Mapping):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON: {e}") from e
+
+
+class Tokenizer:
+    """Qwen3's tokenizer. Build it with `load_tokenizer(source)` or `Tokenizer.from_directory(path)`."""
+
+    def __init__(
+        self,
+        backend: tokenizers.Tokenizer,
+        tokenizer_config: Mapping[str, Any] | None = None,
+        generation_config: Mapping[str, Any] | None = None,
+        chat_template: str | None = None,
+        name: str = "tokenizer.json",
+    ):
+        self.backend = backend
+        tokenizer_config = dict(tokenizer_config or {})
+        generation_config = dict(generation_config or {})
+        self.name = name
+
+        # Text of the named special tokens, e.g. {"eos_token": "<|im_end|>"}; chat templates may use them.
+        self.special_tokens = {
+            key: text for key in _SPECIAL_TOKEN_KEYS if (text := _token_content(tokenizer_config.get(key)))
+        }
+        template = chat_template if chat_template is not None else tokenizer_config.get("chat_template")
+        if isinstance(template, list):  # the older multi-template form: [{"name": ..., "template": ...}]
+            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        self.chat_template: str | None = template
+
+        def require(text: str) -> int:
+            token_id = backend.token_to_id(text)
+            if token_id is None:
+                raise ValueError(f"{name}: the vocabulary has no {text!r} token; is this a Qwen3 tokenizer?")
+            return token_id
+
+        self.endoftext_id: int = require("<|endoftext|>")
+        self.im_start_id: int = require("<|im_start|>")
+        self.im_end_id: int = require("<|im_end|>")
+        # Present in Qwen3; None for tokenizers without reasoning or tool use.
+        self.think_start_id: int | None = backend.token_to_id("<think>")
+        self.think_end_id: int | None = backend.token_to_id("</think>")
+        self.tool_call_start_id: int | None = backend.token_to_id("<tool_call>")
+        self.tool_call_end_id: int | None = backend.token_to_id("</tool_call>")
+
+        eos = generation_config.get("eos_token_id")
+        if eos is None and (text := self.special_tokens.get("eos_token")) is not None:
+            eos = require(text)
+        self.eos_token_ids: list[int] = (
+            [] if eos is None else [int(i) for i in ([eos] if isinstance(eos, int) else eos)]
+        )
+
+        pad_text = self.special_tokens.get("pad_token")
+        pad = require(pad_text) if pad_text is not None else generation_config.get("pad_token_id")
+        self.pad_token_id: int | None = None if pad is None else int(pad)
+
+    @classmethod
+    def from_directory(cls, directory: str | os.PathLike) -> Tokenizer:
+        """Read tokenizer.json (required), tokenizer_config.json, generation_config.json and
+        chat_template.jinja (optional) from `directory`."""
+        directory = Path(directory)
+        path = directory / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"tokenizer.json not found in {directory}: the tokenizer needs it (tokenizer_config.json "
+                f"and generation_config.json beside it are optional)"
+            )
+        backend = tokenizers.Tokenizer.from_file(str(path))
+        template_file = directory / "chat_template.jinja"  # where newer transformers save the template
+        template = template_file.read_text(encoding="utf-8") if template_file.is_file() else None
+        return cls(
+            backend,
+            tokenizer_config=_read_json(directory / "tokenizer_config.json"),
+            generation_config=_read_json(directory / "generation_config.json"),
+            chat_template=template,
+            name=str(path),
+        )
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, eos_token_ids={self.eos_token_ids})"
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids, added tokens included (151,669 for Qwen3; the model's embedding is padded
+        larger, to 151,936). transformers' `len(tokenizer)`; its `vocab_size` leaves the added tokens out."""
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        """The id of a token as spelled in the vocabulary (byte-level form, e.g. "Ġhello"), or None."""
+        return self.backend.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.backend.id_to_token(int(token_id))
+
+    # -----------------------------------------------------------------------------------------------------
+    # Encoding and decoding
+
+    def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
+        """Token ids of `text`, with no BOS (Qwen3 adds none).
+
+        By default all of `text` is plain text, special-token look-alikes included. `allow_special=True`
+        matches added tokens written in the text, so "<|im_end|>" becomes 151645 (transformers' default).
+        """
+        if allow_special:
+            return self.backend.encode(text, add_special_tokens=False).ids
+        return self._encode_plain(text)
+
+    def _encode_plain(self, text: str) -> list[int]:
+        # The backend's pipeline without the added-token matching: normalise, pre-tokenise, BPE each piece.
+        backend = self.backend
+        if backend.normalizer is not None:
+            text = backend.normalizer.normalize_str(text)
+        pieces = (
+            [text] if backend.pre_tokenizer is None else [p for p, _ in backend.pre_tokenizer.pre_tokenize_str(text)]
+        )
+        return [token.id for piece in pieces for token in backend.model.tokenize(piece)]
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
+        """Text of `ids`; bytes that are not valid UTF-8 become U+FFFD. `skip_special_tokens` drops the
+        tokens flagged special (<|im_end|>, <|endoftext|>...) but keeps <think> and <tool_call>, as
+        transformers does."""
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def stream_decoder(self, *, skip_special_tokens: bool = False) -> StreamDecoder:
+        return StreamDecoder(self, skip_special_tokens=skip_special_tokens)
+
+    # -----------------------------------------------------------------------------------------------------
+    # Chat
+
+    @cached_property
+    def _compiled_chat_template(self) -> ChatTemplate:
+        if self.chat_template is None:
+            raise ValueError(f"{self.name}: this tokenizer has no chat template (none in tokenizer_config.json)")
+        return ChatTemplate(self.chat_template, self.special_tokens)
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+        enable_thinking: bool = True,
+        *,
+        tokenize: bool = False,
+        **kwargs: Any,
+    ) -> str | list[int]:
+        """The prompt for `messages` as rendered by transformers' `apply_chat_template`; ids if `tokenize`.
+
+        `messages` are dicts with "role" (system, user, assistant, tool) and "content"; an assistant message
+        may carry "reasoning_content" and "tool_calls", `tools` are JSON schemas. Extra keyword arguments
+        reach the template. The ids encode the rendered text with special tokens recognised.
+        """
+        text = self._compiled_chat_template.render(
+            messages,
+            tools=tools,
+            add_generation_prompt=add_generation_prompt,
+            enable_thinking=enable_thinking,
+            **kwargs,
+        )
+        return self.encode(text, allow_special=True) if tokenize else text
+
+
+class StreamDecoder:
+    """Turns generated ids into text as they arrive: `push(id)` returns the newly completed text and
+    `flush()` the rest; the concatenation equals `tokenizer.decode(all_ids)`. See the module docstring."""
+
+    _COMPACT_AFTER = 8  # held-back ids before looking for a place to cut the window (only with invalid UTF-8)
+
+    def __init__(self, tokenizer: Tokenizer, *, skip_special_tokens: bool = False):
+        self._tokenizer = tokenizer
+        self._skip_special_tokens = skip_special_tokens
+        self._window: list[int] = []  # ids since the last point where the text had no pending character
+        self._emitted = 0  # characters of decode(window) already returned
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.backend.decode(ids, skip_special_tokens=self._skip_special_tokens)
+
+    def push(self, token_id: int) -> str:
+        window = self._window
+        window.append(int(token_id))
+        text = self._decode(window)
+        if not text.endswith(REPLACEMENT_CHAR):  # no character in flight: everything is final
+            new = text[self._emitted :]
+            window.clear()
+            self._emitted = 0
+            return new
+        # The last U+FFFD may be a character whose remaining bytes are still to come: hold it back.
+        # The text before it is final, since UTF-8 decodes left to right.
+        stable = len(text) - 1
+        new = text[self._emitted : stable]
+        self._emitted = max(self._emitted, stable)
+        if len(window) > self._COMPACT_AFTER:
+            self._compact(text)
+        return new
+
+    def _compact(self, text: str) -> None:
+        """Drop the head of a long window at a boundary the decoder does not carry state across.
+
+        A window only grows while its text keeps ending in U+FFFD: the model emitting invalid UTF-8 or
+        the U+FFFD character itself. A cut is safe where decoding the two halves apart gives the same text
+        as decoding them together; try the few boundaries nearest the end.
+        """
+        window = self._window
+        for cut in range(len(window) - 1, max(0, len(window) - 5), -1):
+            head = self._decode(window[:cut])
+            if len(head) <= self._emitted and head + self._decode(window[cut:]) == text:
+                del window[:cut]
+                self._emitted -= len(head)
+                return
+
+    def flush(self) -> str:
+        """The held-back text (a character that never completed decodes as U+FFFD); resets the decoder."""
+        new = self._decode(self._window)[self._emitted :]
+        self._window.clear()
+        self._emitted = 0
+        return new
+
+
+def load_tokenizer(source: str | os.PathLike) -> Tokenizer:
+    """The tokenizer of a model: a local directory or a Hub repo id (only tokenizer files are fetched)."""
+    return Tokenizer.from_directory(resolve_source(source, TOKENIZER_FILES))
