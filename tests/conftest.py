@@ -95,3 +95,14 @@ def rel_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
     """max |ours - ref| / max |ref|, in float64."""
     ours, ref = ours.double(), ref.double()
     return ((ours - ref).abs().max() / ref.abs().max()).item()
+
+
+@pytest.fixture(scope="session")
+def fake_snapshot(tmp_path_factory) -> Path:
+    """A directory laid out like a Hub snapshot of Qwen/Qwen3-0.6B: the real tokenizer, chat template and
+    generation config, and transformers-saved random weights in a small shape with the real vocabulary."""
+    directory = tmp_path_factory.mktemp("Qwen3-0.6B-fake")
+    make_reference(directory, seed=1, vocab_size=151936, num_hidden_layers=2, max_position_embeddings=40960,
+                   bos_token_id=151643, eos_token_id=151645)  # fmt: skip
+    copy_tokenizer_files(directory)
+    return directory

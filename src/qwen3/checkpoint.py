@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 from .config import Qwen3Config
 from .hub import MODEL_FILES, resolve_source
@@ -38,8 +39,12 @@ def load_model(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     attention: str = "sdpa",
+    progress: bool = False,
 ) -> Qwen3ForCausalLM:
-    """Load a Qwen3 checkpoint from a directory or a Hub repo id (e.g. "Qwen/Qwen3-0.6B")."""
+    """Load a Qwen3 checkpoint from a directory or a Hub repo id (e.g. "Qwen/Qwen3-0.6B").
+
+    `progress` shows a progress bar over the tensors (downloads always show huggingface_hub's bars).
+    """
     directory = resolve_source(source, MODEL_FILES)
     config = Qwen3Config.from_json(directory / "config.json")
     with torch.device("meta"):
@@ -49,7 +54,9 @@ def load_model(
         expected.pop(TIED_KEY)
 
     state: dict[str, torch.Tensor] = {}
+    bar = tqdm(total=len(expected), desc="loading weights", unit="tensor", disable=not progress, leave=False)
     for name, tensor, path in _read_tensors(directory, device):
+        bar.update()
         if config.tie_word_embeddings and name == TIED_KEY:
             continue  # some tied checkpoints store a copy of the embedding; the embedding wins
         if name not in expected:
@@ -59,6 +66,7 @@ def load_model(
                 f"tensor {name!r} in {path}: expected shape {expected[name]}, found {tuple(tensor.shape)}"
             )
         state[name] = tensor.to(dtype)
+    bar.close()
     missing = sorted(set(expected) - set(state))
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")

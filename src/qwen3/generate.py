@@ -8,13 +8,16 @@ later columns hold `pad_token_id`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from .model import KVCache, Qwen3ForCausalLM
 from .sampling import SamplingParams, make_generator, sample, update_counts
+from .tokenizer import Tokenizer
 
 
 class ContextLengthError(ValueError):
@@ -128,3 +131,100 @@ def generate(
         batch = input_ids.shape[0] if isinstance(input_ids, Tensor) else len(input_ids)
         return torch.zeros(batch, 0, dtype=torch.long)
     return torch.stack(steps, dim=1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Text in, text out: streaming, stop strings, timing
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Completion:
+    """One finished generation: the text, its tokens, why it stopped and how long it took."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "eos" | "stop" (a stop string) | "length" | "interrupted" (Ctrl-C)
+    prompt_tokens: int
+    seconds_to_first_token: float
+    seconds: float
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Decode speed: tokens after the first, over the time after the first."""
+        decode_seconds = self.seconds - self.seconds_to_first_token
+        return (len(self.token_ids) - 1) / decode_seconds if len(self.token_ids) > 1 and decode_seconds > 0 else 0.0
+
+
+def _safe_prefix_length(text: str, stops: Sequence[str]) -> int:
+    """How much of `text` can be shown: all of it except a tail that might begin a stop string."""
+    hold = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:k]):
+                hold = max(hold, k)
+                break
+    return len(text) - hold
+
+
+def generate_text(
+    model: Qwen3ForCausalLM,
+    tokenizer: Tokenizer,
+    prompt: str | Sequence[int],
+    max_new_tokens: int = 256,
+    sampling: SamplingParams | None = None,
+    stop: Sequence[str] = (),
+    on_text: Callable[[str], None] | None = None,
+    interruptible: bool = False,
+) -> Completion:
+    """Generate from one prompt (text or ids), calling `on_text(chunk)` as text completes.
+
+    Stops on the tokenizer's EOS ids (not included in the text), on any of `stop` (cut before it), or
+    at max_new_tokens. Streamed chunks never split a UTF-8 character and never show the beginning of a
+    stop string that is then cut away; their concatenation equals `Completion.text`. With
+    `interruptible`, Ctrl-C ends the generation and returns what was produced so far.
+    """
+    prompt_ids = tokenizer.encode(prompt, allow_special=True) if isinstance(prompt, str) else list(prompt)
+    eos = set(tokenizer.eos_token_ids)
+    decoder = tokenizer.stream_decoder()
+    text, shown, token_ids = "", 0, []
+    finish_reason, first_token_at = "length", None
+    start = time.perf_counter()
+
+    def emit(upto: int) -> None:
+        nonlocal shown
+        if on_text is not None and upto > shown:
+            on_text(text[shown:upto])
+        shown = max(shown, upto)
+
+    tokens = generate_tokens(model, [prompt_ids], max_new_tokens, sampling, sorted(eos), tokenizer.pad_token_id or 0)
+    try:
+        for next_ids in tokens:
+            token_id = int(next_ids[0])
+            if first_token_at is None:
+                first_token_at = time.perf_counter() - start
+            if token_id in eos:
+                finish_reason = "eos"
+                break
+            token_ids.append(token_id)
+            text += decoder.push(token_id)
+            hits = [i for i in (text.find(s, max(0, shown - len(s))) for s in stop) if i >= 0]
+            if hits:
+                text, finish_reason = text[: min(hits)], "stop"
+                break
+            emit(_safe_prefix_length(text, stop))
+    except KeyboardInterrupt:
+        if not interruptible:
+            raise
+        finish_reason = "interrupted"
+    finally:
+        tokens.close()
+    if finish_reason != "stop":
+        text += decoder.flush()
+    emit(len(text))
+    seconds = time.perf_counter() - start
+    return Completion(text, token_ids, finish_reason, len(prompt_ids), first_token_at or seconds, seconds)

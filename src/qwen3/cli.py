@@ -1,0 +1,357 @@
+"""The `qwen3` command: generate, chat, info (and train / merge-lora from qwen3.train).
+
+A thin layer over the library: every command resolves the model once (a directory, or a Hub id fetched
+with progress bars by huggingface_hub), loads it, and calls the public functions. User errors (no model,
+offline, bad flags, a prompt that does not fit) print one line on stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointError, load_model
+from .config import ConfigError, Qwen3Config
+from .generate import Completion, ContextLengthError, generate_text
+from .hub import MODEL_FILES, TOKENIZER_FILES, ModelNotFoundError, resolve_source
+from .model import KVCache, Qwen3ForCausalLM
+from .sampling import SamplingParams
+from .tokenizer import Tokenizer, load_tokenizer
+
+DEFAULT_MODEL = "Qwen/Qwen3-0.6B"
+DIM, RESET = "\x1b[2m", "\x1b[0m"
+
+
+class UserError(Exception):
+    """An error in what the user asked for; printed as one line, exit status 2."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Shared flags and set-up
+# ---------------------------------------------------------------------------------------------------
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model directory or Hub repo id (default: {DEFAULT_MODEL})")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bfloat16 on a GPU, float32 on the CPU")  # fmt: skip
+
+
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling (defaults: the model's generation_config.json)")
+    g.add_argument("--temperature", type=float, help="0 for greedy")
+    g.add_argument("--top-k", type=int, help="keep the k most likely tokens (0 = off)")
+    g.add_argument("--top-p", type=float, help="keep the smallest set with this much probability")
+    g.add_argument("--min-p", type=float, help="drop tokens below min_p x the top probability")
+    g.add_argument("--presence-penalty", type=float, help="subtract from tokens already generated")
+    g.add_argument("--frequency-penalty", type=float, help="subtract per occurrence in the output")
+    g.add_argument("--repetition-penalty", type=float, help="divide logits of seen tokens (1 = off)")
+    g.add_argument("--seed", type=int, help="random seed for reproducible sampling")
+    g.add_argument("--max-new-tokens", type=int, default=None, help="limit on generated tokens")
+
+
+def pick_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    return getattr(torch, name)
+
+
+def load(args: argparse.Namespace) -> tuple[Qwen3ForCausalLM, Tokenizer, Path]:
+    """Resolve --model once (download with progress bars if needed), then load weights and tokenizer."""
+    directory = resolve_source(args.model, sorted(set(MODEL_FILES + TOKENIZER_FILES)))
+    device = pick_device(args.device)
+    model = load_model(directory, device=device, dtype=pick_dtype(args.dtype, device), progress=sys.stderr.isatty())
+    return model, load_tokenizer(directory), directory
+
+
+def sampling_from_args(args: argparse.Namespace, directory: Path) -> SamplingParams:
+    overrides = {
+        name: getattr(args, name)
+        for name in ("temperature", "top_k", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                     "repetition_penalty", "seed")
+    }  # fmt: skip
+    source = directory / "generation_config.json"
+    if source.is_file():
+        return SamplingParams.from_generation_config(source, **overrides)
+    return SamplingParams(**{k: v for k, v in overrides.items() if v is not None})
+
+
+# ---------------------------------------------------------------------------------------------------
+# qwen3 generate
+# ---------------------------------------------------------------------------------------------------
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if not prompt:
+        raise UserError("no prompt: pass it as an argument or on standard input")
+    model, tok, directory = load(args)
+    sampling = sampling_from_args(args, directory)
+    if args.chat:
+        messages = [{"role": "user", "content": prompt}]
+        if args.system:
+            messages.insert(0, {"role": "system", "content": args.system})
+        prompt = tok.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=not args.no_think)
+    max_new = args.max_new_tokens if args.max_new_tokens is not None else 256
+
+    def write(chunk: str) -> None:
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+
+    if args.json:
+        completion = generate_text(model, tok, prompt, max_new, sampling, args.stop)
+        print(json.dumps(completion_json(completion, args.chat), ensure_ascii=False))
+    else:
+        completion = generate_text(model, tok, prompt, max_new, sampling, args.stop, on_text=write)
+        sys.stdout.write("\n")
+    return 0
+
+
+def completion_json(c: Completion, chat: bool) -> dict:
+    from .chat import parse_completion
+
+    parsed = parse_completion(c.text)
+    return {
+        "text": c.text,
+        "reasoning": parsed.reasoning,
+        "content": parsed.content,
+        "tool_calls": [{"name": t.name, "arguments": t.arguments} for t in parsed.tool_calls],
+        "finish_reason": c.finish_reason,
+        "prompt_tokens": c.prompt_tokens,
+        "completion_tokens": c.completion_tokens,
+        "seconds": round(c.seconds, 4),
+        "seconds_to_first_token": round(c.seconds_to_first_token, 4),
+        "tokens_per_second": round(c.tokens_per_second, 2),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# qwen3 chat
+# ---------------------------------------------------------------------------------------------------
+
+CHAT_HELP = "commands: /think and /no_think toggle thinking, /reset clears the history, /exit quits"
+
+
+class ReasoningDimmer:
+    """Writes streamed text, showing the <think>...</think> part dimmed (on a terminal) and apart."""
+
+    def __init__(self, out, color: bool) -> None:  # noqa: ANN001 - a text stream
+        self.out, self.color, self.pending, self.thinking = out, color, "", False
+
+    def __call__(self, chunk: str) -> None:
+        self.pending += chunk
+        while self.pending:
+            tag = "</think>" if self.thinking else "<think>"
+            at = self.pending.find(tag)
+            if at < 0:
+                keep = next((k for k in range(len(tag) - 1, 0, -1) if self.pending.endswith(tag[:k])), 0)
+                self.write(self.pending[: len(self.pending) - keep])
+                self.pending = self.pending[len(self.pending) - keep :]
+                return
+            self.write(self.pending[:at])
+            self.pending = (
+                self.pending[at + len(tag) :].lstrip("\n") if self.thinking else self.pending[at + len(tag) :]
+            )
+            self.thinking = not self.thinking
+            if self.color:
+                self.out.write(DIM if self.thinking else RESET)
+            if not self.thinking:
+                self.out.write("\n")
+
+    def write(self, text: str) -> None:
+        self.out.write(text)
+        self.out.flush()
+
+    def close(self) -> None:
+        self.write(self.pending)
+        if self.color and self.thinking:
+            self.out.write(RESET)
+        self.pending, self.thinking = "", False
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    model, tok, directory = load(args)
+    sampling = sampling_from_args(args, directory)
+    max_new = args.max_new_tokens if args.max_new_tokens is not None else 2048
+    thinking = not args.no_think
+    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    color = sys.stdout.isatty()
+    print(f"qwen3 chat: {args.model} on {model.lm_head.weight.device} ({CHAT_HELP})", flush=True)
+    while True:
+        try:
+            line = input("> " if thinking else "> [no_think] ")
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:
+            print()
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            history = history[:1] if args.system else []
+            print("(history cleared)")
+            continue
+        if text in ("/think", "/no_think"):
+            thinking = text == "/think"
+            print(f"(thinking {'on' if thinking else 'off'})")
+            continue
+        history.append({"role": "user", "content": text})
+        prompt = tok.apply_chat_template(history, add_generation_prompt=True, enable_thinking=thinking)
+        dimmer = ReasoningDimmer(sys.stdout, color)
+        completion = generate_text(model, tok, prompt, max_new, sampling, on_text=dimmer, interruptible=True)
+        dimmer.close()
+        history.append({"role": "assistant", "content": completion.text})
+        note = " (interrupted)" if completion.finish_reason == "interrupted" else ""
+        stats = f"[{completion.completion_tokens} tokens, {completion.tokens_per_second:.1f} tok/s{note}]"
+        print(f"\n{DIM}{stats}{RESET}" if color else f"\n{stats}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# qwen3 info
+# ---------------------------------------------------------------------------------------------------
+
+
+def model_info(config: Qwen3Config, context: int) -> dict:
+    """Exact parameter counts and memory figures for a config (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(config)
+    total = model.num_parameters()
+    embedding = model.model.embed_tokens.weight.numel()
+    matrices = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    if not config.tie_word_embeddings:
+        matrices = [m for m in matrices if m is not model.lm_head] + [model.lm_head]
+    linear_params = sum(m.weight.numel() for m in matrices)
+    scales = sum(m.weight.shape[0] for m in matrices)  # one bf16 scale per output channel
+    other = total - linear_params - (embedding if not config.tie_word_embeddings else 0)
+    mha = Qwen3Config(**{**config.__dict__, "num_key_value_heads": config.num_attention_heads})
+    kv_bf16 = KVCache.bytes_per_token(config, torch.bfloat16)
+    kv_mha = KVCache.bytes_per_token(mha, torch.bfloat16)
+    return {
+        "parameters": total,
+        "parameters_non_embedding": total - embedding,
+        "weights_bytes": {
+            "float32": total * 4,
+            "bfloat16": total * 2,
+            # int8 linear layers (LM head included) with bf16 per-channel scales; embedding/norms bf16
+            "int8": linear_params + scales * 2 + other * 2,
+        },
+        "kv_cache_bytes_per_token_bf16": kv_bf16,
+        "kv_cache_bytes_bf16": kv_bf16 * context,
+        "kv_cache_bytes_mha_bf16": kv_mha * context,
+        "gqa_saving": 1 - kv_bf16 / kv_mha,
+        "context": context,
+    }
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    if args.preset:
+        config, name = Qwen3Config.from_preset(args.preset), f"preset {args.preset}"
+    else:
+        config, name = Qwen3Config.from_json(resolve_source(args.model, ["config.json"]) / "config.json"), args.model
+    info = model_info(config, args.context)
+    if args.json:
+        print(json.dumps({"model": name, "config": config.to_dict(), **info}, indent=2))
+        return 0
+    gib, c = 2**30, config
+    lines = [
+        name,
+        f"  layers {c.num_hidden_layers}, hidden {c.hidden_size}, MLP {c.intermediate_size} (SwiGLU), "
+        f"vocab {c.vocab_size}",
+        f"  attention: {c.num_attention_heads} query heads, {c.num_key_value_heads} KV heads of dim {c.head_dim} "
+        f"(GQA groups of {c.num_key_value_groups}), QK-norm, RoPE theta {c.rope_theta:g} ({c.rope_type})",
+        f"  context {c.max_position_embeddings}, RMSNorm eps {c.rms_norm_eps:g}, "
+        f"tied embeddings: {c.tie_word_embeddings}",
+        f"parameters: {info['parameters']:,} total (unique), "
+        f"{info['parameters_non_embedding']:,} without the embedding",
+        "weights:    " + ", ".join(f"{k} {v / gib:.2f} GiB" for k, v in info["weights_bytes"].items()),
+        f"KV cache:   {info['kv_cache_bytes_per_token_bf16'] / 1024:.0f} KiB/token in bf16; "
+        f"{info['kv_cache_bytes_bf16'] / gib:.3f} GiB at {args.context:,} tokens",
+        f"GQA saving: {info['gqa_saving']:.0%} of the KV cache versus multi-head attention "
+        f"({info['kv_cache_bytes_mha_bf16'] / gib:.3f} GiB at {args.context:,} tokens)",
+    ]
+    print("\n".join(lines))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qwen3", description="Qwen3 from scratch: generate, chat, inspect, train.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("generate", help="complete a prompt (streams to stdout)", description="Complete a prompt.")
+    p.add_argument("prompt", nargs="?", help="the prompt (read from standard input if omitted)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--no-think", action="store_true", help="with --chat: disable thinking (empty think block)")
+    p.add_argument("--system", help="with --chat: a system prompt")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--json", action="store_true", help="print reasoning, content, token counts and timing as JSON")
+    add_model_flags(p)
+    add_sampling_flags(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat", description=f"Interactive chat. {CHAT_HELP}.")
+    p.add_argument("--no-think", action="store_true", help="start with thinking off")
+    p.add_argument("--system", help="a system prompt")
+    add_model_flags(p)
+    add_sampling_flags(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("info", help="parameter counts and memory of a model", description="Describe a model.")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model directory or Hub id (only config.json is read)")
+    p.add_argument("--preset", help="an official size instead of --model: 0.6B, 1.7B, 4B, 8B, 14B, 32B")
+    p.add_argument("--context", type=int, default=40960, help="tokens of KV cache to size (default 40960)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_info)
+
+    from .train.cli import add_subcommands
+
+    add_subcommands(sub)
+    return parser
+
+
+USER_ERRORS = (UserError, ModelNotFoundError, ConfigError, CheckpointError, ContextLengthError, ValueError, OSError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except USER_ERRORS as e:
+        if os.environ.get("QWEN3_TRACEBACK"):
+            raise
+        message = str(e).splitlines()[0] if str(e) else e.__class__.__name__
+        hint = " (use --model PATH for a local model directory)" if isinstance(e, ModelNotFoundError) else ""
+        print(f"qwen3: error: {message}{hint}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""The `qwen3` command end to end on a fake Hub snapshot (real tokenizer files, random weights)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import qwen3
+from qwen3.cli import main
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def greedy_text(directory, prompt: str, n: int) -> str:
+    tok = qwen3.load_tokenizer(directory)
+    ids = qwen3.generate(qwen3.load_model(directory), [tok.encode(prompt, allow_special=True)], n,
+                         eos_token_ids=tok.eos_token_ids)[0].tolist()  # fmt: skip
+    return tok.decode([i for i in ids if i not in tok.eos_token_ids])
+
+
+def test_generate_streams_the_greedy_continuation(fake_snapshot, capsys):
+    code, out, err = run(capsys, "generate", "--model", str(fake_snapshot), "--temperature", "0",
+                         "--max-new-tokens", "12", "The capital of France is")  # fmt: skip
+    assert code == 0, err
+    assert out == greedy_text(fake_snapshot, "The capital of France is", 12) + "\n"
+
+
+def test_generate_chat_json(fake_snapshot, capsys):
+    code, out, _ = run(capsys, "generate", "--model", str(fake_snapshot), "--chat", "--json", "--seed", "3",
+                       "--max-new-tokens", "10", "Hi there")  # fmt: skip
+    assert code == 0
+    result = json.loads(out)
+    tok = qwen3.load_tokenizer(fake_snapshot)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Hi there"}], add_generation_prompt=True)
+    assert result["prompt_tokens"] == len(tok.encode(prompt, allow_special=True))
+    assert 1 <= result["completion_tokens"] <= 10
+    assert {"reasoning", "content", "tool_calls", "finish_reason", "seconds", "tokens_per_second"} <= set(result)
+    assert result["finish_reason"] in ("eos", "length")
+
+
+def test_generate_no_think_uses_the_empty_think_block(fake_snapshot, capsys):
+    code, out, _ = run(capsys, "generate", "--model", str(fake_snapshot), "--chat", "--no-think", "--json",
+                       "--temperature", "0", "--max-new-tokens", "4", "Hi")  # fmt: skip
+    tok = qwen3.load_tokenizer(fake_snapshot)
+    messages = [{"role": "user", "content": "Hi"}]
+    prompt = tok.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=False)
+    assert prompt.endswith("<think>\n\n</think>\n\n")
+    assert json.loads(out)["prompt_tokens"] == len(tok.encode(prompt, allow_special=True))
+
+
+def test_generate_reads_stdin(fake_snapshot, capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Once upon a time"))
+    code, out, _ = run(capsys, "generate", "--model", str(fake_snapshot), "--temperature", "0",
+                       "--max-new-tokens", "6")  # fmt: skip
+    assert code == 0 and out == greedy_text(fake_snapshot, "Once upon a time", 6) + "\n"
+
+
+def test_info_of_the_0_6b_config(fake_snapshot, capsys):
+    code, out, _ = run(capsys, "info", "--preset", "0.6B", "--context", "1000", "--json")
+    info = json.loads(out)
+    assert code == 0
+    assert info["parameters"] == 596_049_920
+    assert info["parameters_non_embedding"] == 596_049_920 - 151936 * 1024
+    assert info["weights_bytes"]["bfloat16"] == 2 * 596_049_920
+    assert info["kv_cache_bytes_per_token_bf16"] == 112 * 1024
+    assert info["kv_cache_bytes_bf16"] == 112 * 1024 * 1000
+    assert info["gqa_saving"] == 0.5  # 8 KV heads instead of 16
+    code, out, _ = run(capsys, "info", "--model", str(fake_snapshot))
+    assert code == 0 and "parameters:" in out and "GQA saving: 50%" in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "--model", "/nonexistent/model", "x"], "no such model directory: /nonexistent/model"),
+        (["generate", "--temperature", "-1", "x"], "temperature"),
+        (["generate", "--top-p", "1.5", "x"], "top_p"),
+        (["generate", "--max-new-tokens", "40960", "x"], "exceeds the model's context of 40960 tokens"),
+        (["info", "--preset", "7B"], "unknown '7B'"),
+    ],
+)
+def test_user_errors_are_one_line(fake_snapshot, capsys, argv, message):
+    if "--model" not in argv and argv[0] == "generate":
+        argv = [*argv[:1], "--model", str(fake_snapshot), *argv[1:]]
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_offline_without_cache_says_so_in_one_line(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-m", "qwen3.cli", "generate", "hello"], capture_output=True, text=True,
+                         env=env, timeout=120)  # fmt: skip
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+    assert "offline" in out.stderr and "--model PATH" in out.stderr
+
+
+def test_every_command_has_help(capsys):
+    for command in ("generate", "chat", "info", "train", "merge-lora"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+        assert "usage: qwen3 " + command in capsys.readouterr().out
+
+
+def test_chat_in_a_terminal(fake_snapshot):
+    """Two turns, a /no_think, an /exit, driven through a pseudo-terminal like a person would."""
+    pexpect = pytest.importorskip("pexpect")
+    child = pexpect.spawn(sys.executable, ["-m", "qwen3.cli", "chat", "--model", str(fake_snapshot),
+                                           "--max-new-tokens", "6", "--temperature", "0"],
+                          encoding="utf-8", timeout=120, env={**os.environ, "TERM": "dumb"})  # fmt: skip
+    child.expect("qwen3 chat")
+    child.expect("> ")
+    child.sendline("Hello, who are you?")
+    child.expect(r"\[\d+ tokens, [\d.]+ tok/s\]")
+    child.expect("> ")
+    child.sendline("/no_think")
+    child.expect(r"\(thinking off\)")
+    child.expect(r"> \[no_think\] ")
+    child.sendline("And now?")
+    child.expect(r"\[\d+ tokens, [\d.]+ tok/s\]")
+    child.expect(r"> \[no_think\] ")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
