@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import QWEN3_06B_FILES, make_reference
 
 import qwen3
+from conftest import QWEN3_06B_FILES, make_reference
 from qwen3.config import Qwen3Config
 from qwen3.generate import ContextLengthError, generate_text
 from qwen3.model import Qwen3ForCausalLM
@@ -35,16 +35,20 @@ class Scripted(Qwen3ForCausalLM):
                                      max_position_embeddings=4096))  # fmt: skip
         self.script = script
         self.prompt_length = None
+        self.forwards = 0
 
     def forward(self, input_ids, positions=None, cache=None, logits_index=None):
-        if logits_index is not None:  # prefill
+        self.forwards += 1
+        B, T = input_ids.shape
+        if logits_index is not None:  # prefill: the logits after the last prompt token predict script[0]
             self.prompt_length = int(logits_index.max()) + 1
-            step = 0
-        else:
-            step = int(positions.max()) + 1 - self.prompt_length
-        logits = torch.zeros(input_ids.shape[0], self.config.vocab_size)
-        logits[:, self.script[min(step, len(self.script) - 1)]] = 1.0
-        return logits if logits_index is not None else logits[:, None]
+            steps = [0]
+        else:  # the token at position p predicts script[p + 1 - prompt_length]
+            steps = (positions[0] + 1 - self.prompt_length).tolist()
+        logits = torch.zeros(B, len(steps), self.config.vocab_size)
+        for t, step in enumerate(steps):
+            logits[:, t, self.script[min(step, len(self.script) - 1)]] = 1.0
+        return logits[:, 0] if logits_index is not None else logits
 
 
 def test_batched_greedy_rows_equal_batch_of_one(small):
@@ -127,3 +131,42 @@ def test_stream_equals_decode_of_random_model_output(tok, tmp_path):
     c = generate_text(model, tok, "Hello", 40, SamplingParams(temperature=1.0, seed=5), on_text=chunks.append)
     assert "".join(chunks) == c.text == tok.decode(c.token_ids)
     assert c.prompt_tokens == len(tok.encode("Hello")) and c.completion_tokens == len(c.token_ids)
+
+
+def test_prompt_lookup_draft():
+    from qwen3.generate import prompt_lookup_draft
+
+    assert prompt_lookup_draft([1, 2, 3, 4, 5, 9, 2, 3], 3) == [4, 5, 9]  # trigram miss, bigram "2 3" hit
+    assert prompt_lookup_draft([7, 8, 9, 7, 8], 5) == [9, 7, 8]
+    assert prompt_lookup_draft([1, 2, 3], 4) == []
+
+
+def test_speculative_greedy_equals_plain_greedy(small):
+    gen = torch.Generator().manual_seed(9)
+    for n in (5, 12):
+        chunk = torch.randint(0, 400, (n,), generator=gen).tolist()
+        prompt = [chunk * 3]  # repetitive, so drafts get accepted
+        plain = qwen3.generate(small, prompt, max_new_tokens=20)
+        fast = qwen3.generate(small, prompt, max_new_tokens=20, speculative=4)
+        assert fast.tolist() == plain.tolist()
+    with pytest.raises(ValueError, match="speculative"):
+        qwen3.generate(small, [[1, 2], [3, 4]], max_new_tokens=4, speculative=2)
+
+
+def test_speculative_accepts_right_drafts():
+    """A model that keeps repeating its prompt: every draft is right, so 8 tokens come per forward."""
+    script = list(range(10, 40))
+    plain = Scripted(script * 3, vocab_size=400)
+    expected = qwen3.generate(plain, [script * 2], max_new_tokens=24)
+    fast = Scripted(script * 3, vocab_size=400)
+    assert qwen3.generate(fast, [script * 2], max_new_tokens=24, speculative=8).tolist() == expected.tolist()
+    assert expected[0].tolist() == script[:24]
+    assert plain.forwards == 24 and fast.forwards == 1 + 3  # prefill, then 3 verifications of 1 + 8 tokens
+
+
+def test_compiled_decode_equals_plain(small):
+    gen = torch.Generator().manual_seed(10)
+    prompts = [torch.randint(0, 400, (n,), generator=gen).tolist() for n in (4, 11)]
+    plain = qwen3.generate(small, prompts, max_new_tokens=12)
+    fast = qwen3.generate(small, prompts, max_new_tokens=12, compile=True)
+    assert fast.tolist() == plain.tolist()
