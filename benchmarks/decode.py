@@ -82,7 +82,7 @@ def time_transformers(model, prompt, new_tokens, device, **kwargs) -> tuple[floa
 
 
 def time_to_first_token(model, prompt, device) -> float:
-    cache = KVCache(model.config, 1, prompt.shape[1] + 1, device=device, dtype=model.lm_head.weight.dtype)
+    cache = KVCache(model.config, 1, prompt.shape[1] + 1, device=device, dtype=model.model.norm.weight.dtype)
     with torch.inference_mode():
         prefill(model, prompt, torch.tensor([prompt.shape[1]], device=device), cache)  # warm-up
         sync(device)
@@ -98,7 +98,7 @@ def fast_path_agreement(model, prompt, device) -> tuple[float, float]:
     from qwen3.generate import decode_one
 
     compiled = torch.compile(decode_one, fullgraph=True, dynamic=False)
-    cache = KVCache(model.config, 1, prompt.shape[1] + 16, device=device, dtype=model.lm_head.weight.dtype)
+    cache = KVCache(model.config, 1, prompt.shape[1] + 16, device=device, dtype=model.model.norm.weight.dtype)
     err = 0.0
     with torch.inference_mode():
         token = prefill(model, prompt, torch.tensor([prompt.shape[1]], device=device), cache).argmax(-1)
@@ -173,7 +173,7 @@ def main() -> None:
             rows.append(("transformers", f"{name} dynamic cache", tps, warm, nbytes))
             print(rows[-1], flush=True)
             if gpu and not args.skip_compile_peer:
-                ref.forward = torch.compile(ref.forward, mode="reduce-overhead", fullgraph=True)
+                # transformers compiles the forward itself (reduce-overhead) when generate uses a static cache
                 tps, warm = time_transformers(ref, prompt, new_tokens, device, cache_implementation="static")
                 rows.append(("transformers", f"{name} static cache + compile", tps, warm, nbytes))
                 print(rows[-1], flush=True)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import qwen3
 from qwen3.cli import main
@@ -135,3 +136,28 @@ def test_chat_in_a_terminal(fake_snapshot):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_quantize_command_and_int8_generation(fake_snapshot, tmp_path, capsys):
+    out_dir = tmp_path / "int8"
+    code, out, err = run(capsys, "quantize", "--model", str(fake_snapshot), "--out", str(out_dir))
+    assert code == 0, err
+    config = json.loads((out_dir / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "qwen3_int8"
+    assert (out_dir / "tokenizer.json").exists()
+    model = qwen3.load_model(out_dir)
+    assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.int8
+    code, from_file, _ = run(capsys, "generate", "--model", str(out_dir), "--temperature", "0",
+                             "--max-new-tokens", "8", "--dtype", "bfloat16", "Hello")  # fmt: skip
+    assert code == 0
+    code, at_load, _ = run(capsys, "generate", "--model", str(fake_snapshot), "--quantize", "int8",
+                           "--temperature", "0", "--max-new-tokens", "8", "--dtype", "bfloat16", "Hello")  # fmt: skip
+    assert code == 0 and at_load == from_file  # quantizing at load == loading the quantized checkpoint
+
+
+def test_generate_speculative_equals_plain(fake_snapshot, capsys):
+    prompt = "one two three four one two three four one two three"
+    argv = ["generate", "--model", str(fake_snapshot), "--temperature", "0", "--max-new-tokens", "12", prompt]
+    _, plain, _ = run(capsys, *argv)
+    code, fast, _ = run(capsys, *argv, "--speculative", "4")
+    assert code == 0 and fast == plain

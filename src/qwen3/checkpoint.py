@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from .config import Qwen3Config
 from .hub import MODEL_FILES, resolve_source
 from .model import Qwen3ForCausalLM
+from .quantize import prepare_int8_modules, quantization_config, retie_lm_head
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -47,36 +48,46 @@ def load_model(
     """
     directory = resolve_source(source, MODEL_FILES)
     config = Qwen3Config.from_json(directory / "config.json")
+    quantization = config.extra.get("quantization_config")
     with torch.device("meta"):
         model = Qwen3ForCausalLM(config, attention=attention)
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    if config.tie_word_embeddings:
-        expected.pop(TIED_KEY)
+        if quantization is not None:
+            prepare_int8_modules(model, quantization)  # int8 weights + float scales (quantize.py)
+    expected = {name: (tuple(t.shape), t.dtype) for name, t in model.state_dict().items()}
+    # A tied LM head (lm_head.weight, plus lm_head.weight_scale when int8) is the embedding's: not read.
+    tied = [name for name in expected if name.startswith("lm_head.")] if config.tie_word_embeddings else []
+    for name in tied:
+        expected.pop(name)
 
     state: dict[str, torch.Tensor] = {}
     bar = tqdm(total=len(expected), desc="loading weights", unit="tensor", disable=not progress, leave=False)
     for name, tensor, path in _read_tensors(directory, device):
         bar.update()
-        if config.tie_word_embeddings and name == TIED_KEY:
+        if name in tied:
             continue  # some tied checkpoints store a copy of the embedding; the embedding wins
         if name not in expected:
             raise CheckpointError(f"unexpected tensor {name!r} in {path} (not part of a Qwen3 model of this config)")
-        if tuple(tensor.shape) != expected[name]:
-            raise CheckpointError(
-                f"tensor {name!r} in {path}: expected shape {expected[name]}, found {tuple(tensor.shape)}"
-            )
-        state[name] = tensor.to(dtype)
+        shape, expected_dtype = expected[name]
+        if tuple(tensor.shape) != shape:
+            raise CheckpointError(f"tensor {name!r} in {path}: expected shape {shape}, found {tuple(tensor.shape)}")
+        if (tensor.dtype == torch.int8) != (expected_dtype == torch.int8):
+            raise CheckpointError(f"tensor {name!r} in {path}: expected {expected_dtype}, found {tensor.dtype}")
+        if tensor.dtype == torch.int8:
+            # safetensors may hand out a tensor at any byte offset; the CPU int8 kernel needs aligned rows
+            state[name] = tensor.clone() if tensor.data_ptr() % 64 else tensor
+        else:
+            state[name] = tensor.to(dtype)
     bar.close()
     missing = sorted(set(expected) - set(state))
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(f"missing tensors in {directory}: {shown}")
 
-    if config.tie_word_embeddings:
-        state[TIED_KEY] = state["model.embed_tokens.weight"]
+    for name in tied:
+        state[name] = state["model.embed_tokens." + name.removeprefix("lm_head.")]
     model.load_state_dict(state, strict=True, assign=True)
     if config.tie_word_embeddings:
-        model.tie_weights()  # assign=True replaced both Parameters; make them one again
+        retie_lm_head(model)  # assign=True replaced the shared Parameters; make them one again
     model.init_buffers(device)
     return model.eval()
 
@@ -125,8 +136,8 @@ def save_model(
     directory.mkdir(parents=True, exist_ok=True)
     config = model.config
     state = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
-    if config.tie_word_embeddings:
-        state.pop(TIED_KEY, None)  # HF convention: the tied copy is not stored
+    if config.tie_word_embeddings:  # HF convention: the tied copy (and its int8 scales) is not stored
+        state = {name: t for name, t in state.items() if not name.startswith("lm_head.")}
 
     shards: list[dict[str, torch.Tensor]] = [{}]
     shard_bytes = 0
@@ -156,7 +167,12 @@ def save_model(
         written.append(INDEX_FILE)
 
     config_dict = config.to_dict()
-    config_dict["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    config_dict.pop("quantization_config", None)
+    quantization = quantization_config(model)
+    if quantization is not None:
+        config_dict["quantization_config"] = quantization
+    float_dtype = next(t.dtype for t in state.values() if t.is_floating_point())  # int8 weights aside
+    config_dict["torch_dtype"] = str(float_dtype).removeprefix("torch.")
     _write_text(directory / "config.json", json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
     if generation_config is not None:
         _write_text(directory / "generation_config.json", json.dumps(generation_config, indent=2) + "\n")

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, load_model
+from .checkpoint import CheckpointError, load_model, save_model
 from .config import ConfigError, Qwen3Config
 from .generate import Completion, ContextLengthError, generate_text
 from .hub import MODEL_FILES, TOKENIZER_FILES, ModelNotFoundError, resolve_source
 from .model import KVCache, Qwen3ForCausalLM
+from .quantize import quantization_config, quantize_int8
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -42,6 +43,9 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: bfloat16 on a GPU, float32 on the CPU")  # fmt: skip
+    p.add_argument("--quantize", choices=["int8"], help="quantize the weights at load (int8 weight-only)")
+    p.add_argument("--compile", action="store_true",
+                   help="fast decode path: torch.compile, plus a CUDA graph on GPU (slow first call)")  # fmt: skip
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -78,6 +82,8 @@ def load(args: argparse.Namespace) -> tuple[Qwen3ForCausalLM, Tokenizer, Path]:
     directory = resolve_source(args.model, sorted(set(MODEL_FILES + TOKENIZER_FILES)))
     device = pick_device(args.device)
     model = load_model(directory, device=device, dtype=pick_dtype(args.dtype, device), progress=sys.stderr.isatty())
+    if args.quantize == "int8" and quantization_config(model) is None:
+        quantize_int8(model)
     return model, load_tokenizer(directory), directory
 
 
@@ -115,11 +121,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.write(chunk)
         sys.stdout.flush()
 
+    fast = dict(compile=args.compile, speculative=args.speculative)
     if args.json:
-        completion = generate_text(model, tok, prompt, max_new, sampling, args.stop)
+        completion = generate_text(model, tok, prompt, max_new, sampling, args.stop, **fast)
         print(json.dumps(completion_json(completion, args.chat), ensure_ascii=False))
     else:
-        completion = generate_text(model, tok, prompt, max_new, sampling, args.stop, on_text=write)
+        completion = generate_text(model, tok, prompt, max_new, sampling, args.stop, on_text=write, **fast)
         sys.stdout.write("\n")
     return 0
 
@@ -219,7 +226,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
         history.append({"role": "user", "content": text})
         prompt = tok.apply_chat_template(history, add_generation_prompt=True, enable_thinking=thinking)
         dimmer = ReasoningDimmer(sys.stdout, color)
-        completion = generate_text(model, tok, prompt, max_new, sampling, on_text=dimmer, interruptible=True)
+        completion = generate_text(
+            model, tok, prompt, max_new, sampling, on_text=dimmer, interruptible=True, compile=args.compile
+        )
         dimmer.close()
         history.append({"role": "assistant", "content": completion.text})
         note = " (interrupted)" if completion.finish_reason == "interrupted" else ""
@@ -294,6 +303,26 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    import shutil
+
+    directory = resolve_source(args.model, sorted(set(MODEL_FILES + TOKENIZER_FILES)))
+    model = load_model(directory, dtype=getattr(torch, args.dtype), progress=sys.stderr.isatty())
+    if quantization_config(model) is not None:
+        raise UserError(f"{args.model} is already quantized")
+    before = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    quantize_int8(model, include_embedding=args.include_embedding)
+    save_model(model, args.out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        if (directory / name).is_file():
+            shutil.copy(directory / name, args.out / name)
+    after = sum(f.stat().st_size for f in args.out.glob("*.safetensors"))
+    print(
+        f"wrote {args.out}: int8 weights, {after / 2**30:.2f} GiB on disk (float state dict: {before / 2**30:.2f} GiB)"
+    )
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------------------
@@ -310,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", help="with --chat: a system prompt")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--json", action="store_true", help="print reasoning, content, token counts and timing as JSON")
+    p.add_argument("--speculative", type=int, default=0, metavar="K",
+                   help="prompt-lookup speculative decoding with K draft tokens (greedy only)")  # fmt: skip
     add_model_flags(p)
     add_sampling_flags(p)
     p.set_defaults(func=cmd_generate)
@@ -327,6 +358,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=40960, help="tokens of KV cache to size (default 40960)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("quantize", help="write an int8 weight-only checkpoint",
+                       description="Quantize a checkpoint to int8 weights (per-output-channel scales).")  # fmt: skip
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model directory or Hub id")
+    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the scales and of what stays in float")  # fmt: skip
+    p.add_argument("--include-embedding", action="store_true", help="quantize the input embedding too")
+    p.set_defaults(func=cmd_quantize)
 
     from .train.cli import add_subcommands
 

@@ -153,7 +153,9 @@ def generate_tokens(
         )
     if max_new_tokens == 0:
         return
-    cache = KVCache(model.config, B, T + max_new_tokens + speculative, device=device, dtype=model.lm_head.weight.dtype)
+    cache = KVCache(
+        model.config, B, T + max_new_tokens + speculative, device=device, dtype=model.model.norm.weight.dtype
+    )
     if speculative:
         yield from speculative_tokens(model, ids, cache, max_new_tokens, sampling, eos_token_ids, speculative)
         return
