@@ -114,6 +114,29 @@ def fast_path_agreement(model, prompt, device) -> tuple[float, float]:
     return err, same / 64
 
 
+def speculative_speedup(model_dir: Path, text_file: Path, device: str, new_tokens: int = 128) -> str:
+    """Greedy tokens/s with and without prompt-lookup drafts on a repetitive prompt: a passage given twice
+    (as when a model is asked to repeat or edit a text it was given). Outputs must be identical."""
+    model = qwen3.load_model(model_dir, device=device, dtype=torch.float32 if device == "cpu" else torch.bfloat16)
+    tok = qwen3.load_tokenizer(model_dir)
+    passage = text_file.read_text(encoding="utf-8")[:1500]
+    prompt = [tok.encode(passage + "\n\n" + passage[:200])]
+    rates, outputs = {}, {}
+    for k in (0, 6):
+        qwen3.generate(model, prompt, max_new_tokens=8, speculative=k)
+        sync(device)
+        start = time.perf_counter()
+        outputs[k] = qwen3.generate(model, prompt, max_new_tokens=new_tokens, speculative=k)
+        sync(device)
+        rates[k] = new_tokens / (time.perf_counter() - start)
+    same = outputs[0].tolist() == outputs[6].tolist()
+    speedup = rates[6] / rates[0]
+    return (
+        f"speculative (prompt lookup, 6 drafts) on a repeated passage, {len(prompt[0])}-token prompt: "
+        f"{rates[0]:.1f} -> {rates[6]:.1f} tok/s ({speedup:.2f}x), identical output: {same}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -124,6 +147,8 @@ def main() -> None:
     parser.add_argument("--skip-compile-peer", action="store_true")
     parser.add_argument("--results", type=Path, help="append the table to this markdown file")
     parser.add_argument("--checkpoint", type=Path, help="reuse a saved random 0.6B checkpoint")
+    parser.add_argument("--speculative-model", default="demo", help="trained model for the speculative test")
+    parser.add_argument("--speculative-text", type=Path, default=Path("data/shakespeare/heldout/hamlet.txt"))
     args = parser.parse_args()
     device = args.device
     gpu = device.startswith("cuda")
@@ -194,6 +219,10 @@ def main() -> None:
         lines.append(f"| {engine} | {variant} | {tps:.1f} | {warm:.1f} | {nbytes / 1e9:.3f} | {ceiling} | "
                      f"{tps / ratio:.2f}x |" if ratio else f"| {engine} | {variant} | {tps:.1f} | {warm:.1f} | "
                      f"{nbytes / 1e9:.3f} | {ceiling} | - |")  # fmt: skip
+    if args.speculative_text.is_file():
+        from qwen3.hub import resolve_source
+
+        lines += ["", speculative_speedup(resolve_source(args.speculative_model), args.speculative_text, device)]
     table = "\n".join(lines)
     print(table)
     if args.results:

@@ -14,12 +14,22 @@ MODEL_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "generation_config.json"]
 
 
+# The project's own small Qwen3 trained on Shakespeare, shipped inside the package (scripts/demo/).
+DEMO_NAME = "demo"
+DEMO_DIR = Path(__file__).parent / "demo"
+
+
 class ModelNotFoundError(FileNotFoundError):
     """The source is neither a local directory nor a Hub repo that can be fetched now."""
 
 
 def resolve_source(source: str | os.PathLike, allow_patterns: list[str] | None = None) -> Path:
-    """Return a local directory for `source`: the directory itself, or a (possibly cached) Hub snapshot."""
+    """Return a local directory for `source`: "demo" (the shipped demo model), a directory, or a (possibly
+    cached) Hub snapshot. A local folder that happens to be called demo is reached as ./demo."""
+    if str(source) == DEMO_NAME:
+        if not (DEMO_DIR / "config.json").is_file():
+            raise ModelNotFoundError(f"the demo model is not installed in {DEMO_DIR}")
+        return DEMO_DIR
     path = Path(source).expanduser()
     if path.is_dir():
         return path
