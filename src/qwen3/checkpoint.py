@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -186,10 +186,10 @@ def save_model(
 @contextmanager
 def _atomic_path(target: Path) -> Iterator[str]:
     """Yield a temporary path beside `target`; rename it onto `target` only if the block succeeds."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = str(target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"))
     try:
         yield tmp
+        os.chmod(tmp, 0o644)  # checkpoints are for sharing; safetensors creates its files private
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
