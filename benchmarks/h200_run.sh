@@ -15,7 +15,7 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 
 if [[ " $parts " == *" demo "* ]]; then
   start=$(date +%s)
-  TRAIN_FLAGS="--no-progress --save-every 250 --keep-checkpoints 2" timeout 330 bash scripts/demo/train_demo.sh train 2>&1 | grep -v Warning | tee -a "$log"
+  TRAIN_FLAGS="--no-progress --save-every 250 --keep-checkpoints 2" timeout 270 bash scripts/demo/train_demo.sh train 2>&1 | grep -v Warning | tee -a "$log"
   echo "demo training wall time: $(( $(date +%s) - start )) s" | tee -a "$log"
   ckpt="out/demo/$(cat out/demo/last)"
   # bf16, in shards small enough for the device tool to bring back; package_demo.py joins them.
@@ -23,7 +23,7 @@ if [[ " $parts " == *" demo "* ]]; then
   cp out/demo/metrics.jsonl "$OUT/demo_metrics.jsonl"
 fi
 if [[ " $parts " == *" train "* ]]; then
-  timeout 230 python3 benchmarks/train.py --results "$OUT/train_results.md" 2>&1 | grep -v Warning | tee -a "$log"
+  timeout 200 python3 benchmarks/train.py --results "$OUT/train_results.md" 2>&1 | grep -v Warning | tee -a "$log"
 fi
 if [[ " $parts " == *" decode "* ]]; then
   spec=demo; [[ -f out/demo/last ]] && spec="out/demo/$(cat out/demo/last)"
