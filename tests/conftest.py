@@ -86,6 +86,22 @@ def tokenizer_files() -> Path:
     return QWEN3_06B_FILES
 
 
+@pytest.fixture(scope="session")
+def hf(tokenizer_files):
+    """transformers' tokenizer for the real Qwen3 files: the reference."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_files)
+
+
+@pytest.fixture(scope="session")
+def tok(tokenizer_files):
+    """Our tokenizer for the same files."""
+    import qwen3
+
+    return qwen3.load_tokenizer(tokenizer_files)
+
+
 def copy_tokenizer_files(directory: Path) -> None:
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         shutil.copy(QWEN3_06B_FILES / name, directory / name)

@@ -10,7 +10,6 @@ import jinja2
 import pytest
 
 from qwen3.chat import ChatTemplate, ParsedCompletion, ToolCall, parse_completion
-from qwen3.tokenizer import Tokenizer, load_tokenizer
 
 WEATHER_TOOL = {
     "type": "function",
@@ -123,17 +122,6 @@ CONVERSATIONS = {
     ],
 }
 WITH_TOOLS = {"tools, calls, several tool responses", "tool call with content, unwrapped, then tool"}
-
-
-@pytest.fixture(scope="module")
-def hf(tokenizer_files):
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(tokenizer_files)
-
-
-@pytest.fixture(scope="module")
-def tok(tokenizer_files) -> Tokenizer:
-    return load_tokenizer(tokenizer_files)
 
 
 def hf_render(hf, messages, tools, tokenize, **kwargs):

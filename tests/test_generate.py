@@ -6,16 +6,11 @@ import pytest
 import torch
 
 import qwen3
-from conftest import QWEN3_06B_FILES, make_reference
+from conftest import make_reference
 from qwen3.config import Qwen3Config
 from qwen3.generate import ContextLengthError, generate_text
 from qwen3.model import Qwen3ForCausalLM
 from qwen3.sampling import SamplingParams
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return qwen3.load_tokenizer(QWEN3_06B_FILES)
 
 
 @pytest.fixture(scope="module")

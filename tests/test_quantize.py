@@ -23,6 +23,7 @@ from safetensors import safe_open
 from torch import nn
 
 import qwen3
+from conftest import SMALL as CONFTEST_SMALL
 from qwen3.config import ConfigError
 from qwen3.quantize import (
     INT8PACK_MAX_ROWS,
@@ -44,17 +45,9 @@ from qwen3.quantize import (
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 FP32_U = 2.0**-24
 
-SMALL = dict(
-    vocab_size=320,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=24,  # nh * D = 96: every in_features (64, 96) is a multiple of 16, so int8pack can run
-    max_position_embeddings=128,
-    rope_theta=10_000.0,
-)
+# conftest's small config: nh * D = 96 and hidden 64, so every in_features (64, 96) is a multiple of 16
+# and the int8pack kernel can run; the tie is chosen per test.
+SMALL = {k: v for k, v in CONFTEST_SMALL.items() if k != "tie_word_embeddings"}
 LINEARS_PER_LAYER = 7  # q, k, v, o, gate, up, down
 
 

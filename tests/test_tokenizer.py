@@ -86,17 +86,6 @@ TEXTS = CORPUS + random_strings(seed=1234, count=150)
 
 
 @pytest.fixture(scope="module")
-def hf(tokenizer_files):
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(tokenizer_files)
-
-
-@pytest.fixture(scope="module")
-def tok(tokenizer_files) -> Tokenizer:
-    return load_tokenizer(tokenizer_files)
-
-
-@pytest.fixture(scope="module")
 def added_ids(hf) -> set[int]:
     return set(hf.added_tokens_decoder)
 
