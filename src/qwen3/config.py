@@ -18,6 +18,12 @@ from pathlib import Path
 from typing import Any
 
 ROPE_TYPES = ("default", "linear", "yarn")
+EXPERIMENT_CHOICES = {
+    "qk_norm": (True, False),
+    "norm_type": ("rmsnorm", "layernorm"),
+    "norm_position": ("pre", "post"),
+    "mlp_type": ("swiglu", "gelu"),
+}
 
 
 class ConfigError(ValueError):
@@ -45,6 +51,13 @@ class Qwen3Config:
     pad_token_id: int | None = None
     torch_dtype: str | None = "bfloat16"  # the dtype the weights were saved in; informational
     model_type: str = "qwen3"
+    # Architecture experiments (docs/experiments.md). The defaults are Qwen3; a field is written to
+    # config.json only when it differs, so real checkpoints are untouched. transformers ignores them:
+    # a checkpoint with a non-default value is ours alone.
+    qk_norm: bool = True  # RMSNorm on each query and key head before RoPE
+    norm_type: str = "rmsnorm"  # or "layernorm" (mean-centred, with a bias)
+    norm_position: str = "pre"  # or "post": normalise after each residual addition (original Transformer)
+    mlp_type: str = "swiglu"  # or "gelu": down(gelu(up(x))) with 1.5 x intermediate_size units (same parameters)
     # Fields we do not use but keep so that a config survives a load/save round trip unchanged.
     extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -89,6 +102,9 @@ class Qwen3Config:
             raise ConfigError(f"hidden_act: Qwen3 uses 'silu' (SwiGLU), found {self.hidden_act!r}")
         if self.attention_bias:
             raise ConfigError("attention_bias: Qwen3 has no biases; true is not supported")
+        for name, allowed in EXPERIMENT_CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name}: {getattr(self, name)!r} is not one of {allowed}")
         if self.rope_type not in ROPE_TYPES:
             raise ConfigError(f"rope_scaling.rope_type: {self.rope_type!r} is not one of {ROPE_TYPES}")
         if self.rope_type != "default":
@@ -134,6 +150,9 @@ class Qwen3Config:
     def to_dict(self) -> dict[str, Any]:
         out = dict(self.extra)
         out.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"})
+        for name in EXPERIMENT_CHOICES:
+            if out[name] == EXPERIMENT_DEFAULTS[name]:
+                del out[name]
         out.setdefault("architectures", ["Qwen3ForCausalLM"])
         return out
 
@@ -186,3 +205,6 @@ PRESETS: dict[str, Qwen3Config] = {
     "14B": _preset(5120, 17408, 40, 40, tied=False),
     "32B": _preset(5120, 25600, 64, 64, tied=False),
 }
+
+
+EXPERIMENT_DEFAULTS = {name: Qwen3Config.__dataclass_fields__[name].default for name in EXPERIMENT_CHOICES}

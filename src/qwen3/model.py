@@ -12,6 +12,11 @@ a token's keys and values are written to slot `positions[b, t]`, and a query at 
 slots 0..p. That single rule gives causal masking, chunked prefill and batches of prompts of different
 lengths (right-padded: the padding writes slots that the row's later tokens overwrite before reading).
 
+Architecture experiments (docs/experiments.md) are config switches chosen once, when the modules are
+built, never flags tested in the forward pass: `qk_norm`, `norm_type` (RMSNorm or LayerNorm, see
+make_norm), `mlp_type` (SwiGLU or a parameter-matched GELU MLP) and `norm_position` (pre or post, the one
+branch in DecoderLayer.forward); grouping is just `num_key_value_heads`. The defaults are Qwen3.
+
 Numerics (fp32 checked to 1e-4 of transformers by tests/test_parity.py; bf16 compared there too):
 - RMSNorm (also q_norm/k_norm) computes the mean square and the rescaling in fp32, casts back to the
   model dtype, then multiplies by the learned scale: exactly transformers' order. Squares of bf16
@@ -52,6 +57,13 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * normed.to(x.dtype)
+
+
+def make_norm(config: Qwen3Config, dim: int) -> nn.Module:
+    """Qwen3's RMSNorm, or LayerNorm (subtracts the mean, adds a bias) for the norm_type experiment."""
+    if config.norm_type == "layernorm":
+        return nn.LayerNorm(dim, eps=config.rms_norm_eps)
+    return RMSNorm(dim, config.rms_norm_eps)
 
 
 def rope_inverse_frequencies(config: Qwen3Config) -> tuple[Tensor, float]:
@@ -232,8 +244,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, nkv * d, bias=False)
         self.v_proj = nn.Linear(h, nkv * d, bias=False)
         self.o_proj = nn.Linear(nh * d, h, bias=False)
-        self.q_norm = RMSNorm(d, config.rms_norm_eps)
-        self.k_norm = RMSNorm(d, config.rms_norm_eps)
+        # QK-norm keeps q.k bounded whatever the size of the activations (nn.Identity in the qk_norm experiment)
+        self.q_norm = make_norm(config, d) if config.qk_norm else nn.Identity()
+        self.k_norm = make_norm(config, d) if config.qk_norm else nn.Identity()
 
     def forward(
         self,
@@ -246,9 +259,10 @@ class Attention(nn.Module):
         layer: int,
     ) -> Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)  # (B, T, nh, D)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, nkv, D)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        # -1: the head counts come from the projections, which hold this rank's heads under tensor parallelism
+        q = self.q_proj(x).view(B, T, -1, self.head_dim)  # (B, T, nh, D)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim)  # (B, T, nkv, D)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim)
         q = self.q_norm(q).transpose(1, 2)  # (B, nh, T, D)
         k = self.k_norm(k).transpose(1, 2)  # (B, nkv, T, D)
         v = v.transpose(1, 2)
@@ -256,7 +270,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, positions, k, v)  # (B, nkv, S, D)
         out = attention(q, k, v, mask)  # (B, nh, T, D)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, nh * D) -> (B, T, H)
 
 
 class MLP(nn.Module):
@@ -272,18 +286,39 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # (B, T, I) -> (B, T, H)
 
 
-class DecoderLayer(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+class GeluMLP(nn.Module):
+    """The pre-GLU feed-forward, for the mlp_type experiment: down(gelu(up(x))) with 1.5 x I hidden units,
+    so that its 2 x H x 1.5 I weights match SwiGLU's 3 x H x I."""
 
     def __init__(self, config: Qwen3Config) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        width = config.intermediate_size * 3 // 2
+        self.up_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.down_proj = nn.Linear(width, config.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.gelu(self.up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    The norm_position="post" experiment is the original Transformer's order, norm(x + attn(x)): the
+    residual stream itself is normalised at every layer instead of only each branch's input."""
+
+    def __init__(self, config: Qwen3Config) -> None:
+        super().__init__()
+        self.input_layernorm = make_norm(config, config.hidden_size)
         self.self_attn = Attention(config)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.post_attention_layernorm = make_norm(config, config.hidden_size)
+        self.mlp = GeluMLP(config) if config.mlp_type == "gelu" else MLP(config)
+        self.post_norm = config.norm_position == "post"
 
     def forward(self, x: Tensor, positions: Tensor, mask: Tensor, rope: RotaryEmbedding,
                 attention: AttentionFn, cache: KVCache | None, layer: int) -> Tensor:  # fmt: skip
+        if self.post_norm:
+            x = self.input_layernorm(x + self.self_attn(x, positions, mask, rope, attention, cache, layer))
+            return self.post_attention_layernorm(x + self.mlp(x))
         x = x + self.self_attn(self.input_layernorm(x), positions, mask, rope, attention, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -295,7 +330,7 @@ class Qwen3Model(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = make_norm(config, config.hidden_size)
 
 
 class Qwen3ForCausalLM(nn.Module):
@@ -332,6 +367,8 @@ class Qwen3ForCausalLM(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
+            elif isinstance(module, nn.LayerNorm):
+                module.reset_parameters()
 
     def init_buffers(self, device: torch.device | str | None = None) -> None:
         """(Re)compute the non-persistent RoPE tables on `device`; needed after building on the meta device."""

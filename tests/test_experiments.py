@@ -1,0 +1,102 @@
+"""Architecture experiments: each variant builds, trains (the loss falls) and round-trips through a checkpoint;
+the default config stays exactly Qwen3 (tests/test_parity.py checks it against transformers unchanged)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qwen3
+from conftest import SMALL
+from qwen3.config import ConfigError
+
+VARIANTS = {
+    "qwen3": {},
+    "mha": dict(num_key_value_heads=4),
+    "mqa": dict(num_key_value_heads=1),
+    "no-qk-norm": dict(qk_norm=False),
+    "layernorm": dict(norm_type="layernorm"),
+    "post-norm": dict(norm_position="post"),
+    "gelu-mlp": dict(mlp_type="gelu"),
+    "rope-theta-1e6": dict(rope_theta=1e6),
+}
+
+
+def config(**overrides) -> qwen3.Qwen3Config:
+    return qwen3.Qwen3Config(**{**SMALL, "vocab_size": 64, **overrides})
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_variant_trains(name):
+    """20 AdamW steps on one fixed batch of a repeating pattern: every variant must fit it well."""
+    torch.manual_seed(0)
+    model = qwen3.Qwen3ForCausalLM(config(**VARIANTS[name]))
+    model.init_weights()
+    pattern = torch.randint(0, 64, (12,), generator=torch.Generator().manual_seed(1))
+    ids = pattern.repeat(4, 4)[:, :40]  # (4, 40)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(20):
+        logits = model(ids[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_gelu_mlp_matches_swiglu_parameters():
+    swiglu = qwen3.Qwen3ForCausalLM(config())
+    gelu = qwen3.Qwen3ForCausalLM(config(mlp_type="gelu"))
+    count = [sum(p.numel() for p in m.model.layers[0].mlp.parameters()) for m in (swiglu, gelu)]
+    assert count[0] == count[1] == 3 * SMALL["hidden_size"] * SMALL["intermediate_size"]
+
+
+def test_kv_cache_bytes_follow_the_grouping():
+    names = ("mha", "qwen3", "mqa")
+    per_token = {n: qwen3.KVCache.bytes_per_token(config(**VARIANTS[n]), torch.bfloat16) for n in names}
+    assert per_token["mha"] == 2 * per_token["qwen3"] == 4 * per_token["mqa"]
+
+
+def test_default_config_writes_no_experiment_fields(tmp_path):
+    model = qwen3.Qwen3ForCausalLM(config())
+    qwen3.save_model(model, tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert not {"qk_norm", "norm_type", "norm_position", "mlp_type"} & set(written)
+    assert not any("layernorm" in k and k.endswith("bias") for k in model.state_dict())
+
+
+@pytest.mark.parametrize("name", ["no-qk-norm", "layernorm", "post-norm", "gelu-mlp"])
+def test_variant_checkpoint_round_trip(name, tmp_path):
+    torch.manual_seed(2)
+    model = qwen3.Qwen3ForCausalLM(config(**VARIANTS[name]))
+    model.init_weights()
+    qwen3.save_model(model, tmp_path)
+    loaded = qwen3.load_model(tmp_path)
+    assert dataclasses.replace(loaded.config, torch_dtype=model.config.torch_dtype) == model.config
+    ids = torch.randint(0, 64, (2, 10))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model(ids))
+
+
+def test_post_norm_normalises_the_residual_stream():
+    model = qwen3.Qwen3ForCausalLM(config(norm_position="post", norm_type="layernorm"))
+    model.init_weights()
+    captured = []
+    model.model.layers[0].register_forward_hook(lambda module, args, out: captured.append(out))
+    model(torch.randint(0, 64, (1, 8)))
+    out = captured[0]
+    assert torch.allclose(out.mean(-1), torch.zeros(1, 8), atol=1e-5)  # LayerNorm output, unit weight
+    assert torch.allclose(out.var(-1, unbiased=False), torch.ones(1, 8), atol=1e-3)
+
+
+def test_invalid_experiment_values_name_the_field():
+    with pytest.raises(ConfigError, match="norm_type"):
+        config(norm_type="batchnorm")
+    with pytest.raises(ConfigError, match="mlp_type"):
+        config(mlp_type="relu")
