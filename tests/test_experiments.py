@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -100,3 +101,35 @@ def test_invalid_experiment_values_name_the_field():
         config(norm_type="batchnorm")
     with pytest.raises(ConfigError, match="mlp_type"):
         config(mlp_type="relu")
+
+
+def test_experiment_runner_smoke(tmp_path, monkeypatch):
+    """experiments/run.py end to end at a tiny size: a results table row and a loss curve per variant."""
+    import importlib.util
+    import shutil
+    import sys
+
+    from conftest import ASSETS
+    from qwen3.hub import DEMO_DIR
+
+    data = tmp_path / "data"
+    for part, play, size in (("train", "hamlet", 40_000), ("heldout", "henry_v", 10_000)):
+        (data / part).mkdir(parents=True)
+        text = (ASSETS / "shakespeare-heldout" / f"{play}.txt").read_text(encoding="utf-8")[:size]
+        (data / part / f"{play}.txt").write_text(text, encoding="utf-8")
+    (data / "tokenizer").mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(DEMO_DIR / name, data / "tokenizer" / name)
+    path = ASSETS.parents[1] / "experiments" / "run.py"
+    spec = importlib.util.spec_from_file_location("experiments_run", path)
+    runner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runner)
+    out = tmp_path / "out"
+    argv = ["run.py", "--tiny", "--data", str(data), "--out", str(out), "--only", "MQA,post-norm"]
+    monkeypatch.setattr(sys, "argv", argv)
+    runner.main()
+    table = (out / "results.md").read_text().splitlines()
+    assert len(table) == 4 and "MQA" in table[2] and "post-norm" in table[3]
+    results = json.loads((out / "results.json").read_text())
+    assert all(math.isfinite(r["main"]["eval_bpb"]) for r in results)
+    assert (out / "experiments_loss.png").stat().st_size > 1000

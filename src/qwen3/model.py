@@ -2,7 +2,7 @@
 SwiGLU MLP, pre-norm decoder block, and the causal language model on top.
 
 Shape legend used in the comments:
-    B  batch size                   T  tokens in this forward (prompt length, or 1 when decoding)
+    B  batch size                   T  tokens in this forward (a prompt or chunk of it; 1 when decoding)
     S  key/value slots (T without a cache, the cache's max_length with one)
     H  hidden_size                  V  vocab_size                I  intermediate_size
     nh num_attention_heads          nkv num_key_value_heads      D  head_dim (nh * D may differ from H)
@@ -71,7 +71,8 @@ def rope_inverse_frequencies(config: Qwen3Config) -> tuple[Tensor, float]:
 
     `linear` divides every frequency by `factor` (positions interpolated). `yarn` leaves the fast
     (high-frequency) pairs alone, interpolates the slow ones, ramps linearly between them, and scales
-    cos/sin by an attention factor 0.1 ln(factor) + 1 (as transformers' `_compute_yarn_parameters`).
+    cos/sin by an attention factor: by default 0.1 ln(factor) + 1, or `attention_factor`, or the ratio given
+    by `mscale`/`mscale_all_dim` when the config sets them (as transformers' `_compute_yarn_parameters`).
     """
     dim, base = config.head_dim, config.rope_theta
     exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim  # (D/2,)
@@ -117,7 +118,8 @@ def rope_inverse_frequencies(config: Qwen3Config) -> tuple[Tensor, float]:
 
 
 class RotaryEmbedding(nn.Module):
-    """Precomputed cos/sin tables, (max_position_embeddings, D/2) in fp32, looked up by position."""
+    """Precomputed cos/sin tables, (max_position_embeddings, D/2) in fp32, looked up by position. With YaRN
+    both tables carry its attention factor, so the "rotation" also scales q and k by it."""
 
     def __init__(self, config: Qwen3Config, device: torch.device | str | None = None) -> None:
         super().__init__()
@@ -283,7 +285,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # (B, T, I) -> (B, T, H)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # (B, T, H) -> (B, T, I) -> (B, T, H)
 
 
 class GeluMLP(nn.Module):
@@ -324,7 +326,8 @@ class DecoderLayer(nn.Module):
 
 
 class Qwen3Model(nn.Module):
-    """Embedding, the decoder layers, the final norm: token ids (B, T) -> hidden states (B, T, H)."""
+    """The modules between token ids and the LM head: embedding, decoder layers, final norm. It has no
+    forward of its own; Qwen3ForCausalLM.hidden_states runs them (HF's parameter names need this level)."""
 
     def __init__(self, config: Qwen3Config) -> None:
         super().__init__()
@@ -361,7 +364,8 @@ class Qwen3ForCausalLM(nn.Module):
         self.lm_head.weight = self.model.embed_tokens.weight
 
     def init_weights(self, std: float = 0.02) -> None:
-        """Fresh weights for training from scratch: normal(0, std) matrices, unit norm scales (as HF)."""
+        """Fresh weights for training from scratch: normal(0, std) matrices, unit norm scales. (HF also
+        zeroes the embedding row of pad_token_id and freezes it; we train every row.)"""
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
