@@ -193,8 +193,17 @@ def test_auto_kernel_choice():
         assert torch.equal(module(many), module.forward_plain(many))
         module.kernel = "plain"
         assert torch.equal(module(few), module.forward_plain(few))
-    module32 = random_int8_linear(64, 48, torch.float32, seed=4)  # fp32 kernel is a scalar loop: plain
-    assert torch.equal(module32(few.float()), module32.forward_plain(few.float()))
+    # fp32: the fp32 kernel is a scalar loop, so auto runs the bf16 one on x rounded to bf16 for few rows
+    module32 = random_int8_linear(64, 48, torch.float32, seed=4)
+    x32 = torch.randn(2, 1, 64, generator=generator(9))
+    with torch.no_grad():
+        y = module32(x32)
+        assert y.dtype == torch.float32
+        assert torch.equal(y, module32.forward_int8pack(x32.bfloat16()).float())
+        bound = matmul_bound(x32.bfloat16(), module32, roundings=3)  # x, the scales and the output, in bf16
+        assert ((y.double() - reference_matmul(x32, module32)).abs() <= bound).all()
+        many32 = torch.randn(1, INT8PACK_MAX_ROWS + 1, 64, generator=generator(10))
+        assert torch.equal(module32(many32), module32.forward_plain(many32))
 
 
 def test_auto_takes_plain_when_gradients_flow():

@@ -36,6 +36,10 @@ Two ways to compute an Int8Linear, chosen by its `kernel` attribute ("auto", "pl
   float matmul); the kernel loses to the plain path above ~32-64 rows (prefill), hence INT8PACK_MAX_ROWS.
 "auto" takes int8pack for eager CPU bfloat16 inputs of at most INT8PACK_MAX_ROWS rows where it is safe,
 and the plain path otherwise (always under torch.compile, and when gradients flow: the kernel has none).
+A float32 input of few rows also takes the bfloat16 kernel: x and the scales are rounded to bfloat16
+(relative 2^-8, the size of the int8 rounding itself) and the result cast back to float32. The plain
+path would convert the whole int8 matrix to float32 on every call, reading more bytes than the float32
+model did.
 tests/test_quantize.py checks both paths against a float64 reference and against each other.
 
 Checkpoints keep Hugging Face names: `...weight` holds int8 and `...weight_scale` the scales, and
@@ -149,6 +153,8 @@ class Int8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.kernel == "plain" or (self.kernel == "auto" and not self._int8pack_pays(x)):
             return self.forward_plain(x)
+        if self.kernel == "auto" and x.dtype == torch.float32:  # the fp32 kernel is a scalar loop: use bf16's
+            return self.forward_int8pack(x.to(torch.bfloat16)).to(torch.float32)
         return self.forward_int8pack(x)
 
     def forward_plain(self, x: Tensor) -> Tensor:
@@ -187,8 +193,9 @@ class Int8Linear(nn.Module):
         return None
 
     def _int8pack_pays(self, x: Tensor) -> bool:
-        """auto's rule: the kernel is faster than the plain path for few rows in bf16 (measured on x86)."""
-        if x.dtype != torch.bfloat16 or self._int8pack_unusable(x) is not None:
+        """auto's rule: the bf16 kernel is faster than the plain path for few rows (measured on x86), for
+        bf16 inputs and for fp32 inputs rounded to bf16."""
+        if x.dtype not in (torch.bfloat16, torch.float32) or self._int8pack_unusable(x) is not None:
             return False
         return x.numel() // self.in_features <= INT8PACK_MAX_ROWS
 
