@@ -161,3 +161,22 @@ def test_generate_speculative_equals_plain(fake_snapshot, capsys):
     _, plain, _ = run(capsys, *argv)
     code, fast, _ = run(capsys, *argv, "--speculative", "4")
     assert code == 0 and fast == plain
+
+
+def test_chat_ctrl_c_stops_the_answer_and_keeps_the_chat(fake_snapshot):
+    pexpect = pytest.importorskip("pexpect")
+    child = pexpect.spawn(sys.executable, ["-m", "qwen3.cli", "chat", "--model", str(fake_snapshot),
+                                           "--max-new-tokens", "20000", "--temperature", "1", "--top-k", "0",
+                                           "--top-p", "1"],
+                          encoding="utf-8", timeout=120, env={**os.environ, "TERM": "dumb"})  # fmt: skip
+    child.expect("> ")
+    child.sendline("Tell me a very long story.")
+    child.expect("story.\r\n")  # the terminal's echo of the line
+    child.expect(r"\S")  # the answer has started streaming
+    child.sendintr()
+    child.expect(r"\[\d+ tokens, [\d.]+ tok/s \(interrupted\)\]")
+    child.expect("> ")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0

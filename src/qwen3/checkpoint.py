@@ -92,8 +92,9 @@ def load_model(
     return model.eval()
 
 
-def _read_tensors(directory: Path, device: torch.device | str) -> Iterator[tuple[str, torch.Tensor, Path]]:
-    """Yield (name, tensor, file) for every tensor of a single-file or sharded safetensors checkpoint."""
+def checkpoint_files(directory: Path) -> list[tuple[Path, list[str]]]:
+    """(file, names of the tensors it holds) for a single-file or sharded (indexed) safetensors checkpoint,
+    every file's header read and checked against the index."""
     if (directory / INDEX_FILE).is_file():
         index_path = directory / INDEX_FILE
         try:
@@ -105,19 +106,28 @@ def _read_tensors(directory: Path, device: torch.device | str) -> Iterator[tuple
         weight_map, files = None, [SINGLE_FILE]
     else:
         raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in {directory}")
-
+    out = []
     for file in files:
         path = directory / file
         if not path.is_file():
             raise CheckpointError(f"{INDEX_FILE} in {directory} lists {file}, which does not exist")
         try:
-            handle = safe_open(path, framework="pt", device=str(device))
+            with safe_open(path, framework="pt", device="cpu") as f:  # reads the header only
+                names = list(f.keys())
         except Exception as e:  # safetensors raises its own error types for corrupt headers
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
-        with handle as f:
-            for name in f.keys():
-                if weight_map is not None and weight_map.get(name) != file:
-                    raise CheckpointError(f"tensor {name!r} in {path} is not listed for that file in {INDEX_FILE}")
+        for name in names:
+            if weight_map is not None and weight_map.get(name) != file:
+                raise CheckpointError(f"tensor {name!r} in {path} is not listed for that file in {INDEX_FILE}")
+        out.append((path, names))
+    return out
+
+
+def _read_tensors(directory: Path, device: torch.device | str) -> Iterator[tuple[str, torch.Tensor, Path]]:
+    """Yield (name, tensor, file) for every tensor of a single-file or sharded safetensors checkpoint."""
+    for path, names in checkpoint_files(directory):
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            for name in names:
                 yield name, f.get_tensor(name), path
 
 

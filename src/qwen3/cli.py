@@ -3,24 +3,33 @@
 A thin layer over the library: every command resolves the model once (a directory, or a Hub id fetched
 with progress bars by huggingface_hub), loads it, and calls the public functions. User errors (no model,
 offline, bad flags, a prompt that does not fit) print one line on stderr and exit with status 2.
+
+`generate` and `chat` with `--tp N` restart themselves under torchrun in N processes (qwen3.parallel): rank 0
+reads standard input and prints, the other ranks compute in step with it. Ctrl-C then ends the whole run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import subprocess
 import sys
 from collections.abc import Sequence
+from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from .checkpoint import CheckpointError, load_model, save_model
 from .config import ConfigError, Qwen3Config
 from .generate import Completion, ContextLengthError, generate_text
 from .hub import MODEL_FILES, TOKENIZER_FILES, ModelNotFoundError, resolve_source
 from .model import KVCache, Qwen3ForCausalLM
+from .parallel import init_distributed, load_model_tp, on_rank0, shard_config
 from .quantize import quantization_config, quantize_int8
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer, load_tokenizer
@@ -46,6 +55,8 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=["int8"], help="quantize the weights at load (int8 weight-only)")
     p.add_argument("--compile", action="store_true",
                    help="fast decode path: torch.compile, plus a CUDA graph on GPU (slow first call)")  # fmt: skip
+    p.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="tensor parallelism over N processes, one GPU each (restarts under torchrun)")  # fmt: skip
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -81,10 +92,42 @@ def load(args: argparse.Namespace) -> tuple[Qwen3ForCausalLM, Tokenizer, Path]:
     """Resolve --model once (download with progress bars if needed), then load weights and tokenizer."""
     directory = resolve_source(args.model, sorted(set(MODEL_FILES + TOKENIZER_FILES)))
     device = pick_device(args.device)
-    model = load_model(directory, device=device, dtype=pick_dtype(args.dtype, device), progress=sys.stderr.isatty())
+    if args.tp > 1:
+        model = load_model_tp(directory, device=device, dtype=pick_dtype(args.dtype, device))
+    else:
+        model = load_model(directory, device=device, dtype=pick_dtype(args.dtype, device), progress=sys.stderr.isatty())
     if args.quantize == "int8" and quantization_config(model) is None:
         quantize_int8(model)
     return model, load_tokenizer(directory), directory
+
+
+def launch_tensor_parallel(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Run this same command line in args.tp processes under torchrun; each then loads its slice of the model."""
+    directory = resolve_source(args.model, sorted(set(MODEL_FILES + TOKENIZER_FILES)))  # download once, here
+    shard_config(Qwen3Config.from_json(directory / "config.json"), args.tp)  # fail before starting processes
+    env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.tp)), **os.environ}  # CPU threads per rank
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.tp),
+               "-m", "qwen3.cli", *argv]  # fmt: skip
+    process = subprocess.Popen(command, env=env)
+    while True:
+        try:
+            return process.wait()
+        except KeyboardInterrupt:  # torchrun got the same Ctrl-C and is stopping the workers: let it finish
+            continue
+
+
+def join_tensor_parallel(args: argparse.Namespace) -> None:
+    """Under torchrun: join the process group; this rank computes on cuda:LOCAL_RANK (or the CPU)."""
+    if args.quantize:
+        raise UserError("--quantize: not supported with --tp (tensor-parallel loading reads float checkpoints)")
+    device_type = None if args.device == "auto" else torch.device(args.device).type
+    # A long timeout: in chat the other ranks wait in a broadcast while rank 0 waits for a person to type.
+    world = init_distributed(device_type, timeout=timedelta(hours=24))
+    if world.world_size != args.tp:
+        raise UserError(f"--tp {args.tp}: torchrun started {world.world_size} processes")
+    args.device = str(world.device)
+    # Unseeded sampling draws from the global RNG: start every rank's in rank 0's state, so all draw alike.
+    torch.manual_seed(on_rank0(torch.initial_seed))
 
 
 def sampling_from_args(args: argparse.Namespace, directory: Path) -> SamplingParams:
@@ -105,7 +148,7 @@ def sampling_from_args(args: argparse.Namespace, directory: Path) -> SamplingPar
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    prompt = args.prompt if args.prompt is not None else on_rank0(sys.stdin.read)  # only rank 0 reads stdin
     if not prompt:
         raise UserError("no prompt: pass it as an argument or on standard input")
     model, tok, directory = load(args)
@@ -203,7 +246,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     print(f"qwen3 chat: {args.model} on {model.lm_head.weight.device} ({CHAT_HELP})", flush=True)
     while True:
         try:
-            line = input("> " if thinking else "> [no_think] ")
+            line = on_rank0(partial(input, "> " if thinking else "> [no_think] "))  # only rank 0 reads stdin
         except EOFError:
             print()
             return 0
@@ -224,11 +267,17 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print(f"(thinking {'on' if thinking else 'off'})")
             continue
         history.append({"role": "user", "content": text})
-        prompt = tok.apply_chat_template(history, add_generation_prompt=True, enable_thinking=thinking)
         dimmer = ReasoningDimmer(sys.stdout, color)
-        completion = generate_text(
-            model, tok, prompt, max_new, sampling, on_text=dimmer, interruptible=True, compile=args.compile
-        )
+        try:
+            prompt = tok.apply_chat_template(history, add_generation_prompt=True, enable_thinking=thinking)
+            completion = generate_text(
+                model, tok, prompt, max_new, sampling, on_text=dimmer, interruptible=True, compile=args.compile
+            )
+        except KeyboardInterrupt:  # Ctrl-C before the first token: drop the turn, keep the chat
+            dimmer.close()
+            history.pop()
+            print("\n(interrupted)", flush=True)
+            continue
         dimmer.close()
         history.append({"role": "assistant", "content": completion.text})
         note = " (interrupted)" if completion.finish_reason == "interrupted" else ""
@@ -378,19 +427,31 @@ USER_ERRORS = (UserError, ModelNotFoundError, ConfigError, CheckpointError, Cont
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "tp", 1) != 1:
+            if "LOCAL_RANK" not in os.environ:
+                return launch_tensor_parallel(args, argv)
+            join_tensor_parallel(args)
+            if dist.get_rank() > 0:  # the other ranks compute in step with rank 0, silently
+                with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+                    return args.func(args)
         return args.func(args)
     except USER_ERRORS as e:
         if os.environ.get("QWEN3_TRACEBACK"):
             raise
         message = str(e).splitlines()[0] if str(e) else e.__class__.__name__
         hint = " (use --model PATH for a local model directory)" if isinstance(e, ModelNotFoundError) else ""
-        print(f"qwen3: error: {message}{hint}", file=sys.stderr)
+        if not dist.is_initialized() or dist.get_rank() == 0:  # tensor-parallel ranks fail alike: say it once
+            print(f"qwen3: error: {message}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    finally:
+        if getattr(args, "tp", 1) > 1 and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
