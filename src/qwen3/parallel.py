@@ -163,15 +163,19 @@ def shard_config(config: Qwen3Config, world_size: int) -> Qwen3Config:
 # ---------------------------------------------------------------------------------------------------
 
 
-class RowParallelLinear(nn.Linear):
-    """y = sum over ranks of x_r W_r^T: the rank holds in_features/tp columns of W and receives the matching
-    features of x (a column-parallel layer's output); one all-reduce completes the sum on every rank."""
+class _GroupLinear(nn.Linear):
+    """A bias-free Linear holding one rank's block of a matrix, and the process group that completes it."""
 
     def __init__(
         self, in_features: int, out_features: int, group: dist.ProcessGroup, device: torch.device | str | None = None
     ) -> None:
         super().__init__(in_features, out_features, bias=False, device=device)
         self.group = group
+
+
+class RowParallelLinear(_GroupLinear):
+    """y = sum over ranks of x_r W_r^T: the rank holds in_features/tp columns of W and receives the matching
+    features of x (a column-parallel layer's output); one all-reduce completes the sum on every rank."""
 
     def forward(self, x: Tensor) -> Tensor:
         partial = F.linear(x, self.weight)  # (..., out): this rank's share of the sum
@@ -179,15 +183,9 @@ class RowParallelLinear(nn.Linear):
         return partial
 
 
-class VocabParallelLinear(nn.Linear):
+class VocabParallelLinear(_GroupLinear):
     """The LM head: the rank holds V/tp rows (tokens) of W, computes those logits, and an all-gather along
     the vocabulary gives every rank all of them: (..., V/tp) -> (..., V)."""
-
-    def __init__(
-        self, in_features: int, out_features: int, group: dist.ProcessGroup, device: torch.device | str | None = None
-    ) -> None:
-        super().__init__(in_features, out_features, bias=False, device=device)
-        self.group = group
 
     def forward(self, x: Tensor) -> Tensor:
         local = F.linear(x, self.weight)  # (..., V/tp)
