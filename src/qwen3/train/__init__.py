@@ -10,10 +10,37 @@ User errors (bad data, bad flags, a resume that does not match) raise `TrainErro
 one-line message names the file, line or flag.
 """
 
-from .data import TrainError, bits_per_byte
-from .lora import LoRAConfig, LoRALinear, apply_lora, load_adapter, merge_adapter_checkpoint, merge_lora
-from .loss import CausalLMLoss, chunked_cross_entropy
-from .trainer import TrainConfig, TrainResult, evaluate, lr_at, param_groups, train, train_step
+import importlib
+from typing import Any
+
+# Submodules are imported on first use: `qwen3 generate` builds the whole CLI parser, which imports
+# qwen3.train.cli, and should not pay for the trainer (torch.distributed.checkpoint, ~0.9 s) to do so.
+_EXPORTS = {
+    "TrainError": "data",
+    "bits_per_byte": "data",
+    "LoRAConfig": "lora",
+    "LoRALinear": "lora",
+    "apply_lora": "lora",
+    "load_adapter": "lora",
+    "merge_adapter_checkpoint": "lora",
+    "merge_lora": "lora",
+    "CausalLMLoss": "loss",
+    "chunked_cross_entropy": "loss",
+    "TrainConfig": "trainer",
+    "TrainResult": "trainer",
+    "evaluate": "trainer",
+    "lr_at": "trainer",
+    "param_groups": "trainer",
+    "train": "trainer",
+    "train_step": "trainer",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+
 
 __all__ = [
     "CausalLMLoss",
