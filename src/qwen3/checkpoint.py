@@ -28,7 +28,6 @@ from .quantize import prepare_int8_modules, quantization_config, retie_lm_head
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-TIED_KEY = "lm_head.weight"
 
 
 class CheckpointError(ValueError):

@@ -167,14 +167,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     fast = dict(compile=args.compile, speculative=args.speculative)
     if args.json:
         completion = generate_text(model, tok, prompt, max_new, sampling, args.stop, **fast)
-        print(json.dumps(completion_json(completion, args.chat), ensure_ascii=False))
+        print(json.dumps(completion_json(completion), ensure_ascii=False))
     else:
         completion = generate_text(model, tok, prompt, max_new, sampling, args.stop, on_text=write, **fast)
         sys.stdout.write("\n")
     return 0
 
 
-def completion_json(c: Completion, chat: bool) -> dict:
+def completion_json(c: Completion) -> dict:
     from .chat import parse_completion
 
     parsed = parse_completion(c.text)
