@@ -24,7 +24,6 @@ import argparse
 import gc
 import os
 import shutil
-import sys
 import tempfile
 import time
 from datetime import timedelta
@@ -35,7 +34,7 @@ import torch.distributed as dist
 
 import qwen3
 from qwen3.generate import generate_tokens
-from qwen3.parallel import init_distributed, load_model_tp, on_rank0, shard_config
+from qwen3.parallel import exit_worker, init_distributed, load_model_tp, on_rank0, shard_config
 from qwen3.sampling import SamplingParams
 
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -187,8 +186,7 @@ def main() -> None:
             ok = err_n <= TOLERANCE_FACTOR * err_1
             print(f"against fp32: TP=1 {err_1:.2e}, TP={N} {err_n:.2e}: {'ok' if ok else 'FAILED'} "
                   f"(TP={N} may be at most {TOLERANCE_FACTOR:g}x TP=1's own {args.dtype} error)")  # fmt: skip
-    dist.destroy_process_group()
-    sys.exit(0 if ok else 1)
+    exit_worker(0 if ok else 1)
 
 
 if __name__ == "__main__":

@@ -327,7 +327,7 @@ def worker(workdir: Path, names: list[str]) -> None:
         error = str(e)
     (workdir / f"indivisible-rank{world.rank}.json").write_text(json.dumps({"error": error}))
     dist.barrier()
-    dist.destroy_process_group()
+    qwen3.parallel.exit_worker(0)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from .config import ConfigError, Qwen3Config
 from .generate import Completion, ContextLengthError, generate_text
 from .hub import MODEL_FILES, TOKENIZER_FILES, ModelNotFoundError, resolve_source
 from .model import KVCache, Qwen3ForCausalLM
-from .parallel import init_distributed, load_model_tp, on_rank0, shard_config
+from .parallel import exit_worker, init_distributed, load_model_tp, on_rank0, shard_config
 from .quantize import quantization_config, quantize_int8
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer, load_tokenizer
@@ -429,6 +429,13 @@ USER_ERRORS = (UserError, ModelNotFoundError, ConfigError, CheckpointError, Cont
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    code = run_command(args, argv)
+    if "LOCAL_RANK" in os.environ:  # a torchrun worker (--tp, or `qwen3 train` on several processes)
+        exit_worker(code)
+    return code
+
+
+def run_command(args: argparse.Namespace, argv: list[str]) -> int:
     try:
         if getattr(args, "tp", 1) != 1:
             if "LOCAL_RANK" not in os.environ:
