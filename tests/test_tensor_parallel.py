@@ -17,6 +17,7 @@ import io
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -253,6 +254,59 @@ def test_cli_tp_that_does_not_divide_is_one_line_before_starting_processes(tmp_p
         "qwen3: error: num_key_value_heads: 1 is not divisible by the tensor-parallel size 2 "
         "(each rank owns whole KV heads)\n"
     )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Leaving: a worker that still references its process group must exit cleanly, with its output flushed
+# ---------------------------------------------------------------------------------------------------
+
+EXIT_SCRIPT = """
+import torch, torch.distributed as dist
+from qwen3.parallel import exit_worker, init_distributed
+init_distributed("cpu")
+group = dist.group.WORLD  # referenced past destroy_process_group, as torch's own lazy imports do
+for _ in range(50):
+    dist.all_reduce(torch.randn(64, 384))
+    dist.all_gather([torch.empty(4096), torch.empty(4096)], torch.randn(4096))
+dist.broadcast_object_list([None], src=0)
+print(f"rank {dist.get_rank()} done", end="")  # still in stdout's buffer: exit_worker must flush it
+exit_worker(3)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_exit_worker_ends_every_rank_with_its_code_and_its_output():
+    # Without exit_worker (destroy_process_group, then the interpreter's teardown) about 1 run in 3 of this
+    # script aborted a rank with "terminate called without an active exception"; 8 runs catch that ~96% of
+    # the time.
+    for _ in range(8):
+        port = free_port()
+        processes = [
+            subprocess.Popen(
+                [sys.executable, "-c", EXIT_SCRIPT],
+                env={
+                    **os.environ,
+                    "RANK": str(rank),
+                    "LOCAL_RANK": str(rank),
+                    "WORLD_SIZE": "2",
+                    "MASTER_ADDR": "127.0.0.1",
+                    "MASTER_PORT": str(port),
+                    "OMP_NUM_THREADS": "1",
+                },  # fmt: skip
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for rank in range(2)
+        ]
+        outputs = [p.communicate(timeout=60) for p in processes]
+        assert [p.returncode for p in processes] == [3, 3], [err[-2000:] for _, err in outputs]
+        assert [out for out, _ in outputs] == ["rank 0 done", "rank 1 done"]
 
 
 # ---------------------------------------------------------------------------------------------------
