@@ -90,14 +90,26 @@ def write_report(results: list[dict], args: argparse.Namespace) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, (ax, sweep_ax) = plt.subplots(1, 2, figsize=(12, 4.8), width_ratios=(3, 2))
     for r in results:
         steps, losses = zip(*r["main"]["eval_curve"], strict=True)
-        ax.plot(steps, losses, marker=".", label=r["variant"])
+        line = ax.plot(steps, losses, marker=".", label=r["variant"])[0]
+        lrs = [s["lr"] for s in r["sweep"]]
+        finals = [s["final_loss"] if math.isfinite(s["final_loss"]) else math.nan for s in r["sweep"]]
+        sweep_ax.plot(lrs, finals, marker="o", color=line.get_color())
     ax.set_xlabel("step")
     ax.set_ylabel("held-out loss (nats / token)")
+    ax.set_title("main runs: held-out loss")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    sweep_ax.set_xscale("log")
+    sweep_lrs = sorted({s["lr"] for r in results for s in r["sweep"]})
+    sweep_ax.set_xticks(sweep_lrs, [f"{lr:g}" for lr in sweep_lrs], minor=False)
+    sweep_ax.minorticks_off()
+    sweep_ax.set_xlabel("peak learning rate")
+    sweep_ax.set_ylabel("training loss at the end of the sweep run")
+    sweep_ax.set_title("stability sweep (higher = worse; a gap = not finite)")
+    sweep_ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(args.out / "experiments_loss.png", dpi=110)
     lines = [
@@ -130,7 +142,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", help="comma-separated substrings of variant names to run")
     parser.add_argument("--tiny", action="store_true", help="a tiny model and budget, for a CPU smoke run")
+    parser.add_argument("--report-only", action="store_true", help="redraw results.md and the figure from --out")
     args = parser.parse_args()
+    if args.report_only:  # redraw the table and the figure from an earlier run's results.json
+        write_report(json.loads((args.out / "results.json").read_text()), args)
+        return
     if args.tiny:
         args.steps, args.sweep_steps, args.block_size, args.batch_size = 4, 3, 32, 2
         args.eval_every, args.eval_max_blocks, args.sweep = 2, 2, "2e-3,3.2e-2"

@@ -133,3 +133,35 @@ def test_experiment_runner_smoke(tmp_path, monkeypatch):
     results = json.loads((out / "results.json").read_text())
     assert all(math.isfinite(r["main"]["eval_bpb"]) for r in results)
     assert (out / "experiments_loss.png").stat().st_size > 1000
+
+    (out / "experiments_loss.png").unlink()  # --report-only redraws the table and figure from results.json
+    monkeypatch.setattr(sys, "argv", ["run.py", "--report-only", "--out", str(out)])
+    runner.main()
+    assert (out / "results.md").read_text().splitlines() == table
+    assert (out / "experiments_loss.png").stat().st_size > 1000
+
+
+def test_experiments_page_shows_the_committed_results():
+    """docs/experiments.md carries the table that experiments/run.py wrote for every variant, the numbers of
+    the committed results.json, and the figure drawn from them."""
+    import importlib.util
+    import re
+
+    from conftest import ASSETS
+
+    root = ASSETS.parents[1]
+    spec = importlib.util.spec_from_file_location("experiments_run", root / "experiments" / "run.py")
+    runner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runner)
+    page = (root / "docs" / "experiments.md").read_text()
+    results = json.loads((root / "docs" / "experiments" / "results.json").read_text())
+    assert [r["variant"] for r in results] == list(runner.VARIANTS)
+    for r in results:
+        m = r["main"]
+        assert math.isfinite(m["eval_bpb"]) and m["eval_curve"][-1][1] < m["eval_curve"][0][1]  # it learned
+        row = f"| {r['variant']} | {m['eval_bpb']:.3f} | {m['tokens_per_s']:,.0f} | {m['kv_bytes_per_token_bf16']:,} |"
+        assert row in page, f"docs/experiments.md: no row {row!r}"
+    figures = re.findall(r"!\[[^\]]*\]\((experiments/[\w.-]+\.png)\)", page)
+    assert figures, "docs/experiments.md shows no figure"
+    for name in figures:
+        assert (root / "docs" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 SCRIPT = ROOT / "scripts" / "figures.py"
 PAGES = sorted(DOCS.glob("*.md"))
-COMPONENT_PAGES = [page for page in PAGES if page.name != "README.md"]
+COMPONENT_PAGES = [page for page in PAGES if page.name not in ("README.md", "experiments.md")]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 SOURCE_LINK = re.compile(r"\[(`[^`]+`)\]\((\.\./src/qwen3/[\w/]+\.py)#L(\d+)(?:-L(\d+))?\)")
