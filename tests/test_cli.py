@@ -78,6 +78,33 @@ def test_info_of_the_0_6b_config(fake_snapshot, capsys):
     assert info["gqa_saving"] == 0.5  # 8 KV heads instead of 16
     code, out, _ = run(capsys, "info", "--model", str(fake_snapshot))
     assert code == 0 and "parameters:" in out and "GQA saving: 50%" in out
+    # By component, counted by hand from the shapes: 28 layers of q (1024 -> 2048), k and v (1024 -> 1024),
+    # o (2048 -> 1024) plus q_norm and k_norm (128 each); gate, up and down (1024 x 3072); two norms a layer
+    # and the final norm; the head is the embedding (tied).
+    attention = 28 * (1024 * 2048 + 2 * 1024 * 1024 + 2048 * 1024 + 2 * 128)
+    mlp = 28 * 3 * 1024 * 3072
+    norms = 28 * 2 * 1024 + 1024
+    assert info["parameters_by_component"] == {
+        "embedding": 151936 * 1024, "attention": attention, "mlp": mlp, "norms": norms, "lm_head": 0
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("preset", ["0.6B", "8B"])  # tied and untied LM head
+def test_info_plot_draws_the_memory_breakdown(tmp_path, capsys, preset):
+    import matplotlib.image
+
+    path = tmp_path / "memory.png"
+    code, out, _ = run(capsys, "info", "--preset", preset, "--plot", str(path))
+    assert code == 0 and f"memory plot: {path}" in out
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    image = matplotlib.image.imread(path)
+    assert image.shape[0] >= 300 and image.shape[1] >= 600
+    assert (image[..., :3] < 0.9).any(axis=-1).mean() > 0.02  # drawn on, not blank
+    assert [p.name for p in tmp_path.iterdir()] == ["memory.png"]  # no temporary file left behind
+    code, out, _ = run(capsys, "info", "--preset", preset, "--json")
+    by_component = json.loads(out)["parameters_by_component"]
+    assert sum(by_component.values()) == json.loads(out)["parameters"]
+    assert (by_component["lm_head"] == 0) == (preset == "0.6B")
 
 
 @pytest.mark.parametrize(

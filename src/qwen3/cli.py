@@ -302,12 +302,21 @@ def model_info(config: Qwen3Config, context: int) -> dict:
     linear_params = sum(m.weight.numel() for m in matrices)
     scales = sum(m.weight.shape[0] for m in matrices)  # one bf16 scale per output channel
     other = total - linear_params - (embedding if not config.tie_word_embeddings else 0)
+    by_component = dict.fromkeys(("embedding", "attention", "mlp", "norms", "lm_head"), 0)
+    for pname, p in model.named_parameters():  # a tied LM head is the embedding: listed once
+        part = pname.split(".")
+        component = (
+            "embedding" if "embed_tokens" in part else "lm_head" if part[0] == "lm_head"
+            else "attention" if "self_attn" in part else "mlp" if "mlp" in part else "norms"
+        )  # fmt: skip
+        by_component[component] += p.numel()
     mha = Qwen3Config(**{**config.__dict__, "num_key_value_heads": config.num_attention_heads})
     kv_bf16 = KVCache.bytes_per_token(config, torch.bfloat16)
     kv_mha = KVCache.bytes_per_token(mha, torch.bfloat16)
     return {
         "parameters": total,
         "parameters_non_embedding": total - embedding,
+        "parameters_by_component": by_component,  # attention includes q_norm / k_norm
         "weights_bytes": {
             "float32": total * 4,
             "bfloat16": total * 2,
@@ -328,6 +337,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     else:
         config, name = Qwen3Config.from_json(resolve_source(args.model, ["config.json"]) / "config.json"), args.model
     info = model_info(config, args.context)
+    if args.plot:
+        plot_memory(config, name, info, args.plot)
     if args.json:
         print(json.dumps({"model": name, "config": config.to_dict(), **info}, indent=2))
         return 0
@@ -348,8 +359,60 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"GQA saving: {info['gqa_saving']:.0%} of the KV cache versus multi-head attention "
         f"({info['kv_cache_bytes_mha_bf16'] / gib:.3f} GiB at {args.context:,} tokens)",
     ]
+    if args.plot:
+        lines.append(f"memory plot: {args.plot}")
     print("\n".join(lines))
     return 0
+
+
+def plot_memory(config: Qwen3Config, name: str, info: dict, path: Path) -> None:
+    """Two panels: the bf16 weights by component, and the bf16 KV cache of one sequence by context length
+    (this config's KV heads against multi-head attention), beside the weights in bf16 and int8."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise UserError("--plot needs matplotlib: pip install 'qwen3[train]'") from e
+    gib = 2**30
+    fig, (weights_ax, kv_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    counts = {k: v for k, v in info["parameters_by_component"].items() if v}
+    bars = weights_ax.barh(list(counts), [v * 2 / gib for v in counts.values()], color="tab:blue")
+    labels = [f"{v * 2 / gib:.3f} GiB, {v / 1e6:,.2f}M" for v in counts.values()]
+    weights_ax.bar_label(bars, labels=labels, padding=3, fontsize=8)
+    weights_ax.invert_yaxis()
+    weights_ax.set_xlabel("GiB in bf16")
+    tied = " (LM head tied to the embedding)" if config.tie_word_embeddings else ""
+    weights_ax.set_title(f"weights by component{tied}", fontsize=10)
+    weights_ax.margins(x=0.25)
+    contexts = [2**i for i in range(9, 40) if 2**i < config.max_position_embeddings] + [config.max_position_embeddings]
+    per_token = info["kv_cache_bytes_per_token_bf16"]
+    per_token_mha = per_token * config.num_attention_heads / config.num_key_value_heads
+    kv_ax.plot(contexts, [c * per_token / gib for c in contexts], marker=".",
+               label=f"KV cache, {config.num_key_value_heads} KV heads ({per_token / 1024:.0f} KiB/token)")  # fmt: skip
+    if config.num_key_value_heads != config.num_attention_heads:
+        kv_ax.plot(contexts, [c * per_token_mha / gib for c in contexts], linestyle="--",
+                   label=f"KV cache if multi-head ({per_token_mha / 1024:.0f} KiB/token)")  # fmt: skip
+    for dtype, style in (("bfloat16", ":"), ("int8", "-.")):
+        kv_ax.axhline(info["weights_bytes"][dtype] / gib, color="gray", linestyle=style, label=f"weights, {dtype}")
+    kv_ax.set_xscale("log", base=2)
+    kv_ax.set_yscale("log")
+    kv_ax.set_xlabel("context length (tokens, one sequence)")
+    kv_ax.set_ylabel("GiB")
+    kv_ax.set_title("KV cache in bf16 by context length", fontsize=10)
+    kv_ax.grid(alpha=0.3, which="both")
+    kv_ax.legend(fontsize=8)
+    fig.suptitle(f"{name}: {info['parameters']:,} parameters", fontsize=11)
+    fig.tight_layout()
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        fig.savefig(temporary, dpi=110, format="png")
+        os.replace(temporary, path)  # atomic: an interrupted run leaves no half-written file at path
+    finally:
+        plt.close(fig)
+        temporary.unlink(missing_ok=True)
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -406,6 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", help="an official size instead of --model: 0.6B, 1.7B, 4B, 8B, 14B, 32B")
     p.add_argument("--context", type=int, default=40960, help="tokens of KV cache to size (default 40960)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--plot", type=Path, metavar="PNG",
+                   help="also draw the memory: weights by component, KV cache by context length")  # fmt: skip
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("quantize", help="write an int8 weight-only checkpoint",
