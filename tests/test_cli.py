@@ -74,6 +74,7 @@ def test_info_of_the_0_6b_config(fake_snapshot, capsys):
     assert info["parameters_non_embedding"] == 596_049_920 - 151936 * 1024
     assert info["weights_bytes"]["bfloat16"] == 2 * 596_049_920
     assert info["kv_cache_bytes_per_token_bf16"] == 112 * 1024
+    assert info["kv_cache_bytes_per_token_mha_bf16"] == 224 * 1024  # 16 KV heads
     assert info["kv_cache_bytes_bf16"] == 112 * 1024 * 1000
     assert info["gqa_saving"] == 0.5  # 8 KV heads instead of 16
     code, out, _ = run(capsys, "info", "--model", str(fake_snapshot))

@@ -29,7 +29,7 @@ from .config import ConfigError, Qwen3Config
 from .generate import Completion, ContextLengthError, generate_text
 from .hub import MODEL_FILES, TOKENIZER_FILES, ModelNotFoundError, resolve_source
 from .model import KVCache, Qwen3ForCausalLM
-from .parallel import exit_worker, init_distributed, load_model_tp, on_rank0, shard_config
+from .parallel import finish, init_distributed, load_model_tp, on_rank0, shard_config
 from .quantize import quantization_config, quantize_int8
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer, load_tokenizer
@@ -324,6 +324,7 @@ def model_info(config: Qwen3Config, context: int) -> dict:
             "int8": linear_params + scales * 2 + other * 2,
         },
         "kv_cache_bytes_per_token_bf16": kv_bf16,
+        "kv_cache_bytes_per_token_mha_bf16": kv_mha,
         "kv_cache_bytes_bf16": kv_bf16 * context,
         "kv_cache_bytes_mha_bf16": kv_mha * context,
         "gqa_saving": 1 - kv_bf16 / kv_mha,
@@ -388,7 +389,7 @@ def plot_memory(config: Qwen3Config, name: str, info: dict, path: Path) -> None:
     weights_ax.margins(x=0.25)
     contexts = [2**i for i in range(9, 40) if 2**i < config.max_position_embeddings] + [config.max_position_embeddings]
     per_token = info["kv_cache_bytes_per_token_bf16"]
-    per_token_mha = per_token * config.num_attention_heads / config.num_key_value_heads
+    per_token_mha = info["kv_cache_bytes_per_token_mha_bf16"]
     kv_ax.plot(contexts, [c * per_token / gib for c in contexts], marker=".",
                label=f"KV cache, {config.num_key_value_heads} KV heads ({per_token / 1024:.0f} KiB/token)")  # fmt: skip
     if config.num_key_value_heads != config.num_attention_heads:
@@ -494,10 +495,7 @@ USER_ERRORS = (UserError, ModelNotFoundError, ConfigError, CheckpointError, Cont
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    code = run_command(args, argv)
-    if "LOCAL_RANK" in os.environ:  # a torchrun worker (--tp, or `qwen3 train` on several processes)
-        exit_worker(code)
-    return code
+    return finish(run_command(args, argv))  # a torchrun worker (--tp, `qwen3 train` on N processes) ends here
 
 
 def run_command(args: argparse.Namespace, argv: list[str]) -> int:

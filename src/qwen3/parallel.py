@@ -148,6 +148,14 @@ def exit_worker(code: int) -> NoReturn:
     os._exit(code)
 
 
+def finish(code: int) -> int:
+    """`code`, for a command's main() to return; in a torchrun worker (LOCAL_RANK set) the process ends here
+    instead, by exit_worker(code)."""
+    if "LOCAL_RANK" in os.environ:
+        exit_worker(code)
+    return code
+
+
 def shard_config(config: Qwen3Config, world_size: int) -> Qwen3Config:
     """The per-rank view of `config` under `world_size`-way tensor parallelism: nh/tp query heads, nkv/tp
     KV heads and I/tp MLP features (what the rank's layers and KV cache hold).

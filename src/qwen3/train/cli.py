@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from ..parallel import exit_worker
+from ..parallel import finish
 from .data import TrainError
 from .lora import LORA_TARGETS
 
@@ -274,10 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qwen3", description="Qwen3 training commands.")
     add_subcommands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     args = parser.parse_args(argv)
-    code = args.func(args)
-    if "LOCAL_RANK" in os.environ:  # a torchrun worker: leave without the interpreter's teardown (exit_worker)
-        exit_worker(code)
-    return code
+    return finish(args.func(args))  # a torchrun worker ends here, without the interpreter's teardown
 
 
 if __name__ == "__main__":
