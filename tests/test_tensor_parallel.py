@@ -371,8 +371,9 @@ def worker(workdir: Path, names: list[str]) -> None:
             compiled = torch.compile(model, fullgraph=True, dynamic=False, backend="aot_eager")
             with torch.no_grad():
                 out["compiled"] = compiled(inputs["ids"])
-        out["cache_heads"] = (model.cache_config.num_attention_heads, model.cache_config.num_key_value_heads)
-        out["kv_cache_shape"] = tuple(KVCache(model.cache_config, 3, 20).k.shape)
+        out["cache_heads"] = (model.model.layers[0].self_attn.q_proj.out_features // model.config.head_dim,
+                              model.num_kv_heads)  # fmt: skip
+        out["kv_cache_shape"] = tuple(KVCache.for_model(model, 3, 20).k.shape)
         torch.save(out, workdir / f"{name}-rank{world.rank}.pt")
     try:
         qwen3.parallel.load_model_tp(workdir / "indivisible")

@@ -153,11 +153,7 @@ def generate_tokens(
         )
     if max_new_tokens == 0:
         return
-    # A tensor-parallel model (parallel.py) caches only its rank's KV heads, given by its `cache_config`.
-    cache_config = getattr(model, "cache_config", model.config)
-    cache = KVCache(
-        cache_config, B, T + max_new_tokens + speculative, device=device, dtype=model.model.norm.weight.dtype
-    )
+    cache = KVCache.for_model(model, B, T + max_new_tokens + speculative)
     if speculative:
         yield from speculative_tokens(model, ids, cache, max_new_tokens, sampling, eos_token_ids, speculative)
         return

@@ -7,10 +7,19 @@ Shape legend used in the comments:
     H  hidden_size                  V  vocab_size                I  intermediate_size
     nh num_attention_heads          nkv num_key_value_heads      D  head_dim (nh * D may differ from H)
 
-Positions are explicit: `positions[b, t]` is the absolute position of token t of row b. With a KV cache,
-a token's keys and values are written to slot `positions[b, t]`, and a query at position p attends to the
-slots 0..p. That single rule gives causal masking, chunked prefill and batches of prompts of different
-lengths (right-padded: the padding writes slots that the row's later tokens overwrite before reading).
+Positions are explicit: `positions[b, t]` is the absolute position of token t of row b; RoPE reads them.
+
+Attention goes through one explicit argument of the forward, an *attention backend*: an object with
+`attend(layer, q, k, v, positions, math)` that stores the new keys and values (if it keeps any) and returns
+softmax(q k^T / sqrt(D) + mask) v. The mask and the kernel are the backend's business, not the model's:
+- `CausalAttention` (the default, no cache; training): the T tokens attend to themselves causally, with no
+  mask tensor (SDPA's `is_causal`, which lets CUDA take the flash kernel).
+- `KVCache`: a static cache; a token's keys and values are written to slot `positions[b, t]`, and a query at
+  position p attends to the slots 0..p. That single rule gives chunked prefill and batches of prompts of
+  different lengths (right-padded: padding writes slots that the row's later tokens overwrite before reading).
+- the engine's paged cache (qwen3.engine.attention): blocks of slots shared by many sequences.
+`math` is the model's dense attention formula, `attention="sdpa"` or `"textbook"` (below); a backend that
+gathers keys into a dense tensor calls it, one with its own kernel may ignore it.
 
 Architecture experiments (docs/experiments.md) are config switches chosen once, when the modules are
 built, never flags tested in the forward pass: `qk_norm`, `norm_type` (RMSNorm or LayerNorm, see
@@ -33,6 +42,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -155,38 +165,62 @@ class RotaryEmbedding(nn.Module):
 # Attention: two interchangeable implementations of softmax(q k^T / sqrt(D) + mask) v
 # ---------------------------------------------------------------------------------------------------
 
-AttentionFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+AttentionFn = Callable[[Tensor, Tensor, Tensor, Tensor | None], Tensor]
 
 
-def textbook_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """The formula spelled out. q (B, nh, T, D); k, v (B, nkv, S, D); mask (B, 1, T, S) True = may attend."""
+def textbook_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """The formula spelled out. q (B, nh, T, D); k, v (B, nkv, S, D); mask (B, 1, T, S) True = may attend,
+    or None for causal attention of T queries over S = T keys (query t sees keys 0..t)."""
     groups = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(groups, dim=1)  # (B, nh, S, D): query head h reads KV head h // groups
     v = v.repeat_interleave(groups, dim=1)
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, nh, T, S)
+    if mask is None:
+        T, S = scores.shape[-2:]
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()  # (T, S)
     scores = scores.masked_fill(~mask, float("-inf"))
     weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
     return weights @ v  # (B, nh, T, D)
 
 
-def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
     """The same computation through PyTorch's fused kernel (flash / memory-efficient / math)."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+    gqa = q.shape[1] != k.shape[1]
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
 ATTENTION_IMPLEMENTATIONS: dict[str, AttentionFn] = {"sdpa": sdpa_attention, "textbook": textbook_attention}
 
 
 # ---------------------------------------------------------------------------------------------------
-# The KV cache
+# Attention backends: where keys and values live, and which queries see which keys
 # ---------------------------------------------------------------------------------------------------
+
+
+class AttentionBackend(Protocol):
+    """What the model's attention layers call: store this step's k, v (if the backend keeps any) and attend."""
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, math: AttentionFn) -> Tensor:
+        """q (B, nh, T, D), this step's k, v (B, nkv, T, D), positions (B, T) -> attention output (B, nh, T, D)."""
+        ...
+
+
+class CausalAttention:
+    """No cache: the T tokens of each row attend causally to each other (a full forward, or training)."""
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, math: AttentionFn) -> Tensor:
+        return math(q, k, v, None)
 
 
 class KVCache:
     """Static key/value cache: (layers, B, nkv, max_length, D) for keys and the same for values.
 
     Allocated once for the batch size and length the caller asks for; nothing grows, so a decode step
-    has static shapes. Slot s holds the keys/values of the token at position s.
+    has static shapes. Slot s holds the keys/values of the token at position s. `num_key_value_heads`
+    defaults to the config's; `KVCache.for_model` takes it from the model's modules (a tensor-parallel rank
+    holds fewer heads).
     """
 
     def __init__(
@@ -196,6 +230,7 @@ class KVCache:
         max_length: int,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        num_key_value_heads: int | None = None,
     ) -> None:
         if not 0 < max_length <= config.max_position_embeddings:
             raise ValueError(
@@ -203,9 +238,16 @@ class KVCache:
             )
         if batch_size <= 0:
             raise ValueError(f"batch_size: must be positive, found {batch_size}")
-        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_length, config.head_dim)
+        nkv = num_key_value_heads or config.num_key_value_heads
+        shape = (config.num_hidden_layers, batch_size, nkv, max_length, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    @classmethod
+    def for_model(cls, model: Qwen3ForCausalLM, batch_size: int, max_length: int) -> KVCache:
+        """A cache on the model's device, in its dtype, with as many KV heads as its layers hold."""
+        weight = model.model.norm.weight
+        return cls(model.config, batch_size, max_length, weight.device, weight.dtype, model.num_kv_heads)
 
     @property
     def batch_size(self) -> int:
@@ -228,6 +270,13 @@ class KVCache:
         self.v[layer].scatter_(2, index, v)
         return self.k[layer], self.v[layer]  # (B, nkv, S, D) each
 
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, math: AttentionFn) -> Tensor:
+        """Write k, v at their positions, then attend over every slot s <= the query's position."""
+        keys, values = self.update(layer, positions, k, v)  # (B, nkv, S, D)
+        slots = torch.arange(self.max_length, device=q.device)  # (S,)
+        mask = (slots[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, S)
+        return math(q, keys, values, mask)
+
 
 # ---------------------------------------------------------------------------------------------------
 # The transformer
@@ -241,7 +290,7 @@ class Attention(nn.Module):
     def __init__(self, config: Qwen3Config) -> None:
         super().__init__()
         nh, nkv, d, h = config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.hidden_size
-        self.num_heads, self.num_kv_heads, self.head_dim = nh, nkv, d
+        self.head_dim = d
         self.q_proj = nn.Linear(h, nh * d, bias=False)
         self.k_proj = nn.Linear(h, nkv * d, bias=False)
         self.v_proj = nn.Linear(h, nkv * d, bias=False)
@@ -254,10 +303,9 @@ class Attention(nn.Module):
         self,
         x: Tensor,
         positions: Tensor,
-        mask: Tensor,
         rope: RotaryEmbedding,
-        attention: AttentionFn,
-        cache: KVCache | None,
+        backend: AttentionBackend,
+        math: AttentionFn,
         layer: int,
     ) -> Tensor:
         B, T, _ = x.shape
@@ -269,9 +317,7 @@ class Attention(nn.Module):
         k = self.k_norm(k).transpose(1, 2)  # (B, nkv, T, D)
         v = v.transpose(1, 2)
         q, k = rope(q, positions), rope(k, positions)
-        if cache is not None:
-            k, v = cache.update(layer, positions, k, v)  # (B, nkv, S, D)
-        out = attention(q, k, v, mask)  # (B, nh, T, D)
+        out = backend.attend(layer, q, k, v, positions, math)  # (B, nh, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, nh * D) -> (B, T, H)
 
 
@@ -316,12 +362,12 @@ class DecoderLayer(nn.Module):
         self.mlp = GeluMLP(config) if config.mlp_type == "gelu" else MLP(config)
         self.post_norm = config.norm_position == "post"
 
-    def forward(self, x: Tensor, positions: Tensor, mask: Tensor, rope: RotaryEmbedding,
-                attention: AttentionFn, cache: KVCache | None, layer: int) -> Tensor:  # fmt: skip
+    def forward(self, x: Tensor, positions: Tensor, rope: RotaryEmbedding, backend: AttentionBackend,
+                math: AttentionFn, layer: int) -> Tensor:  # fmt: skip
         if self.post_norm:
-            x = self.input_layernorm(x + self.self_attn(x, positions, mask, rope, attention, cache, layer))
+            x = self.input_layernorm(x + self.self_attn(x, positions, rope, backend, math, layer))
             return self.post_attention_layernorm(x + self.mlp(x))
-        x = x + self.self_attn(self.input_layernorm(x), positions, mask, rope, attention, cache, layer)
+        x = x + self.self_attn(self.input_layernorm(x), positions, rope, backend, math, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -351,6 +397,7 @@ class Qwen3ForCausalLM(nn.Module):
 
     @property
     def attention(self) -> str:
+        """The dense attention formula handed to the backend: "sdpa" (fused kernel) or "textbook"."""
         return self._attention
 
     @attention.setter
@@ -358,6 +405,12 @@ class Qwen3ForCausalLM(nn.Module):
         if name not in ATTENTION_IMPLEMENTATIONS:
             raise ValueError(f"attention: {name!r} is not one of {sorted(ATTENTION_IMPLEMENTATIONS)}")
         self._attention = name
+        self._attention_fn = ATTENTION_IMPLEMENTATIONS[name]
+
+    @property
+    def num_kv_heads(self) -> int:
+        """KV heads held by this model's layers, read off the k projection (fewer on a tensor-parallel rank)."""
+        return self.model.layers[0].self_attn.k_proj.out_features // self.config.head_dim
 
     def tie_weights(self) -> None:
         """Share one (V, H) matrix between the input embedding and the output projection."""
@@ -382,33 +435,31 @@ class Qwen3ForCausalLM(nn.Module):
         self,
         input_ids: Tensor,
         positions: Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: AttentionBackend | None = None,
         logits_index: Tensor | None = None,
     ) -> Tensor:
         """input_ids (B, T) -> logits (B, T, V); or (B, V) at token index logits_index[b] of each row.
 
-        positions (B, T) default to 0..T-1. With `cache`, keys/values are written at those positions and
-        queries attend to every cached slot up to their own position.
+        positions (B, T) default to 0..T-1. `cache` is the attention backend: None for plain causal
+        attention over the T tokens, a KVCache (keys/values written at `positions`, queries attend to every
+        slot up to their own position), or the engine's paged cache.
         """
+        hidden = self.hidden_states(input_ids, positions, cache)
+        if logits_index is not None:
+            hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), logits_index]  # (B, H)
+        return self.lm_head(hidden)
+
+    def hidden_states(
+        self, input_ids: Tensor, positions: Tensor | None = None, cache: AttentionBackend | None = None
+    ) -> Tensor:
+        """The transformer without the LM head: (B, T) -> final-normed hidden states (B, T, H)."""
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
-        hidden = self.hidden_states(input_ids, positions, cache)
-        if logits_index is not None:
-            hidden = hidden[torch.arange(B, device=hidden.device), logits_index]  # (B, H)
-        return self.lm_head(hidden)
-
-    def hidden_states(self, input_ids: Tensor, positions: Tensor, cache: KVCache | None = None) -> Tensor:
-        """The transformer without the LM head: (B, T) -> final-normed hidden states (B, T, H)."""
-        if cache is None:
-            key_positions = positions  # (B, S=T)
-        else:
-            key_positions = torch.arange(cache.max_length, device=input_ids.device).expand(input_ids.shape[0], -1)
-        mask = (key_positions[:, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, S)
-        attention = ATTENTION_IMPLEMENTATIONS[self.attention]
+        backend = cache if cache is not None else CausalAttention()
         x = self.model.embed_tokens(input_ids)  # (B, T, H)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, positions, mask, self.rope, attention, cache, i)
+            x = layer(x, positions, self.rope, backend, self._attention_fn, i)
         return self.model.norm(x)
 
     def num_parameters(self, include_embedding: bool = True) -> int:

@@ -5,7 +5,7 @@ The plan, for tp ranks (TP_PLAN below, plus the LM head); rank r owns:
 - q_proj, k_proj, v_proj, column-parallel, split by heads: the rows of query heads [r nh/tp, (r+1) nh/tp) and
   of KV heads [r nkv/tp, (r+1) nkv/tp). Query head h reads KV head h // (nh/nkv), so the rank's query heads
   read exactly the rank's KV heads: attention runs on whole heads with no communication, and the KV cache
-  holds only the rank's KV heads (`model.cache_config`, from `shard_config`).
+  holds only the rank's KV heads (`KVCache.for_model` reads their number off the k projection).
 - o_proj, row-parallel: the columns that multiply its heads' outputs. Its product is a partial sum of the
   attention output; one all-reduce completes it.
 - gate_proj, up_proj column-parallel and down_proj row-parallel: SwiGLU is elementwise over the I features,
@@ -231,11 +231,8 @@ def _apply_tp_plan(model: Qwen3ForCausalLM, group: dist.ProcessGroup) -> None:
             else:
                 local = RowParallelLinear(full.in_features // tp, full.out_features, group, device="meta")
             setattr(parent, name, local)
-        layer.self_attn.num_heads //= tp  # informational: forward reads the head counts off the projections
-        layer.self_attn.num_kv_heads //= tp
     head = model.lm_head
     model.lm_head = VocabParallelLinear(head.in_features, head.out_features // tp, group, device="meta")
-    model.cache_config = shard_config(model.config, tp)  # read by generate_tokens to size the KV cache
 
 
 def split_style(name: str) -> str | None:

@@ -10,20 +10,16 @@ gradients by the incoming scalar. This is the fused linear cross-entropy of Lige
 cross-entropy" in plain PyTorch: no pass recomputes the logits, and memory is one chunk of logits plus a
 (V, H) fp32 gradient buffer, which the parameter's gradient needs anyway.
 
-`CausalLMLoss` is the module that DDP, FSDP and the trainer call: the model's embedding, decoder layers and
-final norm, then the chunked loss against the LM head's weight. It runs the decoder layers itself so that
-it can pass them causal attention without a mask tensor (SDPA's `is_causal=True`, which lets CUDA pick the
-flash kernel; the model's own path builds an explicit mask for KV caches and ragged positions) and wrap each
-layer in activation checkpointing. The layers are the model's own modules; tests/test_train.py checks that
-the loss and gradients equal F.cross_entropy(model(ids)) in float64.
+`CausalLMLoss` is the module that DDP, FSDP and the trainer call: the model's own forward up to the final
+norm (`hidden_states`, with its default backend: causal attention without a mask tensor, SDPA's
+`is_causal=True`, which lets CUDA pick the flash kernel), then the chunked loss against the LM head's
+weight. tests/test_train.py checks that the loss and gradients equal F.cross_entropy(model(ids)) in float64.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from ..model import Qwen3ForCausalLM
 
@@ -118,37 +114,32 @@ def chunked_cross_entropy(
     return total / valid.sum().clamp(min=1) if reduction == "mean" else total
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-    """softmax(q k^T / sqrt(D)) v over positions 0..t for query t; `mask` is ignored (blocks start at 0)."""
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
-
-
 class CausalLMLoss(nn.Module):
     """forward(input_ids (B, T), targets (B, T)) -> summed nats over targets != IGNORE_INDEX.
 
-    Rows are full blocks starting at position 0, so attention is plain causal attention."""
+    Rows are full blocks starting at position 0, so the model's own forward with its default backend (plain
+    causal attention, no mask tensor) is exactly right. With `activation_checkpointing`, each decoder layer
+    is wrapped (torch's composable `checkpoint`, which keeps parameter names): its activations are
+    recomputed in backward instead of stored."""
 
     def __init__(self, model: Qwen3ForCausalLM, chunk_size: int = 2048, activation_checkpointing: bool = False):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
-        self.activation_checkpointing = activation_checkpointing
-
-    def hidden_states(self, input_ids: Tensor) -> Tensor:
-        """(B, T) -> final-normed hidden states (B, T, H); what model.hidden_states gives for positions 0..T-1."""
-        B, T = input_ids.shape
-        positions = torch.arange(T, device=input_ids.device).expand(B, T)
-        rope = self.model.rope
-        x = self.model.model.embed_tokens(input_ids)  # (B, T, H)
-        for i, layer in enumerate(self.model.model.layers):
-            if self.activation_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(layer, x, positions, None, rope, causal_attention, None, i, use_reentrant=False)
-            else:
-                x = layer(x, positions, None, rope, causal_attention, None, i)
-        return self.model.model.norm(x)
+        if activation_checkpointing:
+            for layer in model.model.layers:
+                checkpoint_layer(layer)
 
     def forward(self, input_ids: Tensor, targets: Tensor) -> Tensor:
-        hidden = self.hidden_states(input_ids)
+        hidden = self.model.hidden_states(input_ids)  # (B, T, H): embedding, layers, final norm
         return chunked_cross_entropy(
             hidden.flatten(0, 1), self.model.lm_head.weight, targets.flatten(), self.chunk_size, reduction="sum"
         )
+
+
+def checkpoint_layer(layer: nn.Module) -> None:
+    """Recompute `layer`'s activations in backward (once per module; a second call does nothing)."""
+    from torch.distributed._composable import checkpoint as composable_checkpoint
+
+    if composable_checkpoint.state(layer) is None:
+        composable_checkpoint(layer)
