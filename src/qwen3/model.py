@@ -438,7 +438,8 @@ class Qwen3ForCausalLM(nn.Module):
         cache: AttentionBackend | None = None,
         logits_index: Tensor | None = None,
     ) -> Tensor:
-        """input_ids (B, T) -> logits (B, T, V); or (B, V) at token index logits_index[b] of each row.
+        """input_ids (B, T) -> logits (B, T, V); or only at the token indices `logits_index` of each row:
+        (B,) gives (B, V), (B, K) gives (B, K, V) (the engine packs many sequences into one row).
 
         positions (B, T) default to 0..T-1. `cache` is the attention backend: None for plain causal
         attention over the T tokens, a KVCache (keys/values written at `positions`, queries attend to every
@@ -446,7 +447,8 @@ class Qwen3ForCausalLM(nn.Module):
         """
         hidden = self.hidden_states(input_ids, positions, cache)
         if logits_index is not None:
-            hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), logits_index]  # (B, H)
+            rows = torch.arange(hidden.shape[0], device=hidden.device).view(-1, *[1] * (logits_index.ndim - 1))
+            hidden = hidden[rows, logits_index]  # (B, H) or (B, K, H)
         return self.lm_head(hidden)
 
     def hidden_states(
