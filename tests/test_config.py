@@ -115,3 +115,22 @@ def test_unreadable_config_files(tmp_path):
 def test_unknown_preset():
     with pytest.raises(ConfigError, match="unknown '7B'"):
         Qwen3Config.from_preset("7B")
+
+
+def test_configs_are_frozen_and_share_no_dict():
+    """A preset (or the config a model was built from) cannot be changed under the code that shares it."""
+    import dataclasses
+
+    preset = PRESETS["0.6B"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        preset.tie_word_embeddings = False
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+    a = Qwen3Config.from_preset("0.6B", rope_scaling=yarn)
+    b = dataclasses.replace(a, hidden_size=2048)
+    assert a.extra is not preset.extra and b.extra is not a.extra
+    assert a.rope_scaling is not yarn and b.rope_scaling is not a.rope_scaling
+    a.extra["quantization_config"] = {"bits": 8}  # a dict field is still a dict: it changes this config alone
+    a.rope_scaling["factor"] = 8.0
+    assert "quantization_config" not in preset.extra and "quantization_config" not in b.extra
+    assert b.rope_scaling["factor"] == 4.0 and yarn["factor"] == 4.0
+    assert Qwen3Config.from_preset("0.6B") == preset and preset.tie_word_embeddings is True

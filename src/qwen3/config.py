@@ -6,6 +6,10 @@ Two spellings of the rotary settings exist in the wild and both are read:
 Internally there is one spelling, the Hub's, and that is what `to_dict` writes (transformers 4 and 5 both
 read it). A missing `tie_word_embeddings` means False, as in transformers' `Qwen3Config`; the Hub's
 0.6B-4B configs set it to true explicitly, and we always write it explicitly.
+
+A config is frozen: a preset, or the config a model was built from, cannot be changed under the code that
+shares it. Derive a new one with `dataclasses.replace` (or `from_preset(name, **overrides)`). The dict
+fields (`rope_scaling`, `extra`) are copied into each new config, so no two configs share one.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ class ConfigError(ValueError):
     """A config.json field is missing, of the wrong type or out of range; the message names the field."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Qwen3Config:
     vocab_size: int = 151936
     hidden_size: int = 1024
@@ -62,6 +66,10 @@ class Qwen3Config:
     extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        # frozen: the dict fields are copied through object.__setattr__ so that no two configs share one
+        object.__setattr__(self, "extra", dict(self.extra))
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", dict(self.rope_scaling))
         self.validate()
 
     @property
