@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from torch import Tensor, nn
 from ..checkpoint import CheckpointError, load_model, save_model
 from ..config import ConfigError
 from ..hub import MODEL_FILES, TOKENIZER_FILES, ModelNotFoundError, resolve_source
+from ..hub import copy_tokenizer_files as hub_copy_tokenizer_files
 from ..model import Qwen3ForCausalLM
 from .data import TrainError, write_text_atomic
 
@@ -45,7 +45,6 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-TOKENIZER_COPY_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 
 
 @dataclass(frozen=True)
@@ -316,13 +315,4 @@ def copy_tokenizer_files(sources: list[Path], out: Path, base_source: str | os.P
             source = resolve_source(base_source, TOKENIZER_FILES)
         except ModelNotFoundError:
             return
-    for name in TOKENIZER_COPY_FILES:
-        if (source / name).is_file() and (source / name).resolve() != (out / name).resolve():
-            fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=".tmp")
-            os.close(fd)
-            try:
-                shutil.copyfile(source / name, tmp)
-                os.replace(tmp, out / name)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+    hub_copy_tokenizer_files(source, out)
