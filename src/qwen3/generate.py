@@ -17,6 +17,7 @@ from torch import Tensor
 
 from .model import KVCache, Qwen3ForCausalLM
 from .sampling import SamplingParams, make_generator, sample, update_counts
+from .text import TextStream
 from .tokenizer import Tokenizer
 
 
@@ -300,17 +301,6 @@ class Completion:
         return (len(self.token_ids) - 1) / decode_seconds if len(self.token_ids) > 1 and decode_seconds > 0 else 0.0
 
 
-def _safe_prefix_length(text: str, stops: Sequence[str]) -> int:
-    """How much of `text` can be shown: all of it except a tail that might begin a stop string."""
-    hold = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), 0, -1):
-            if text.endswith(stop[:k]):
-                hold = max(hold, k)
-                break
-    return len(text) - hold
-
-
 def generate_text(
     model: Qwen3ForCausalLM,
     tokenizer: Tokenizer,
@@ -331,43 +321,36 @@ def generate_text(
     `interruptible`, Ctrl-C ends the generation and returns what was produced so far.
     """
     prompt_ids = tokenizer.encode(prompt, allow_special=True) if isinstance(prompt, str) else list(prompt)
-    eos = set(tokenizer.eos_token_ids)
-    decoder = tokenizer.stream_decoder()
-    text, shown, token_ids = "", 0, []
+    eos = sorted(set(tokenizer.eos_token_ids))
+    stream = TextStream(tokenizer, stop, eos_token_ids=eos)
+    token_ids: list[int] = []
     finish_reason, first_token_at = "length", None
     start = time.perf_counter()
 
-    def emit(upto: int) -> None:
-        nonlocal shown
-        if on_text is not None and upto > shown:
-            on_text(text[shown:upto])
-        shown = max(shown, upto)
+    def emit(piece: str) -> None:
+        if on_text is not None and piece:
+            on_text(piece)
 
     pad = tokenizer.pad_token_id or 0
-    tokens = generate_tokens(model, [prompt_ids], max_new_tokens, sampling, sorted(eos), pad, compile, speculative)
+    tokens = generate_tokens(model, [prompt_ids], max_new_tokens, sampling, eos, pad, compile, speculative)
     try:
         for next_ids in tokens:
             token_id = int(next_ids[0])
             if first_token_at is None:
                 first_token_at = time.perf_counter() - start
-            if token_id in eos:
-                finish_reason = "eos"
+            if token_id not in stream.eos_token_ids:
+                token_ids.append(token_id)
+            emit(stream.push(token_id))
+            if stream.finished:
                 break
-            token_ids.append(token_id)
-            text += decoder.push(token_id)
-            hits = [i for i in (text.find(s, max(0, shown - len(s))) for s in stop) if i >= 0]
-            if hits:
-                text, finish_reason = text[: min(hits)], "stop"
-                break
-            emit(_safe_prefix_length(text, stop))
     except KeyboardInterrupt:
         if not interruptible:
             raise
         finish_reason = "interrupted"
     finally:
         tokens.close()
-    if finish_reason != "stop":
-        text += decoder.flush()
-    emit(len(text))
+    emit(stream.finish())
+    finish_reason = stream.finish_reason or finish_reason
+    text = stream.text
     seconds = time.perf_counter() - start
     return Completion(text, token_ids, finish_reason, len(prompt_ids), first_token_at or seconds, seconds)

@@ -43,6 +43,8 @@ from torch import Tensor
 # overflow), so the draw is replaced by argmax; vLLM uses the same threshold (_SAMPLING_EPS).
 GREEDY_TEMPERATURE = 1e-5
 
+MAX_LOGPROBS = 20  # the most alternatives a request may ask for (OpenAI's limit)
+
 # Fields that a Hugging Face generation_config.json shares with SamplingParams.
 _GENERATION_CONFIG_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
 
@@ -59,6 +61,12 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI/vLLM, in [-2, 2], output tokens only
     repetition_penalty: float = 1.0  # CTRL/transformers, > 0, prompt and output tokens
     seed: int | None = None
+    # The engine's (qwen3.LLM) request fields; qwen3.generate takes its own max_new_tokens and stop arguments.
+    max_tokens: int = 16  # >= 1 generated tokens at most
+    stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one (a str or list is accepted)
+    stop_token_ids: tuple[int, ...] = ()  # ids that end the generation like EOS (kept in token_ids, not in text)
+    ignore_eos: bool = False  # keep going past EOS (benchmarks)
+    logprobs: int | None = None  # None: no logprobs; k in 0..20: the sampled token's logprob and the top k
 
     def __post_init__(self) -> None:
         for name in (
@@ -86,6 +94,18 @@ class SamplingParams:
         _check("presence_penalty", self.presence_penalty, -2 <= self.presence_penalty <= 2, "in [-2, 2]")
         _check("frequency_penalty", self.frequency_penalty, -2 <= self.frequency_penalty <= 2, "in [-2, 2]")
         _check("repetition_penalty", rp, math.isfinite(rp) and rp > 0, "a finite number > 0 (1 disables)")
+        _check("max_tokens", self.max_tokens, _is_int(self.max_tokens) and self.max_tokens >= 1, "an integer >= 1")
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        _check("stop", self.stop, isinstance(stop, (list, tuple)) and all(isinstance(x, str) and x for x in stop),
+               "a non-empty string or a list of non-empty strings")  # fmt: skip
+        object.__setattr__(self, "stop", tuple(stop))
+        ids = self.stop_token_ids
+        _check("stop_token_ids", ids, isinstance(ids, (list, tuple)) and all(_is_int(i) and i >= 0 for i in ids),
+               "a list of token ids (integers >= 0)")  # fmt: skip
+        object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in ids))
+        _check("ignore_eos", self.ignore_eos, isinstance(self.ignore_eos, bool), "True or False")
+        lp = self.logprobs
+        _check("logprobs", lp, lp is None or (_is_int(lp) and 0 <= lp <= MAX_LOGPROBS), f"None or 0..{MAX_LOGPROBS}")
 
     @property
     def greedy(self) -> bool:
