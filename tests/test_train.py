@@ -239,6 +239,22 @@ def test_chat_loss_mask_covers_assistant_turns_only(tmp_path, qwen_tokenizer):
     assert blocks.scored(range(len(blocks))) == int(full_learn[1:].sum())
 
 
+def test_jsonl_lines_end_at_newline_only(tmp_path, qwen_tokenizer):
+    """JSON allows U+2028, U+2029 and U+0085 (where str.splitlines also splits) raw inside a string; a record
+    holding them is one line, and a "\\r\\n" line end is tolerated."""
+    tok = qwen_tokenizer
+    docs = ["line\u2028separator", "para\u2029graph", "next\x85line", "plain"]
+    lines = [json.dumps({"text": d}, ensure_ascii=False) for d in docs]
+    assert all(len(line.splitlines()) > 1 for line in lines[:3])  # what used to break them
+    path = tmp_path / "docs.jsonl"
+    path.write_bytes(("\r\n".join(lines[:2]) + "\n" + "\n".join(lines[2:]) + "\r\n").encode("utf-8"))
+    data = dataset(tmp_path, tok, QWEN3_06B_FILES, [path], block_size=4)
+    eos = tok.token_to_id("<|endoftext|>")
+    ids, _ = data.train.read(0, len(data.train))
+    assert ids.tolist() == [t for d in docs for t in [*tok.encode(d), eos]]
+    assert data.files[0].num_documents == 4
+
+
 def test_cache_is_reused_and_keyed_by_content(tmp_path, qwen_tokenizer, monkeypatch):
     tok = qwen_tokenizer
     path = tmp_path / "a.txt"
@@ -524,7 +540,16 @@ def _bad_data(tmp_path: Path, case: str) -> tuple[list[str], dict, str]:
         return [str(d / "chat.jsonl")], {}, r"chat\.jsonl: no assistant turns to train on"
     if case == "malformed jsonl":
         (d / "docs.jsonl").write_text('{"text": "fine"}\n\n{"text": "broken\n')
-        return [str(d / "docs.jsonl")], {}, r"docs\.jsonl:3: not valid JSON"
+        message = r"docs\.jsonl:3: not valid JSON \(Unterminated string starting at column 10\)$"  # once "at at"
+        return [str(d / "docs.jsonl")], {}, message
+    if case == "text then chat jsonl":
+        chat = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+        (d / "mixed.jsonl").write_text('\n{"text": "fine"}\n' + chat + "\n")
+        return [str(d / "mixed.jsonl")], {}, r"mixed\.jsonl:3: a 'messages' record, but line 2 is a 'text' record"
+    if case == "chat then text jsonl":
+        chat = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+        (d / "mixed.jsonl").write_text(chat + '\n{"text": "fine"}\n')
+        return [str(d / "mixed.jsonl")], {}, r"mixed\.jsonl:2: a 'text' record, but line 1 is a 'messages' record"
     if case == "jsonl without fields":
         (d / "docs.jsonl").write_text('{"text": "fine"}\n{"body": "x"}\n')
         return [str(d / "docs.jsonl")], {}, r"docs\.jsonl:2: expected a string 'text' field"
@@ -547,6 +572,8 @@ BAD_DATA_CASES = [
     "too short",
     "chat without assistant",
     "malformed jsonl",
+    "text then chat jsonl",
+    "chat then text jsonl",
     "jsonl without fields",
     "chat messages not a list",
     "eval set too short",

@@ -110,17 +110,21 @@ def _read_text(path: Path) -> tuple[bytes, str]:
 
 
 def _jsonl_records(path: Path, text: str) -> Iterator[tuple[int, dict[str, Any], int]]:
-    """Yield (line number, record, characters of the line) for every non-blank line."""
-    for number, line in enumerate(text.splitlines(keepends=True), start=1):
+    """Yield (line number, record, characters of the line) for every non-blank line.
+
+    Lines end at "\\n" only ("\\r\\n" too, as JSON ignores the "\\r"): `str.splitlines` would also split at
+    U+2028, U+0085 and other characters that JSON allows raw inside a string."""
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise TrainError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})") from e
+            where = f"{e.msg.removesuffix(' at')} at column {e.colno}"  # "Unterminated string starting at"
+            raise TrainError(f"{path}:{number}: not valid JSON ({where})") from e
         if not isinstance(record, dict):
             raise TrainError(f"{path}:{number}: expected a JSON object, found {type(record).__name__}")
-        yield number, record, len(line)
+        yield number, record, len(line) + 1
 
 
 def detect_format(path: Path, text: str) -> str:
@@ -229,8 +233,15 @@ def _encode_documents(
             yield tokenizer.encode(piece), None
             progress(len(piece))
         return
-    field = "messages" if fmt == "chat" else "text"
+    field, other = ("messages", "text") if fmt == "chat" else ("text", "messages")
+    first = None
     for number, record, length in _jsonl_records(path, text):
+        first = first or number
+        if field not in record and other in record:
+            raise TrainError(
+                f"{path}:{number}: a '{other}' record, but line {first} is a '{field}' record; "
+                f"a .jsonl file holds one kind (all 'text' or all 'messages')"
+            )
         value = record.get(field)
         if fmt == "text":
             if not isinstance(value, str):
