@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -193,3 +194,94 @@ def test_hub_id_served_from_cache_offline(tmp_path, monkeypatch):
 def test_not_a_directory_nor_repo_id(tmp_path):
     with pytest.raises(ModelNotFoundError, match="no such model directory"):
         qwen3.load_model(tmp_path / "nope")
+
+
+# ---- dtype and device arguments, non-finite weights, file modes ---------------------------------------
+
+
+@torch.no_grad()
+def test_dtype_by_name(tmp_path):
+    make_reference(tmp_path, seed=14)
+    by_dtype = qwen3.load_model(tmp_path, dtype=torch.bfloat16)
+    for name in ("bfloat16", "bf16", "torch.bfloat16", "BFloat16"):
+        by_name = qwen3.load_model(tmp_path, dtype=name, device="cpu")
+        assert all(p.dtype == torch.bfloat16 for p in by_name.parameters())
+        assert torch.equal(by_name(IDS), by_dtype(IDS))
+
+
+@pytest.mark.parametrize("dtype", ["float17", "int8", torch.int64, 3])
+def test_bad_dtype_is_a_value_error_naming_the_argument(tmp_path, dtype):
+    make_reference(tmp_path, seed=15)
+    with pytest.raises(ValueError, match=r"^dtype: .* is not a float dtype for the weights \(one of float32, "):
+        qwen3.load_model(tmp_path, dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    "device, message",
+    [
+        ("gpu", r"device: 'gpu' is not a device \(e\.g\. 'cpu', 'cuda'"),
+        ("cuda:x", r"device: 'cuda:x' is not a device"),
+        ("cuda:99", r"device: 'cuda:99', but this machine"),  # no CUDA here, or fewer than 100 GPUs
+    ],
+)
+def test_bad_device_is_a_value_error_naming_the_argument(tmp_path, device, message):
+    make_reference(tmp_path, seed=16)
+    with pytest.raises(ValueError, match=message):
+        qwen3.load_model(tmp_path, device=device)
+
+
+def test_missing_accelerator_is_a_value_error(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    make_reference(tmp_path, seed=16)
+    with pytest.raises(ValueError, match=r"^device: 'cuda', but this machine \(or this PyTorch\) has no cuda$"):
+        qwen3.load_model(tmp_path, device="cuda")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weights_are_refused_naming_tensor_and_file(tmp_path, bad):
+    make_reference(tmp_path, seed=17)
+    name = "model.layers.1.mlp.down_proj.weight"
+
+    def poison(tensors):
+        position = torch.randint(0, tensors[name].numel(), (3,), generator=torch.Generator().manual_seed(0))
+        tensors[name].view(-1)[position.unique()] = bad
+
+    edit_weights(tmp_path / "model.safetensors", poison)
+    count = len(torch.randint(0, 96 * 64, (3,), generator=torch.Generator().manual_seed(0)).unique())
+    with pytest.raises(CheckpointError, match=rf"^tensor '{name}' in .*model\.safetensors: {count} of 6144 values "):
+        qwen3.load_model(tmp_path)
+
+
+def test_values_that_overflow_the_requested_dtype_are_refused(tmp_path):
+    make_reference(tmp_path, seed=18)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    edit_weights(tmp_path / "model.safetensors", lambda t: t[name].view(-1)[7].fill_(1e6))  # fp16's max: 65504
+    qwen3.load_model(tmp_path, dtype="bfloat16")  # bf16 has float32's range
+    with pytest.raises(CheckpointError, match=rf"tensor '{name}' in .*model\.safetensors: values overflow"):
+        qwen3.load_model(tmp_path, dtype="float16")
+
+
+def test_integer_tensor_where_a_float_is_expected(tmp_path):
+    make_reference(tmp_path, seed=19)
+    name = "model.norm.weight"
+    edit_weights(tmp_path / "model.safetensors", lambda t: t.update({name: t[name].to(torch.int64)}))
+    with pytest.raises(
+        CheckpointError, match=rf"tensor '{name}' in .*model\.safetensors: expected a float .* found I64"
+    ):
+        qwen3.load_model(tmp_path)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+@pytest.mark.parametrize("shard_bytes", [2**30, 30_000])
+def test_saved_files_get_the_umask_mode(tmp_path, umask, shard_bytes):
+    make_reference(tmp_path / "ref", seed=20)
+    model = qwen3.load_model(tmp_path / "ref")
+    old = os.umask(umask)
+    try:
+        qwen3.save_model(model, tmp_path / "out", max_shard_bytes=shard_bytes, generation_config={"top_k": 20})
+    finally:
+        os.umask(old)
+    files = list((tmp_path / "out").iterdir())
+    assert len(files) >= 3
+    assert {f.name: f.stat().st_mode & 0o777 for f in files} == {f.name: 0o666 & ~umask for f in files}

@@ -15,6 +15,7 @@ and read `quantization_config` (see quantize.py's module docstring).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -39,6 +40,7 @@ from qwen3.quantize import (
     quantize_int8,
     quantize_per_row,
     retie_lm_head,
+    tied_lm_head,
     weight_bytes,
 )
 
@@ -271,8 +273,9 @@ def test_quantize_replaces_every_linear_and_unties_a_float_embedding():
     assert sum(isinstance(m, Int8Linear) for m in modules) == LINEARS_PER_LAYER * SMALL["num_hidden_layers"] + 1
     assert model.model.embed_tokens is embedding and torch.equal(embedding.weight, original)
     assert isinstance(model.lm_head, Int8Linear)
-    assert model.config.tie_word_embeddings is False  # the LM head has its own int8 copy now
-    assert config.tie_word_embeddings is True and twin.config.tie_word_embeddings is True
+    assert not tied_lm_head(model)  # the LM head has its own int8 copy now
+    assert model.config is config and config.tie_word_embeddings is True  # the config is left as built
+    assert tied_lm_head(twin)
     assert quantization_config(model) == {
         "quant_method": QUANT_METHOD,
         "bits": 8,
@@ -287,7 +290,7 @@ def test_quantize_with_embedding_keeps_a_tied_model_tied():
     assert isinstance(model.model.embed_tokens, Int8Embedding)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert model.lm_head.weight_scale is model.model.embed_tokens.weight_scale
-    assert model.config.tie_word_embeddings is True
+    assert tied_lm_head(model)
     assert quantization_config(model)["modules"] == MODULES_WITH_EMBEDDING
     model.to(torch.bfloat16)  # Parameters convert in place: still one tensor
     assert model.lm_head.weight_scale is model.model.embed_tokens.weight_scale
@@ -297,7 +300,7 @@ def test_quantize_with_embedding_keeps_a_tied_model_tied():
 def test_quantize_untied_with_embedding_keeps_them_apart():
     model = quantize_int8(small_model(2, tied=False), include_embedding=True)
     assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
-    assert model.config.tie_word_embeddings is False
+    assert not tied_lm_head(model)
 
 
 def test_quantize_twice_is_refused():
@@ -390,8 +393,9 @@ CASES = [(True, False), (True, True), (False, False), (False, True)]  # (tied, i
 @pytest.mark.parametrize(("tied", "include_embedding"), CASES)
 def test_prepare_on_meta_matches_quantized_model(tied, include_embedding):
     quantized = quantize_int8(small_model(6, tied=tied), include_embedding=include_embedding)
+    saved = dataclasses.replace(quantized.config, tie_word_embeddings=tied_lm_head(quantized))  # as save_model
     with torch.device("meta"):
-        meta = qwen3.Qwen3ForCausalLM(quantized.config)  # the config a loader reads from config.json
+        meta = qwen3.Qwen3ForCausalLM(saved)  # the config a loader reads from config.json
     prepare_int8_modules(meta, quantization_config(quantized))
 
     assert module_types(meta) == module_types(quantized)
@@ -403,7 +407,7 @@ def test_prepare_on_meta_matches_quantized_model(tied, include_embedding):
     assert quantization_config(meta) == quantization_config(quantized)
 
     meta.load_state_dict(state, strict=True, assign=True)
-    if quantized.config.tie_word_embeddings:
+    if tied_lm_head(quantized):
         retie_lm_head(meta)
         assert meta.lm_head.weight is meta.model.embed_tokens.weight
         assert meta.lm_head.weight_scale is meta.model.embed_tokens.weight_scale
@@ -438,7 +442,7 @@ def test_roundtrip_int8_checkpoint(tmp_path, tied, include_embedding):
 
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["quantization_config"] == quantization_config(quantized)
-    assert config["tie_word_embeddings"] is quantized.config.tie_word_embeddings
+    assert config["tie_word_embeddings"] is tied_lm_head(quantized) is (tied and include_embedding)
     assert config["torch_dtype"] == "float32"  # the float dtype, not int8
     with safe_open(tmp_path / "model.safetensors", framework="pt") as f:
         stored = {name: f.get_slice(name).get_dtype() for name in f.keys()}
@@ -446,14 +450,15 @@ def test_roundtrip_int8_checkpoint(tmp_path, tied, include_embedding):
     assert stored["model.layers.0.self_attn.q_proj.weight_scale"] == "F32"
     assert stored["model.embed_tokens.weight"] == ("I8" if include_embedding else "F32")
     expected_keys = set(quantized.state_dict())
-    if quantized.config.tie_word_embeddings:  # the tied LM head is not stored, scales included
+    if tied_lm_head(quantized):  # the tied LM head is not stored, scales included
         expected_keys -= {"lm_head.weight", "lm_head.weight_scale"}
     assert set(stored) == expected_keys
 
     loaded = qwen3.load_model(tmp_path)
     assert module_types(loaded) == module_types(quantized)
     assert quantization_config(loaded) == quantization_config(quantized)
-    if quantized.config.tie_word_embeddings:
+    assert tied_lm_head(loaded) is tied_lm_head(quantized)
+    if tied_lm_head(quantized):
         assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
         assert loaded.lm_head.weight_scale is loaded.model.embed_tokens.weight_scale
     ids = token_ids(7)

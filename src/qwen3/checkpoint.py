@@ -1,9 +1,12 @@
 """Hugging Face checkpoints in and out: `config.json` plus safetensors, single-file or sharded with an index.
 
 Loading builds the module on the meta device (no memory), reads each tensor straight from the
-safetensors file to the target device, converts it to the requested dtype, and assigns it: peak memory
-stays near one copy of the weights. Every tensor is checked by name and shape against the model the
-config describes; anything missing, unexpected or mis-shaped is an error naming the tensor and the file.
+safetensors file (memory-mapped) to the target device, converts it to the requested dtype, and assigns
+it: peak memory stays near one copy of the weights. `read_checkpoint` is the one reader, shared with
+tensor-parallel loading (qwen3.parallel): every tensor is checked by name, shape and kind (int8 or float)
+against the model the config describes, and every float tensor must be finite; anything missing,
+unexpected, mis-shaped or NaN/inf is an error naming the tensor and the file. A per-tensor slicer says
+which part of each tensor to read (all of it here; a rank's rows or columns under tensor parallelism).
 Nothing is ever unpickled.
 """
 
@@ -11,9 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,73 +23,173 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .config import Qwen3Config
+from .files import atomic_path, write_text_atomic
 from .hub import MODEL_FILES, resolve_source
 from .model import Qwen3ForCausalLM
-from .quantize import prepare_int8_modules, quantization_config, retie_lm_head
+from .quantize import prepare_int8_modules, quantization_config, retie_lm_head, tied_lm_head
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+FLOAT_FILE_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names of the float dtypes weights load from
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
+}  # fmt: skip
+FINITE_CHECK_CHUNK = 1 << 24  # elements per isfinite pass: a 16 MB temporary, whatever the tensor's size
+
+# Which part of a tensor to read, given its name and full shape: None for all of it, else an index
+# (a tuple of slices) applied to the stored tensor, as `tensor[index]`.
+Index = tuple[slice, ...] | None
+Slicer = Callable[[str, tuple[int, ...]], Index]
 
 
 class CheckpointError(ValueError):
     """A checkpoint does not match the model its config describes; the message names tensor and file."""
 
 
+def parse_dtype(dtype: torch.dtype | str, argument: str = "dtype") -> torch.dtype:
+    """A float torch.dtype from a dtype or its name ("bfloat16", "bf16", "torch.float16", ...); ValueError
+    naming `argument` otherwise."""
+    if isinstance(dtype, str):
+        dtype = DTYPES.get(dtype.strip().lower().removeprefix("torch."), dtype)
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    names = ", ".join(dict.fromkeys(str(d).removeprefix("torch.") for d in DTYPES.values()))
+    raise ValueError(f"{argument}: {dtype!r} is not a float dtype for the weights (one of {names})")
+
+
+def parse_device(device: torch.device | str, argument: str = "device") -> torch.device:
+    """A torch.device that exists on this machine, from a device or a string ("cpu", "cuda", "cuda:1",
+    "mps"); ValueError naming `argument` for a malformed one or one this machine lacks."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"{argument}: {device!r} is not a device (e.g. 'cpu', 'cuda', 'cuda:1', 'mps')") from e
+    backend = getattr(torch, parsed.type, None)
+    if parsed.type not in ("cpu", "meta") and backend is not None and hasattr(backend, "is_available"):
+        if not backend.is_available():
+            raise ValueError(f"{argument}: {str(device)!r}, but this machine (or this PyTorch) has no {parsed.type}")
+        count = backend.device_count() if hasattr(backend, "device_count") else 1
+        if parsed.index is not None and parsed.index >= count:
+            raise ValueError(f"{argument}: {str(device)!r}, but this machine has {count} {parsed.type} device(s)")
+    return parsed
+
+
 def load_model(
     source: str | os.PathLike,
     device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     attention: str = "sdpa",
     progress: bool = False,
 ) -> Qwen3ForCausalLM:
     """Load a Qwen3 checkpoint from a directory or a Hub repo id (e.g. "Qwen/Qwen3-0.6B").
 
-    `progress` shows a progress bar over the tensors (downloads always show huggingface_hub's bars).
+    `dtype` is the float dtype of the weights (a torch.dtype or its name, "bfloat16"); int8 weights of a
+    quantized checkpoint stay int8. `progress` shows a progress bar over the tensors (downloads always show
+    huggingface_hub's bars).
     """
+    device, dtype = parse_device(device), parse_dtype(dtype)
     directory = resolve_source(source, MODEL_FILES)
     config = Qwen3Config.from_json(directory / "config.json")
-    quantization = config.extra.get("quantization_config")
-    with torch.device("meta"):
-        model = Qwen3ForCausalLM(config, attention=attention)
-        if quantization is not None:
-            prepare_int8_modules(model, quantization)  # int8 weights + float scales (quantize.py)
+    model = build_meta_model(config, attention)
     expected = {name: (tuple(t.shape), t.dtype) for name, t in model.state_dict().items()}
-    # A tied LM head (lm_head.weight, plus lm_head.weight_scale when int8) is the embedding's: not read.
-    tied = [name for name in expected if name.startswith("lm_head.")] if config.tie_word_embeddings else []
-    for name in tied:
-        expected.pop(name)
-
-    state: dict[str, torch.Tensor] = {}
-    bar = tqdm(total=len(expected), desc="loading weights", unit="tensor", disable=not progress, leave=False)
-    for name, tensor, path in _read_tensors(directory, device):
-        bar.update()
-        if name in tied:
-            continue  # some tied checkpoints store a copy of the embedding; the embedding wins
-        if name not in expected:
-            raise CheckpointError(f"unexpected tensor {name!r} in {path} (not part of a Qwen3 model of this config)")
-        shape, expected_dtype = expected[name]
-        if tuple(tensor.shape) != shape:
-            raise CheckpointError(f"tensor {name!r} in {path}: expected shape {shape}, found {tuple(tensor.shape)}")
-        if (tensor.dtype == torch.int8) != (expected_dtype == torch.int8):
-            raise CheckpointError(f"tensor {name!r} in {path}: expected {expected_dtype}, found {tensor.dtype}")
-        if tensor.dtype == torch.int8:
-            # safetensors may hand out a tensor at any byte offset; the CPU int8 kernel needs aligned rows
-            state[name] = tensor.clone() if tensor.data_ptr() % 64 else tensor
-        else:
-            state[name] = tensor.to(dtype)
-    bar.close()
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise CheckpointError(f"missing tensors in {directory}: {shown}")
-
-    for name in tied:
-        state[name] = state["model.embed_tokens." + name.removeprefix("lm_head.")]
+    state = read_checkpoint(directory, expected, config.tie_word_embeddings, device, dtype, progress=progress)
     model.load_state_dict(state, strict=True, assign=True)
     if config.tie_word_embeddings:
         retie_lm_head(model)  # assign=True replaced the shared Parameters; make them one again
     model.init_buffers(device)
     return model.eval()
+
+
+def build_meta_model(config: Qwen3Config, attention: str = "sdpa") -> Qwen3ForCausalLM:
+    """The model `config` describes, on the meta device (no memory), with int8 modules where its
+    `quantization_config` says so: ready for `load_state_dict(..., assign=True)`."""
+    quantization = config.extra.get("quantization_config")
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(config, attention=attention)
+        if quantization is not None:
+            prepare_int8_modules(model, quantization)  # int8 weights + float scales (quantize.py)
+    return model
+
+
+def read_checkpoint(
+    directory: Path,
+    expected: dict[str, tuple[tuple[int, ...], torch.dtype]],
+    tied: bool,
+    device: torch.device,
+    dtype: torch.dtype,
+    slicer: Slicer | None = None,
+    progress: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Read the checkpoint in `directory` as {name: tensor} for every name of `expected` (name: (full shape,
+    dtype of the model's tensor)); int8 tensors stay int8, float ones are converted to `dtype`, all moved
+    to `device`. `slicer(name, shape)` says which part of each tensor to read (default: all of it).
+
+    `tied`: the LM head (lm_head.weight, and lm_head.weight_scale when int8) is the embedding's, sliced by
+    the slicer like an LM head, not read (a copy stored in the file is skipped: the embedding wins).
+    Raises CheckpointError for a tensor missing, unexpected, of the wrong shape or kind (int8 or float), or
+    holding NaN or infinity.
+    """
+    slicer = slicer or (lambda name, shape: None)
+    tied_names = [name for name in expected if tied and name.startswith("lm_head.")]
+    state: dict[str, torch.Tensor] = {}
+    bar = tqdm(total=len(expected), desc="loading weights", unit="tensor", disable=not progress, leave=False)
+    for path, names in checkpoint_files(directory):
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for name in names:
+                bar.update()
+                if name in tied_names:
+                    continue  # some tied checkpoints store a copy of the embedding; the embedding wins
+                if name not in expected:
+                    raise CheckpointError(
+                        f"unexpected tensor {name!r} in {path} (not part of a Qwen3 model of this config)"
+                    )
+                stored = f.get_slice(name)  # the header only: shape and dtype, before any byte is read
+                shape, stored_dtype = tuple(stored.get_shape()), stored.get_dtype()
+                expected_shape, expected_dtype = expected[name]
+                if shape != expected_shape:
+                    raise CheckpointError(f"tensor {name!r} in {path}: expected shape {expected_shape}, found {shape}")
+                int8 = expected_dtype == torch.int8
+                if (stored_dtype != "I8") if int8 else (stored_dtype not in FLOAT_FILE_DTYPES):
+                    kind = "int8 (I8)" if int8 else f"a float tensor ({', '.join(FLOAT_FILE_DTYPES)})"
+                    raise CheckpointError(f"tensor {name!r} in {path}: expected {kind}, found {stored_dtype}")
+                index = slicer(name, shape)
+                tensor = f.get_tensor(name) if index is None else stored[index]
+                state[name] = _place(tensor, name, path, device, None if int8 else dtype)
+    bar.close()
+    missing = sorted(set(expected) - set(state) - set(tied_names))
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"missing tensors in {directory}: {shown}")
+    for name in tied_names:
+        embedding = state["model.embed_tokens." + name.removeprefix("lm_head.")]
+        index = slicer(name, expected[name][0])
+        state[name] = embedding if index is None else embedding[index]
+    return state
+
+
+def _place(
+    tensor: torch.Tensor, name: str, path: Path, device: torch.device, dtype: torch.dtype | None
+) -> torch.Tensor:
+    """`tensor` on `device` (and in `dtype` unless None, for int8), checked to be finite if float."""
+    tensor = tensor.to(device)
+    if dtype is None:
+        # safetensors may hand out a tensor at any byte offset; the CPU int8 kernel needs aligned rows
+        return tensor.clone() if tensor.device.type == "cpu" and tensor.data_ptr() % 64 else tensor
+    converted = tensor.to(dtype)
+    if not _all_finite(converted):
+        if _all_finite(tensor):
+            raise CheckpointError(f"tensor {name!r} in {path}: values overflow {dtype} (use a wider --dtype)")
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise CheckpointError(f"tensor {name!r} in {path}: {bad} of {tensor.numel()} values are NaN or infinite")
+    return converted
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or infinity in `tensor`, checked in chunks: the temporary stays small for any tensor size."""
+    return all(bool(torch.isfinite(chunk).all()) for chunk in tensor.reshape(-1).split(FINITE_CHECK_CHUNK))
 
 
 def checkpoint_files(directory: Path) -> list[tuple[Path, list[str]]]:
@@ -122,14 +223,6 @@ def checkpoint_files(directory: Path) -> list[tuple[Path, list[str]]]:
     return out
 
 
-def _read_tensors(directory: Path, device: torch.device | str) -> Iterator[tuple[str, torch.Tensor, Path]]:
-    """Yield (name, tensor, file) for every tensor of a single-file or sharded safetensors checkpoint."""
-    for path, names in checkpoint_files(directory):
-        with safe_open(path, framework="pt", device=str(device)) as f:
-            for name in names:
-                yield name, f.get_tensor(name), path
-
-
 def save_model(
     model: Qwen3ForCausalLM,
     directory: str | os.PathLike,
@@ -144,8 +237,9 @@ def save_model(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = model.config
+    tied = tied_lm_head(model)  # the modules, not the config: quantize_int8 may have untied the head
     state = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
-    if config.tie_word_embeddings:  # HF convention: the tied copy (and its int8 scales) is not stored
+    if tied:  # HF convention: the tied copy (and its int8 scales) is not stored
         state = {name: t for name, t in state.items() if not name.startswith("lm_head.")}
 
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -161,50 +255,33 @@ def save_model(
     metadata = {"format": "pt"}
     if len(shards) == 1:
         written = [SINGLE_FILE]
-        with _atomic_path(directory / SINGLE_FILE) as tmp:
+        with atomic_path(directory / SINGLE_FILE) as tmp:
             save_file(shards[0], tmp, metadata=metadata)
     else:
         written = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         weight_map = {}
         for file, shard in zip(written, shards, strict=True):
-            with _atomic_path(directory / file) as tmp:
+            with atomic_path(directory / file) as tmp:
                 save_file(shard, tmp, metadata=metadata)
             weight_map.update(dict.fromkeys(shard, file))
         total = sum(t.numel() * t.element_size() for t in state.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        _write_text(directory / INDEX_FILE, json.dumps(index, indent=2, sort_keys=True) + "\n")
+        write_text_atomic(directory / INDEX_FILE, json.dumps(index, indent=2, sort_keys=True) + "\n")
         written.append(INDEX_FILE)
 
     config_dict = config.to_dict()
+    config_dict["tie_word_embeddings"] = tied
     config_dict.pop("quantization_config", None)
     quantization = quantization_config(model)
     if quantization is not None:
         config_dict["quantization_config"] = quantization
     float_dtype = next(t.dtype for t in state.values() if t.is_floating_point())  # int8 weights aside
     config_dict["torch_dtype"] = str(float_dtype).removeprefix("torch.")
-    _write_text(directory / "config.json", json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(directory / "config.json", json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
     if generation_config is not None:
-        _write_text(directory / "generation_config.json", json.dumps(generation_config, indent=2) + "\n")
+        write_text_atomic(directory / "generation_config.json", json.dumps(generation_config, indent=2) + "\n")
 
     for stale in [*directory.glob("model*.safetensors"), directory / INDEX_FILE]:
         if stale.name not in written and stale.exists():
             stale.unlink()
     return directory
-
-
-@contextmanager
-def _atomic_path(target: Path) -> Iterator[str]:
-    """Yield a temporary path beside `target`; rename it onto `target` only if the block succeeds."""
-    tmp = str(target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"))
-    try:
-        yield tmp
-        os.chmod(tmp, 0o644)  # checkpoints are for sharing; safetensors creates its files private
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _write_text(target: Path, text: str) -> None:
-    with _atomic_path(target) as tmp:
-        Path(tmp).write_text(text, encoding="utf-8")

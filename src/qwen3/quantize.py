@@ -13,8 +13,9 @@ Memory: a (out, in) matrix costs out * in bytes plus one float per row, instead 
 Tied embeddings. The LM head of the small Qwen3s shares its (V, H) matrix with the input embedding:
 - `quantize_int8(model)` gives the LM head its own int8 copy and keeps the embedding in float (a row
   lookup costs nothing to dequantise, but the embedding stays full size). The weights are then no longer
-  tied: the model gets a config copy with `tie_word_embeddings=False`, and a saved checkpoint stores
-  `lm_head.weight` (int8) beside the float embedding. For Qwen3-0.6B in bf16 that is 311 MB of embedding
+  tied: `tied_lm_head(model)` is False (the modules say so; `model.config` is left as it was built), and
+  a saved checkpoint says `tie_word_embeddings: false` and stores `lm_head.weight` (int8) beside the float
+  embedding. For Qwen3-0.6B in bf16 that is 311 MB of embedding
   plus 156 MB of int8 head, where the float model held one 311 MB matrix.
 - `quantize_int8(model, include_embedding=True)` quantizes the embedding per row too (gather, then
   dequantise the gathered rows). Per-row scales of the embedding are per-output-channel scales of the
@@ -50,7 +51,6 @@ the meta device, call `prepare_int8_modules(model, quantization_config)`, then
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -251,8 +251,7 @@ def prepare_int8_modules(model: Qwen3ForCausalLM, quantization_config: dict) -> 
     `load_state_dict(state, assign=True)` (then `retie_lm_head` if tied). Meant for a model on the meta
     device; nothing is computed."""
     include_embedding = _parse_quantization_config(quantization_config)
-    tied = model.lm_head.weight is model.model.embed_tokens.weight
-    if tied and not include_embedding:
+    if tied_lm_head(model) and not include_embedding:
         raise ConfigError(
             f"quantization_config.modules: {MODULES_LINEAR!r} with tie_word_embeddings=true; quantize_int8 "
             "unties such a model (the LM head gets its own int8 copy), so its checkpoint is saved untied"
@@ -278,7 +277,7 @@ def _swap_modules(
     """The one traversal behind quantize_int8 and prepare_int8_modules."""
     if quantization_config(model) is not None:
         raise ValueError("model: already quantized")
-    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    tied = tied_lm_head(model)
     if include_embedding:
         model.model.embed_tokens = make_embedding(model.model.embed_tokens)
     for name, module in list(model.named_modules()):
@@ -287,8 +286,7 @@ def _swap_modules(
             setattr(model.get_submodule(parent), child, make_linear(module))
     if tied and include_embedding:
         model.lm_head = Int8Linear.tied_to(model.model.embed_tokens)
-    elif tied:  # the LM head now has its own int8 copy: the weights are no longer tied
-        model.config = dataclasses.replace(model.config, tie_word_embeddings=False, extra=dict(model.config.extra))
+    # else, if tied: the LM head now has its own int8 copy, and tied_lm_head(model) says so
 
 
 def _parse_quantization_config(quantization_config: dict) -> bool:
@@ -322,6 +320,12 @@ def quantization_config(model: nn.Module) -> dict | None:
         "group": "per_channel",
         "modules": MODULES_WITH_EMBEDDING if with_embedding else MODULES_LINEAR,
     }
+
+
+def tied_lm_head(model: Qwen3ForCausalLM) -> bool:
+    """Whether the LM head shares the embedding's matrix, read off the modules: after `quantize_int8`
+    untied a tied model, this is False while `model.config.tie_word_embeddings` still says how it was built."""
+    return model.lm_head.weight is model.model.embed_tokens.weight
 
 
 def retie_lm_head(model: Qwen3ForCausalLM) -> None:
