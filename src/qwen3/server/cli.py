@@ -1,0 +1,128 @@
+"""`qwen3 serve` and `qwen3 batch`: argparse for the OpenAI-compatible server and offline batch files.
+
+`add_subcommands(subparsers)` registers both on the `qwen3` parser (as `qwen3.train.cli` does for its
+commands). FastAPI and uvicorn are imported only when `serve` runs, so the rest of the CLI works without
+the `serve` extra; without it, `qwen3 serve` says which extra to install.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+DEFAULT_MODEL = "Qwen/Qwen3-0.6B"
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, found {text}")
+    return value
+
+
+def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model directory, Hub id or demo (default: {DEFAULT_MODEL})")
+    p.add_argument("--served-model-name", help="the model name clients use (default: the --model value)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto: bfloat16 on a GPU, float32 on the CPU",
+    )
+    p.add_argument("--quantize", choices=["int8"], help="quantize the weights at load (int8 weight-only)")
+    p.add_argument("--max-num-seqs", type=_positive_int, default=256, help="requests in one batch at most (256)")
+    p.add_argument("--max-model-len", type=_positive_int, help="context length (default: the model's)")
+    p.add_argument("--kv-cache-tokens", type=_positive_int, help="KV-cache size in tokens (default: from memory)")
+
+
+def add_subcommands(sub: Any) -> None:
+    """Register `serve` and `batch` on the `qwen3` subparsers."""
+    p = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP server with a web chat page",
+        description="Serve a model over the OpenAI API (chat, completions, models, metrics) with a chat page at /.",
+    )
+    _add_engine_flags(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        help="require `Authorization: Bearer KEY` on /v1 (repeatable; /health and / stay open)",
+    )
+    p.add_argument("--max-waiting", type=int, help="answer 429 when more requests than this would wait")
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, seconds to let in-flight requests finish (default 30)",
+    )
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "batch",
+        help="run an OpenAI Batch API file offline",
+        description="Run the requests of an OpenAI Batch API .jsonl file through the engine and "
+        "write the results file.",
+    )
+    p.add_argument("-i", "--input", required=True, type=Path, help="requests .jsonl (custom_id, method, url, body)")
+    p.add_argument("-o", "--output", required=True, type=Path, help="results .jsonl (written atomically)")
+    _add_engine_flags(p)
+    p.set_defaults(func=cmd_batch)
+
+
+def build_engine(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The engine (`qwen3.LLM`) for the flags and the ServingContext describing it."""
+    try:
+        from .serving import ServingContext
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise RuntimeError(f"{e}; install the serve extra: pip install 'qwen3[serve]'") from e
+    from ..engine import LLM
+    from ..hub import MODEL_FILES, TOKENIZER_FILES, resolve_source
+
+    directory = resolve_source(args.model, sorted(set(MODEL_FILES + TOKENIZER_FILES)))
+    dtype = None if args.dtype == "auto" else args.dtype
+    import torch
+
+    llm = LLM(
+        str(directory),
+        device=None if args.device == "auto" else args.device,
+        dtype=None if dtype is None else getattr(torch, dtype),
+        max_num_seqs=args.max_num_seqs,
+        max_model_len=args.max_model_len,
+        kv_cache_tokens=args.kv_cache_tokens,
+        quantize=args.quantize,
+    )
+    ctx = ServingContext.for_engine(llm, args.served_model_name or args.model, directory)
+    return llm, ctx
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from .app import create_app, run_server
+    except ImportError as e:
+        raise RuntimeError(f"qwen3 serve needs the serve extra ({e}): pip install 'qwen3[serve]'") from e
+    from ..engine import AsyncLLM
+
+    llm, ctx = build_engine(args)
+    app = create_app(
+        AsyncLLM(llm), ctx, api_keys=args.api_key, max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting
+    )
+    banner = f"qwen3 serve: {ctx.model_name} on {{url}} (chat page at /, OpenAI API at /v1)"
+    return run_server(app, args.host, args.port, drain_timeout=args.drain_timeout, banner=banner)
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    from .batch import run_batch_file
+
+    if not args.input.is_file():
+        raise FileNotFoundError(f"{args.input}: no such file")
+    llm, ctx = build_engine(args)
+    ctx.strict_model = False  # a batch file names the model its author used; run it on the one loaded
+    counts = run_batch_file(llm, ctx, args.input, args.output)
+    print(f"wrote {args.output}: {counts['ok']} succeeded, {counts['failed']} failed", file=sys.stderr)
+    return 0

@@ -1,0 +1,119 @@
+"""Prometheus metrics for `GET /metrics`, with vLLM's names under the `qwen3:` prefix.
+
+The engine's state (running and waiting requests, KV-cache use, token totals) is read from
+`AsyncLLM.stats()` when the page is scraped, so it is never stale; the latency histograms are observed
+by the server as tokens stream out. Each app has its own registry (no process-global state).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+_ITL_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.015,
+    0.02,
+    0.025,
+    0.03,
+    0.04,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+)
+
+
+class _EngineCollector(Collector):
+    def __init__(self, stats: Callable[[], Any], model_name: str) -> None:
+        self.stats, self.model_name = stats, model_name
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.stats()
+        labels = ["model_name"]
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            g = GaugeMetricFamily(name, doc, labels=labels)
+            g.add_metric([self.model_name], value)
+            return g
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            c = CounterMetricFamily(name, doc, labels=labels)
+            c.add_metric([self.model_name], value)
+            return c
+
+        yield gauge("qwen3:num_requests_running", "Requests in the running batch.", s.num_running)
+        yield gauge("qwen3:num_requests_waiting", "Requests waiting to be scheduled.", s.num_waiting)
+        yield gauge("qwen3:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (1 = full).", s.kv_cache_usage)
+        yield counter("qwen3:num_preemptions", "Requests preempted (recomputed) so far.", s.num_preemptions)
+        yield counter("qwen3:prompt_tokens", "Prompt tokens processed.", s.prompt_tokens_total)
+        yield counter("qwen3:generation_tokens", "Tokens generated.", s.generation_tokens_total)
+
+
+class Metrics:
+    """The registry of one server: engine gauges and counters plus latency histograms."""
+
+    def __init__(self, stats: Callable[[], Any], model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(_EngineCollector(stats, model_name))
+        self.model_name = model_name
+        self.time_to_first_token = Histogram(
+            "qwen3:time_to_first_token_seconds",
+            "Time from request arrival to its first token.",
+            ["model_name"],
+            buckets=_TTFT_BUCKETS,
+            registry=self.registry,
+        ).labels(model_name)
+        self.inter_token_latency = Histogram(
+            "qwen3:inter_token_latency_seconds",
+            "Time between two streamed increments of a request.",
+            ["model_name"],
+            buckets=_ITL_BUCKETS,
+            registry=self.registry,
+        ).labels(model_name)
+        self.e2e_latency = Histogram(
+            "qwen3:e2e_request_latency_seconds",
+            "Time from request arrival to its last token.",
+            ["model_name"],
+            buckets=_TTFT_BUCKETS,
+            registry=self.registry,
+        ).labels(model_name)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
