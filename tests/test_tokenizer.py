@@ -10,7 +10,7 @@ import unicodedata
 import pytest
 
 from qwen3.hub import ModelNotFoundError
-from qwen3.tokenizer import Tokenizer, load_tokenizer
+from qwen3.tokenizer import Tokenizer, load_tokenizer, valid_text
 
 ALPHABET = (
     "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
@@ -201,6 +201,25 @@ def test_token_to_id_and_back(tok, hf):
         assert tok.id_to_token(token_id) == token
         assert tok.token_to_id(token) == token_id
     assert tok.token_to_id("definitely not a token") is None
+
+
+def test_invalid_text_becomes_replacement_characters(tok, hf):
+    # Bytes that are not UTF-8 reach Python as lone surrogates (surrogateescape: argv, a terminal, stdin); the
+    # tokenizers library refused them with "TypeError: TextInputSequence must be str". Reference: Python's own
+    # "replace" decoding of the same bytes, encoded by transformers.
+    rng = random.Random(5)
+    samples = [b"caf\xe9 ok", b"\xff\xfe<|im_end|>", b"half an emoji \xf0\x9f\x98", b"\xc3(\x80 \xed\xa0\x80 end"]
+    samples += [bytes(rng.randrange(256) for _ in range(rng.randint(1, 30))) for _ in range(30)]
+    for raw in samples:
+        typed = raw.decode("utf-8", "surrogateescape")
+        replaced = raw.decode("utf-8", "replace")
+        assert valid_text(typed) == replaced, raw
+        assert tok.encode(typed, allow_special=True) == hf.encode(replaced, add_special_tokens=False), raw
+        assert tok.encode(typed) == tok.encode(replaced), raw
+    # A split surrogate pair is joined; lone halves (not escaped bytes) are replaced.
+    assert valid_text("\ud83d\ude00 \ud83d \ude00 \udc41") == "\U0001f600 \ufffd \ufffd \ufffd"
+    text = "plain text stays the same object"
+    assert valid_text(text) is text
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -9,10 +9,24 @@ types "<|im_end|>" gets the tokens of those nine characters, never the control t
 cannot forge turn boundaries. We checked what transformers does, and it differs: its Qwen3 tokenizer
 (`split_special_tokens=False` in `tokenizer_config.json`) turns the text "<|im_end|>" into 151645
 wherever it appears, and the non-special added tokens "<think>", "<tool_call>" likewise.
-`encode(text, allow_special=True)` reproduces transformers' default exactly (tested); the chat template
-uses it, since a rendered prompt carries its markers as text. (transformers' `split_special_tokens=True`
-still matches "<think>" and "<tool_call>", which are added tokens not flagged special; plain encoding
-matches no added token at all.)
+`encode(text, allow_special=True)` reproduces transformers' default exactly (tested), and so does
+`apply_chat_template(..., tokenize=True)`: a rendered prompt carries its markers as text, and a look-alike
+inside a message becomes a control token there too. (transformers' `split_special_tokens=True` still
+matches "<think>" and "<tool_call>", which are added tokens not flagged special; plain encoding matches no
+added token at all.)
+
+`encode_chat(messages)` is the prompt for untrusted messages (chat, a server): the template's own markers
+are tokens, every string in the messages and tools is text. It renders the template with each look-alike
+in those strings swapped for a private-use character, so the template neither sees nor emits it; then it
+splits the rendered text at the added tokens left (the template's, matched as transformers matches them:
+leftmost, longest first) and encodes each piece between them as plain text with the look-alikes put back.
+Without look-alikes in the messages this is exactly transformers' encoding of `apply_chat_template`'s
+string (tested). An assistant message whose content holds "</think>" is first split into reasoning and
+content the way Qwen3's template splits it, so its reasoning markers stay the template's.
+
+Invalid text. Python strings can hold lone surrogates (bytes that are not UTF-8, read from a terminal,
+argv or stdin with `surrogateescape`), which the `tokenizers` library refuses with a TypeError.
+`valid_text(text)` replaces them by U+FFFD (joining a split surrogate pair); `encode` applies it.
 
 Streaming. Byte-level BPE tokens are bytes, not characters: an emoji or CJK character can be split
 across two or three tokens, and decoding such a prefix ends in U+FFFD. `StreamDecoder` decodes a short
@@ -26,6 +40,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -33,11 +48,28 @@ from typing import Any
 
 import tokenizers
 
-from .chat import ChatTemplate
+from .chat import THINK_END, THINK_START, ChatTemplate, normalize_messages
 from .hub import TOKENIZER_FILES, resolve_source
 
 REPLACEMENT_CHAR = "\ufffd"
 _SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+_NOT_ESCAPED_BYTE = re.compile("[\ud800-\udc7f\udd00-\udfff]")  # lone surrogates that surrogateescape did not make
+_PRIVATE_USE = re.compile("[\U000f0000-\U0010ffff]")  # where encode_chat draws its stand-in characters
+
+
+def valid_text(text: str) -> str:
+    """`text` made valid Unicode, as Python's `bytes.decode("utf-8", "replace")` would have read it: the bytes
+    kept by `surrogateescape` (lone surrogates U+DC80..U+DCFF) are decoded again, each invalid sequence becoming
+    one U+FFFD; a split surrogate pair is joined, any other lone surrogate is U+FFFD. Valid text is returned
+    as is."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    text = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "surrogatepass")  # joins split pairs
+    text = _NOT_ESCAPED_BYTE.sub(REPLACEMENT_CHAR, text)
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _token_content(value: Any) -> str | None:
@@ -156,7 +188,9 @@ class Tokenizer:
 
         By default all of `text` is plain text, special-token look-alikes included. `allow_special=True`
         matches added tokens written in the text, so "<|im_end|>" becomes 151645 (transformers' default).
+        Lone surrogates become U+FFFD (see `valid_text`).
         """
+        text = valid_text(text)
         if allow_special:
             return self.backend.encode(text, add_special_tokens=False).ids
         return self._encode_plain(text)
@@ -213,6 +247,80 @@ class Tokenizer:
             **kwargs,
         )
         return self.encode(text, allow_special=True) if tokenize else text
+
+    def encode_chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+        enable_thinking: bool = True,
+        **kwargs: Any,
+    ) -> list[int]:
+        """The prompt's token ids with every string of `messages` and `tools` kept as text: only the template's
+        own markers are control tokens, so a message cannot forge a turn. Without look-alikes in the messages,
+        equal to `apply_chat_template(..., tokenize=True)` (transformers' ids). See the module docstring."""
+        messages = [_split_reasoning(m) for m in normalize_messages(messages)]
+        used: set[str] = set()  # stand-ins must not occur in the messages themselves
+        _walk_strings([messages, tools], lambda text: used.update(_PRIVATE_USE.findall(text)))
+        free = (chr(c) for c in range(0xF0000, 0x110000) if chr(c) not in used)
+        stand_in = {token: next(free) for token in self._added_tokens}
+        pattern = self._added_token_pattern
+
+        def defuse(text: str) -> str:
+            return pattern.sub(lambda m: stand_in[m.group()], valid_text(text)) if pattern else valid_text(text)
+
+        text = self._compiled_chat_template.render(
+            _walk_strings(messages, defuse),
+            tools=_walk_strings(tools, defuse),
+            add_generation_prompt=add_generation_prompt,
+            enable_thinking=enable_thinking,
+            **kwargs,
+        )
+        restore = {ord(char): token for token, char in stand_in.items()}
+        ids: list[int] = []
+        start = 0
+        for match in pattern.finditer(text) if pattern else ():
+            if match.start() > start:
+                ids += self._encode_plain(text[start : match.start()].translate(restore))
+            ids.append(self._added_tokens[match.group()])
+            start = match.end()
+        if start < len(text):
+            ids += self._encode_plain(text[start:].translate(restore))
+        return ids
+
+    @cached_property
+    def _added_tokens(self) -> dict[str, int]:
+        """Text -> id of the added tokens (special or not), which transformers matches in text."""
+        return {token.content: i for i, token in self.backend.get_added_tokens_decoder().items()}
+
+    @cached_property
+    def _added_token_pattern(self) -> re.Pattern[str] | None:
+        # Longest first, so that the regex's leftmost match is also the longest, as the tokenizers library does.
+        tokens = sorted(self._added_tokens, key=len, reverse=True)
+        return re.compile("|".join(map(re.escape, tokens))) if tokens else None
+
+
+def _walk_strings(value: Any, fn: Any) -> Any:
+    """A copy of a JSON-like value with fn applied to every string value (dict keys are left alone)."""
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, Mapping):
+        return {key: _walk_strings(item, fn) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_walk_strings(item, fn) for item in value]
+    return value
+
+
+def _split_reasoning(message: dict[str, Any]) -> dict[str, Any]:
+    """An assistant message whose content holds "</think>" (and no separate reasoning), split as Qwen3's
+    template splits it: the reasoning before the first </think> (after a <think>), the content after the last."""
+    content = message.get("content")
+    if message.get("role") != "assistant" or "reasoning_content" in message or not isinstance(content, str):
+        return message
+    if THINK_END not in content:
+        return message
+    reasoning = content.split(THINK_END)[0].rstrip("\n").split(THINK_START)[-1].lstrip("\n")
+    return {**message, "content": content.split(THINK_END)[-1].lstrip("\n"), "reasoning_content": reasoning}
 
 
 class StreamDecoder:
