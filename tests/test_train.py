@@ -472,6 +472,24 @@ def test_checkpoint_loads_in_qwen3_and_transformers_with_equal_logits(tmp_path, 
     assert not list((tmp_path / "out").glob(".checkpoint-*"))  # no temporary folder left behind
 
 
+def test_keep_checkpoints_prunes_only_step_checkpoints(tmp_path, tiny_tokenizer):
+    """--keep-checkpoints removes the oldest checkpoint-<step> folders and leaves any other name alone."""
+    run = dict(max_steps=5, eval_every=0, save_every=1, keep_checkpoints=2)
+    train(tiny_run(tmp_path, tiny_tokenizer, stop_after=2, **run))
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    import shutil
+
+    shutil.copytree(out / "checkpoint-2", out / "checkpoint-best")  # a user keeps the best one by hand
+    for name in ("checkpoint-1.bak", "checkpoint-007", "checkpoint-"):
+        (out / name).mkdir()
+    result = train(tiny_run(tmp_path, tiny_tokenizer, resume="auto", **run))
+    assert result.step == 5
+    kept = ["checkpoint-", "checkpoint-007", "checkpoint-1.bak", "checkpoint-4", "checkpoint-5", "checkpoint-best"]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == kept
+    assert (out / "checkpoint-best" / "model.safetensors").is_file()
+
+
 def test_bits_per_byte_on_a_hand_example(tmp_path, tiny_tokenizer):
     """A model with a zero LM head predicts uniformly: every scored token costs ln V nats.
 

@@ -39,6 +39,7 @@ import json
 import math
 import os
 import pickle
+import re
 import shutil
 import time
 import warnings
@@ -580,11 +581,11 @@ class _Run:
         """Create <out>; with --overwrite, remove the previous run's outputs (never anything else)."""
         self.out.mkdir(parents=True, exist_ok=True)
         if self.cfg.overwrite:
-            for path in self.out.iterdir():
-                if path.name.startswith(("checkpoint-", ".checkpoint-")) and path.is_dir():
+            for path in [*step_checkpoints(self.out), *self.out.glob(".checkpoint-*")]:
+                if path.is_dir():
                     shutil.rmtree(path)
-                elif path.name in (LAST_FILE, METRICS_FILE, PLOT_FILE):
-                    path.unlink()
+            for name in (LAST_FILE, METRICS_FILE, PLOT_FILE):
+                (self.out / name).unlink(missing_ok=True)
 
     # ---- checkpoints ------------------------------------------------------------------------------
 
@@ -636,8 +637,7 @@ class _Run:
                 os.replace(tmp, final)
             write_text_atomic(self.out / LAST_FILE, final.name + "\n")
             if cfg.keep_checkpoints:
-                kept = sorted(self.out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-                for stale in kept[: -cfg.keep_checkpoints]:
+                for stale in step_checkpoints(self.out)[: -cfg.keep_checkpoints]:
                     shutil.rmtree(stale)
         world.barrier()
         return final
@@ -844,6 +844,17 @@ class _Run:
         if world.is_main:
             plot_metrics(self.out / METRICS_FILE, self.out / PLOT_FILE)
         return TrainResult(self.out, checkpoint, start_step, max(start_step, last_step), losses, eval_metrics)
+
+
+def step_checkpoints(out: Path) -> list[Path]:
+    """The `checkpoint-<step>` folders in `out`, oldest step first; other names (`checkpoint-best`, a user's
+    copy) are not the run's to prune."""
+    steps = {}
+    for path in out.iterdir():
+        match = re.fullmatch(r"checkpoint-([1-9]\d*)", path.name)  # the names _save writes
+        if match and path.is_dir():
+            steps[int(match[1])] = path
+    return [steps[s] for s in sorted(steps)]
 
 
 def _short(value: Any) -> str:
