@@ -1,0 +1,197 @@
+"""qwen3.AsyncLLM: the engine as an asyncio service, for servers.
+
+The step loop runs in one background thread and owns the LLM. Coroutines hand it requests and aborts through a
+thread-safe queue (plus an event that wakes an idle loop); the loop sends each request's increments back to the
+coroutine's own event loop with `call_soon_threadsafe`, into a per-request asyncio.Queue. Aborts are applied
+between steps, so an aborted request's blocks are free before the next step runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from collections.abc import Sequence as SequenceABC
+from dataclasses import dataclass
+
+from ..sampling import SamplingParams
+from .llm import LLM
+from .sequence import Sequence, TokenLogprob
+
+
+@dataclass
+class StreamOutput:
+    """What one request gained since its last StreamOutput. `new_text` never splits a character and never shows
+    text that a stop string later cuts; the pieces concatenate to the whole completion."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort" | None while running
+    prompt_token_ids: list[int]
+    num_cached_tokens: int
+    num_output_tokens: int  # cumulative
+    new_logprobs: list[TokenLogprob] | None
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # fraction of the KV blocks held by requests
+    num_preemptions: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+
+
+class _Stream:
+    """A request's way back to its coroutine."""
+
+    def __init__(self, seq: Sequence, loop: asyncio.AbstractEventLoop, outputs: asyncio.Queue) -> None:
+        self.seq, self.loop, self.outputs = seq, loop, outputs
+
+    def send(self, item: StreamOutput | BaseException) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.outputs.put_nowait, item)
+        except RuntimeError:  # the consumer's event loop is closed: nobody is listening
+            pass
+
+
+def delta(seq: Sequence) -> StreamOutput:
+    """The part of `seq` not yet streamed, and mark it streamed."""
+    tokens = seq.output_token_ids[seq.stream_tokens :]
+    seq.stream_tokens += len(tokens)
+    text, seq.stream_text = seq.stream_text, ""
+    logprobs = None
+    if seq.logprobs is not None:
+        logprobs = seq.logprobs[seq.stream_logprobs :]
+        seq.stream_logprobs = len(seq.logprobs)
+    return StreamOutput(seq.request_id, tokens, text, seq.finished, seq.finish_reason, seq.prompt_token_ids,
+                        seq.num_cached_tokens or 0, seq.num_output_tokens, logprobs)  # fmt: skip
+
+
+class AsyncLLM:
+    """Serve an LLM to many coroutines: `async for out in engine.generate(prompt, params): ...`."""
+
+    def __init__(self, llm: LLM) -> None:
+        self.llm = llm
+        self.tokenizer = llm.tokenizer
+        self.max_model_len = llm.max_model_len
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, _Stream] = {}
+        self._ids: set[str] = set()  # request ids in flight (added from coroutines, removed by the loop)
+        self._ids_lock = threading.Lock()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="qwen3-engine", daemon=True)
+        self._thread.start()
+
+    # -------------------------------------------------------------------------------------------
+    # The coroutine side
+
+    async def generate(self, prompt: str | SequenceABC[int], sampling_params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[StreamOutput]:  # fmt: skip
+        """Stream one request's increments; the last has finished=True. Closing the iterator early aborts it."""
+        if self._stopping:
+            raise RuntimeError("AsyncLLM: the engine is shut down")
+        request_id = request_id if request_id is not None else uuid.uuid4().hex
+        seq = self.llm.make_sequence(repr(request_id), prompt, sampling_params, request_id, stream=True)
+        with self._ids_lock:
+            if request_id in self._ids:
+                raise ValueError(f"request {request_id!r}: a request with this id is already running")
+            self._ids.add(request_id)
+        outputs: asyncio.Queue = asyncio.Queue()
+        self._inbox.put(("add", _Stream(seq, asyncio.get_running_loop(), outputs)))
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                item = await outputs.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request; its blocks are freed before the next step and its iterator ends with "abort"."""
+        self._inbox.put(("abort", request_id))
+        self._wake.set()
+
+    def stats(self) -> EngineStats:
+        llm = self.llm
+        return EngineStats(len(llm.scheduler.running), len(llm.scheduler.waiting), llm.block_manager.usage(),
+                           llm.scheduler.num_preemptions, llm.prompt_tokens_total,
+                           llm.generation_tokens_total)  # fmt: skip
+
+    async def shutdown(self) -> None:
+        """Stop the loop thread (running requests end with "abort")."""
+        self._stopping = True
+        self._inbox.put(("stop", None))
+        self._wake.set()
+        await asyncio.to_thread(self._thread.join)
+
+    # -------------------------------------------------------------------------------------------
+    # The loop thread
+
+    def _end(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
+        with self._ids_lock:
+            self._ids.discard(request_id)
+
+    def _abort(self, request_id: str) -> None:
+        stream = self._streams.get(request_id)
+        if stream is None:
+            return
+        self.llm.abort(stream.seq)
+        stream.send(delta(stream.seq))
+        self._end(request_id)
+
+    def _drain_inbox(self) -> bool:
+        """Apply queued adds and aborts; False once asked to stop."""
+        while True:
+            try:
+                kind, item = self._inbox.get_nowait()
+            except queue.Empty:
+                return True
+            if kind == "add":
+                self._streams[item.seq.request_id] = item
+                self.llm.add(item.seq)
+            elif kind == "abort":
+                self._abort(item)
+            else:
+                for request_id in list(self._streams):
+                    self._abort(request_id)
+                return False
+
+    def _loop(self) -> None:
+        while True:
+            self._wake.clear()
+            if not self._drain_inbox():
+                return
+            if not self.llm.scheduler.has_work():
+                self._wake.wait()
+                continue
+            try:
+                touched = self.llm.step()
+            except Exception as error:  # noqa: BLE001 - fail the requests in flight, keep serving new ones
+                for request_id, stream in list(self._streams.items()):
+                    self.llm.abort(stream.seq)
+                    stream.send(error)
+                    self._end(request_id)
+                continue
+            for seq in touched:
+                stream = self._streams.get(seq.request_id)
+                if stream is None:
+                    continue
+                stream.send(delta(seq))
+                if seq.finished:
+                    self._end(seq.request_id)

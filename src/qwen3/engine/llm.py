@@ -1,0 +1,383 @@
+"""qwen3.LLM: many prompts through one engine; the step loop that ties scheduler, runner and sampler together.
+
+A step: the scheduler picks this step's sequences and token counts (scheduler.py), the runner runs one packed
+forward (runner.py), every sequence's computed-token count advances and its newly full blocks enter the prefix
+cache (block_manager.py), and the sequences whose forward reached their last token get one sampled token each
+(sampler.py). A sequence finishes on EOS (unless ignore_eos), a stop token id, a stop string (text.py), its
+max_tokens, or max_model_len; its blocks are freed at once.
+
+Sizing (CUDA): after the weights are loaded, one forward of max_num_batched_tokens tokens and a sampler pass over
+max_num_seqs rows measure the peak activation memory; the pool gets what is left of gpu_memory_utilization x
+total memory (nano-vllm's rule), unless kv_cache_tokens fixes it. CPU: max_num_seqs x max_model_len tokens,
+capped at a quarter of the available RAM.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections.abc import Sequence as SequenceABC
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..model import CausalAttention, Qwen3ForCausalLM
+from ..sampling import SamplingParams
+from ..text import TextStream
+from ..tokenizer import Tokenizer
+from .attention import KVPool, kernels_for
+from .block_manager import BlockManager
+from .config import EngineConfig
+from .runner import ModelRunner
+from .sampler import Sampler, logprobs_for_row
+from .scheduler import Scheduler
+from .sequence import Sequence, Status, TokenLogprob
+
+DEFAULT_BLOCK_SIZE = {"cuda": 16, "cpu": 16}  # vLLM's 16; CUDA: chosen by measurement pending (the lead, H200)
+DEFAULT_BATCHED_TOKENS = {"cuda": 16384, "cpu": 2048}
+CPU_RAM_SHARE = 0.25  # the CPU pool's default takes at most this share of the available memory
+
+
+@dataclass
+class RequestOutput:
+    """A finished request. `token_ids` keep a final EOS / stop token id; `text` never shows it, nor a stop string."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" | "length"
+    num_cached_tokens: int
+    logprobs: list[TokenLogprob] | None
+
+
+def available_memory_bytes() -> int:
+    """The memory the OS can give us now: MemAvailable from /proc/meminfo, else free pages (os.sysconf)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+class LLM:
+    """An engine over one model: `generate` many prompts at once (continuous batching, paged KV, prefix cache).
+
+    `model` is a directory, a Hub id or "demo" (as load_model), or a built Qwen3ForCausalLM (then pass
+    `tokenizer`, or None to work with token ids only). See docs/engine.md.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike | Qwen3ForCausalLM = "Qwen/Qwen3-0.6B",
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        max_num_seqs: int = 256,
+        max_model_len: int | None = None,
+        kv_cache_tokens: int | None = None,
+        enable_prefix_caching: bool = True,
+        *,
+        tokenizer: Tokenizer | None = None,
+        max_num_batched_tokens: int | None = None,
+        block_size: int | None = None,
+        gpu_memory_utilization: float = 0.9,
+        enforce_eager: bool = False,
+        quantize: str | None = None,
+    ) -> None:
+        for name, value in (("max_num_seqs", max_num_seqs), ("max_model_len", max_model_len),
+                            ("kv_cache_tokens", kv_cache_tokens), ("max_num_batched_tokens", max_num_batched_tokens),
+                            ("block_size", block_size)):  # fmt: skip
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"LLM: {name}={value!r} must be a positive integer")
+        if not 0 < gpu_memory_utilization <= 1:
+            raise ValueError(f"LLM: gpu_memory_utilization={gpu_memory_utilization!r} must be in (0, 1]")
+        if quantize not in (None, "int8"):
+            raise ValueError(f"LLM: quantize={quantize!r} must be None or 'int8'")
+
+        self.model, self.tokenizer = self._load(model, device, dtype, tokenizer, quantize)
+        model_ = self.model
+        weight = model_.model.norm.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        config = model_.config
+        limit = config.max_position_embeddings
+        if max_model_len is not None and max_model_len > limit:
+            raise ValueError(f"LLM: max_model_len={max_model_len} exceeds the model's max_position_embeddings {limit}")
+        max_model_len = max_model_len or limit
+        kind = "cuda" if self.device.type == "cuda" else "cpu"
+        block_size = block_size or DEFAULT_BLOCK_SIZE[kind]
+        max_num_batched_tokens = max_num_batched_tokens or DEFAULT_BATCHED_TOKENS[kind]
+        eos = tuple(self.tokenizer.eos_token_ids) if self.tokenizer is not None else self._eos_ids
+        self.kernels = kernels_for(self.device)
+
+        nkv, layers = model_.num_kv_heads, config.num_hidden_layers
+        block_bytes = KVPool.bytes_per_block(layers, block_size, nkv, config.head_dim, self.dtype)
+        if kv_cache_tokens is not None:
+            num_blocks = -(-kv_cache_tokens // block_size)
+        elif kind == "cuda":
+            num_blocks = self._blocks_from_gpu_memory(max_num_batched_tokens, max_num_seqs, block_bytes,
+                                                      gpu_memory_utilization)  # fmt: skip
+        else:
+            wanted = -(-max_num_seqs * max_model_len // block_size)
+            num_blocks = min(wanted, int(available_memory_bytes() * CPU_RAM_SHARE) // block_bytes)
+        if num_blocks < 1:
+            raise ValueError(f"LLM: no memory left for the KV cache ({block_bytes} bytes per block of {block_size})")
+        max_model_len = min(max_model_len, num_blocks * block_size)
+
+        self.config = EngineConfig(
+            device=self.device, dtype=self.dtype, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+            max_num_batched_tokens=max_num_batched_tokens, block_size=block_size, num_blocks=num_blocks,
+            enable_prefix_caching=enable_prefix_caching, enforce_eager=enforce_eager,
+            vocab_size=config.vocab_size, eos_token_ids=eos,
+        )  # fmt: skip
+        self.pool = KVPool(layers, num_blocks, block_size, nkv, config.head_dim, self.dtype, self.device)
+        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.config, self.block_manager)
+        self.sampler = Sampler(max_num_seqs, config.vocab_size, self.device)
+        self.runner = ModelRunner(model_, self.config, self.pool, self.kernels)
+        self._request_counter = itertools.count()
+        self._arrival = itertools.count()
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+
+    @property
+    def max_model_len(self) -> int:
+        return self.config.max_model_len
+
+    # -------------------------------------------------------------------------------------------
+    # Setup
+
+    def _load(self, model: str | os.PathLike | Qwen3ForCausalLM, device: str | torch.device | None,
+              dtype: torch.dtype | None, tokenizer: Tokenizer | None,
+              quantize: str | None) -> tuple[Qwen3ForCausalLM, Tokenizer | None]:  # fmt: skip
+        self._eos_ids: tuple[int, ...] = ()
+        if isinstance(model, Qwen3ForCausalLM):
+            if device is not None or dtype is not None:
+                model = model.to(device=device, dtype=dtype)
+            if quantize == "int8":
+                from ..quantize import quantize_int8
+
+                quantize_int8(model)
+            return model.eval(), tokenizer
+        from ..checkpoint import load_model
+        from ..hub import MODEL_FILES, TOKENIZER_FILES, resolve_source
+        from ..tokenizer import load_tokenizer
+
+        device = torch.device(device) if device is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")  # fmt: skip
+        dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
+        directory = resolve_source(model, sorted(set(MODEL_FILES + TOKENIZER_FILES)))
+        loaded = load_model(directory, device=device, dtype=dtype)
+        if quantize == "int8":
+            from ..quantize import quantization_config, quantize_int8
+
+            if quantization_config(loaded) is None:
+                quantize_int8(loaded)
+        if tokenizer is None and (directory / "tokenizer.json").is_file():
+            tokenizer = load_tokenizer(directory)
+        generation_config = directory / "generation_config.json"
+        if generation_config.is_file():
+            import json
+
+            eos = json.loads(generation_config.read_text()).get("eos_token_id")
+            self._eos_ids = () if eos is None else tuple([eos] if isinstance(eos, int) else eos)
+        return loaded, tokenizer
+
+    @torch.inference_mode()
+    def _blocks_from_gpu_memory(self, max_tokens: int, max_num_seqs: int, block_bytes: int, utilization: float) -> int:
+        """Blocks that fit in utilization x total after the weights and a measured peak-activation warm-up."""
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        # The largest step: max_tokens packed tokens (one causal row stands in for the paged kernels, whose
+        # working memory is their output), logits for max_num_seqs rows, and the sort-based sampling filters.
+        rows = min(max_num_seqs, max_tokens)
+        ids = torch.zeros(1, max_tokens, dtype=torch.long, device=self.device)
+        index = torch.linspace(0, max_tokens - 1, rows, device=self.device).long()[None]
+        logits = self.model(ids, None, CausalAttention(), logits_index=index)[0]
+        warm = [Sequence(str(i), [0], SamplingParams(top_p=0.9, min_p=0.1), -1) for i in range(rows)]
+        Sampler(max_num_seqs, self.model.config.vocab_size, self.device)(logits, warm)
+        del logits
+        torch.cuda.synchronize(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        stats = torch.cuda.memory_stats(self.device)
+        used = total - free
+        peak, current = stats["allocated_bytes.all.peak"], stats["allocated_bytes.all.current"]
+        available = total * utilization - used - peak + current
+        return int(available) // block_bytes
+
+    # -------------------------------------------------------------------------------------------
+    # Requests
+
+    def make_sequence(self, index: int | str, prompt: str | SequenceABC[int], params: SamplingParams,
+                      request_id: str, stream: bool) -> Sequence:  # fmt: skip
+        """Validate one request and build its Sequence; ValueError naming the request (`index`) if it is bad."""
+        where = f"request {index}"
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"{where}: sampling_params must be a SamplingParams, found {type(params).__name__}")
+        text = None
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"{where}: a text prompt needs a tokenizer (this LLM has none: pass token ids)")
+            ids = self.tokenizer.encode(prompt, allow_special=True)
+        else:
+            try:
+                ids = [int(i) for i in prompt]
+            except (TypeError, ValueError):
+                raise ValueError(f"{where}: a prompt is a string or a list of token ids") from None
+            if any(isinstance(i, bool) or not isinstance(i, (int, float)) for i in prompt):
+                raise ValueError(f"{where}: token ids must be integers")
+            prompt = None
+        vocab = self.config.vocab_size
+        if not ids:
+            raise ValueError(f"{where}: the prompt is empty (it needs at least one token)")
+        bad = next((i for i in ids if not 0 <= i < vocab), None)
+        if bad is not None:
+            raise ValueError(f"{where}: token id {bad} is outside the vocabulary (0..{vocab - 1})")
+        if len(ids) > self.max_model_len - 1:
+            raise ValueError(
+                f"{where}: the prompt has {len(ids)} tokens; max_model_len is {self.max_model_len} and the prompt "
+                f"must leave room for at least one generated token"
+            )
+        if params.stop and self.tokenizer is None:
+            raise ValueError(f"{where}: stop strings need a tokenizer (this LLM has none)")
+        if self.tokenizer is not None and (stream or params.stop):
+            eos = () if params.ignore_eos else self.config.eos_token_ids
+            text = TextStream(self.tokenizer, params.stop, eos_token_ids=eos, stop_token_ids=params.stop_token_ids)
+        return Sequence(request_id, ids, params, next(self._arrival), prompt=prompt, text=text)
+
+    def add(self, seq: Sequence) -> None:
+        self.scheduler.add(seq)
+        self.prompt_tokens_total += seq.num_prompt_tokens
+
+    def abort(self, seq: Sequence) -> None:
+        """Stop `seq` now and free its blocks."""
+        if seq.status is not Status.FINISHED:
+            self._finish(seq, "abort")
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.status, seq.finish_reason = Status.FINISHED, reason
+        self.scheduler.remove(seq)
+        self.sampler.release(seq)
+
+    # -------------------------------------------------------------------------------------------
+    # The step
+
+    def step(self) -> list[Sequence]:
+        """One scheduled forward and sampling; returns the sequences that got a token (finished ones included)."""
+        batch = self.scheduler.schedule()
+        for seq in batch.preempted:
+            self.sampler.release(seq)
+        if not batch:
+            return []
+        logits, sampling = self.runner.run(batch)
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            seq.num_computed_tokens += n
+            self.block_manager.register_full_blocks(seq)
+        if not sampling:
+            return []
+        next_ids, chosen, top, k = self.sampler(logits, sampling)
+        ids = next_ids.tolist()
+        if chosen is not None:
+            chosen, top = chosen.cpu(), None if top is None else top.cpu()
+        for i, (seq, token_id) in enumerate(zip(sampling, ids, strict=True)):
+            logprob = None
+            if chosen is not None and seq.logprobs is not None:
+                logprob = logprobs_for_row(chosen, top, i, seq.params.logprobs, token_id)
+            self._append(seq, token_id, logprob)
+        return sampling
+
+    def _append(self, seq: Sequence, token_id: int, logprob: TokenLogprob | None) -> None:
+        seq.token_ids.append(token_id)
+        self.generation_tokens_total += 1
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+        p = seq.params
+        if seq.text is not None:
+            seq.stream_text += seq.text.push(token_id)
+            stopped = seq.text.finished
+        else:
+            stopped = (not p.ignore_eos and token_id in self.config.eos_token_ids) or token_id in p.stop_token_ids
+        if stopped:
+            self._finish(seq, "stop")
+        elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            if seq.text is not None:
+                seq.stream_text += seq.text.finish()
+            self._finish(seq, "stop" if seq.text is not None and seq.text.finished else "length")
+
+    # -------------------------------------------------------------------------------------------
+    # Offline generation
+
+    def generate(
+        self,
+        prompts: str | SequenceABC[str] | SequenceABC[SequenceABC[int]],
+        sampling_params: SamplingParams | SequenceABC[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt; outputs in prompt order. Bad requests raise ValueError before anything runs."""
+        if isinstance(prompts, str) or (isinstance(prompts, SequenceABC) and prompts
+                                        and isinstance(prompts[0], int)):  # fmt: skip
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params = [sampling_params] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise ValueError(f"sampling_params: {len(params)} given for {len(prompts)} prompts (one, or one each)")
+        seqs = [self.make_sequence(i, prompt, p, str(next(self._request_counter)), stream=False)
+                for i, (prompt, p) in enumerate(zip(prompts, params, strict=True))]  # fmt: skip
+        for seq in seqs:
+            self.add(seq)
+        bar = tqdm(total=len(seqs), desc="generating", unit="req", disable=not use_tqdm, dynamic_ncols=True)
+        done = 0
+        try:
+            while self.scheduler.has_work():
+                started = time.perf_counter()
+                prefill_before, decode_before = self._token_counts(seqs)
+                self.step()
+                seconds = time.perf_counter() - started
+                prefill_after, decode_after = self._token_counts(seqs)
+                finished = sum(s.finished for s in seqs)
+                bar.update(finished - done)
+                done = finished
+                if use_tqdm and seconds > 0:
+                    bar.set_postfix(prefill=f"{(prefill_after - prefill_before) / seconds:.0f} tok/s",
+                                    decode=f"{(decode_after - decode_before) / seconds:.0f} tok/s", refresh=False)
+        finally:
+            bar.close()
+            for seq in seqs:  # an interrupt or an error: leave no request behind holding blocks
+                if not seq.finished:
+                    self.abort(seq)
+        return [self.output(seq) for seq in seqs]
+
+    @staticmethod
+    def _token_counts(seqs: list[Sequence]) -> tuple[int, int]:
+        """Prompt tokens computed and output tokens produced so far (for the progress bar)."""
+        prefill = sum(min(s.num_computed_tokens, s.num_prompt_tokens) if not s.finished else s.num_prompt_tokens
+                      for s in seqs)  # fmt: skip
+        return prefill, sum(s.num_output_tokens for s in seqs)
+
+    def output(self, seq: Sequence) -> RequestOutput:
+        """The RequestOutput of a finished sequence."""
+        if seq.text is not None:
+            text = seq.text.text
+        elif self.tokenizer is not None:
+            ids = seq.output_token_ids
+            if seq.finish_reason == "stop" and ids:
+                ids = ids[:-1]  # the EOS or stop token id ends the text without appearing in it
+            text = self.tokenizer.decode(ids)
+        else:
+            text = ""
+        return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, text, seq.output_token_ids,
+                             seq.finish_reason or "length", seq.num_cached_tokens or 0, seq.logprobs)  # fmt: skip

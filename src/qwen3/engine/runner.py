@@ -1,0 +1,146 @@
+"""One engine step on the model: pack the scheduled sequences into one flat row, run the forward, return logits.
+
+A step's tokens from all sequences sit side by side in one row of N tokens, tokens (1, N) and positions
+(1, N), with the per-step metadata in a PagedAttention backend (attention.py): where each token's k/v goes
+(slot_mapping), each sequence's block table, its length after the step (seq_lens) and where its queries start
+(query_start_loc). Logits are computed only at the last token of each sequence that samples this step (a prompt
+chunk that does not reach the prompt's end samples nothing).
+
+CUDA graphs (decode only). A decode step of S sequences replays the graph of the smallest bucket >= S (buckets
+1, 2, 4, 8, 16, 32, ...), captured once at start, largest first, into one shared memory pool. The graphs read
+static input tensors that each replay overwrites; padding rows write nowhere (slot -1) and attend to nothing
+(seq_lens 0). Nothing per-step is baked in: the decode kernel reads seq_lens on the device, and its grid and
+split count depend only on the bucket. Prefill and mixed steps run eagerly. The CPU never uses graphs.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+from torch import Tensor
+
+from ..model import Qwen3ForCausalLM
+from .attention import KVPool, PagedAttention
+from .config import EngineConfig
+from .scheduler import ScheduledBatch
+from .sequence import Sequence
+
+
+class ModelRunner:
+    def __init__(self, model: Qwen3ForCausalLM, config: EngineConfig, pool: KVPool, kernels: SimpleNamespace) -> None:
+        self.model, self.config, self.pool, self.kernels = model, config, pool, kernels
+        self.device = config.device
+        self.pin = self.device.type == "cuda"
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        if self.device.type == "cuda" and not config.enforce_eager and kernels.name != "reference":
+            self.capture_graphs()
+
+    def _tensor(self, values: list[int], dtype: torch.dtype = torch.int32) -> Tensor:
+        t = torch.tensor(values, dtype=dtype)
+        if self.pin:
+            t = t.pin_memory()
+        return t.to(self.device, non_blocking=True)
+
+    def _num_splits(self, num_seqs: int, max_seq_len: int) -> int:
+        fn = getattr(self.kernels, "decode_num_splits", None)
+        return 1 if fn is None else fn(num_seqs, self.model.num_kv_heads, max_seq_len)
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> tuple[Tensor, list[Sequence]]:
+        """Feed the batch's new tokens; logits (S', V) for the S' sequences that sample this step, and those."""
+        bs = self.config.block_size
+        tokens: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        seq_lens: list[int] = []
+        starts = [0]
+        logits_index: list[int] = []
+        sampling: list[Sequence] = []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            tokens += seq.token_ids[start:end]
+            positions += range(start, end)
+            for b in range(start // bs, (end - 1) // bs + 1):  # the blocks this chunk writes
+                lo, hi = max(start, b * bs), min(end, (b + 1) * bs)
+                base = seq.block_table[b] * bs - b * bs
+                slots += range(base + lo, base + hi)
+            seq_lens.append(end)
+            starts.append(starts[-1] + n)
+            if end == seq.num_tokens:
+                logits_index.append(starts[-1] - 1)
+                sampling.append(seq)
+        S = len(batch.seqs)
+        width = max(len(seq.block_table) for seq in batch.seqs)
+        tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq in batch.seqs]
+
+        decode = batch.is_decode and len(sampling) == S
+        bucket = next((b for b in sorted(self.graphs) if b >= S), None) if decode else None
+        if bucket is not None:
+            return self._replay(bucket, tokens, positions, slots, seq_lens, tables), sampling
+
+        backend = PagedAttention(
+            self.pool, self.kernels,
+            slot_mapping=self._tensor(slots),
+            block_tables=self._tensor(tables),
+            seq_lens=self._tensor(seq_lens),
+            query_start_loc=self._tensor(starts),
+            max_query_len=max(batch.num_new_tokens),
+            max_seq_len=max(seq_lens),
+            decode=decode,
+            num_splits=self._num_splits(S, max(seq_lens)) if decode else 1,
+        )  # fmt: skip
+        ids = self._tensor(tokens, torch.long)[None]
+        pos = self._tensor(positions, torch.long)[None]
+        index = self._tensor(logits_index, torch.long)[None]
+        return self.model(ids, pos, backend, logits_index=index)[0], sampling
+
+    # -------------------------------------------------------------------------------------------
+    # CUDA graphs
+
+    def capture_graphs(self) -> None:
+        """Record one decode forward per bucket, largest first, into one memory pool."""
+        buckets = self.config.graph_buckets()
+        largest, max_blocks = buckets[-1], self.config.max_blocks_per_seq
+        device = self.device
+        self.g_tokens = torch.zeros(largest, dtype=torch.long, device=device)
+        self.g_positions = torch.zeros(largest, dtype=torch.long, device=device)
+        self.g_slots = torch.full((largest,), -1, dtype=torch.int32, device=device)
+        self.g_seq_lens = torch.zeros(largest, dtype=torch.int32, device=device)
+        self.g_tables = torch.zeros(largest, max_blocks, dtype=torch.int32, device=device)
+        self.g_index = torch.arange(largest, device=device)[None]
+        starts = torch.arange(largest + 1, dtype=torch.int32, device=device)
+        memory_pool = None
+        with torch.inference_mode():
+            for size in reversed(buckets):
+                backend = PagedAttention(
+                    self.pool, self.kernels, self.g_slots[:size], self.g_tables[:size], self.g_seq_lens[:size],
+                    starts[: size + 1], max_query_len=1, max_seq_len=self.config.max_model_len, decode=True,
+                    num_splits=self._num_splits(size, self.config.max_model_len),
+                )  # fmt: skip
+
+                def forward(size: int = size, backend: PagedAttention = backend) -> Tensor:
+                    return self.model(self.g_tokens[None, :size], self.g_positions[None, :size], backend,
+                                      logits_index=self.g_index[:, :size])[0]  # fmt: skip
+
+                forward()  # warm-up: Triton compiles, the allocator settles
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=memory_pool):
+                    logits = forward()
+                if memory_pool is None:
+                    memory_pool = graph.pool()
+                self.graphs[size] = (graph, logits)
+                torch.cuda.synchronize()
+
+    def _replay(self, bucket: int, tokens: list[int], positions: list[int], slots: list[int], seq_lens: list[int],
+                tables: list[list[int]]) -> Tensor:  # fmt: skip
+        S, width = len(tokens), len(tables[0])
+        pad = bucket - S
+        self.g_tokens[:bucket].copy_(self._tensor(tokens + [0] * pad, torch.long), non_blocking=True)
+        self.g_positions[:bucket].copy_(self._tensor(positions + [0] * pad, torch.long), non_blocking=True)
+        self.g_slots[:bucket].copy_(self._tensor(slots + [-1] * pad), non_blocking=True)
+        self.g_seq_lens[:bucket].copy_(self._tensor(seq_lens + [0] * pad), non_blocking=True)
+        self.g_tables[:S, :width].copy_(self._tensor(tables), non_blocking=True)
+        graph, logits = self.graphs[bucket]
+        graph.replay()
+        return logits[:S]

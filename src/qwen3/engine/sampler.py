@@ -1,0 +1,188 @@
+"""Per-row sampling for a batch of unrelated requests, in one batched pass with no host synchronisation.
+
+Each row has its own temperature, top-k, top-p, min-p, penalties and seed. The pipeline and semantics are those
+of qwen3.sampling (penalties -> temperature -> top-k -> top-p -> min-p -> exponential race), with every parameter a
+(S,) tensor instead of a Python number. What is decided on the host, from the requests' parameters, is only which
+stages any row of the step needs: a step where no row uses top-k/top-p skips the sort entirely, one without
+penalties skips the counts, an all-greedy step is just argmax.
+
+Seeds. A seeded row's noise is a counter-based hash of (seed, output index, vocabulary index): a pure function,
+so the row draws the same noise whatever else shares the batch, whichever row it lands in, and after a
+preemption. The hash is murmur3's 32-bit finaliser applied in int64 arithmetic (values kept below 2**32), giving
+24-bit uniforms u in (0, 1) and Exp(1) noise -log(u). Unseeded rows draw from the global RNG.
+
+Penalty state: a (max_num_seqs, V) table of output-token counts and one of prompt-token flags, one row per
+running sequence that uses penalties, kept on the device and updated after each sampled token.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..sampling import SamplingParams
+from .sequence import Sequence, TokenLogprob
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _fmix32(h: Tensor) -> Tensor:
+    """murmur3's finaliser on int64 tensors holding 32-bit values (products wrap; the low 32 bits are exact)."""
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & _MASK32
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & _MASK32
+    return h ^ (h >> 16)
+
+
+def row_key(seed: int, output_index: int) -> int:
+    """A 32-bit key for (seed, output index), mixed on the host (seeds go up to 2**64)."""
+    h = 0
+    for word in (seed & _MASK32, (seed >> 32) & _MASK32, output_index & _MASK32):
+        h = _fmix32_int((h ^ word) * 0x9E3779B1 & _MASK32)
+    return h
+
+
+def _fmix32_int(h: int) -> int:
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & _MASK32
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & _MASK32
+    return h ^ (h >> 16)
+
+
+def seeded_exponential(keys: Tensor, vocab_size: int) -> Tensor:
+    """Exp(1) noise (S, V) float32 from row keys (S,) int64: a pure function of (key, vocabulary index)."""
+    index = torch.arange(vocab_size, device=keys.device, dtype=torch.int64)
+    h = _fmix32((keys[:, None] ^ (index[None, :] * 0x27D4EB2F & _MASK32)) & _MASK32)
+    h = _fmix32(h ^ 0x165667B1)
+    uniform = ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))  # in (0, 1)
+    return -torch.log(uniform)
+
+
+def _needs_penalty(p: SamplingParams) -> bool:
+    return p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0
+
+
+class Sampler:
+    def __init__(self, max_num_seqs: int, vocab_size: int, device: torch.device) -> None:
+        self.vocab_size, self.device = vocab_size, device
+        self.max_rows = max_num_seqs
+        self.free_rows = list(range(max_num_seqs - 1, -1, -1))
+        self.counts: Tensor | None = None  # (max_num_seqs, V) int32, allocated when a request first needs it
+        self.prompt_mask: Tensor | None = None  # (max_num_seqs, V) bool
+
+    # -------------------------------------------------------------------------------------------
+    # Penalty rows
+
+    def _row(self, seq: Sequence) -> int:
+        """The penalty row of `seq`, (re)built from its tokens when it first needs one."""
+        if seq.sampler_row >= 0:
+            return seq.sampler_row
+        if self.counts is None:
+            shape = (self.max_rows, self.vocab_size)
+            self.counts = torch.zeros(shape, dtype=torch.int32, device=self.device)
+            self.prompt_mask = torch.zeros(shape, dtype=torch.bool, device=self.device)
+        row = seq.sampler_row = self.free_rows.pop()
+        self.counts[row].zero_()
+        self.prompt_mask[row].zero_()
+        prompt = torch.tensor(seq.prompt_token_ids, device=self.device)
+        self.prompt_mask[row, prompt] = True
+        output = torch.tensor(seq.output_token_ids, dtype=torch.long, device=self.device)
+        self.counts[row].scatter_add_(0, output, torch.ones_like(output, dtype=torch.int32))
+        return row
+
+    def release(self, seq: Sequence) -> None:
+        if seq.sampler_row >= 0:
+            self.free_rows.append(seq.sampler_row)
+            seq.sampler_row = -1
+
+    # -------------------------------------------------------------------------------------------
+    # One step
+
+    def __call__(self, logits: Tensor, seqs: list[Sequence]) -> tuple[Tensor, Tensor | None, Tensor | None, int]:
+        """logits (S, V) for seqs -> next ids (S,) int64; plus, when a row asked for logprobs, the sampled
+        tokens' logprobs (S,), the top-k (S, k, 2 as ids/logprobs) and that k (decoded by `logprobs`)."""
+        params = [s.params for s in seqs]
+        S, V = logits.shape
+        device = logits.device
+        raw = logits.float()
+        logits = raw
+
+        def column(values: list[float], dtype: torch.dtype = torch.float32) -> Tensor:
+            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)[:, None]
+
+        penalised_rows = {i for i, p in enumerate(params) if _needs_penalty(p)}
+        rows = None
+        if penalised_rows:
+            rows = torch.tensor([self._row(seqs[i]) if i in penalised_rows else 0 for i in range(S)]).to(device)
+            counts = self.counts[rows]  # (S, V)
+            seen = (counts > 0) | self.prompt_mask[rows]
+            rep = column([p.repetition_penalty for p in params])
+            logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+            logits = logits - column([p.frequency_penalty for p in params]) * counts.float()
+            logits = logits - column([p.presence_penalty for p in params]) * (counts > 0).float()
+
+        greedy = [p.greedy for p in params]
+        if all(greedy):
+            next_ids = logits.argmax(-1)
+        else:
+            temperature = column([1.0 if p.greedy else p.temperature for p in params])
+            scaled = logits / temperature
+            if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
+                scaled = self._top_k_top_p(scaled, params)
+            if any(p.min_p > 0.0 for p in params):
+                probs = scaled.softmax(-1)
+                min_p = column([p.min_p for p in params])
+                scaled = scaled.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), -math.inf)
+            probs = scaled.softmax(-1)
+            noise = torch.empty_like(probs).exponential_()
+            seeded = {i for i, p in enumerate(params) if p.seed is not None and not p.greedy}
+            if seeded:
+                keys = [row_key(params[i].seed, seqs[i].num_output_tokens) if i in seeded else 0 for i in range(S)]
+                is_seeded = column([i in seeded for i in range(S)], torch.bool)
+                keys_t = torch.tensor(keys, dtype=torch.int64).to(device, non_blocking=True)
+                noise = torch.where(is_seeded, seeded_exponential(keys_t, V), noise)
+            noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+            sampled = (probs / noise).argmax(-1)
+            next_ids = torch.where(column(greedy, torch.bool)[:, 0], logits.argmax(-1), sampled)
+
+        if penalised_rows:
+            ones = torch.tensor([i in penalised_rows for i in range(S)], dtype=torch.int32).to(device)
+            self.counts.index_put_((rows, next_ids), ones, accumulate=True)
+
+        k = max((p.logprobs for p in params if p.logprobs is not None), default=None)
+        if k is None:
+            return next_ids, None, None, 0
+        logprobs = torch.log_softmax(raw, -1)
+        chosen = logprobs.gather(1, next_ids[:, None])[:, 0]
+        top = torch.topk(logprobs, k, dim=-1) if k > 0 else None
+        top_pairs = None if top is None else torch.stack((top.indices.float(), top.values), -1)
+        return next_ids, chosen, top_pairs, k
+
+    @staticmethod
+    def _top_k_top_p(logits: Tensor, params: list[SamplingParams]) -> Tensor:
+        """Per-row top-k then top-p (transformers' order and tie rules), through one descending sort."""
+        S, V = logits.shape
+        device = logits.device
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        top_k = torch.tensor([p.top_k if 0 < p.top_k < V else V for p in params]).to(device)
+        kth = sorted_logits.gather(1, (top_k - 1)[:, None])  # (S, 1)
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, -math.inf)  # ties with the k-th kept
+        # Top-p: drop the low tail whose mass is <= 1 - top_p. In descending order the tail mass at i is the
+        # sum of probabilities from i to the end, a reversed cumulative sum; the top token always stays.
+        probs = sorted_logits.softmax(-1)
+        tail = probs.flip(-1).cumsum(-1).flip(-1)
+        top_p = torch.tensor([p.top_p for p in params]).to(device)[:, None]
+        drop = tail <= 1 - top_p
+        drop[:, 0] = False
+        sorted_logits = sorted_logits.masked_fill(drop, -math.inf)
+        return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def logprobs_for_row(chosen: Tensor, top: Tensor | None, i: int, k: int, token_id: int) -> TokenLogprob:
+    """Row i's TokenLogprob from host copies of the sampler's logprob outputs (top trimmed to the row's k)."""
+    pairs = [] if top is None or k == 0 else [(int(a), float(b)) for a, b in top[i, :k].tolist()]
+    return TokenLogprob(token_id, float(chosen[i]), pairs)
