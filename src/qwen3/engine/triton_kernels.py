@@ -1,0 +1,394 @@
+"""Triton kernels for the engine's paged KV cache (CUDA): store_kv, paged_attention, paged_decode_attention.
+
+Same signatures and meaning as the pure-PyTorch reference functions in attention.py (the contract is written out
+there and in the functions below). This module imports triton at its top, so importing it fails cleanly where
+triton is absent and the engine falls back to the reference path; nothing in qwen3 imports it at import time.
+
+What is not obvious from the code:
+- Cache layout: k_cache, v_cache are (num_blocks, block_size, nkv, D); key t of sequence s lives in block
+  block_tables[s, t // block_size] at offset t % block_size. Offsets into the cache are computed in int64 (one
+  layer of a large pool can pass 2**31 elements).
+- GQA: one program serves all G = nh // nkv query heads of one KV head, so each K/V tile is loaded once for the
+  group. The rows of a program's tile are (query token, head of the group) pairs, G padded to a power of two.
+- Softmax: online (flash) softmax in fp32 in base 2: scores are multiplied by scale * log2(e) and exponentiated
+  with exp2. The running max starts at a finite -1e30 and masked scores are -inf, so fully masked rows (padding)
+  never produce NaN; their sum stays 0 and is replaced by 1 before dividing.
+- paged_attention's grid is (N // BLOCK_Q + S, nkv): an upper bound on the query blocks of all sequences
+  (sequence s's blocks start at query_start_loc[s] // BLOCK_Q + s); each program finds its sequence by binary
+  search over query_start_loc and surplus programs exit. The grid depends on shapes only.
+- paged_decode_attention splits each sequence's context into num_splits parts (flash-decoding); the grid
+  (S, nkv, num_splits) and all scalars depend only on shapes, seq_lens is read inside the kernel, so the call can
+  be captured in a CUDA graph. An empty split writes a neutral partial (lse -inf, acc 0); a reduce kernel merges
+  the partials with weights exp2(lse - max lse). With num_splits == 1 the split kernel writes the output itself.
+- fp32 inputs use exact fp32 dot products (input_precision "ieee", not TF32), so fp32 results match a float64
+  reference closely; bf16/fp16 inputs use the tensor cores with fp32 accumulation.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# store_kv
+
+
+@triton.jit
+def _store_kv_kernel(
+    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
+    stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,
+    stride_c_block, stride_c_off, stride_c_head,
+    block_size, num_kv_heads,
+    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    tok = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_mapping_ptr + tok).to(tl.int64)
+    heads = tl.arange(0, BLOCK_H)[:, None]
+    dims = tl.arange(0, BLOCK_D)[None, :]
+    mask = (heads < num_kv_heads) & (dims < HEAD_DIM) & (slot >= 0)  # slot < 0: a padding row, nothing written
+    block = slot // block_size
+    dst = block * stride_c_block + (slot - block * block_size) * stride_c_off + heads * stride_c_head + dims
+    k = tl.load(k_ptr + tok * stride_k_tok + heads * stride_k_head + dims, mask=mask)
+    v = tl.load(v_ptr + tok * stride_v_tok + heads * stride_v_head + dims, mask=mask)
+    tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Write token i's k/v (N, nkv, D) into slot slot_mapping[i] of the caches; a slot < 0 is skipped."""
+    _check_cache(k_cache, v_cache)
+    n, nkv, d = _check_rows("k", k, k_cache)
+    if v.shape != k.shape:
+        raise ValueError(f"store_kv: v has shape {tuple(v.shape)}, expected k's {tuple(k.shape)}")
+    _check_index("slot_mapping", slot_mapping, (n,), k.device)
+    if n == 0:
+        return
+    k, v = _last_dim_contiguous(k), _last_dim_contiguous(v)
+    _store_kv_kernel[(n,)](
+        k, v, k_cache, v_cache, slot_mapping,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        k_cache.shape[1], nkv,
+        HEAD_DIM=d, BLOCK_H=triton.next_power_of_2(nkv), BLOCK_D=triton.next_power_of_2(d),
+        num_warps=4,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# paged_attention: varlen prefill / extend / decode over block tables, causal
+
+
+@triton.jit
+def _paged_prefill_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
+    block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
+    qk_scale, num_seqs,
+    stride_q_tok, stride_q_head, stride_o_tok, stride_o_head,
+    stride_c_block, stride_c_off, stride_c_head, stride_bt_seq,
+    block_size,
+    G: tl.constexpr, HEAD_DIM: tl.constexpr,
+    G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    BLOCK_M: tl.constexpr = BLOCK_Q * G_PAD
+    q_block = tl.program_id(0)
+    kv_head = tl.program_id(1)
+
+    # The sequence of this query block: the last s whose first block query_start_loc[s] // BLOCK_Q + s <= q_block.
+    lo = 1
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid > q_block:
+            hi = mid
+        else:
+            lo = mid + 1
+    seq = lo - 1
+
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    q_block_local = q_block - (q_start // BLOCK_Q + seq)
+    if q_block_local * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    context_len = seq_len - q_len  # tokens cached before this step's queries
+
+    rows = tl.arange(0, BLOCK_M)
+    q_idx = q_block_local * BLOCK_Q + rows // G_PAD  # query index within the sequence
+    g = rows % G_PAD
+    head = kv_head * G + g
+    row_valid = (q_idx < q_len) & (g < G)
+    q_pos = context_len + q_idx
+    dims = tl.arange(0, BLOCK_D)
+    d_valid = dims < HEAD_DIM
+
+    q_tok = (q_start + q_idx).to(tl.int64)
+    q = tl.load(q_ptr + q_tok[:, None] * stride_q_tok + head[:, None] * stride_q_head + dims[None, :],
+                mask=row_valid[:, None] & d_valid[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+
+    m_i = tl.full([BLOCK_M], -1e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # Keys 0 .. kv_end - 1: up to the last query of this block (causal), never past the sequence.
+    kv_end = tl.minimum(seq_len, context_len + (q_block_local + 1) * BLOCK_Q)
+    block_table = block_tables_ptr + seq.to(tl.int64) * stride_bt_seq
+    for start_n in range(0, kv_end, BLOCK_N):
+        k_pos = start_n + tl.arange(0, BLOCK_N)
+        k_valid = k_pos < kv_end
+        block = tl.load(block_table + k_pos // block_size, mask=k_valid, other=0).to(tl.int64)
+        kv_off = block * stride_c_block + (k_pos % block_size) * stride_c_off + kv_head * stride_c_head
+        k = tl.load(k_cache_ptr + kv_off[None, :] + dims[:, None],
+                    mask=k_valid[None, :] & d_valid[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
+        s = tl.dot(q, k, input_precision=INPUT_PRECISION) * qk_scale
+        visible = row_valid[:, None] & k_valid[None, :] & (k_pos[None, :] <= q_pos[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :],
+                    mask=k_valid[:, None] & d_valid[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+        m_i = m_new
+
+    acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(out_ptr + q_tok[:, None] * stride_o_tok + head[:, None] * stride_o_head + dims[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                    seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float, max_query_len: int,
+                    max_seq_len: int) -> torch.Tensor:
+    """Causal attention of the packed queries q (N, nh, D) over each sequence's cached keys; returns (N, nh, D).
+
+    Sequence s owns q[query_start_loc[s]:query_start_loc[s+1]]; seq_lens[s] counts its cached tokens including
+    this step's, so query j of s sits at position seq_lens[s] - query_len_s + j and sees keys 0..that position.
+    max_seq_len is not needed by the kernel (accepted for the shared signature); max_query_len picks the tile.
+    """
+    _check_cache(k_cache, v_cache)
+    n, nh, d = _check_rows("q", q, k_cache)
+    nkv = k_cache.shape[2]
+    if nh % nkv:
+        raise ValueError(f"paged_attention: {nh} query heads is not a multiple of {nkv} KV heads")
+    s = seq_lens.shape[0] if seq_lens.dim() == 1 else -1
+    _check_index("seq_lens", seq_lens, (s,), q.device)
+    _check_index("query_start_loc", query_start_loc, (s + 1,), q.device)
+    _check_index("block_tables", block_tables, (s, block_tables.shape[-1]), q.device)
+    out = torch.empty(n, nh, d, dtype=q.dtype, device=q.device)
+    if n == 0 or s == 0:
+        return out
+    q = _last_dim_contiguous(q)
+    g = nh // nkv
+    g_pad = triton.next_power_of_2(g)
+    fp32 = q.dtype == torch.float32
+    # Rows per program (query tokens x padded group): small for decode-like steps, 128 (64 in fp32) for prefill.
+    rows = 16 if max_query_len * g_pad <= 16 else 64 if (max_query_len * g_pad <= 64 or fp32) else 128
+    rows = max(rows, g_pad)
+    block_q = rows // g_pad
+    block_n = 32 if fp32 else 64
+    grid = (n // block_q + s, nkv)
+    _paged_prefill_kernel[grid](
+        q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc,
+        scale * LOG2E, s,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        k_cache.shape[1],
+        G=g, HEAD_DIM=d, G_PAD=g_pad, BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(d),
+        INPUT_PRECISION="ieee" if fp32 else "tf32",
+        num_warps=8 if rows >= 128 else 4, num_stages=2,
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# paged_decode_attention: one query per sequence, split over the context (flash-decoding)
+
+
+@triton.jit
+def _paged_decode_split_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, mid_o_ptr, mid_lse_ptr,
+    block_tables_ptr, seq_lens_ptr,
+    qk_scale, num_splits,
+    stride_q_seq, stride_q_head, stride_o_seq, stride_o_head,
+    stride_c_block, stride_c_off, stride_c_head, stride_bt_seq,
+    block_size,
+    G: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, DIRECT: tl.constexpr,
+):
+    seq = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    num_heads = tl.num_programs(1) * G
+
+    seq_len = tl.load(seq_lens_ptr + seq)
+    tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits)
+    start = split * tiles_per_split * BLOCK_N
+    end = tl.minimum(seq_len, start + tiles_per_split * BLOCK_N)  # start >= end: an empty split
+
+    g = tl.arange(0, BLOCK_G)
+    head = kv_head * G + g
+    g_valid = g < G
+    dims = tl.arange(0, BLOCK_D)
+    d_valid = dims < HEAD_DIM
+    q = tl.load(q_ptr + seq * stride_q_seq + head[:, None] * stride_q_head + dims[None, :],
+                mask=g_valid[:, None] & d_valid[None, :], other=0.0)  # (BLOCK_G, BLOCK_D)
+
+    m_i = tl.full([BLOCK_G], -1e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    block_table = block_tables_ptr + seq * stride_bt_seq
+    for start_n in range(start, end, BLOCK_N):
+        k_pos = start_n + tl.arange(0, BLOCK_N)
+        k_valid = k_pos < end
+        block = tl.load(block_table + k_pos // block_size, mask=k_valid, other=0).to(tl.int64)
+        kv_off = block * stride_c_block + (k_pos % block_size) * stride_c_off + kv_head * stride_c_head
+        k = tl.load(k_cache_ptr + kv_off[None, :] + dims[:, None],
+                    mask=k_valid[None, :] & d_valid[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
+        s = tl.dot(q, k, input_precision=INPUT_PRECISION) * qk_scale
+        s = tl.where(k_valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :],
+                    mask=k_valid[:, None] & d_valid[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+        m_i = m_new
+
+    acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # an empty split (or seq_len 0) leaves zeros
+    if DIRECT:
+        tl.store(out_ptr + seq * stride_o_seq + head[:, None] * stride_o_head + dims[None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=g_valid[:, None] & d_valid[None, :])
+    else:
+        # Partials laid out (S, nh, num_splits, D) and (S, nh, num_splits); lse in base 2.
+        row = (seq * num_heads + head) * num_splits + split
+        tl.store(mid_o_ptr + row[:, None] * HEAD_DIM + dims[None, :], acc, mask=g_valid[:, None] & d_valid[None, :])
+        lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
+        tl.store(mid_lse_ptr + row, lse, mask=g_valid)
+
+
+@triton.jit
+def _paged_decode_reduce_kernel(
+    mid_o_ptr, mid_lse_ptr, out_ptr,
+    num_splits, stride_o_seq, stride_o_head,
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    seq = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    row = seq * tl.num_programs(1) + head
+    splits = tl.arange(0, BLOCK_S)
+    s_valid = splits < num_splits
+    dims = tl.arange(0, BLOCK_D)
+    d_valid = dims < HEAD_DIM
+    lse = tl.load(mid_lse_ptr + row * num_splits + splits, mask=s_valid, other=float("-inf"))
+    m = tl.max(lse, 0)
+    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))  # all splits empty (seq_len 0): all weights 0
+    part = tl.load(mid_o_ptr + (row * num_splits + splits)[:, None] * HEAD_DIM + dims[None, :],
+                   mask=s_valid[:, None] & d_valid[None, :], other=0.0)
+    total = tl.sum(w, 0)
+    out = tl.sum(w[:, None] * part, 0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(out_ptr + seq * stride_o_seq + head * stride_o_head + dims, out.to(out_ptr.dtype.element_ty),
+             mask=d_valid)
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                           seq_lens: torch.Tensor, scale: float, num_splits: int) -> torch.Tensor:
+    """One query per sequence (q (S, nh, D), at position seq_lens[s] - 1) over its cached keys; returns (S, nh, D).
+
+    CUDA-graph capturable: the launch depends on shapes and num_splits only. Rows with seq_lens[s] == 0 give zeros.
+    """
+    _check_cache(k_cache, v_cache)
+    s, nh, d = _check_rows("q", q, k_cache)
+    nkv = k_cache.shape[2]
+    if nh % nkv:
+        raise ValueError(f"paged_decode_attention: {nh} query heads is not a multiple of {nkv} KV heads")
+    if not isinstance(num_splits, int) or num_splits < 1:
+        raise ValueError(f"paged_decode_attention: num_splits={num_splits!r} must be an int >= 1")
+    _check_index("seq_lens", seq_lens, (s,), q.device)
+    _check_index("block_tables", block_tables, (s, block_tables.shape[-1]), q.device)
+    out = torch.empty(s, nh, d, dtype=q.dtype, device=q.device)
+    if s == 0:
+        return out
+    q = _last_dim_contiguous(q)
+    g = nh // nkv
+    fp32 = q.dtype == torch.float32
+    direct = num_splits == 1
+    if direct:
+        mid_o = mid_lse = out  # unused
+    else:
+        mid_o = torch.empty(s, nh, num_splits, d, dtype=torch.float32, device=q.device)
+        mid_lse = torch.empty(s, nh, num_splits, dtype=torch.float32, device=q.device)
+    block_d = triton.next_power_of_2(d)
+    _paged_decode_split_kernel[(s, nkv, num_splits)](
+        q, k_cache, v_cache, out, mid_o, mid_lse, block_tables, seq_lens,
+        scale * LOG2E, num_splits,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        k_cache.shape[1],
+        G=g, HEAD_DIM=d, BLOCK_G=max(16, triton.next_power_of_2(g)), BLOCK_N=32 if fp32 else 64, BLOCK_D=block_d,
+        INPUT_PRECISION="ieee" if fp32 else "tf32", DIRECT=direct,
+        num_warps=4, num_stages=2,
+    )
+    if not direct:
+        _paged_decode_reduce_kernel[(s, nh)](
+            mid_o, mid_lse, out, num_splits, out.stride(0), out.stride(1),
+            HEAD_DIM=d, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
+            num_warps=4,
+        )
+    return out
+
+
+def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int = 132) -> int:
+    """A split count for paged_decode_attention: about two waves of programs, each split >= 256 keys, at most 64.
+
+    Depends only on its (static) arguments, so a CUDA graph bucket can fix it at capture (pass max_model_len).
+    """
+    programs = max(1, num_seqs * num_kv_heads)
+    splits = max(1, min(triton.cdiv(2 * num_sms, programs), triton.cdiv(max(max_seq_len, 1), 256), 64))
+    return 1 << (splits.bit_length() - 1)  # rounded down to a power of two
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# argument checks (host side only: shapes, dtypes, devices; never a device sync, so CUDA-graph safe)
+
+
+def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    if k_cache.dim() != 4:
+        raise ValueError(f"k_cache has shape {tuple(k_cache.shape)}, expected (num_blocks, block_size, nkv, D)")
+    if v_cache.shape != k_cache.shape or v_cache.stride() != k_cache.stride() or v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"v_cache (shape {tuple(v_cache.shape)}, strides {v_cache.stride()}, {v_cache.dtype}) must "
+                         f"match k_cache (shape {tuple(k_cache.shape)}, strides {k_cache.stride()}, {k_cache.dtype})")
+    if k_cache.stride(3) != 1:
+        raise ValueError(f"k_cache's last dimension must be contiguous, got strides {k_cache.stride()}")
+
+
+def _check_rows(name: str, x: torch.Tensor, k_cache: torch.Tensor) -> tuple[int, int, int]:
+    if x.dim() != 3 or x.shape[2] != k_cache.shape[3]:
+        raise ValueError(f"{name} has shape {tuple(x.shape)}, expected (rows, heads, {k_cache.shape[3]})")
+    if x.device != k_cache.device:
+        raise ValueError(f"{name} is on {x.device} but the KV cache is on {k_cache.device}")
+    return x.shape[0], x.shape[1], x.shape[2]
+
+
+def _check_index(name: str, x: torch.Tensor, shape: tuple[int, ...], device: torch.device) -> None:
+    if x.dtype != torch.int32:
+        raise ValueError(f"{name} must be int32, got {x.dtype}")
+    if tuple(x.shape) != shape:
+        raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {shape}")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device}, expected {device}")
+    if x.dim() == 1 and x.stride(0) != 1:
+        raise ValueError(f"{name} must be contiguous")
+    if x.dim() == 2 and x.stride(1) != 1:
+        raise ValueError(f"{name}'s rows must be contiguous, got strides {x.stride()}")
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()

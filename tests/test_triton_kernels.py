@@ -1,0 +1,228 @@
+"""The Triton paged-attention kernels against an independent float64 dense reference.
+
+On CUDA the kernels run compiled (bf16 and fp32). Without CUDA they run in Triton's interpreter on CPU tensors:
+TRITON_INTERPRET=1 must be set before triton is first imported, so test_kernels_in_triton_interpreter re-runs this
+file in a subprocess with it set (the other tests skip in the parent). Skipped when triton is not installed (it is
+not in the test extra). Interpreter cases are kept small.
+
+Every case draws a fresh random pool whose unused slots hold NaN, random shuffled (non-contiguous) block tables whose
+unused entries point at an all-NaN block, and sequence lengths around block boundaries: a kernel that reads a key it
+should not gets NaN in its output.
+"""
+
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+CUDA = torch.cuda.is_available()
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if CUDA and not INTERPRETED else "cpu"
+KERNELS_PATH = Path(__file__).resolve().parents[1] / "src" / "qwen3" / "engine" / "triton_kernels.py"
+
+
+def _fix_interpreter_scalars() -> None:
+    """Triton 3.6's interpreter turns a loaded scalar into a Python int with int(array of shape (1,)), which NumPy 2
+    rejects (a loop bound read from memory then fails); take the one element explicitly."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    patch_tensor = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch_tensor is None or getattr(patch_tensor, "_qwen3_fixed", False):
+        return
+
+    def patched(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+
+    patched._qwen3_fixed = True
+    interpreter._patch_lang_tensor = patched
+
+
+def _load_kernels():
+    """The kernels module loaded by path (it needs no qwen3.engine package)."""
+    spec = importlib.util.spec_from_file_location("_qwen3_triton_kernels_under_test", KERNELS_PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+RUN_KERNELS = DEVICE == "cuda" or INTERPRETED
+if INTERPRETED:
+    _fix_interpreter_scalars()
+tk = _load_kernels() if RUN_KERNELS else None
+kernel_test = pytest.mark.skipif(not RUN_KERNELS, reason="runs in the TRITON_INTERPRET=1 subprocess (test below)")
+
+
+@pytest.mark.skipif(RUN_KERNELS, reason="the kernels run in this process")
+def test_kernels_in_triton_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "not in_triton_interpreter"]
+    done = subprocess.run([*command, __file__], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    summary = done.stdout.strip().splitlines()[-1]
+    assert " passed" in summary and "skipped" not in summary and "failed" not in summary, done.stdout[-2000:]
+
+
+DTYPES = [torch.float32, torch.bfloat16] if CUDA else [torch.float32]
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}  # ||out - ref|| / ||ref|| against float64
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(out).all(), "non-finite output"
+    return ((out.double().cpu() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def make_pool(gen, seq_lens, *, nkv, d, block_size, dtype, spare_blocks=3):
+    """A NaN-filled KV pool, random K/V for each sequence's first seq_len slots, shuffled block tables."""
+    need = [math.ceil(n / block_size) for n in seq_lens]
+    num_blocks = sum(need) + spare_blocks + 1
+    perm = torch.randperm(num_blocks, generator=gen)
+    poison = perm[-1].item()  # an all-NaN block that unused table entries point at
+    width = max(max(need, default=0), 1) + 1
+    block_tables = torch.full((len(seq_lens), width), poison, dtype=torch.int32)
+    k_cache = torch.full((num_blocks, block_size, nkv, d), float("nan"), dtype=dtype)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    used = 0
+    for s, (n, nb) in enumerate(zip(seq_lens, need, strict=True)):
+        block_tables[s, :nb] = perm[used:used + nb].to(torch.int32)
+        used += nb
+        for t in range(n):
+            b, o = block_tables[s, t // block_size].item(), t % block_size
+            k_cache[b, o] = torch.randn(nkv, d, generator=gen).to(dtype)
+            v_cache[b, o] = torch.randn(nkv, d, generator=gen).to(dtype)
+    return k_cache.to(DEVICE), v_cache.to(DEVICE), block_tables.to(DEVICE)
+
+
+def dense_reference(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale):
+    """float64 causal attention: gather each sequence's keys by position, mask by position, softmax."""
+    q, k_cache, v_cache = q.double().cpu(), k_cache.double().cpu(), v_cache.double().cpu()
+    block_tables, seq_lens, query_start_loc = block_tables.cpu(), seq_lens.cpu(), query_start_loc.cpu()
+    n, nh, d = q.shape
+    block_size, nkv = k_cache.shape[1], k_cache.shape[2]
+    out = torch.zeros(n, nh, d, dtype=torch.float64)
+    for s in range(len(seq_lens)):
+        length, q0, q1 = seq_lens[s].item(), query_start_loc[s].item(), query_start_loc[s + 1].item()
+        if q1 == q0 or length == 0:
+            continue  # no queries, or a padding row with no keys: zeros
+        pos = torch.arange(length)
+        blocks = block_tables[s, pos // block_size].long()
+        k = k_cache[blocks, pos % block_size].repeat_interleave(nh // nkv, dim=1)  # (L, nh, D)
+        v = v_cache[blocks, pos % block_size].repeat_interleave(nh // nkv, dim=1)
+        q_pos = length - (q1 - q0) + torch.arange(q1 - q0)
+        scores = torch.einsum("qhd,khd->hqk", q[q0:q1], k) * scale
+        scores = scores.masked_fill(pos[None, None, :] > q_pos[None, :, None], float("-inf"))
+        out[q0:q1] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+    return out
+
+
+# (context_len, query_len) per sequence: chunks around block boundaries (block_size 16), a long-ish prefill,
+# single-token decodes, a sequence with no queries, a graph padding row (no keys, no queries).
+PREFILL_SPECS = [(0, 17), (15, 1), (16, 16), (31, 2), (0, 1), (40, 0), (0, 0), (3, 29), (47, 1)]
+
+
+@kernel_test
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("g,d", [(1, 64), (2, 128), (8, 64)])
+def test_paged_attention_matches_dense(g, d, dtype):
+    gen = torch.Generator().manual_seed(1000 * g + d)
+    nkv, block_size = 2, 16
+    specs = PREFILL_SPECS if g != 8 else PREFILL_SPECS[:5]  # the interpreter is slow with 16 query heads
+    seq_lens = [c + n for c, n in specs]
+    k_cache, v_cache, block_tables = make_pool(gen, seq_lens, nkv=nkv, d=d, block_size=block_size, dtype=dtype)
+    query_lens = torch.tensor([n for _, n in specs])
+    query_start_loc = torch.cat([torch.zeros(1, dtype=torch.long), query_lens.cumsum(0)]).to(torch.int32)
+    q = torch.randn(int(query_lens.sum()), nkv * g, d, generator=gen).to(dtype).to(DEVICE)
+    scale = d ** -0.5
+    args = (block_tables, torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE), query_start_loc.to(DEVICE))
+    out = tk.paged_attention(q, k_cache, v_cache, *args, scale, max(n for _, n in specs), max(seq_lens))
+    ref = dense_reference(q, k_cache, v_cache, *args, scale)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert rel_err(out, ref) < TOLERANCE[dtype]
+
+
+@kernel_test
+def test_paged_attention_padding_row_without_keys_gives_zeros():
+    """A graph padding row (one query, seq_len 0) reads nothing and gives finite zeros."""
+    gen = torch.Generator().manual_seed(3)
+    k_cache, v_cache, block_tables = make_pool(gen, [20, 0], nkv=1, d=64, block_size=16, dtype=torch.float32)
+    q = torch.randn(3, 2, 64, generator=gen).to(DEVICE)
+    seq_lens = torch.tensor([20, 0], dtype=torch.int32, device=DEVICE)
+    query_start_loc = torch.tensor([0, 2, 3], dtype=torch.int32, device=DEVICE)
+    out = tk.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, 0.125, 2, 20)
+    ref = dense_reference(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, 0.125)
+    assert rel_err(out, ref) < 1e-5
+    assert torch.equal(out[2].cpu(), torch.zeros(2, 64))
+
+
+@kernel_test
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("g,d,num_splits", [(1, 128, 1), (2, 128, 4), (8, 64, 3), (2, 64, 16)])
+def test_paged_decode_matches_dense(g, d, num_splits, dtype):
+    gen = torch.Generator().manual_seed(100 * g + d + num_splits)
+    nkv, block_size = 2, 16
+    seq_lens = [1, 16, 17, 0, 33, 64, 5]  # block boundaries, a padding row (0), more splits than tiles
+    k_cache, v_cache, block_tables = make_pool(gen, seq_lens, nkv=nkv, d=d, block_size=block_size, dtype=dtype)
+    q = torch.randn(len(seq_lens), nkv * g, d, generator=gen).to(dtype).to(DEVICE)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    scale = d ** -0.5
+    out = tk.paged_decode_attention(q, k_cache, v_cache, block_tables, lens, scale, num_splits)
+    one_query_each = torch.arange(len(seq_lens) + 1, dtype=torch.int32)
+    ref = dense_reference(q, k_cache, v_cache, block_tables, lens, one_query_each, scale)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert rel_err(out, ref) < TOLERANCE[dtype]
+    assert torch.equal(out[3].float().cpu(), torch.zeros(nkv * g, d))  # the padding row
+
+
+@kernel_test
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_store_kv_writes_slots_and_skips_negative(dtype):
+    gen = torch.Generator().manual_seed(7)
+    num_blocks, block_size, nkv, d, n = 6, 16, 2, 64, 21
+    k_cache = torch.randn(num_blocks, block_size, nkv, d, generator=gen).to(dtype).to(DEVICE)
+    v_cache = torch.randn(num_blocks, block_size, nkv, d, generator=gen).to(dtype).to(DEVICE)
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:n].to(torch.int32)
+    slots[[2, 9, 20]] = -1  # padding rows
+    # k/v as non-contiguous views, the way a fused projection hands them over
+    kv = torch.randn(n, 2, nkv, d, generator=gen).to(dtype).to(DEVICE)
+    k, v = kv[:, 0], kv[:, 1]
+    want_k, want_v = k_cache.clone().view(-1, nkv, d), v_cache.clone().view(-1, nkv, d)
+    keep = slots >= 0
+    want_k[slots[keep].long()] = k[keep.to(DEVICE)]
+    want_v[slots[keep].long()] = v[keep.to(DEVICE)]
+    tk.store_kv(k, v, k_cache, v_cache, slots.to(DEVICE))
+    assert torch.equal(k_cache.view(-1, nkv, d), want_k)
+    assert torch.equal(v_cache.view(-1, nkv, d), want_v)
+
+
+@kernel_test
+def test_bad_arguments_name_what_is_wrong():
+    k_cache = torch.zeros(2, 16, 2, 64, device=DEVICE)
+    q = torch.zeros(3, 4, 64, device=DEVICE)
+    bt = torch.zeros(3, 2, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="seq_lens must be int32"):
+        tk.paged_decode_attention(q, k_cache, k_cache, bt, torch.ones(3, dtype=torch.int64, device=DEVICE), 1.0, 1)
+    with pytest.raises(ValueError, match="num_splits"):
+        tk.paged_decode_attention(q, k_cache, k_cache, bt, torch.ones(3, dtype=torch.int32, device=DEVICE), 1.0, 0)
+    with pytest.raises(ValueError, match="not a multiple of 2 KV heads"):
+        tk.paged_decode_attention(q[:, :3], k_cache, k_cache, bt, torch.ones(3, dtype=torch.int32, device=DEVICE),
+                                  1.0, 1)
+    with pytest.raises(ValueError, match=r"q has shape \(3, 4, 32\)"):
+        tk.paged_attention(q[..., :32], k_cache, k_cache, bt, torch.ones(3, dtype=torch.int32, device=DEVICE),
+                           torch.arange(4, dtype=torch.int32, device=DEVICE), 1.0, 1, 1)
+
+
+@kernel_test
+def test_decode_num_splits_is_a_power_of_two_in_range():
+    for num_seqs in (1, 3, 64, 256):
+        for max_seq_len in (1, 300, 4096, 40960):
+            n = tk.decode_num_splits(num_seqs, 8, max_seq_len)
+            assert 1 <= n <= 64 and n & (n - 1) == 0
+    assert tk.decode_num_splits(1, 8, 4096) > 1 and tk.decode_num_splits(256, 8, 4096) == 1
