@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from qwen3 import Qwen3Config, Qwen3ForCausalLM, load_tokenizer
+from qwen3.engine import LLM, AsyncLLM
 from qwen3.hub import DEMO_DIR
 from qwen3.server.protocol import ChatCompletionRequest
 from qwen3.server.serving import ServingContext, render_chat_prompt
@@ -90,16 +91,14 @@ def main() -> int:
     else:
         specs = json.loads(args.spec.read_text()) if args.spec else []
         model_source, name = Scripted(4096, build_table(tokenizer, specs)).eval(), "scripted"
-    try:
-        from qwen3 import AsyncLLM, LLM
-    except ImportError:  # the engine has not landed yet: the temporary stand-in
-        from qwen3.server._standin import AsyncLLM, StandInLLM
-
-        model = model_source if not isinstance(model_source, str) else __import__("qwen3").load_model(model_source)
-        llm = StandInLLM(model, tokenizer, max_model_len=1024, max_num_seqs=args.max_num_seqs)
-    else:
-        llm = LLM(model_source, device="cpu", dtype=torch.float32, max_num_seqs=args.max_num_seqs,
-                  max_model_len=1024, tokenizer=tokenizer if not isinstance(model_source, str) else None)  # fmt: skip
+    llm = LLM(
+        model_source,
+        device="cpu",
+        dtype=torch.float32,
+        max_num_seqs=args.max_num_seqs,
+        max_model_len=1024,
+        tokenizer=None if isinstance(model_source, str) else tokenizer,
+    )
     ctx = ServingContext.for_engine(llm, name, DEMO_DIR)
     app = create_app(AsyncLLM(llm), ctx, api_keys=args.api_key, max_num_seqs=args.max_num_seqs,
                      max_waiting=args.max_waiting)  # fmt: skip
