@@ -655,6 +655,49 @@ def test_existing_run_is_never_overwritten_and_resume_checks_the_config(tmp_path
     assert result.step == 3 and not (out / "checkpoint-2").exists()
 
 
+DAMAGED_CHECKPOINTS = {
+    # file of checkpoint-1 -> (new contents, expected message after "--resume: <path>")
+    "not json": ("training_state.json", b'{"step": 1,', r" is damaged, not readable JSON \(Expecting"),
+    "empty state": ("training_state.json", b"", r" is damaged, not readable JSON"),
+    "state not an object": ("training_state.json", b"[1]", r" is damaged: expected a JSON object, found list"),
+    "state without step": ("training_state.json", b'{"format": 1, "signature": {}}', r" is damaged: needs an integer"),
+    "state of another format": ("training_state.json", b'{"format": 9}', r" has format 9; this version reads 1"),
+    "rng not safetensors": ("rng_state_rank0.safetensors", b"\x00" * 40, r" is damaged, not a random generator state"),
+    "rng without cpu": ("rng_state_rank0.safetensors", "other tensor", r" is damaged, .*\(no 'cpu' tensor\)"),
+    "rng of the wrong size": ("rng_state_rank0.safetensors", "short cpu", r" is damaged, not a random generator"),
+    "empty optimizer": ("optimizer.pt", b"", r" is damaged, not an optimizer state \(EOFError\)"),
+}
+DAMAGE_RUN = dict(max_steps=3, eval_every=0)
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A folder holding a tiny run stopped after step 1 (corpus, config and cache beside it)."""
+    folder = tmp_path_factory.mktemp("interrupted")
+    train(tiny_run(folder, tiny_tokenizer, stop_after=1, **DAMAGE_RUN))
+    return folder
+
+
+@pytest.mark.parametrize("case", DAMAGED_CHECKPOINTS)
+def test_resume_from_a_damaged_checkpoint_names_the_file(tmp_path, tiny_tokenizer, interrupted_run, case):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    name, contents, pattern = DAMAGED_CHECKPOINTS[case]
+    shutil.copytree(interrupted_run, tmp_path, dirs_exist_ok=True)
+    path = tmp_path / "out" / "checkpoint-1" / name
+    if contents == "other tensor":
+        save_file({"gpu": torch.zeros(4, dtype=torch.uint8)}, path)
+    elif contents == "short cpu":
+        save_file({"cpu": torch.zeros(4, dtype=torch.uint8)}, path)
+    else:
+        path.write_bytes(contents)
+    with pytest.raises(TrainError, match=re.escape(f"--resume: {path}") + pattern) as info:
+        train(tiny_run(tmp_path, tiny_tokenizer, resume="auto", **DAMAGE_RUN))
+    assert "\n" not in str(info.value)
+
+
 # ---------------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------------
@@ -687,6 +730,12 @@ def test_cli_train_runs_and_reports_errors(tmp_path, tiny_tokenizer, capsys):
     assert cli_main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("qwen3: error: --out: ") and err.count("\n") == 1
+    state = tmp_path / "run" / "checkpoint-2" / "training_state.json"
+    state.write_text("")  # a disk that filled up
+    assert cli_main([*args, "--resume"]) == 2
+    err = capsys.readouterr().err
+    expected = f"--resume: {state} is damaged, not readable JSON (Expecting value: line 1 column 1 (char 0))"
+    assert err == f"qwen3: error: {expected}\n"
     with pytest.raises(SystemExit) as info:
         cli_main(["train", "--help"])
     assert info.value.code == 0

@@ -50,6 +50,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import (
@@ -433,6 +434,7 @@ class _Run:
     def __init__(self, config: TrainConfig, world: _World) -> None:
         self.cfg, self.world = config, world
         self.out = Path(config.out)
+        self.resume_state: dict[str, Any] = {}  # training_state.json of the checkpoint resumed, once read
         self.device = world.device
         self.lora = config.lora_config()
         if world.size > 1 and config.batch_size % world.size:
@@ -470,11 +472,15 @@ class _Run:
             pointer = self.out / LAST_FILE
             if not pointer.is_file():
                 raise TrainError(f"--resume: no checkpoint to resume in {self.out} (no '{LAST_FILE}' file)")
-            directory = self.out / pointer.read_text(encoding="utf-8").strip()
+            try:
+                directory = self.out / pointer.read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as e:
+                raise TrainError(f"--resume: cannot read {pointer} ({_one_line(e)})") from e
         else:
             directory = Path(cfg.resume)
         if not (directory / STATE_FILE).is_file():
             raise TrainError(f"--resume: {directory} is not a training checkpoint (no {STATE_FILE})")
+        self.resume_state = read_training_state(directory)
         return directory
 
     def _signature(self, model_config: Qwen3Config, data: Dataset, tokenizer_hash: str) -> dict[str, Any]:
@@ -644,23 +650,23 @@ class _Run:
 
     def _restore(self, directory: Path) -> int:
         """Load optimizer and RNG states of a checkpoint (the weights were loaded with the model)."""
-        state = json.loads((directory / STATE_FILE).read_text(encoding="utf-8"))
+        optim_path = directory / OPTIMIZER_FILE
         try:
-            optim_state = torch.load(directory / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, pickle.UnpicklingError) as e:  # weights_only refuses anything but tensors
-            raise TrainError(f"--resume: cannot read {directory / OPTIMIZER_FILE} ({e})") from e
-        set_optimizer_state_dict(
-            self.loss_module, self.optimizer, optim_state, options=StateDictOptions(full_state_dict=True)
-        )
+            optim_state = torch.load(optim_path, map_location="cpu", weights_only=True)
+        except (OSError, EOFError, RuntimeError, pickle.UnpicklingError) as e:  # weights_only: tensors only
+            raise TrainError(f"--resume: {optim_path} is damaged, not an optimizer state ({_one_line(e)})") from e
+        try:
+            set_optimizer_state_dict(
+                self.loss_module, self.optimizer, optim_state, options=StateDictOptions(full_state_dict=True)
+            )
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:
+            raise TrainError(f"--resume: {optim_path} does not match this model's parameters ({_one_line(e)})") from e
         rng_path = directory / f"rng_state_rank{self.world.rank}.safetensors"
         if rng_path.is_file():
-            rng = load_file(rng_path)
-            torch.set_rng_state(rng["cpu"])
-            if "cuda" in rng and self.device.type == "cuda":
-                torch.cuda.set_rng_state(rng["cuda"], self.device)
+            restore_rng_state(rng_path, self.device)
         else:
             warnings.warn(f"{rng_path} missing (resumed with another process count): random draws differ", stacklevel=2)
-        return int(state["step"])
+        return int(self.resume_state["step"])
 
     # ---- metrics ----------------------------------------------------------------------------------
 
@@ -736,8 +742,7 @@ class _Run:
             )
         self.signature = self._signature(self.model_config, data, tokenizer_hash)
         if resume_dir is not None:
-            saved = json.loads((resume_dir / STATE_FILE).read_text(encoding="utf-8"))
-            self._check_signature(saved.get("signature", {}), self.signature, resume_dir)
+            self._check_signature(self.resume_state["signature"], self.signature, resume_dir)
 
         model = self._build_model(self.model_config, resume_dir)
         self.loss_module, self.module = self._wrap(model)
@@ -844,6 +849,43 @@ class _Run:
         if world.is_main:
             plot_metrics(self.out / METRICS_FILE, self.out / PLOT_FILE)
         return TrainResult(self.out, checkpoint, start_step, max(start_step, last_step), losses, eval_metrics)
+
+
+def read_training_state(directory: Path) -> dict[str, Any]:
+    """A checkpoint's training_state.json, checked; a TrainError naming the file if it is damaged."""
+    path = directory / STATE_FILE
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TrainError(f"--resume: {path} is damaged, not readable JSON ({_one_line(e)})") from e
+    if not isinstance(state, dict):
+        raise TrainError(f"--resume: {path} is damaged: expected a JSON object, found {type(state).__name__}")
+    if state.get("format") != STATE_FORMAT:
+        raise TrainError(f"--resume: {path} has format {state.get('format')!r}; this version reads {STATE_FORMAT}")
+    step, signature = state.get("step"), state.get("signature")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0 or not isinstance(signature, dict):
+        raise TrainError(f"--resume: {path} is damaged: needs an integer 'step' >= 0 and a 'signature' object")
+    return state
+
+
+def restore_rng_state(path: Path, device: torch.device) -> None:
+    """Set the CPU (and, on CUDA, the device's) generator from an rng_state_rank<r>.safetensors file."""
+    try:
+        rng = load_file(path)
+        if "cpu" not in rng:
+            raise KeyError("no 'cpu' tensor")
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], device)
+    except (SafetensorError, OSError, KeyError, TypeError, RuntimeError) as e:
+        why = e.args[0] if isinstance(e, KeyError) else _one_line(e)
+        raise TrainError(f"--resume: {path} is damaged, not a random generator state ({why})") from e
+
+
+def _one_line(error: BaseException) -> str:
+    """An exception as one short line: its type when it has no message, its first line otherwise."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
 
 
 def step_checkpoints(out: Path) -> list[Path]:
