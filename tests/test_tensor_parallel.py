@@ -28,12 +28,14 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 import qwen3
+import qwen3.checkpoint
 import qwen3.parallel
 from conftest import copy_tokenizer_files, make_reference, rel_error
 from qwen3.cli import main
 from qwen3.config import Qwen3Config
 from qwen3.model import KVCache
 from qwen3.parallel import shard_config
+from qwen3.quantize import quantize_int8, set_int8_kernel
 
 TP = 2
 TP_TOLERANCE = 1e-5  # max |TP - single| / max |single|, fp32 (see the module docstring)
@@ -54,6 +56,14 @@ CONFIGS = {
     ),  # saved in several safetensors files with an index
 }  # fmt: skip
 INDIVISIBLE = dict(num_attention_heads=4, num_key_value_heads=1)  # multi-query: 1 KV head cannot split in 2
+# int8 checkpoints (quantize_int8 of a CONFIGS model, saved): {name: (float config, include_embedding)}.
+# Both run the plain int8 kernel, in one process and on the ranks: auto would take the bf16 int8pack kernel
+# where in_features allows it, which a rank's narrower row-parallel layer may not.
+INT8_CONFIGS = {
+    "int8-tied-embedding": ("tied-gqa", True),  # int8 embedding shared with the vocab-parallel head
+    "int8-untied-head": ("untied-mha-sharded", False),  # float embedding, int8 head of its own
+}
+INT8_SPLIT_TYPES = {"Int8RowParallelLinear", "Int8VocabParallelLinear"}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -74,6 +84,9 @@ def run(tmp_path_factory):
         else:
             (workdir / "single-file" / name).rename(workdir / name)
         references[name] = ref
+    for name, (base, include_embedding) in INT8_CONFIGS.items():
+        quantized = quantize_int8(qwen3.load_model(workdir / base), include_embedding=include_embedding)
+        qwen3.save_model(quantized, workdir / name, max_shard_bytes=40_000)  # sharded, as its base
     make_reference(workdir / "indivisible", **INDIVISIBLE)
     gen = torch.Generator().manual_seed(0)
     inputs = {
@@ -83,7 +96,7 @@ def run(tmp_path_factory):
     }
     torch.save(inputs, workdir / "inputs.pt")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(TP),
-               __file__, str(workdir), *CONFIGS]  # fmt: skip
+               __file__, str(workdir), *CONFIGS, *INT8_CONFIGS]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -94,16 +107,23 @@ def results(workdir: Path, name: str) -> list[dict]:
     return [torch.load(workdir / f"{name}-rank{rank}.pt") for rank in range(TP)]
 
 
+def single_process_model(workdir: Path, name: str) -> qwen3.Qwen3ForCausalLM:
+    """The plain path: the whole checkpoint in this one process (the int8 ones with the plain kernel)."""
+    model = qwen3.load_model(workdir / name)
+    set_int8_kernel(model, "plain")
+    return model
+
+
 # ---------------------------------------------------------------------------------------------------
 # The tests
 # ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", [*CONFIGS, *INT8_CONFIGS])
 @torch.no_grad()
 def test_logits_equal_the_single_process_model(run, name):
     workdir, references = run
-    single = qwen3.load_model(workdir / name)
+    single = single_process_model(workdir, name)
     inputs = torch.load(workdir / "inputs.pt")
     ranks = results(workdir, name)
     for key in ("ids", "ids_one_row"):  # one row: the all-gather of a (1, T, V/2) block
@@ -111,21 +131,39 @@ def test_logits_equal_the_single_process_model(run, name):
         assert ranks[0][key].shape == expected.shape
         assert torch.equal(ranks[0][key], ranks[1][key])
         assert rel_error(ranks[0][key], expected) <= TP_TOLERANCE
-        assert rel_error(ranks[0][key], references[name](inputs[key]).logits) <= HF_TOLERANCE
+        if name in references:  # an int8 model's reference is the single-process int8 model, above
+            assert rel_error(ranks[0][key], references[name](inputs[key]).logits) <= HF_TOLERANCE
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
+def test_int8_checkpoints_load_as_split_int8_layers(run):
+    """Every rank holds the single-process int8 model's modules, the split ones as their int8 parallel kind,
+    and its logits differ from the float model's by int8 rounding: the test above compares int8 models."""
+    workdir, _ = run
+    for name, (base, _) in INT8_CONFIGS.items():
+        whole = {key: type(m).__name__ for key, m in single_process_model(workdir, name).named_modules()}
+        for rank, float_rank in zip(results(workdir, name), results(workdir, base), strict=True):
+            local = rank["module_types"]
+            assert local.keys() == whole.keys()
+            for key, kind in whole.items():
+                assert local[key] == kind or (kind == "Int8Linear" and local[key] in INT8_SPLIT_TYPES), key
+            assert local["lm_head"] == "Int8VocabParallelLinear"
+            layers = Qwen3Config.from_json(workdir / name / "config.json").num_hidden_layers
+            assert list(local.values()).count("Int8RowParallelLinear") == 2 * layers  # o_proj, down_proj
+            assert rel_error(rank["ids"], float_rank["ids"]) > 10 * TP_TOLERANCE  # int8 rounding, well above TP's
+
+
+@pytest.mark.parametrize("name", [*CONFIGS, *INT8_CONFIGS])
 def test_greedy_generation_equals_the_single_process_model(run, name):
     workdir, _ = run
     prompts = torch.load(workdir / "inputs.pt")["prompts"]  # three lengths in one batch: padding and positions
-    expected = qwen3.generate(qwen3.load_model(workdir / name), prompts, max_new_tokens=NEW_TOKENS)
+    expected = qwen3.generate(single_process_model(workdir, name), prompts, max_new_tokens=NEW_TOKENS)
     ranks = results(workdir, name)
     assert torch.equal(ranks[0]["greedy"], expected)
     assert torch.equal(ranks[1]["greedy"], expected)
     assert torch.equal(ranks[0]["greedy_one_row"], expected[1:2])  # generate_text's case: batch 1
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", [*CONFIGS, *INT8_CONFIGS])
 def test_seeded_sampling_draws_the_same_tokens_on_every_rank(run, name):
     workdir, _ = run
     ranks = results(workdir, name)
@@ -141,7 +179,7 @@ def test_torch_compile_traces_the_collectives_in_one_graph(run):
         assert rel_error(rank["compiled"], rank["ids"]) <= 1e-6
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", [*CONFIGS, *INT8_CONFIGS])
 def test_each_rank_holds_and_reads_only_its_slices(run, name):
     workdir, _ = run
     directory = workdir / name
@@ -149,8 +187,10 @@ def test_each_rank_holds_and_reads_only_its_slices(run, name):
     for file in directory.glob("*.safetensors"):
         full.update(load_file(file))
     config = Qwen3Config.from_json(directory / "config.json")
+    tied = {}  # a tied LM head is the embedding's tensors (its int8 scales too): not stored
     if config.tie_word_embeddings:
-        full["lm_head.weight"] = full["model.embed_tokens.weight"]
+        tied = {n.replace("model.embed_tokens.", "lm_head."): t for n, t in full.items() if "embed_tokens" in n}
+        full.update(tied)
     nh, nkv, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     features = config.intermediate_size
     # The size of the dimension each split matrix divides in two: heads x D, MLP features, the vocabulary.
@@ -161,10 +201,12 @@ def test_each_rank_holds_and_reads_only_its_slices(run, name):
         assert state.keys() == full.keys()
         sharded_bytes = full_bytes = 0
         for key, tensor in state.items():
-            module = key.removesuffix(".weight")
+            module = key.removesuffix(".weight").removesuffix(".weight_scale")
             style = qwen3.parallel.split_style(key)
             whole = full[key]
-            if style is None:  # replicated: embedding, norms
+            assert tensor.dtype == whole.dtype, key  # int8 stays int8, float32 stays float32
+            # replicated: embedding, norms; and a row-parallel int8 layer's scales (one per output row: all)
+            if style is None or (style == "rowwise" and key.endswith(".weight_scale")):
                 assert torch.equal(tensor, whole), key
                 continue
             # rank r: query heads [r nh/2, (r+1) nh/2), KV heads [r nkv/2, ...), features, tokens alike
@@ -177,7 +219,7 @@ def test_each_rank_holds_and_reads_only_its_slices(run, name):
         assert sharded_bytes * TP == full_bytes
 
         reads = result["reads"]  # (name, shape read from the file) for every read, recorded in the worker
-        stored = [n for n in full if not (config.tie_word_embeddings and n == "lm_head.weight")]
+        stored = [n for n in full if n not in tied]
         assert sorted(n for n, _ in reads) == sorted(stored)  # each tensor read once
         for key, shape in reads:
             assert shape == tuple(state[key].shape), (key, shape)  # this rank's slice, never the whole matrix
@@ -346,6 +388,9 @@ class RecordingSafeOpen:
             def get_shape(self):
                 return sliced.get_shape()
 
+            def get_dtype(self):
+                return sliced.get_dtype()
+
             def __getitem__(self, index):
                 tensor = sliced[index]
                 reads.append((name, tuple(tensor.shape)))
@@ -357,11 +402,13 @@ class RecordingSafeOpen:
 def worker(workdir: Path, names: list[str]) -> None:
     world = qwen3.parallel.init_distributed("cpu")
     inputs = torch.load(workdir / "inputs.pt")
-    qwen3.parallel.safe_open = RecordingSafeOpen  # record what this rank reads from the files
+    qwen3.checkpoint.safe_open = RecordingSafeOpen  # record what this rank reads from the files
     for name in names:
         RecordingSafeOpen.reads = []
         model = qwen3.parallel.load_model_tp(workdir / name)
+        set_int8_kernel(model, "plain")  # as single_process_model
         out = {"reads": RecordingSafeOpen.reads, "state": {k: v.clone() for k, v in model.state_dict().items()}}
+        out["module_types"] = {k: type(m).__name__ for k, m in model.named_modules()}
         with torch.no_grad():
             out["ids"], out["ids_one_row"] = model(inputs["ids"]), model(inputs["ids_one_row"])
         out["greedy"] = qwen3.generate(model, inputs["prompts"], max_new_tokens=NEW_TOKENS)

@@ -37,7 +37,11 @@ sampler seeded alike draws the same token on every rank (tested), without commun
 
 Loading (`load_model_tp`): the model is built on the meta device, the plan swaps its linear layers for
 local-shaped ones, and each rank reads only its slices from the safetensors files (`get_slice`, over mmap:
-the other ranks' bytes are never read into this process). Replicated tensors are read whole.
+the other ranks' bytes are never read into this process), through checkpoint.read_checkpoint, the reader
+`load_model` uses (same checks and errors). Replicated tensors are read whole. An int8 checkpoint
+(qwen3.quantize) splits the same way: weight row j is scaled by weight_scale[j], so a column-parallel layer
+(and the vocab-parallel head) takes the rows of both; a row-parallel layer takes the columns of the weight and
+all of its scales (its output rows are whole on every rank).
 """
 
 from __future__ import annotations
@@ -51,14 +55,13 @@ from typing import NamedTuple, NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from safetensors import safe_open
 from torch import Tensor, nn
 
-from .checkpoint import CheckpointError, checkpoint_files
+from .checkpoint import Index, Slicer, build_meta_model, parse_device, parse_dtype, read_checkpoint
 from .config import Qwen3Config
 from .hub import MODEL_FILES, resolve_source
 from .model import Qwen3ForCausalLM
+from .quantize import Int8Linear, tied_lm_head
 
 # How each linear layer of a decoder layer is split: "colwise" splits the weight's rows (output features),
 # "rowwise" its columns (input features) and all-reduces the output. Everything not listed is replicated.
@@ -188,6 +191,33 @@ def shard_config(config: Qwen3Config, world_size: int) -> Qwen3Config:
 # ---------------------------------------------------------------------------------------------------
 
 
+class _AllReduceOutput(nn.Module):
+    """Row parallelism over a local linear layer (float or int8, the next class in the MRO): y = sum over ranks
+    of x_r W_r^T. The rank holds in_features/tp columns of W and receives the matching features of x (a
+    column-parallel layer's output); one all-reduce completes the sum on every rank."""
+
+    group: dist.ProcessGroup
+
+    def forward(self, x: Tensor) -> Tensor:
+        partial = super().forward(x)  # (..., out): this rank's share of the sum
+        dist.all_reduce(partial, group=self.group)
+        return partial
+
+
+class _AllGatherVocab(nn.Module):
+    """Vocabulary parallelism over a local linear layer (float or int8), for the LM head: the rank holds V/tp
+    rows (tokens) of W, computes those logits, and an all-gather along the vocabulary gives every rank all of
+    them: (..., V/tp) -> (..., V)."""
+
+    group: dist.ProcessGroup
+
+    def forward(self, x: Tensor) -> Tensor:
+        local = super().forward(x)  # (..., V/tp)
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(parts, local, group=self.group)  # parts[r]: rank r's logits, tokens [r V/tp, (r+1) V/tp)
+        return torch.cat(parts, dim=-1)  # (..., V)
+
+
 class _GroupLinear(nn.Linear):
     """A bias-free Linear holding one rank's block of a matrix, and the process group that completes it."""
 
@@ -198,46 +228,68 @@ class _GroupLinear(nn.Linear):
         self.group = group
 
 
-class RowParallelLinear(_GroupLinear):
-    """y = sum over ranks of x_r W_r^T: the rank holds in_features/tp columns of W and receives the matching
-    features of x (a column-parallel layer's output); one all-reduce completes the sum on every rank."""
+class _GroupInt8Linear(Int8Linear):
+    """An Int8Linear holding one rank's block of a quantized matrix (and its scales), and its process group."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        partial = F.linear(x, self.weight)  # (..., out): this rank's share of the sum
-        dist.all_reduce(partial, group=self.group)
-        return partial
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        group: dist.ProcessGroup,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__(in_features, out_features, device=device, dtype=dtype)
+        self.group = group
 
 
-class VocabParallelLinear(_GroupLinear):
-    """The LM head: the rank holds V/tp rows (tokens) of W, computes those logits, and an all-gather along
-    the vocabulary gives every rank all of them: (..., V/tp) -> (..., V)."""
+class RowParallelLinear(_AllReduceOutput, _GroupLinear):
+    """A row-parallel nn.Linear (see _AllReduceOutput)."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        local = F.linear(x, self.weight)  # (..., V/tp)
-        parts = [torch.empty_like(local) for _ in range(dist.get_world_size(self.group))]
-        dist.all_gather(parts, local, group=self.group)  # parts[r]: rank r's logits, tokens [r V/tp, (r+1) V/tp)
-        return torch.cat(parts, dim=-1)  # (..., V)
+
+class VocabParallelLinear(_AllGatherVocab, _GroupLinear):
+    """A vocabulary-parallel nn.Linear LM head (see _AllGatherVocab)."""
+
+
+class Int8RowParallelLinear(_AllReduceOutput, _GroupInt8Linear):
+    """A row-parallel Int8Linear: the rank's columns of the int8 weight, all of its per-row scales."""
+
+
+class Int8VocabParallelLinear(_AllGatherVocab, _GroupInt8Linear):
+    """A vocabulary-parallel Int8Linear LM head: the rank's rows of the int8 weight and of its scales."""
 
 
 def _apply_tp_plan(model: Qwen3ForCausalLM, group: dist.ProcessGroup) -> None:
-    """Swap the linear layers of a meta-device model for this rank's local-shaped ones (TP_PLAN)."""
+    """Swap the linear layers (float or int8) of a meta-device model for this rank's local-shaped ones (TP_PLAN)."""
     tp = dist.get_world_size(group)
+
+    def local(full: nn.Module, style: str) -> nn.Module:
+        int8 = isinstance(full, Int8Linear)
+        out_features = full.out_features // tp if style in ("colwise", "vocab") else full.out_features
+        in_features = full.in_features // tp if style == "rowwise" else full.in_features
+        if style == "colwise":
+            if int8:
+                return Int8Linear(in_features, out_features, device="meta", dtype=full.weight_scale.dtype)
+            return nn.Linear(in_features, out_features, bias=False, device="meta")
+        if int8:
+            cls = Int8RowParallelLinear if style == "rowwise" else Int8VocabParallelLinear
+            return cls(in_features, out_features, group, device="meta", dtype=full.weight_scale.dtype)
+        cls = RowParallelLinear if style == "rowwise" else VocabParallelLinear
+        return cls(in_features, out_features, group, device="meta")
+
     for layer in model.model.layers:
         for path, style in TP_PLAN.items():
             parent_path, _, name = path.rpartition(".")
-            parent, full = layer.get_submodule(parent_path), layer.get_submodule(path)
-            if style == "colwise":
-                local = nn.Linear(full.in_features, full.out_features // tp, bias=False, device="meta")
-            else:
-                local = RowParallelLinear(full.in_features // tp, full.out_features, group, device="meta")
-            setattr(parent, name, local)
-    head = model.lm_head
-    model.lm_head = VocabParallelLinear(head.in_features, head.out_features // tp, group, device="meta")
+            setattr(layer.get_submodule(parent_path), name, local(layer.get_submodule(path), style))
+    # A tied head (float, or int8 sharing the int8 embedding) gets its own local module: its rows are then
+    # views of the replicated embedding's rows (read_checkpoint slices them from the embedding).
+    model.lm_head = local(model.lm_head, "vocab")
 
 
 def split_style(name: str) -> str | None:
-    """How the state-dict tensor `name` is split across ranks: "colwise", "rowwise", "vocab" or None."""
-    module = name.removesuffix(".weight")
+    """How the state-dict tensor `name` (a weight, or an int8 weight's scales) is split across ranks:
+    "colwise", "rowwise", "vocab" or None (replicated)."""
+    module = name.removesuffix(".weight").removesuffix(".weight_scale")
     if module == LM_HEAD:
         return "vocab"
     for path, style in TP_PLAN.items():
@@ -252,6 +304,21 @@ def shard_range(size: int, rank: int, world_size: int) -> slice:
     return slice(rank * step, (rank + 1) * step)
 
 
+def rank_slicer(rank: int, world_size: int) -> Slicer:
+    """The part of each checkpoint tensor rank `rank` reads (checkpoint.read_checkpoint's slicer): its block
+    along the dimension split_style names, or all of it. A weight_scale (int8: one scale per weight row) is
+    split like its weight's rows: a block for colwise and vocab, whole for rowwise (its rows are whole)."""
+
+    def slicer(name: str, shape: tuple[int, ...]) -> Index:
+        style = split_style(name)
+        if style is None or SPLIT_DIM[style] >= len(shape):  # replicated, or a row-parallel layer's scales
+            return None
+        dim = SPLIT_DIM[style]
+        return (slice(None),) * dim + (shard_range(shape[dim], rank, world_size),)
+
+    return slicer
+
+
 # ---------------------------------------------------------------------------------------------------
 # Loading: each rank reads only its slices
 # ---------------------------------------------------------------------------------------------------
@@ -260,56 +327,27 @@ def shard_range(size: int, rank: int, world_size: int) -> slice:
 def load_model_tp(
     source: str | os.PathLike,
     device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     group: dist.ProcessGroup | None = None,
     attention: str = "sdpa",
 ) -> Qwen3ForCausalLM:
-    """Load this rank's part of a Qwen3 checkpoint for tensor-parallel inference over `group` (default: all
-    processes). Call it on every rank of the group; the model then runs (forward, qwen3.generate) only when
-    every rank of the group runs it with the same inputs."""
+    """Load this rank's part of a Qwen3 checkpoint (float or int8) for tensor-parallel inference over `group`
+    (default: all processes). Call it on every rank of the group; the model then runs (forward,
+    qwen3.generate) only when every rank of the group runs it with the same inputs."""
     if not dist.is_initialized():
         raise RuntimeError("load_model_tp: no process group; call init_distributed() first (under torchrun)")
+    device, dtype = parse_device(device), parse_dtype(dtype)
     group = group if group is not None else dist.group.WORLD
     rank, tp = dist.get_rank(group), dist.get_world_size(group)
     directory = resolve_source(source, MODEL_FILES)
     config = Qwen3Config.from_json(directory / "config.json")
-    if config.extra.get("quantization_config") is not None:
-        raise CheckpointError(f"{directory}: an int8 checkpoint; tensor parallelism loads float checkpoints only")
     shard_config(config, tp)  # the divisibility checks, before anything is read
-    with torch.device("meta"):
-        model = Qwen3ForCausalLM(config, attention=attention)
-    full_shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    model = build_meta_model(config, attention)
+    expected = {name: (tuple(t.shape), t.dtype) for name, t in model.state_dict().items()}  # the files' shapes
+    tied = tied_lm_head(model)
     _apply_tp_plan(model, group)
     local_shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    tied = config.tie_word_embeddings  # the head shard is then a view of the embedding's rows, not read
-    expected = {name: shape for name, shape in full_shapes.items() if not (tied and name == "lm_head.weight")}
-
-    state: dict[str, Tensor] = {}
-    for path, names in checkpoint_files(directory):
-        with safe_open(path, framework="pt", device="cpu") as f:
-            for name in names:
-                if tied and name == "lm_head.weight":
-                    continue  # some tied checkpoints store a copy of the embedding; the embedding wins
-                if name not in expected:
-                    raise CheckpointError(f"unexpected tensor {name!r} in {path} (not part of a Qwen3 model)")
-                tensor = f.get_slice(name)
-                shape = tuple(tensor.get_shape())
-                if shape != expected[name]:
-                    raise CheckpointError(f"tensor {name!r} in {path}: expected shape {expected[name]}, found {shape}")
-                style = split_style(name)
-                if style is None:
-                    local = tensor[:]
-                elif SPLIT_DIM[style] == 0:
-                    local = tensor[shard_range(shape[0], rank, tp)]
-                else:
-                    local = tensor[:, shard_range(shape[1], rank, tp)]
-                state[name] = local.to(device=device, dtype=dtype)
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise CheckpointError(f"missing tensors in {directory}: {shown}")
-    if tied:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"][shard_range(config.vocab_size, rank, tp)]
+    state = read_checkpoint(directory, expected, tied, device, dtype, slicer=rank_slicer(rank, tp))
     for name, tensor in state.items():  # the plan and the slicing must agree; a mismatch is a bug here
         assert tuple(tensor.shape) == local_shapes[name], (name, tuple(tensor.shape), local_shapes[name])
     model.load_state_dict(state, strict=True, assign=True)
