@@ -112,8 +112,9 @@ def test_info_plot_draws_the_memory_breakdown(tmp_path, capsys, preset):
     "argv, message",
     [
         (["generate", "--model", "/nonexistent/model", "x"], "no such model directory: /nonexistent/model"),
-        (["generate", "--temperature", "-1", "x"], "temperature"),
-        (["generate", "--top-p", "1.5", "x"], "top_p"),
+        (["generate", "--model", "demo/", "x"], "no such model directory: demo/ (the shipped demo model is --model"),
+        (["generate", "--temperature", "-1", "x"], "--temperature -1.0: must be a finite number >= 0"),
+        (["generate", "--top-p", "1.5", "x"], "--top-p 1.5: must be in (0, 1]"),
         (["generate", "--max-new-tokens", "40960", "x"], "exceeds the model's context of 40960 tokens"),
         (["info", "--preset", "7B"], "unknown '7B'"),
     ],
@@ -208,3 +209,192 @@ def test_chat_ctrl_c_stops_the_answer_and_keeps_the_chat(fake_snapshot):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Make loading a model (or launching torchrun) fail the test: flag errors must come before it."""
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("a model was loaded (or processes launched) before the flags were checked")
+
+    for name in ("load_model", "load_model_tp", "launch_tensor_parallel"):
+        monkeypatch.setattr(f"qwen3.cli.{name}", loaded)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "--temperature", "-1", "x"], "--temperature -1.0: must be a finite number >= 0"),
+        (["generate", "--top-p", "1.5", "x"], "--top-p 1.5: must be in (0, 1]"),
+        (["generate", "--top-k", "-3", "x"], "--top-k -3: must be an integer >= 0"),
+        (["generate", "--repetition-penalty", "0", "x"], "--repetition-penalty 0.0: must be a finite number > 0"),
+        (["chat", "--min-p", "2"], "--min-p 2.0: must be in [0, 1]"),
+        (["generate", "--max-new-tokens", "-1", "x"], "--max-new-tokens -1: must be >= 0"),
+        (["generate", "--stop", "", "x"], "--stop: an empty stop string would end every answer"),
+        (["generate", "--stop", "ok", "--stop", "", "x"], "--stop: an empty stop string"),
+        (["generate", "--speculative", "-2", "x"], "--speculative -2: must be a number of draft tokens >= 0"),
+        (["generate", "--speculative", "3", "--temperature", "0.7", "x"], "greedy only; add --temperature 0"),
+        (["generate", "--speculative", "3", "x"], "greedy only"),  # the model's generation config samples
+        (["generate", "--device", "cuda", "x"], "device 'cuda': no CUDA GPU available to torch on this machine"),
+        (["chat", "--device", "cuda:1"], "device 'cuda:1': no CUDA GPU available"),
+        (["generate", "--device", "mps", "x"], "device 'mps': MPS (Apple GPU) is not available on this machine"),
+        (["generate", "--device", "gpu0", "x"], "device 'gpu0': not a device name"),
+        (["generate", "--tp", "2", "--device", "cuda", "x"], "device 'cuda': no CUDA GPU"),  # before torchrun
+        (["generate", "--tp", "2", "--quantize", "int8", "x"], "--quantize: not supported with --tp"),
+        (["generate", "--tp", "0", "x"], "--tp 0: must be a number of processes >= 1"),
+        (["info", "--preset", "0.6B", "--context", "-5"], "--context -5: must be a number of tokens > 0"),
+        (["info", "--preset", "0.6B", "--context", "0"], "--context 0: must be a number of tokens > 0"),
+        (["info", "--preset", "0.6B", "--plot", "memory.bmp"], "--plot memory.bmp: '.bmp'; the file name must end"),
+        (["info", "--preset", "0.6B", "--plot", "memory"], "--plot memory: no suffix"),
+    ],
+)
+def test_flag_errors_are_one_line_and_come_before_loading(fake_snapshot, capsys, monkeypatch, no_loading, argv,
+                                                          message):  # fmt: skip
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same answer on a machine with a GPU
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    if argv[0] in ("generate", "chat"):
+        argv = [*argv[:1], "--model", str(fake_snapshot), *argv[1:]]
+    code, out, err = run(capsys, *argv)
+    assert (code, out) == (2, "")
+    assert err.startswith("qwen3: error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_resolve_device_is_one_check_for_every_caller(monkeypatch):
+    from qwen3.device import DeviceError, resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert resolve_device("auto") == torch.device("cuda")
+    with pytest.raises(DeviceError, match=r"device 'cuda:2': this machine has 2 CUDA GPU\(s\), cuda:0 to cuda:1"):
+        resolve_device("cuda:2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    assert isinstance(DeviceError("x"), ValueError)  # the CLI's one-line errors include ValueError
+
+
+def test_info_sizes_the_kv_cache_at_the_models_context(capsys):
+    demo_context = json.loads((qwen3.hub.DEMO_DIR / "config.json").read_text())["max_position_embeddings"]
+    code, out, _ = run(capsys, "info", "--model", "demo", "--json")
+    info = json.loads(out)
+    assert code == 0 and info["context"] == demo_context == 1024
+    assert info["kv_cache_bytes_bf16"] == info["kv_cache_bytes_per_token_bf16"] * demo_context
+    code, out, _ = run(capsys, "info", "--model", "demo")
+    assert code == 0 and f"at {demo_context:,} tokens" in out
+    code, out, _ = run(capsys, "info", "--model", "demo", "--context", "100", "--json")
+    assert json.loads(out)["context"] == 100
+
+
+@pytest.mark.parametrize("suffix, magic", [(".jpg", b"\xff\xd8\xff"), (".pdf", b"%PDF"), (".svg", b"<?xml"),
+                                           (".PNG", b"\x89PNG\r\n\x1a\n")])  # fmt: skip
+def test_info_plot_writes_the_format_its_suffix_names(tmp_path, capsys, suffix, magic):
+    path = tmp_path / f"memory{suffix}"
+    code, out, err = run(capsys, "info", "--model", "demo", "--plot", str(path))
+    assert code == 0, err
+    assert path.read_bytes().startswith(magic)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # written atomically: no temporary left
+
+
+def copy_model(source, directory):
+    import shutil
+
+    shutil.copytree(source, directory)
+    return {p.name: p.read_bytes() for p in directory.iterdir()}
+
+
+def test_quantize_refuses_to_write_over_its_source(fake_snapshot, tmp_path, capsys):
+    source = tmp_path / "model"
+    before = copy_model(fake_snapshot, source)
+    for out in (source, tmp_path / "." / "model"):
+        code, _, err = run(capsys, "quantize", "--model", str(source), "--out", str(out), "--overwrite")
+        assert code == 2 and "that is the model being read" in err and err.count("\n") == 1
+    assert {p.name: p.read_bytes() for p in source.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_quantize_replaces_a_non_empty_out_only_with_overwrite(fake_snapshot, tmp_path, capsys):
+    out = tmp_path / "int8"
+    out.mkdir()
+    stale = {"model-00001-of-00002.safetensors": b"another model's shard", "config.json": b"{}"}
+    for name, data in stale.items():
+        (out / name).write_bytes(data)
+    code, _, err = run(capsys, "quantize", "--model", str(fake_snapshot), "--out", str(out))
+    assert code == 2 and f"--out {out}: exists and is not empty; pass --overwrite" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == stale  # untouched
+    code, _, err = run(capsys, "quantize", "--model", str(fake_snapshot), "--out", str(out), "--overwrite")
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"]
+    )  # the other model's shard is gone, not mixed in
+    assert qwen3.load_model(out).model.layers[0].mlp.up_proj.weight.dtype == torch.int8
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["int8"]  # no temporary directory left
+    (out / "notes.txt").write_text("mine")
+    code, _, err = run(capsys, "quantize", "--model", str(fake_snapshot), "--out", str(out), "--overwrite")
+    assert code == 2 and "holds 'notes.txt', not a model file" in err
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_quantize_failure_leaves_out_as_it_was(fake_snapshot, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "int8"
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("qwen3.cli.save_model", fail)
+    code, _, err = run(capsys, "quantize", "--model", str(fake_snapshot), "--out", str(out))
+    assert code == 2 and "disk full" in err
+    assert list(tmp_path.iterdir()) == []  # neither out nor a temporary directory
+
+
+def test_generate_into_a_closed_pipe_ends_quietly():
+    """`qwen3 generate ... | head -1`: no Broken pipe message, the status of a writer ended by SIGPIPE."""
+    command = [sys.executable, "-m", "qwen3.cli", "generate", "--model", "demo", "--temperature", "0",
+               "--max-new-tokens", "1000", "ROMEO:\n"]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout.read(1)  # the answer has started streaming
+    process.stdout.close()  # the reader goes away, like head after its line
+    err = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 141, err
+    assert err == ""
+
+
+@pytest.mark.parametrize("where", ["qwen3.train.cli.add_subcommands", "qwen3.cli.resolve_model",
+                                   "qwen3.cli.load_model", "qwen3.cli.load_tokenizer"])  # fmt: skip
+def test_ctrl_c_during_start_up_exits_130_quietly(capsys, monkeypatch, where):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(where, interrupt)
+    code, out, err = run(capsys, "generate", "--model", "demo", "--max-new-tokens", "3", "ROMEO:")
+    assert (code, out, err) == (130, "", "\n")
+
+
+def test_invalid_utf8_in_a_prompt_becomes_replacement_characters(capsys, monkeypatch):
+    import io
+
+    raw = b"ROMEO: caf\xc3\xa9 \xff\xe2\x82 ok"  # valid, then an invalid byte and a truncated sequence
+    expected = raw.decode("utf-8", errors="replace")
+    assert expected == "ROMEO: caf\u00e9 \ufffd\ufffd ok"
+    argv = ["generate", "--model", "demo", "--temperature", "0", "--max-new-tokens", "5"]
+    code, from_argv, err = run(capsys, *argv, raw.decode("utf-8", errors="surrogateescape"))  # as in sys.argv
+    assert code == 0, err
+    assert from_argv == greedy_text("demo", expected, 5) + "\n"
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8"))
+    code, from_stdin, err = run(capsys, *argv)
+    assert (code, err) == (0, "") and from_stdin == from_argv
+
+
+def test_clean_text_decodes_escaped_bytes_like_errors_replace():
+    from qwen3.console import clean_text
+
+    gen = torch.Generator().manual_seed(0)
+    alphabet = list(b"ab \n") + [0xC3, 0xA9, 0xE2, 0x82, 0xAC, 0xF0, 0x9F, 0x98, 0x80, 0xFF, 0x80, 0xED, 0xA0]
+    for _ in range(300):
+        picks = torch.randint(len(alphabet), (int(torch.randint(0, 12, (1,), generator=gen)),), generator=gen)
+        raw = bytes(alphabet[i] for i in picks.tolist())
+        assert clean_text(raw.decode("utf-8", errors="surrogateescape")) == raw.decode("utf-8", errors="replace")
+    assert clean_text("a\ud800b\udfff") == "a\ufffdb\ufffd"  # surrogates that escape no byte
+    assert clean_text("plain \u00e9 \U0001f600") == "plain \u00e9 \U0001f600"

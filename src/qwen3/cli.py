@@ -1,8 +1,11 @@
-"""The `qwen3` command: generate, chat, info (and train / merge-lora from qwen3.train).
+"""The `qwen3` command: generate, chat, info, quantize (and train / merge-lora from qwen3.train).
 
-A thin layer over the library: every command resolves the model once (a directory, or a Hub id fetched
-with progress bars by huggingface_hub), loads it, and calls the public functions. User errors (no model,
-offline, bad flags, a prompt that does not fit) print one line on stderr and exit with status 2.
+A thin layer over the library: it parses the flags, checks them all before anything is loaded (device,
+sampling, lengths: an error names the flag), resolves the model once (a directory, or a Hub id fetched with
+progress bars by huggingface_hub), and calls the public functions. User errors (no model, offline, bad flags,
+a prompt that does not fit) print one line on stderr and exit with status 2; Ctrl-C exits with 130 and a
+reader that goes away (`| head`) ends the output quietly. Prompt text with invalid UTF-8 is read with
+U+FFFD in place of what does not decode (qwen3.console).
 
 `generate` and `chat` with `--tp N` restart themselves under torchrun in N processes (qwen3.parallel): rank 0
 reads standard input and prints, the other ranks compute in step with it. Ctrl-C then ends the whole run.
@@ -14,10 +17,8 @@ import argparse
 import contextlib
 import json
 import os
-import subprocess
 import sys
 from collections.abc import Sequence
-from datetime import timedelta
 from functools import partial
 from pathlib import Path
 
@@ -26,16 +27,28 @@ import torch.distributed as dist
 
 from .checkpoint import CheckpointError, load_model, save_model
 from .config import ConfigError, Qwen3Config
+from .console import clean_text, read_stdin
+from .device import resolve_device
 from .generate import Completion, ContextLengthError, generate_text
-from .hub import MODEL_FILES, TOKENIZER_FILES, ModelNotFoundError, resolve_source
-from .model import KVCache, Qwen3ForCausalLM
-from .parallel import finish, init_distributed, load_model_tp, on_rank0, shard_config
+from .hub import (
+    MODEL_FILES,
+    TOKENIZER_FILES,
+    ModelNotFoundError,
+    copy_tokenizer_files,
+    new_model_directory,
+    resolve_source,
+)
+from .info import model_info, plot_format, plot_memory
+from .model import Qwen3ForCausalLM
+from .parallel import finish, join_tensor_parallel, launch_tensor_parallel, load_model_tp, on_rank0
 from .quantize import quantization_config, quantize_int8
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer, load_tokenizer
 
 DEFAULT_MODEL = "Qwen/Qwen3-0.6B"
 DIM, RESET = "\x1b[2m", "\x1b[0m"
+SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                  "repetition_penalty", "seed")  # fmt: skip
 
 
 class UserError(Exception):
@@ -72,14 +85,41 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-new-tokens", type=int, default=None, help="limit on generated tokens")
 
 
-def pick_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+def check_flags(args: argparse.Namespace) -> None:
+    """Every check that needs no model, run before anything is resolved, loaded or launched."""
+    if getattr(args, "tp", 1) < 1:
+        raise UserError(f"--tp {args.tp}: must be a number of processes >= 1")
+    if getattr(args, "tp", 1) > 1 and getattr(args, "quantize", None):
+        raise UserError("--quantize: not supported with --tp (tensor-parallel loading reads float checkpoints)")
+    if getattr(args, "device", None) is not None and hasattr(args, "dtype") and hasattr(args, "tp"):
+        resolve_device(args.device)  # a device this machine lacks: one line now, not a traceback at load
+    if hasattr(args, "top_p"):
+        sampling_overrides(args)
+        if args.max_new_tokens is not None and args.max_new_tokens < 0:
+            raise UserError(f"--max-new-tokens {args.max_new_tokens}: must be >= 0")
+    if getattr(args, "speculative", 0) < 0:
+        raise UserError(f"--speculative {args.speculative}: must be a number of draft tokens >= 0 (0 = off)")
+    if any(not s for s in getattr(args, "stop", ())):
+        raise UserError("--stop: an empty stop string would end every answer before its first character")
+    if getattr(args, "context", None) is not None and args.context <= 0:
+        raise UserError(f"--context {args.context}: must be a number of tokens > 0")
+    if getattr(args, "plot", None) is not None:
+        try:
+            plot_format(args.plot)
+        except ValueError as e:
+            raise UserError(f"--plot {e}") from e
+
+
+def sampling_overrides(args: argparse.Namespace) -> dict:
+    """The sampling flags given, each checked alone so that an error names its flag."""
+    given = {name: getattr(args, name) for name in SAMPLING_FLAGS if getattr(args, name) is not None}
+    for name, value in given.items():
+        try:
+            SamplingParams(**{name: value})
+        except ValueError as e:  # "SamplingParams.top_p=1.5 is invalid: it must be in (0, 1]"
+            reason = str(e).partition(" is invalid: it ")[2] or str(e)
+            raise UserError(f"--{name.replace('_', '-')} {value}: {reason}") from e
+    return given
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -88,10 +128,15 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def load(args: argparse.Namespace) -> tuple[Qwen3ForCausalLM, Tokenizer, Path]:
-    """Resolve --model once (download with progress bars if needed), then load weights and tokenizer."""
-    directory = resolve_source(args.model, sorted(set(MODEL_FILES + TOKENIZER_FILES)))
-    device = pick_device(args.device)
+def resolve_model(args: argparse.Namespace) -> Path:
+    """The local directory of --model (downloaded with progress bars if needed): weights and tokenizer."""
+    return resolve_source(args.model, sorted(set(MODEL_FILES + TOKENIZER_FILES)))
+
+
+def load(args: argparse.Namespace, directory: Path | None = None) -> tuple[Qwen3ForCausalLM, Tokenizer, Path]:
+    """Resolve --model once (unless `directory` is given), then load weights and tokenizer."""
+    directory = directory if directory is not None else resolve_model(args)
+    device = resolve_device(args.device)
     if args.tp > 1:
         model = load_model_tp(directory, device=device, dtype=pick_dtype(args.dtype, device))
     else:
@@ -101,45 +146,13 @@ def load(args: argparse.Namespace) -> tuple[Qwen3ForCausalLM, Tokenizer, Path]:
     return model, load_tokenizer(directory), directory
 
 
-def launch_tensor_parallel(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    """Run this same command line in args.tp processes under torchrun; each then loads its slice of the model."""
-    directory = resolve_source(args.model, sorted(set(MODEL_FILES + TOKENIZER_FILES)))  # download once, here
-    shard_config(Qwen3Config.from_json(directory / "config.json"), args.tp)  # fail before starting processes
-    env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.tp)), **os.environ}  # CPU threads per rank
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.tp),
-               "-m", "qwen3.cli", *argv]  # fmt: skip
-    process = subprocess.Popen(command, env=env)
-    while True:
-        try:
-            return process.wait()
-        except KeyboardInterrupt:  # torchrun got the same Ctrl-C and is stopping the workers: let it finish
-            continue
-
-
-def join_tensor_parallel(args: argparse.Namespace) -> None:
-    """Under torchrun: join the process group; this rank computes on cuda:LOCAL_RANK (or the CPU)."""
-    if args.quantize:
-        raise UserError("--quantize: not supported with --tp (tensor-parallel loading reads float checkpoints)")
-    device_type = None if args.device == "auto" else torch.device(args.device).type
-    # A long timeout: in chat the other ranks wait in a broadcast while rank 0 waits for a person to type.
-    world = init_distributed(device_type, timeout=timedelta(hours=24))
-    if world.world_size != args.tp:
-        raise UserError(f"--tp {args.tp}: torchrun started {world.world_size} processes")
-    args.device = str(world.device)
-    # Unseeded sampling draws from the global RNG: start every rank's in rank 0's state, so all draw alike.
-    torch.manual_seed(on_rank0(torch.initial_seed))
-
-
 def sampling_from_args(args: argparse.Namespace, directory: Path) -> SamplingParams:
-    overrides = {
-        name: getattr(args, name)
-        for name in ("temperature", "top_k", "top_p", "min_p", "presence_penalty", "frequency_penalty",
-                     "repetition_penalty", "seed")
-    }  # fmt: skip
+    """The sampling flags over the model's generation_config.json defaults."""
+    overrides = sampling_overrides(args)
     source = directory / "generation_config.json"
     if source.is_file():
         return SamplingParams.from_generation_config(source, **overrides)
-    return SamplingParams(**{k: v for k, v in overrides.items() if v is not None})
+    return SamplingParams(**overrides)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -148,17 +161,21 @@ def sampling_from_args(args: argparse.Namespace, directory: Path) -> SamplingPar
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    prompt = args.prompt if args.prompt is not None else on_rank0(sys.stdin.read)  # only rank 0 reads stdin
+    prompt = clean_text(args.prompt) if args.prompt is not None else on_rank0(read_stdin)  # rank 0 reads stdin
     if not prompt:
         raise UserError("no prompt: pass it as an argument or on standard input")
-    model, tok, directory = load(args)
+    directory = resolve_model(args)
     sampling = sampling_from_args(args, directory)
+    if args.speculative and not sampling.greedy:
+        raise UserError(f"--speculative {args.speculative}: prompt-lookup decoding is greedy only; add --temperature 0")
+    model, tok, _ = load(args, directory)
     if args.chat:
         messages = [{"role": "user", "content": prompt}]
         if args.system:
-            messages.insert(0, {"role": "system", "content": args.system})
+            messages.insert(0, {"role": "system", "content": clean_text(args.system)})
         prompt = tok.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=not args.no_think)
     max_new = args.max_new_tokens if args.max_new_tokens is not None else 256
+    stops = [clean_text(s) for s in args.stop]
 
     def write(chunk: str) -> None:
         sys.stdout.write(chunk)
@@ -166,10 +183,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     fast = dict(compile=args.compile, speculative=args.speculative)
     if args.json:
-        completion = generate_text(model, tok, prompt, max_new, sampling, args.stop, **fast)
+        completion = generate_text(model, tok, prompt, max_new, sampling, stops, **fast)
         print(json.dumps(completion_json(completion), ensure_ascii=False))
     else:
-        completion = generate_text(model, tok, prompt, max_new, sampling, args.stop, on_text=write, **fast)
+        completion = generate_text(model, tok, prompt, max_new, sampling, stops, on_text=write, **fast)
         sys.stdout.write("\n")
     return 0
 
@@ -290,48 +307,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------
 
 
-def model_info(config: Qwen3Config, context: int) -> dict:
-    """Exact parameter counts and memory figures for a config (built on the meta device: no memory)."""
-    with torch.device("meta"):
-        model = Qwen3ForCausalLM(config)
-    total = model.num_parameters()
-    embedding = model.model.embed_tokens.weight.numel()
-    matrices = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    if not config.tie_word_embeddings:
-        matrices = [m for m in matrices if m is not model.lm_head] + [model.lm_head]
-    linear_params = sum(m.weight.numel() for m in matrices)
-    scales = sum(m.weight.shape[0] for m in matrices)  # one bf16 scale per output channel
-    other = total - linear_params - (embedding if not config.tie_word_embeddings else 0)
-    by_component = dict.fromkeys(("embedding", "attention", "mlp", "norms", "lm_head"), 0)
-    for pname, p in model.named_parameters():  # a tied LM head is the embedding: listed once
-        part = pname.split(".")
-        component = (
-            "embedding" if "embed_tokens" in part else "lm_head" if part[0] == "lm_head"
-            else "attention" if "self_attn" in part else "mlp" if "mlp" in part else "norms"
-        )  # fmt: skip
-        by_component[component] += p.numel()
-    mha = Qwen3Config(**{**config.__dict__, "num_key_value_heads": config.num_attention_heads})
-    kv_bf16 = KVCache.bytes_per_token(config, torch.bfloat16)
-    kv_mha = KVCache.bytes_per_token(mha, torch.bfloat16)
-    return {
-        "parameters": total,
-        "parameters_non_embedding": total - embedding,
-        "parameters_by_component": by_component,  # attention includes q_norm / k_norm
-        "weights_bytes": {
-            "float32": total * 4,
-            "bfloat16": total * 2,
-            # int8 linear layers (LM head included) with bf16 per-channel scales; embedding/norms bf16
-            "int8": linear_params + scales * 2 + other * 2,
-        },
-        "kv_cache_bytes_per_token_bf16": kv_bf16,
-        "kv_cache_bytes_per_token_mha_bf16": kv_mha,
-        "kv_cache_bytes_bf16": kv_bf16 * context,
-        "kv_cache_bytes_mha_bf16": kv_mha * context,
-        "gqa_saving": 1 - kv_bf16 / kv_mha,
-        "context": context,
-    }
-
-
 def cmd_info(args: argparse.Namespace) -> int:
     if args.preset:
         config, name = Qwen3Config.from_preset(args.preset), f"preset {args.preset}"
@@ -339,11 +314,14 @@ def cmd_info(args: argparse.Namespace) -> int:
         config, name = Qwen3Config.from_json(resolve_source(args.model, ["config.json"]) / "config.json"), args.model
     info = model_info(config, args.context)
     if args.plot:
-        plot_memory(config, name, info, args.plot)
+        try:
+            plot_memory(config, name, info, args.plot)
+        except ImportError as e:
+            raise UserError(f"--plot: {e}") from e
     if args.json:
         print(json.dumps({"model": name, "config": config.to_dict(), **info}, indent=2))
         return 0
-    gib, c = 2**30, config
+    gib, c, context = 2**30, config, info["context"]
     lines = [
         name,
         f"  layers {c.num_hidden_layers}, hidden {c.hidden_size}, MLP {c.intermediate_size} (SwiGLU), "
@@ -356,9 +334,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"{info['parameters_non_embedding']:,} without the embedding",
         "weights:    " + ", ".join(f"{k} {v / gib:.2f} GiB" for k, v in info["weights_bytes"].items()),
         f"KV cache:   {info['kv_cache_bytes_per_token_bf16'] / 1024:.0f} KiB/token in bf16; "
-        f"{info['kv_cache_bytes_bf16'] / gib:.3f} GiB at {args.context:,} tokens",
+        f"{info['kv_cache_bytes_bf16'] / gib:.3f} GiB at {context:,} tokens",
         f"GQA saving: {info['gqa_saving']:.0%} of the KV cache versus multi-head attention "
-        f"({info['kv_cache_bytes_mha_bf16'] / gib:.3f} GiB at {args.context:,} tokens)",
+        f"({info['kv_cache_bytes_mha_bf16'] / gib:.3f} GiB at {context:,} tokens)",
     ]
     if args.plot:
         lines.append(f"memory plot: {args.plot}")
@@ -366,70 +344,23 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def plot_memory(config: Qwen3Config, name: str, info: dict, path: Path) -> None:
-    """Two panels: the bf16 weights by component, and the bf16 KV cache of one sequence by context length
-    (this config's KV heads against multi-head attention), beside the weights in bf16 and int8."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise UserError("--plot needs matplotlib: pip install 'qwen3[train]'") from e
-    gib = 2**30
-    fig, (weights_ax, kv_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
-    counts = {k: v for k, v in info["parameters_by_component"].items() if v}
-    bars = weights_ax.barh(list(counts), [v * 2 / gib for v in counts.values()], color="tab:blue")
-    labels = [f"{v * 2 / gib:.3f} GiB, {v / 1e6:,.2f}M" for v in counts.values()]
-    weights_ax.bar_label(bars, labels=labels, padding=3, fontsize=8)
-    weights_ax.invert_yaxis()
-    weights_ax.set_xlabel("GiB in bf16")
-    tied = " (LM head tied to the embedding)" if config.tie_word_embeddings else ""
-    weights_ax.set_title(f"weights by component{tied}", fontsize=10)
-    weights_ax.margins(x=0.25)
-    contexts = [2**i for i in range(9, 40) if 2**i < config.max_position_embeddings] + [config.max_position_embeddings]
-    per_token = info["kv_cache_bytes_per_token_bf16"]
-    per_token_mha = info["kv_cache_bytes_per_token_mha_bf16"]
-    kv_ax.plot(contexts, [c * per_token / gib for c in contexts], marker=".",
-               label=f"KV cache, {config.num_key_value_heads} KV heads ({per_token / 1024:.0f} KiB/token)")  # fmt: skip
-    if config.num_key_value_heads != config.num_attention_heads:
-        kv_ax.plot(contexts, [c * per_token_mha / gib for c in contexts], linestyle="--",
-                   label=f"KV cache if multi-head ({per_token_mha / 1024:.0f} KiB/token)")  # fmt: skip
-    for dtype, style in (("bfloat16", ":"), ("int8", "-.")):
-        kv_ax.axhline(info["weights_bytes"][dtype] / gib, color="gray", linestyle=style, label=f"weights, {dtype}")
-    kv_ax.set_xscale("log", base=2)
-    kv_ax.set_yscale("log")
-    kv_ax.set_xlabel("context length (tokens, one sequence)")
-    kv_ax.set_ylabel("GiB")
-    kv_ax.set_title("KV cache in bf16 by context length", fontsize=10)
-    kv_ax.grid(alpha=0.3, which="both")
-    kv_ax.legend(fontsize=8)
-    fig.suptitle(f"{name}: {info['parameters']:,} parameters", fontsize=11)
-    fig.tight_layout()
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp")
-    try:
-        fig.savefig(temporary, dpi=110, format="png")
-        os.replace(temporary, path)  # atomic: an interrupted run leaves no half-written file at path
-    finally:
-        plt.close(fig)
-        temporary.unlink(missing_ok=True)
+# ---------------------------------------------------------------------------------------------------
+# qwen3 quantize
+# ---------------------------------------------------------------------------------------------------
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    import shutil
-
-    directory = resolve_source(args.model, sorted(set(MODEL_FILES + TOKENIZER_FILES)))
-    model = load_model(directory, dtype=getattr(torch, args.dtype), progress=sys.stderr.isatty())
-    if quantization_config(model) is not None:
-        raise UserError(f"{args.model} is already quantized")
-    before = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    quantize_int8(model, include_embedding=args.include_embedding)
-    save_model(model, args.out)
-    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        if (directory / name).is_file():
-            shutil.copy(directory / name, args.out / name)
-    after = sum(f.stat().st_size for f in args.out.glob("*.safetensors"))
+    directory = resolve_model(args)
+    # Checked before loading: --out is not the source, and empty unless --overwrite; written beside and renamed.
+    with new_model_directory(args.out, overwrite=args.overwrite, source=directory) as tmp:
+        model = load_model(directory, dtype=getattr(torch, args.dtype), progress=sys.stderr.isatty())
+        if quantization_config(model) is not None:
+            raise UserError(f"{args.model} is already quantized")
+        before = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        quantize_int8(model, include_embedding=args.include_embedding)
+        save_model(model, tmp)
+        copy_tokenizer_files(directory, tmp)
+        after = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
     print(
         f"wrote {args.out}: int8 weights, {after / 2**30:.2f} GiB on disk (float state dict: {before / 2**30:.2f} GiB)"
     )
@@ -450,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--no-think", action="store_true", help="with --chat: disable thinking (empty think block)")
     p.add_argument("--system", help="with --chat: a system prompt")
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable, not empty)")
     p.add_argument("--json", action="store_true", help="print reasoning, content, token counts and timing as JSON")
     p.add_argument("--speculative", type=int, default=0, metavar="K",
                    help="prompt-lookup speculative decoding with K draft tokens (greedy only)")  # fmt: skip
@@ -468,16 +399,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="parameter counts and memory of a model", description="Describe a model.")
     p.add_argument("--model", default=DEFAULT_MODEL, help="model directory or Hub id (only config.json is read)")
     p.add_argument("--preset", help="an official size instead of --model: 0.6B, 1.7B, 4B, 8B, 14B, 32B")
-    p.add_argument("--context", type=int, default=40960, help="tokens of KV cache to size (default 40960)")
+    p.add_argument("--context", type=int, default=None,
+                   help="tokens of KV cache to size (default: the model's max_position_embeddings)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--plot", type=Path, metavar="PNG",
-                   help="also draw the memory: weights by component, KV cache by context length")  # fmt: skip
+    p.add_argument("--plot", type=Path, metavar="FILE",
+                   help="also draw the memory (weights by component, KV cache by context length) "
+                   "as .png, .jpg, .pdf or .svg")  # fmt: skip
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("quantize", help="write an int8 weight-only checkpoint",
                        description="Quantize a checkpoint to int8 weights (per-output-channel scales).")  # fmt: skip
     p.add_argument("--model", default=DEFAULT_MODEL, help="model directory or Hub id")
-    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--out", required=True, type=Path, help="output directory (new or empty; not the model's own)")
+    p.add_argument("--overwrite", action="store_true", help="replace the model in a non-empty --out")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
                    help="dtype of the scales and of what stays in float")  # fmt: skip
     p.add_argument("--include-embedding", action="store_true", help="quantize the input embedding too")
@@ -494,20 +428,31 @@ USER_ERRORS = (UserError, ModelNotFoundError, ConfigError, CheckpointError, Cont
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return finish(130)
     return finish(run_command(args, argv))  # a torchrun worker (--tp, `qwen3 train` on N processes) ends here
 
 
 def run_command(args: argparse.Namespace, argv: list[str]) -> int:
     try:
+        check_flags(args)
         if getattr(args, "tp", 1) != 1:
             if "LOCAL_RANK" not in os.environ:
-                return launch_tensor_parallel(args, argv)
-            join_tensor_parallel(args)
+                return launch_tensor_parallel(args.model, args.tp, argv)
+            args.device = str(join_tensor_parallel(args.tp, args.device))
             if dist.get_rank() > 0:  # the other ranks compute in step with rank 0, silently
                 with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
                     return args.func(args)
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # here, so that a closed pipe is caught below and not at exit
+        return code
+    except BrokenPipeError:  # the reader went away (`qwen3 generate ... | head -1`): stop, quietly
+        with contextlib.suppress(OSError, ValueError):  # Python's own flush at exit then writes nowhere
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE: what a shell reports for a writer ended by the pipe's close
     except USER_ERRORS as e:
         if os.environ.get("QWEN3_TRACEBACK"):
             raise
@@ -516,7 +461,7 @@ def run_command(args: argparse.Namespace, argv: list[str]) -> int:
         if not dist.is_initialized() or dist.get_rank() == 0:  # tensor-parallel ranks fail alike: say it once
             print(f"qwen3: error: {message}{hint}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # at any point: start-up (resolving, loading) included
         print(file=sys.stderr)
         return 130
     finally:

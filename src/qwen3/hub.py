@@ -13,6 +13,9 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .files import atomic_path
@@ -92,3 +95,48 @@ def copy_tokenizer_files(source_dir: str | os.PathLike, out_dir: str | os.PathLi
                 shutil.copyfile(source, tmp)
         copied.append(name)
     return copied
+
+
+# Files a model directory may hold (weights, configs, tokenizer): what --overwrite may replace.
+CHECKPOINT_FILES = [*MODEL_FILES, *TOKENIZER_FILES, "model-*-of-*.safetensors"]
+
+
+@contextmanager
+def new_model_directory(
+    out: str | os.PathLike, overwrite: bool = False, source: str | os.PathLike | None = None
+) -> Iterator[Path]:
+    """Yield an empty temporary directory beside `out` to write a model into; when the block succeeds it is
+    renamed to `out`, so `out` holds the old model or the new one, never a mix (a failed block removes it).
+
+    Refused before anything is written (ValueError): `out` is the `source` directory; `out` exists and is not an
+    empty directory, unless `overwrite`; with `overwrite`, `out` holds anything but model files (it is replaced
+    whole, so nothing else may be lost with it)."""
+    out = Path(out)
+    if source is not None and out.exists() and Path(source).exists() and out.resolve() == Path(source).resolve():
+        raise ValueError(f"--out {out}: that is the model being read; write the new model to another directory")
+    if out.exists():
+        if not out.is_dir():
+            raise ValueError(f"--out {out}: exists and is a file")
+        entries = list(out.iterdir())
+        if entries and not overwrite:
+            raise ValueError(f"--out {out}: exists and is not empty; pass --overwrite to replace the model there")
+        foreign = [p.name for p in entries if p.is_dir() or not any(p.match(g) for g in CHECKPOINT_FILES)]
+        if foreign:
+            raise ValueError(f"--out {out}: holds {foreign[0]!r}, not a model file; not replacing that directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.mkdir()  # 0o777 less the umask, like any new directory (not mkdtemp's private 0o700)
+    old = out.with_name(f"{tmp.name}.old")
+    try:
+        yield tmp
+        if out.exists():
+            out.rename(old)
+        try:
+            tmp.rename(out)
+        except OSError:
+            if old.exists():
+                old.rename(out)
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)

@@ -353,3 +353,41 @@ def load_model_tp(
     model.load_state_dict(state, strict=True, assign=True)
     model.init_buffers(device)
     return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Orchestration: a command restarts itself under torchrun, and each worker joins the group
+# ---------------------------------------------------------------------------------------------------
+
+
+def launch_tensor_parallel(source: str | os.PathLike, tp: int, argv: list[str], module: str = "qwen3.cli") -> int:
+    """Run `python -m module *argv` in `tp` processes under torchrun and return its exit status; each process
+    then loads its slice of the model. The model is resolved (downloaded) once, here, and the split checked
+    against its config, before any process starts. Ctrl-C reaches torchrun, which stops the workers."""
+    import subprocess
+
+    from .hub import TOKENIZER_FILES
+
+    directory = resolve_source(source, sorted(set(MODEL_FILES + TOKENIZER_FILES)))
+    shard_config(Qwen3Config.from_json(directory / "config.json"), tp)  # fail before starting processes
+    env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // tp)), **os.environ}  # CPU threads per rank
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(tp),
+               "-m", module, *argv]  # fmt: skip
+    process = subprocess.Popen(command, env=env)
+    while True:
+        try:
+            return process.wait()
+        except KeyboardInterrupt:  # torchrun got the same Ctrl-C and is stopping the workers: let it finish
+            continue
+
+
+def join_tensor_parallel(tp: int, device: str = "auto") -> torch.device:
+    """Under torchrun: join the process group of `tp` processes and return this rank's device (cuda:LOCAL_RANK,
+    or the CPU). Unseeded sampling then draws alike on every rank (each starts in rank 0's RNG state)."""
+    device_type = None if device == "auto" else torch.device(device).type
+    # A long timeout: in chat the other ranks wait in a broadcast while rank 0 waits for a person to type.
+    world = init_distributed(device_type, timeout=timedelta(hours=24))
+    if world.world_size != tp:
+        raise ValueError(f"tp: {tp} processes expected, torchrun started {world.world_size}")
+    torch.manual_seed(on_rank0(torch.initial_seed))
+    return world.device
