@@ -21,7 +21,8 @@ Tied embeddings. The LM head of the small Qwen3s shares its (V, H) matrix with t
   dequantise the gathered rows). Per-row scales of the embedding are per-output-channel scales of the
   LM head, so the two share one int8 matrix and one scale vector and stay tied.
 
-Two ways to compute an Int8Linear, chosen by its `kernel` attribute ("auto", "plain" or "int8pack"):
+Three ways to compute an Int8Linear, chosen by its `kernel` attribute ("auto", "plain", "int8pack" or
+"cpu_gemv"):
 - plain: `F.linear(x, q.to(x.dtype)) * s`. The int8 -> float conversion is exact (|q| <= 127), so this
   is the textbook formula; under torch.compile, inductor fuses the conversion into the matmul, which is
   what makes int8 fast on GPU (the matrix is read once, as int8).
@@ -35,8 +36,12 @@ Two ways to compute an Int8Linear, chosen by its `kernel` attribute ("auto", "pl
   aligned operands (x is copied if it is a misaligned view; a misaligned weight falls back to plain).
   bf16 on 2 cores, (1024 x 3072): 0.15 ms for one row against 0.99 ms plain (and 0.38 ms for the bf16
   float matmul); the kernel loses to the plain path above ~32-64 rows (prefill), hence INT8PACK_MAX_ROWS.
-"auto" takes int8pack for eager CPU bfloat16 inputs of at most INT8PACK_MAX_ROWS rows where it is safe,
-and the plain path otherwise (always under torch.compile, and when gradients flow: the kernel has none).
+- cpu_gemv: qwen3's own x86 kernel (qwen3/kernels/int8_cpu.py: AVX-512 or AVX2, software prefetch, fp32
+  arithmetic on fp32 or bf16 x, any in_features), built with the system compiler on first use. It streams
+  the weights faster than int8pack (benchmarks/NOTES.md) and does not round fp32 x to bf16.
+"auto" takes cpu_gemv for eager CPU float32 / bfloat16 inputs of at most CPU_GEMV_MAX_ROWS rows where it
+could be built; otherwise int8pack for eager CPU bfloat16 inputs of at most INT8PACK_MAX_ROWS rows where it
+is safe, and the plain path otherwise (always under torch.compile, and when gradients flow: the kernel has none).
 A float32 input of few rows also takes the bfloat16 kernel: x and the scales are rounded to bfloat16
 (relative 2^-8, the size of the int8 rounding itself) and the result cast back to float32. The plain
 path would convert the whole int8 matrix to float32 on every call, reading more bytes than the float32
@@ -58,15 +63,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ConfigError
+from .kernels import int8_cpu
 from .model import Qwen3ForCausalLM
 
 QUANT_METHOD = "qwen3_int8"
 MODULES_LINEAR = "linear+lm_head"
 MODULES_WITH_EMBEDDING = "linear+lm_head+embedding"
-KERNELS = ("auto", "plain", "int8pack")
+KERNELS = ("auto", "plain", "int8pack", "cpu_gemv")
 INT8PACK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INT8PACK_K_MULTIPLE = 16  # the bf16 AVX-512 kernel's step along in_features; it has no remainder loop
 INT8PACK_MAX_ROWS = 32  # above this many rows (tokens) the plain bf16 matmul wins on CPU (measured)
+CPU_GEMV_MAX_ROWS = 32  # qwen3's CPU kernel beats int8pack and plain up to 64 rows (measured); prefill above
 QMAX = 127  # symmetric: -128 is never used, so q and -q are both representable
 
 
@@ -151,6 +158,8 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel!r}"
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.kernel == "cpu_gemv" or (self.kernel == "auto" and self._cpu_gemv_pays(x)):
+            return self.forward_cpu_gemv(x)
         if self.kernel == "plain" or (self.kernel == "auto" and not self._int8pack_pays(x)):
             return self.forward_plain(x)
         if self.kernel == "auto" and x.dtype == torch.float32:  # the fp32 kernel is a scalar loop: use bf16's
@@ -171,6 +180,26 @@ class Int8Linear(nn.Module):
             x2d = x2d.clone()  # the bf16 kernel uses aligned 32-byte loads; fresh CPU memory is 64-aligned
         out = torch._weight_int8pack_mm(x2d, self.weight, self.weight_scale.to(x.dtype))  # (B*T, out)
         return out.view(*x.shape[:-1], self.out_features)
+
+    def forward_cpu_gemv(self, x: Tensor) -> Tensor:
+        """qwen3's x86 int8 kernel (fp32 arithmetic); RuntimeError where it is not available."""
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise ValueError("cpu_gemv kernel: it has no backward")
+        return int8_cpu.int8_gemv(x, self.weight, self.weight_scale)
+
+    def _cpu_gemv_pays(self, x: Tensor) -> bool:
+        """auto's first choice: few eager CPU rows of fp32 / bf16 where the kernel could be built."""
+        return (
+            not torch.compiler.is_compiling()
+            and x.device.type == "cpu"
+            and x.dtype in int8_cpu.DTYPE_CODES
+            and self.weight_scale.dtype in int8_cpu.DTYPE_CODES
+            and self.weight.device.type == "cpu"
+            and self.weight.is_contiguous()
+            and 0 < x.numel() <= CPU_GEMV_MAX_ROWS * self.in_features
+            and not (torch.is_grad_enabled() and x.requires_grad)
+            and int8_cpu.available()
+        )
 
     def _int8pack_unusable(self, x: Tensor) -> str | None:
         """Why the int8pack kernel cannot run on x, or None if it can."""
