@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# What one H200 call runs for the engine, the server and the decode kernels (through the device tool), in order:
+# the GPU tests, the kernel micro-benchmarks, engine throughput, the server load test, batch-1 decode.
+# Each part has its own time limit so that one failure cannot eat the others' time. Results land in $OUT.
+#   bash benchmarks/h200_engine.sh [tests] [kernels] [throughput] [serve] [decode]      (default: all)
+# Packages the device image lacks (fastapi, uvicorn, pydantic, prompt_toolkit) travel as wheels in .whl/.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD/src
+else
+  export PYTHONPATH=$PWD/src
+fi
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+OUT=${OUT:-out/h200}
+mkdir -p "$OUT"
+parts=${*:-tests kernels throughput serve decode}
+log="$OUT/h200.log"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$log"
+python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" | tee -a "$log"
+
+run() {  # run <seconds> <name> <command...>: one part, its output in the log and in $OUT/<name>.log
+  local limit=$1 name=$2; shift 2
+  local start; start=$(date +%s)
+  echo "=== $name" | tee -a "$log"
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  grep -v "Warning\|^W1\|warnings.warn" "$OUT/$name.log" | tail -40 | tee -a "$log"
+  echo "=== $name: rc=$rc, $(( $(date +%s) - start )) s" | tee -a "$log"
+}
+
+if [[ " $parts " == *" tests "* ]]; then
+  run 240 tests python3 -m pytest -q -x -p no:cacheprovider tests/test_triton_kernels.py tests/test_engine.py \
+    tests/test_kernels.py -k "cuda or gpu or triton or graph or kernel" -rs
+fi
+if [[ " $parts " == *" kernels "* ]]; then
+  run 150 kernels python3 benchmarks/kernels.py
+fi
+if [[ " $parts " == *" throughput "* ]]; then
+  run 300 throughput python3 benchmarks/throughput.py --results "$OUT/results.md"
+fi
+if [[ " $parts " == *" serve "* ]]; then
+  run 240 serve python3 benchmarks/serve.py --results "$OUT/results.md"
+fi
+if [[ " $parts " == *" decode "* ]]; then
+  run 240 decode python3 benchmarks/decode.py --device cuda --gemv --results "$OUT/results.md"
+fi

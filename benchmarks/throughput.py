@@ -1,0 +1,231 @@
+"""Offline batch throughput: the engine (qwen3.LLM) against today's padded `qwen3.generate` and transformers'
+continuous batching, in one process, on the same random-init checkpoint (no download).
+
+The protocol is nano-vllm's `bench.py`, exactly: seed 0; 256 requests; prompt token ids U[0, 10000) of length
+U(100, 1024); `max_tokens` U(100, 1024); `ignore_eos`; temperature 0.6; `max_model_len` 4096; one warm-up.
+Throughput = sum of max_tokens / wall time.
+
+    python benchmarks/throughput.py                        # CUDA: random-init Qwen3-0.6B in bf16
+    python benchmarks/throughput.py --device cpu           # CPU: the demo model, engine vs one generate per request
+
+The padded generate and transformers are much slower than the engine, so they run on the first `--peer-requests`
+requests of the same workload (64 by default; the engine runs that subset too, for a like-for-like ratio).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import platform
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from qwen3.engine import LLM, AsyncLLM
+
+import qwen3
+from qwen3.sampling import SamplingParams
+
+
+def workload(num_requests: int, min_len: int, max_len: int, seed: int = 0) -> tuple[list[list[int]], list[int]]:
+    """nano-vllm's bench.py: prompts of U(min_len, max_len) ids in [0, 10000), max_tokens U(min_len, max_len)."""
+    rng = random.Random(seed)
+    prompts = [[rng.randint(0, 10000) for _ in range(rng.randint(min_len, max_len))] for _ in range(num_requests)]
+    max_tokens = [rng.randint(min_len, max_len) for _ in range(num_requests)]
+    return prompts, max_tokens
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def params_for(max_tokens: list[int], temperature: float) -> list[SamplingParams]:
+    return [SamplingParams(temperature=temperature, max_tokens=n, ignore_eos=True) for n in max_tokens]
+
+
+def run_engine(llm: LLM, prompts, max_tokens, temperature, device) -> dict:
+    sync(device)
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params_for(max_tokens, temperature), use_tqdm=False)
+    sync(device)
+    seconds = time.perf_counter() - start
+    produced = sum(len(o.token_ids) for o in outputs)
+    assert produced == sum(max_tokens), (produced, sum(max_tokens))  # ignore_eos: every request runs to max_tokens
+    return {"seconds": seconds, "tokens": produced, "tokens_per_s": produced / seconds}
+
+
+def engine_ttft(llm: LLM, prompts, max_tokens, temperature) -> dict:
+    """Time to first token of every request when all arrive at once (streaming interface), and the makespan."""
+
+    async def main() -> list[float]:
+        engine = AsyncLLM(llm)
+        start = time.perf_counter()
+
+        async def one(i: int) -> float:
+            params = SamplingParams(temperature=temperature, max_tokens=max_tokens[i], ignore_eos=True)
+            first = None
+            async for out in engine.generate(prompts[i], params, request_id=f"ttft-{i}"):
+                if first is None and out.new_token_ids:
+                    first = time.perf_counter() - start
+            return first
+
+        try:
+            return await asyncio.gather(*(one(i) for i in range(len(prompts))))
+        finally:
+            await engine.shutdown()
+
+    ttfts = sorted(asyncio.run(main()))
+    return {"ttft_p50": statistics.median(ttfts), "ttft_p99": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))]}
+
+
+def run_padded_generate(model, prompts, max_tokens, temperature, device, batch: int) -> dict:
+    """Today's `qwen3.generate`: padded batches of `batch` prompts, each batch decoding to its longest max_tokens."""
+    sync(device)
+    start = time.perf_counter()
+    for i in range(0, len(prompts), batch):
+        qwen3.generate(model, prompts[i : i + batch], max_new_tokens=max(max_tokens[i : i + batch]),
+                       sampling=SamplingParams(temperature=temperature, seed=0))  # fmt: skip
+    sync(device)
+    seconds = time.perf_counter() - start
+    useful = sum(max_tokens)
+    return {"seconds": seconds, "tokens": useful, "tokens_per_s": useful / seconds}
+
+
+def run_one_by_one(model, prompts, max_tokens, temperature, device) -> dict:
+    sync(device)
+    start = time.perf_counter()
+    for p, n in zip(prompts, max_tokens, strict=True):
+        qwen3.generate(model, [p], max_new_tokens=n, sampling=SamplingParams(temperature=temperature, seed=0))
+    sync(device)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "tokens": sum(max_tokens), "tokens_per_s": sum(max_tokens) / seconds}
+
+
+def run_transformers(directory: Path, prompts, max_tokens, temperature, device, dtype) -> dict:
+    """transformers' continuous batching manager (the machinery behind generate_batch), per-request max_new_tokens."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation="sdpa_paged").to(device)
+    config = GenerationConfig(do_sample=True, temperature=temperature, max_new_tokens=max(max_tokens),
+                              eos_token_id=-1, pad_token_id=0)  # fmt: skip
+    manager = model.init_continuous_batching(generation_config=config)
+    manager.start()
+    try:
+        sync(device)
+        start = time.perf_counter()
+        for i, (p, n) in enumerate(zip(prompts, max_tokens, strict=True)):
+            manager.add_request(p, request_id=f"r{i}", max_new_tokens=n)
+        produced, done = 0, 0
+        while done < len(prompts):
+            result = manager.get_result(timeout=60)
+            if result is None:
+                raise RuntimeError("transformers' manager stopped answering")
+            if result.is_finished():
+                done += 1
+                produced += len(result.generated_tokens)
+        sync(device)
+        seconds = time.perf_counter() - start
+    finally:
+        manager.stop(block=True)
+    del model
+    return {"seconds": seconds, "tokens": produced, "tokens_per_s": produced / seconds}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--requests", type=int, help="requests (default 256 on CUDA, 16 on CPU)")
+    p.add_argument("--peer-requests", type=int, help="requests for the slower peers (default 64 on CUDA, 16 on CPU)")
+    p.add_argument("--padded-batch", type=int, default=64, help="rows per padded qwen3.generate batch")
+    p.add_argument("--skip-transformers", action="store_true")
+    p.add_argument("--skip-padded", action="store_true")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--results", type=Path, help="append the table to this markdown file")
+    args = p.parse_args()
+    cuda = args.device.startswith("cuda")
+    temperature = 0.6
+    if cuda:  # nano-vllm's numbers
+        num, peers, lo, hi, max_model_len, dtype = 256, 64, 100, 1024, 4096, torch.bfloat16
+    else:  # the same shape of workload, scaled to a 2-core CPU and the demo model's 1,024-token context
+        num, peers, lo, hi, max_model_len, dtype = 16, 16, 10, 100, 1024, torch.float32
+    num, peers = args.requests or num, args.peer_requests or peers
+    prompts, max_tokens = workload(num, lo, hi)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if cuda:
+            torch.manual_seed(0)
+            model = qwen3.Qwen3ForCausalLM(qwen3.Qwen3Config.from_preset("0.6B")).to(dtype)
+            model.init_weights()
+            qwen3.save_model(model, tmp)
+            source, name = tmp, "random-init Qwen3-0.6B, bf16"
+        else:
+            source, name = "demo", "demo model (11M), fp32"
+        model = qwen3.load_model(source, device=args.device, dtype=dtype)
+        torch.cuda.reset_peak_memory_stats() if cuda else None
+        start = time.perf_counter()
+        llm = LLM(model, max_num_seqs=args.max_num_seqs, max_model_len=max_model_len)
+        startup = time.perf_counter() - start
+        run_engine(llm, prompts[:2], [8, 8], temperature, args.device)  # warm-up, as bench.py
+        rows = []
+        full = run_engine(llm, prompts, max_tokens, temperature, args.device)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+        ttft = engine_ttft(llm, prompts, max_tokens, temperature)
+        pool_tokens = llm.num_kv_cache_tokens if hasattr(llm, "num_kv_cache_tokens") else None
+        mean_len = statistics.mean(len(q) + n for q, n in zip(prompts, max_tokens, strict=True))
+        rows.append((f"qwen3.LLM, {num} requests", full, ttft))
+        subset = run_engine(llm, prompts[:peers], max_tokens[:peers], temperature, args.device)
+        rows.append((f"qwen3.LLM, first {peers}", subset, None))
+        del llm
+        if not args.skip_padded:
+            if cuda:
+                padded = run_padded_generate(model, prompts[:peers], max_tokens[:peers], temperature, args.device,
+                                             args.padded_batch)  # fmt: skip
+                rows.append((f"qwen3.generate, padded batches of {args.padded_batch}, first {peers}", padded, None))
+            else:
+                single = run_one_by_one(model, prompts[:peers], max_tokens[:peers], temperature, args.device)
+                rows.append((f"qwen3.generate, one call per request, first {peers}", single, None))
+        del model
+        if cuda and not args.skip_transformers:
+            try:
+                hf = run_transformers(Path(tmp), prompts[:peers], max_tokens[:peers], temperature, args.device, dtype)
+                rows.append((f"transformers continuous batching, first {peers}", hf, None))
+            except Exception as e:  # a peer failing must not lose our numbers
+                print(f"transformers continuous batching failed: {e.__class__.__name__}: {e}")
+
+    threads = torch.get_num_threads()
+    device_name = torch.cuda.get_device_name() if cuda else f"{platform.processor() or 'CPU'}, {threads} threads"
+    lines = [
+        f"### Throughput, nano-vllm protocol ({datetime.date.today()}, {device_name}, torch {torch.__version__})",
+        "",
+        f"`python benchmarks/throughput.py --device {args.device}`; {name}; prompts and max_tokens "
+        f"U({lo}, {hi}), temperature 0.6, ignore_eos, max_model_len {max_model_len}; engine start-up {startup:.1f} s.",
+        "",
+        "| run | output tokens | seconds | output tokens/s | ratio to the engine (same requests) | TTFT p50 / p99 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, r, t in rows:
+        reference = rows[0][1] if label.startswith("qwen3.LLM, ") and str(num) in label else rows[1][1]
+        ratio = r["tokens_per_s"] / reference["tokens_per_s"]
+        ttft_text = f"{t['ttft_p50']:.2f} s / {t['ttft_p99']:.2f} s" if t else "-"
+        speed = f"{r['tokens_per_s']:,.0f}"
+        lines.append(f"| {label} | {r['tokens']:,} | {r['seconds']:.2f} | {speed} | {ratio:.2f} | {ttft_text} |")
+    lines.append("")
+    extra = f"peak GPU memory {peak:.1f} GiB; " if cuda else ""
+    if pool_tokens:
+        extra += (f"KV pool {pool_tokens:,} tokens = {pool_tokens // max_model_len} sequences of {max_model_len}, "
+                  f"{int(pool_tokens // mean_len)} of this workload's mean length {mean_len:.0f}")  # fmt: skip
+    lines.append(extra)
+    table = "\n".join(lines)
+    print(table)
+    if args.results:
+        with open(args.results, "a") as f:
+            f.write(table + "\n\n")
+
+
+if __name__ == "__main__":
+    main()
