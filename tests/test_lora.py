@@ -4,6 +4,7 @@ merging into a plain checkpoint, exact resume with dropout, and errors on bad ad
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -137,6 +138,24 @@ def test_merge_lora_cli_writes_a_plain_checkpoint(tmp_path, base, capsys):
     capsys.readouterr()
     assert cli_main(args) == 2  # out is not empty now
     assert "--out: " in capsys.readouterr().err
+
+
+def test_adapter_and_merged_files_get_the_umask_mode(tmp_path, base):
+    from test_train import file_modes
+
+    model = qwen3.load_model(base)
+    config = LoRAConfig(rank=2, alpha=4)
+    apply_lora(model, config)
+    previous = os.umask(0o027)
+    try:
+        save_adapter(lora_state_dict(model.state_dict()), config, tmp_path / "adapter", base_model=str(base))
+        adapter, merged = str(tmp_path / "adapter"), str(tmp_path / "m")
+        assert cli_main(["merge-lora", "--model", str(base), "--adapter", adapter, "--out", merged]) == 0
+    finally:
+        os.umask(previous)
+    modes = file_modes(tmp_path / "adapter", tmp_path / "m")
+    assert {"adapter/adapter_model.safetensors", "adapter/adapter_config.json", "m/model.safetensors"} <= set(modes)
+    assert modes == dict.fromkeys(modes, 0o640)
 
 
 def test_lora_resume_with_dropout_is_exact(tmp_path, tiny_tokenizer, base):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import re
 from pathlib import Path
@@ -488,6 +489,30 @@ def test_keep_checkpoints_prunes_only_step_checkpoints(tmp_path, tiny_tokenizer)
     kept = ["checkpoint-", "checkpoint-007", "checkpoint-1.bak", "checkpoint-4", "checkpoint-5", "checkpoint-best"]
     assert sorted(p.name for p in out.glob("checkpoint-*")) == kept
     assert (out / "checkpoint-best" / "model.safetensors").is_file()
+
+
+def file_modes(*folders: Path) -> dict[str, int]:
+    """Permission bits of every regular file below `folders`, by path relative to its folder."""
+    return {
+        f"{d.name}/{p.relative_to(d)}": p.stat().st_mode & 0o777 for d in folders for p in d.rglob("*") if p.is_file()
+    }
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_run_files_get_the_umask_mode(tmp_path, tiny_tokenizer, umask):
+    """Every file a run writes (cache, weights, optimizer, RNG, state, pointer, metrics, plot) is created like
+    open() would create it, 0o666 & ~umask, never mkstemp's private 0o600."""
+    previous = os.umask(umask)
+    try:
+        train(tiny_run(tmp_path, tiny_tokenizer, max_steps=2, eval_every=0))
+    finally:
+        os.umask(previous)
+    modes = file_modes(tmp_path / "out", tmp_path / "cache")
+    for name in ("training_state.json", "rng_state_rank0.safetensors", "model.safetensors", "optimizer.pt"):
+        assert f"out/checkpoint-2/{name}" in modes
+    assert {"out/last", "out/metrics.jsonl", "out/loss.png"} <= set(modes)
+    assert sum(name.startswith("cache/") for name in modes) == 4  # 2 files: tokens and description each
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask)
 
 
 def test_bits_per_byte_on_a_hand_example(tmp_path, tiny_tokenizer):

@@ -45,15 +45,16 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 
+from ..files import atomic_path, write_text_atomic
 from ..hub import TOKENIZER_FILES, resolve_source
 
 CACHE_VERSION = 2
@@ -259,37 +260,9 @@ def _encode_documents(
         progress(length)
 
 
-class _AtomicWriter:
-    """A binary file written under a temporary name in the target's folder, renamed onto it on commit."""
-
-    def __init__(self, target: Path) -> None:
-        self.target = target
-        fd, self.tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        self.file = os.fdopen(fd, "wb")
-
-    def write(self, array: np.ndarray) -> None:
-        self.file.write(np.ascontiguousarray(array).tobytes())
-
-    def commit(self) -> None:
-        self.file.close()
-        os.replace(self.tmp, self.target)
-
-    def discard(self) -> None:
-        self.file.close()
-        if os.path.exists(self.tmp):
-            os.unlink(self.tmp)
-
-
-def write_text_atomic(target: Path, text: str) -> None:
-    """Write a text file under a temporary name beside `target`, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def _open_atomic(stack: ExitStack, target: Path) -> BinaryIO:
+    """`target` open for writing under a temporary name; renamed into place if `stack` closes without error."""
+    return stack.enter_context(open(stack.enter_context(atomic_path(target)), "wb"))
 
 
 def _open_cached(path: Path, key: str, cache_dir: Path) -> TokenizedFile | None:
@@ -348,43 +321,39 @@ def _tokenize_one(
     cache_dir: Path,
     progress: Callable[[int], None],
 ) -> TokenizedFile:
-    tokens_out = _AtomicWriter(cache_dir / f"{key}.tokens.u32")
-    mask_out = _AtomicWriter(cache_dir / f"{key}.mask.u8") if fmt == "chat" else None
+    chat = fmt == "chat"
     num_tokens = num_documents = learned = 0
     max_token_id = sep
-    try:
+    # Both files are renamed into place only if the whole file tokenizes; the JSON written after them
+    # marks the entry complete.
+    with ExitStack() as stack:
+        tokens_out = _open_atomic(stack, cache_dir / f"{key}.tokens.u32")
+        mask_out = _open_atomic(stack, cache_dir / f"{key}.mask.u8") if chat else None
         for ids, mask in _encode_documents(path, fmt, text, tokenizer, progress):
             max_token_id = max(max_token_id, max(ids, default=0))
             if path.suffix == ".txt":  # pieces of one document: the separator comes once, at the end
-                tokens_out.write(np.asarray(ids, dtype="<u4"))
+                tokens_out.write(np.asarray(ids, dtype="<u4").tobytes())
                 num_tokens += len(ids)
                 continue
-            tokens_out.write(np.asarray([*ids, sep], dtype="<u4"))
+            tokens_out.write(np.asarray([*ids, sep], dtype="<u4").tobytes())
             if mask_out is not None:
-                mask_out.write(np.append(mask, np.uint8(0)))
+                mask_out.write(np.append(mask, np.uint8(0)).tobytes())
                 learned += int(mask.sum())
             num_tokens += len(ids) + 1
             num_documents += 1
         if path.suffix == ".txt":
-            tokens_out.write(np.asarray([sep], dtype="<u4"))
+            tokens_out.write(np.asarray([sep], dtype="<u4").tobytes())
             num_tokens += 1
             num_documents = 1
-        if fmt == "chat" and learned == 0:
+        if chat and learned == 0:
             raise TrainError(f"{path}: no assistant turns to train on (the loss covers assistant tokens only)")
-        tokens_out.commit()
-        if mask_out is not None:
-            mask_out.commit()
-    finally:
-        tokens_out.discard()
-        if mask_out is not None:
-            mask_out.discard()
     meta = {
         "version": CACHE_VERSION,
         "source": str(path),
         "format": fmt,
         "num_tokens": num_tokens,
         "num_documents": num_documents,
-        "mask": mask_out is not None,
+        "mask": chat,
         "separator_id": sep,
         "max_token_id": max_token_id,
     }

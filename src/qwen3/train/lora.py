@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,10 +35,11 @@ from torch import Tensor, nn
 
 from ..checkpoint import CheckpointError, load_model, save_model
 from ..config import ConfigError
+from ..files import atomic_path, write_text_atomic
 from ..hub import MODEL_FILES, TOKENIZER_FILES, ModelNotFoundError, resolve_source
 from ..hub import copy_tokenizer_files as hub_copy_tokenizer_files
 from ..model import Qwen3ForCausalLM
-from .data import TrainError, write_text_atomic
+from .data import TrainError
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -189,14 +189,8 @@ def save_adapter(
     """Write adapter_model.safetensors (`state` from `lora_state_dict`) and adapter_config.json, atomically."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{ADAPTER_WEIGHTS}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(directory / ADAPTER_WEIGHTS) as tmp:
         save_file({k: v.cpu() for k, v in state.items()}, tmp, metadata={"format": "pt"})
-        os.replace(tmp, directory / ADAPTER_WEIGHTS)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     write_text_atomic(directory / ADAPTER_CONFIG, json.dumps(config.to_peft_dict(base_model), indent=2) + "\n")
     return directory
 

@@ -63,6 +63,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..checkpoint import CheckpointError, load_model, save_model
 from ..config import ConfigError, Qwen3Config
+from ..files import atomic_path, write_text_atomic
 from ..hub import MODEL_FILES, TOKENIZER_FILES, ModelNotFoundError, resolve_source
 from ..model import Qwen3ForCausalLM
 from .data import (
@@ -75,7 +76,6 @@ from .data import (
     load_dataset,
     scored_bytes,
     tokenizer_fingerprint,
-    write_text_atomic,
 )
 from .lora import (
     LORA_TARGETS,
@@ -609,7 +609,8 @@ class _Run:
         rng = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        save_file(rng, tmp / f"rng_state_rank{world.rank}.safetensors")
+        with atomic_path(tmp / f"rng_state_rank{world.rank}.safetensors") as rng_tmp:  # keeps the umask's mode
+            save_file(rng, rng_tmp)
         world.barrier()
         if world.is_main:
             state = {name.removeprefix("model."): t for name, t in model_state.items()}
@@ -932,9 +933,8 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> Path | None:
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    tmp = png_path.with_name(f".{png_path.name}.tmp")
-    figure.savefig(tmp, format="png")
-    os.replace(tmp, png_path)
+    with atomic_path(png_path) as tmp:
+        figure.savefig(tmp, format="png")
     return png_path
 
 
