@@ -130,14 +130,7 @@ class Sampler:
             next_ids = logits.argmax(-1)
         else:
             temperature = column([1.0 if p.greedy else p.temperature for p in params])
-            scaled = logits / temperature
-            if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
-                scaled = self._top_k_top_p(scaled, params)
-            if any(p.min_p > 0.0 for p in params):
-                probs = scaled.softmax(-1)
-                min_p = column([p.min_p for p in params])
-                scaled = scaled.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), -math.inf)
-            probs = scaled.softmax(-1)
+            probs = filter_rows(logits / temperature, params).softmax(-1)
             noise = torch.empty_like(probs).exponential_()
             seeded = {i for i, p in enumerate(params) if p.seed is not None and not p.greedy}
             if seeded:
@@ -162,24 +155,37 @@ class Sampler:
         top_pairs = None if top is None else torch.stack((top.indices.float(), top.values), -1)
         return next_ids, chosen, top_pairs, k
 
-    @staticmethod
-    def _top_k_top_p(logits: Tensor, params: list[SamplingParams]) -> Tensor:
-        """Per-row top-k then top-p (transformers' order and tie rules), through one descending sort."""
-        S, V = logits.shape
-        device = logits.device
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        top_k = torch.tensor([p.top_k if 0 < p.top_k < V else V for p in params]).to(device)
-        kth = sorted_logits.gather(1, (top_k - 1)[:, None])  # (S, 1)
-        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, -math.inf)  # ties with the k-th kept
-        # Top-p: drop the low tail whose mass is <= 1 - top_p. In descending order the tail mass at i is the
-        # sum of probabilities from i to the end, a reversed cumulative sum; the top token always stays.
-        probs = sorted_logits.softmax(-1)
-        tail = probs.flip(-1).cumsum(-1).flip(-1)
-        top_p = torch.tensor([p.top_p for p in params]).to(device)[:, None]
-        drop = tail <= 1 - top_p
-        drop[:, 0] = False
-        sorted_logits = sorted_logits.masked_fill(drop, -math.inf)
-        return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+def filter_rows(logits: Tensor, params: list[SamplingParams]) -> Tensor:
+    """Each row's own top-k, then top-p, then min-p (qwen3.sampling.filter_logits per row); removed logits -> -inf.
+    Stages that no row uses are skipped; top-k and top-p share one descending sort."""
+    device = logits.device
+    if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
+        logits = _top_k_top_p(logits, params)
+    if any(p.min_p > 0.0 for p in params):
+        probs = logits.softmax(-1)
+        min_p = torch.tensor([p.min_p for p in params]).to(device, non_blocking=True)[:, None]
+        logits = logits.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), -math.inf)
+    return logits
+
+
+def _top_k_top_p(logits: Tensor, params: list[SamplingParams]) -> Tensor:
+    """Per-row top-k then top-p (transformers' order and tie rules), through one descending sort."""
+    S, V = logits.shape
+    device = logits.device
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    top_k = torch.tensor([p.top_k if 0 < p.top_k < V else V for p in params]).to(device)
+    kth = sorted_logits.gather(1, (top_k - 1)[:, None])  # (S, 1)
+    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, -math.inf)  # ties with the k-th kept
+    # Top-p: drop the low tail whose mass is <= 1 - top_p. In descending order the tail mass at i is the
+    # sum of probabilities from i to the end, a reversed cumulative sum; the top token always stays.
+    probs = sorted_logits.softmax(-1)
+    tail = probs.flip(-1).cumsum(-1).flip(-1)
+    top_p = torch.tensor([p.top_p for p in params]).to(device)[:, None]
+    drop = tail <= 1 - top_p
+    drop[:, 0] = False
+    sorted_logits = sorted_logits.masked_fill(drop, -math.inf)
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
 
 def logprobs_for_row(chosen: Tensor, top: Tensor | None, i: int, k: int, token_id: int) -> TokenLogprob:

@@ -1,0 +1,371 @@
+"""The engine (qwen3.engine) against the plain path: every request's greedy output equals qwen3.generate on that
+prompt alone (fp32, CPU), whatever the batch around it, the chunking, the pool size (preemption) or the prefix
+cache; the paged reference attention equals the dense formula; sampling per row matches qwen3.sampling; blocks
+all come back. Small random models from conftest.make_reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import qwen3
+from conftest import make_reference
+from qwen3.engine import LLM
+from qwen3.engine.attention import REFERENCE, KVPool, PagedAttention, paged_attention, paged_decode_attention, store_kv
+from qwen3.engine.block_manager import BlockManager
+from qwen3.engine.sampler import filter_rows, seeded_exponential
+from qwen3.engine.sequence import Sequence
+from qwen3.model import KVCache
+from qwen3.sampling import SamplingParams, filter_logits
+
+VOCAB = 320
+GREEDY = SamplingParams(temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("engine-small")
+    make_reference(directory, seed=7)
+    return qwen3.load_model(directory)
+
+
+def engine(model, **kwargs) -> LLM:
+    kwargs.setdefault("kv_cache_tokens", 4096)
+    kwargs.setdefault("block_size", 8)
+    return LLM(model, **kwargs)
+
+
+def random_prompts(lengths, seed=0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in lengths]
+
+
+def reference(model, prompt: list[int], max_tokens: int, sampling: SamplingParams | None = None) -> list[int]:
+    return qwen3.generate(model, [prompt], max_tokens, sampling=sampling)[0].tolist()
+
+
+def check_outputs(llm, model, prompts, params) -> list:
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    params = params if isinstance(params, list) else [params] * len(prompts)
+    for prompt, p, out in zip(prompts, params, outputs, strict=True):
+        assert out.prompt_token_ids == prompt
+        assert out.token_ids == reference(model, prompt, p.max_tokens), f"prompt of {len(prompt)} tokens"
+        assert out.finish_reason == "length"
+    llm.block_manager.check_all_free()
+    return outputs
+
+
+# ---------------------------------------------------------------------------------------------------
+# Attention: the paged reference against the dense formula
+
+
+def dense64(q, k, v, mask):
+    """softmax(q k^T / sqrt(D) + mask) v in float64, GQA by repeating KV heads: q (nh, T, D), k, v (nkv, S, D)."""
+    groups = q.shape[0] // k.shape[0]
+    k, v = k.double().repeat_interleave(groups, 0), v.double().repeat_interleave(groups, 0)
+    scores = (q.double() @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    return scores.masked_fill(~mask, -math.inf).softmax(-1) @ v
+
+
+def test_reference_paged_attention_equals_dense_formula():
+    """Random sequences, random block placement, mixed query lengths (decode, chunk, whole prompt) -> the dense
+    textbook attention in float64 over each sequence's keys with the causal mask at its positions."""
+    gen = torch.Generator().manual_seed(0)
+    nh, nkv, D, bs, num_blocks = 4, 2, 16, 4, 40
+    seq_lens, query_lens = [1, 7, 8, 9, 23, 5], [1, 3, 8, 1, 23, 2]
+    k_cache = torch.zeros(num_blocks, bs, nkv, D, dtype=torch.float64)
+    v_cache = torch.zeros_like(k_cache)
+    blocks = torch.randperm(num_blocks, generator=gen).tolist()
+    tables, dense_k, dense_v = [], [], []
+    for L in seq_lens:
+        n = -(-L // bs)
+        tables.append(blocks[:n] + [0] * (8 - n))
+        blocks = blocks[n:]
+        dense_k.append(torch.randn(L, nkv, D, generator=gen, dtype=torch.float64))
+        dense_v.append(torch.randn(L, nkv, D, generator=gen, dtype=torch.float64))
+    block_tables = torch.tensor(tables, dtype=torch.int32)
+    # store every key through store_kv, one packed call (a padding slot -1 in the middle must be skipped)
+    slots = [tables[s][t // bs] * bs + t % bs for s, L in enumerate(seq_lens) for t in range(L)]
+    k_all, v_all = torch.cat(dense_k), torch.cat(dense_v)
+    store_kv(torch.cat([k_all, k_all[:1] + 100]), torch.cat([v_all, v_all[:1] + 100]), k_cache, v_cache,
+             torch.tensor(slots + [-1], dtype=torch.int32))  # fmt: skip
+    q = torch.randn(sum(query_lens), nh, D, generator=gen, dtype=torch.float64)
+    starts = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32)
+    out = paged_attention(q, k_cache, v_cache, block_tables, torch.tensor(seq_lens, dtype=torch.int32), starts,
+                          D**-0.5, max(query_lens), max(seq_lens))  # fmt: skip
+    for s, (L, ql) in enumerate(zip(seq_lens, query_lens, strict=True)):
+        qs = q[starts[s] : starts[s + 1]].transpose(0, 1)  # (nh, ql, D)
+        positions = torch.arange(L - ql, L)
+        mask = torch.arange(L)[None, :] <= positions[:, None]  # (ql, L)
+        expected = dense64(qs, dense_k[s].transpose(0, 1), dense_v[s].transpose(0, 1), mask)
+        torch.testing.assert_close(out[starts[s] : starts[s + 1]], expected.transpose(0, 1), rtol=1e-10, atol=1e-10)
+    # decode: the last position of every sequence
+    q1 = torch.randn(len(seq_lens), nh, D, generator=gen, dtype=torch.float64)
+    got = paged_decode_attention(q1, k_cache, v_cache, block_tables, torch.tensor(seq_lens, dtype=torch.int32),
+                                 D**-0.5, num_splits=4)  # fmt: skip
+    ones = torch.arange(len(seq_lens) + 1, dtype=torch.int32)
+    want = paged_attention(q1, k_cache, v_cache, block_tables, torch.tensor(seq_lens, dtype=torch.int32), ones,
+                           D**-0.5, 1, max(seq_lens))  # fmt: skip
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    expected = dense64(q1[-1][:, None], dense_k[-1].transpose(0, 1), dense_v[-1].transpose(0, 1),
+                       torch.ones(1, seq_lens[-1], dtype=torch.bool))  # fmt: skip
+    torch.testing.assert_close(got[-1], expected[:, 0], rtol=1e-10, atol=1e-10)
+
+
+def test_paged_backend_in_the_model_equals_the_kv_cache(model):
+    """The model's forward through PagedAttention (prompt in two chunks at scattered blocks) gives the logits of
+    the dense KVCache backend."""
+    prompt = random_prompts([21], seed=3)[0]
+    bs, cfg = 4, model.config
+    pool = KVPool(cfg.num_hidden_layers, 16, bs, model.num_kv_heads, cfg.head_dim, torch.float32, "cpu")
+    table = [9, 2, 14, 5, 0, 11]
+    logits = []
+    for start, end in ((0, 13), (13, 21)):
+        slots = torch.tensor([table[t // bs] * bs + t % bs for t in range(start, end)], dtype=torch.int32)
+        backend = PagedAttention(
+            pool, REFERENCE, slots, torch.tensor([table], dtype=torch.int32), torch.tensor([end], dtype=torch.int32),
+            torch.tensor([0, end - start], dtype=torch.int32), end - start, end,
+        )  # fmt: skip
+        ids = torch.tensor([prompt[start:end]])
+        logits.append(model(ids, torch.arange(start, end)[None], backend))
+    cache = KVCache.for_model(model, 1, 32)
+    with torch.no_grad():
+        expected = model(torch.tensor([prompt]), torch.arange(21)[None], cache)
+    torch.testing.assert_close(torch.cat(logits, 1), expected, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Greedy outputs equal qwen3.generate on each prompt alone
+
+
+def test_prompt_lengths_around_block_boundaries_and_mixed_max_tokens(model):
+    lengths = [1, 2, 7, 8, 9, 15, 16, 17, 23, 24, 25, 40]
+    prompts = random_prompts(lengths)
+    params = [SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=m) for m in (1, 9, 3, 8, 16, 2, 7, 12,
+                                                                                        5, 17, 4, 10)]  # fmt: skip
+    llm = engine(model)
+    check_outputs(llm, model, prompts, params)
+    check_outputs(llm, model, prompts[::-1], params[::-1])  # reversed order (and a warm prefix cache)
+
+
+@pytest.mark.parametrize("budget", [1, 7, 4096])
+def test_chunked_prefill_mixed_with_decodes(model, budget):
+    prompts = random_prompts([30, 5, 17, 12], seed=1)
+    llm = engine(model, max_num_batched_tokens=budget)
+    check_outputs(llm, model, prompts, SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=6))
+
+
+def test_pool_too_small_preempts_and_recomputes(model):
+    prompts = random_prompts([20, 14, 25, 9, 18, 11], seed=2)
+    llm = engine(model, kv_cache_tokens=48, block_size=4)  # 12 blocks; the six need ~45 blocks together
+    check_outputs(llm, model, prompts, SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=12))
+    assert llm.scheduler.num_preemptions > 0
+
+
+def test_max_num_seqs_limits_the_running_set(model):
+    prompts = random_prompts([5, 9, 13, 3, 8], seed=4)
+    llm = engine(model, max_num_seqs=2)
+    check_outputs(llm, model, prompts, SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=5))
+
+
+def test_prefix_cache_hit_on_a_resent_prefix(model):
+    shared = random_prompts([37], seed=5)[0]
+    first = [shared + tail for tail in random_prompts([3, 6], seed=6)]
+    llm = engine(model)
+    outs = check_outputs(llm, model, first, SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=7))
+    assert all(o.num_cached_tokens == 0 for o in outs[:1])
+    again = [shared + tail for tail in random_prompts([2, 9], seed=8)] + [first[0]]
+    outs = check_outputs(llm, model, again, SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=7))
+    assert [o.num_cached_tokens for o in outs] == [32, 32, 32]  # 4 full blocks of 8 of the shared 37 tokens
+    # a whole prompt that is cached still recomputes its last token
+    exact = first[0][:32]
+    llm.generate([exact], GREEDY, use_tqdm=False)
+    out = check_outputs(llm, model, [exact], SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=3))[0]
+    assert out.num_cached_tokens == 24
+
+
+def test_prefix_caching_off(model):
+    prompt = random_prompts([30], seed=9)[0]
+    llm = engine(model, enable_prefix_caching=False)
+    for _ in range(2):
+        out = check_outputs(llm, model, [prompt], SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=4))[0]
+        assert out.num_cached_tokens == 0
+
+
+def test_block_manager_hash_collision_is_caught():
+    """Two blocks with the same hash but different tokens: the token comparison refuses the hit."""
+    bm = BlockManager(8, 4)
+    seq = Sequence("a", [1, 2, 3, 4, 5, 6], SamplingParams(), 0)
+    assert bm.allocate(seq, 6)
+    seq.num_computed_tokens = 6
+    bm.register_full_blocks(seq)
+    bm.release(seq)
+    block = bm.block_of_hash[seq_hash := next(iter(bm.block_of_hash))]
+    bm.tokens_of[block] = (9, 9, 9, 9)  # as if another prefix had hashed to the same value
+    other = Sequence("b", [1, 2, 3, 4, 5, 6], SamplingParams(), 1)
+    assert bm.cached_prefix(other) == [] and seq_hash in bm.block_of_hash
+    bm.check_all_free()
+
+
+def test_penalties_match_the_plain_sampler(model):
+    """Greedy with penalties: penalty counts kept per row on the device give qwen3.generate's tokens."""
+    prompts = random_prompts([6, 11, 3], seed=10)
+    params = [
+        SamplingParams(temperature=0.0, repetition_penalty=1.8, max_tokens=12, ignore_eos=True),
+        SamplingParams(temperature=0.0, frequency_penalty=1.5, presence_penalty=0.7, max_tokens=12, ignore_eos=True),
+        SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
+    ]
+    llm = engine(model, kv_cache_tokens=64, block_size=4)  # small: preemption rebuilds the counts
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    for prompt, p, out in zip(prompts, params, outs, strict=True):
+        assert out.token_ids == reference(model, prompt, 12, p)
+    llm.block_manager.check_all_free()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def test_seeded_request_alone_and_in_a_crowd(model):
+    seeded = SamplingParams(temperature=0.9, top_k=50, top_p=0.95, seed=1234, max_tokens=10, ignore_eos=True)
+    prompt = random_prompts([13], seed=11)[0]
+    llm = engine(model)
+    alone = llm.generate([prompt], seeded, use_tqdm=False)[0].token_ids
+    crowd_prompts = random_prompts([4, 20, 9], seed=12)
+    crowd_params = [SamplingParams(temperature=1.0, max_tokens=7, ignore_eos=True),
+                    SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True),
+                    SamplingParams(temperature=0.7, min_p=0.1, seed=5, max_tokens=3, ignore_eos=True)]  # fmt: skip
+    prompts = crowd_prompts[:2] + [prompt] + crowd_prompts[2:]
+    outs = llm.generate(prompts, crowd_params[:2] + [seeded] + crowd_params[2:], use_tqdm=False)
+    assert outs[2].token_ids == alone
+    other_seed = llm.generate([prompt], SamplingParams(temperature=0.9, top_k=50, top_p=0.95, seed=99, max_tokens=10,
+                                                      ignore_eos=True), use_tqdm=False)[0]  # fmt: skip
+    assert other_seed.token_ids != alone
+    llm.block_manager.check_all_free()
+
+
+def test_seeded_draws_follow_the_distribution():
+    """The counter-based noise gives an exact sampler: over many (seed, step) keys the frequencies match softmax."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, 1.5]])
+    probs = logits.softmax(-1)[0]
+    keys = torch.arange(20000, dtype=torch.int64) * 7919 % (1 << 32)
+    noise = seeded_exponential(keys, 6)  # (N, 6)
+    picks = (probs[None] / noise).argmax(-1)
+    freq = torch.bincount(picks, minlength=6).double() / len(keys)
+    sigma = (probs.double() * (1 - probs.double()) / len(keys)).sqrt()
+    assert ((freq - probs.double()).abs() < 5 * sigma).all(), (freq, probs)
+    assert abs(noise.mean().item() - 1.0) < 0.02  # Exp(1)
+
+
+def test_per_row_filters_match_filter_logits():
+    """Each row's kept set under its own top-k/top-p/min-p equals qwen3.sampling.filter_logits on that row."""
+    gen = torch.Generator().manual_seed(13)
+    logits = torch.randn(6, 300, generator=gen) * 3
+    rows = [(0, 1.0, 0.0), (5, 1.0, 0.0), (0, 0.8, 0.0), (20, 0.95, 0.0), (10, 0.9, 0.05), (0, 1.0, 0.2)]
+    params = [SamplingParams(top_k=k, top_p=p, min_p=m) for k, p, m in rows]
+    filtered = filter_rows(logits.clone(), params)
+    for i, (k, p, m) in enumerate(rows):
+        expected = filter_logits(logits[i : i + 1], k, p, m)[0]
+        assert torch.equal(filtered[i].isfinite(), expected.isfinite()), i
+
+
+def test_logprobs(model):
+    prompt = random_prompts([9], seed=14)[0]
+    llm = engine(model)
+    out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=3, logprobs=4, ignore_eos=True),
+                       use_tqdm=False)[0]  # fmt: skip
+    assert len(out.logprobs) == 3
+    with torch.no_grad():
+        full = model(torch.tensor([prompt + out.token_ids]))[0].float().log_softmax(-1)
+    for i, lp in enumerate(out.logprobs):
+        row = full[len(prompt) - 1 + i]
+        assert lp.token_id == out.token_ids[i] == lp.top[0][0]
+        assert math.isclose(lp.logprob, row[lp.token_id].item(), abs_tol=1e-4)
+        assert [t for t, _ in lp.top] == row.topk(4).indices.tolist()
+    assert llm.generate([prompt], GREEDY, use_tqdm=False)[0].logprobs is None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stops, text, errors, abort
+
+
+def test_stop_token_ids_and_eos(model, tok):
+    prompt = random_prompts([10], seed=15)[0]
+    llm = engine(model, tokenizer=tok)
+    free = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=12), use_tqdm=False)[0]
+    stop_id = free.token_ids[4]
+    first = free.token_ids.index(stop_id)
+    out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=12, stop_token_ids=[stop_id]),
+                       use_tqdm=False)[0]  # fmt: skip
+    assert out.finish_reason == "stop" and out.token_ids == free.token_ids[: first + 1]
+    assert out.text == tok.decode(free.token_ids[:first])
+    llm.config.eos_token_ids = (stop_id,)  # the same id as EOS: ends the text; ignore_eos runs past it
+    assert llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=12), use_tqdm=False)[0].token_ids == \
+        free.token_ids[: first + 1]  # fmt: skip
+    assert llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
+                        use_tqdm=False)[0].token_ids == free.token_ids  # fmt: skip
+    llm.block_manager.check_all_free()
+
+
+def test_stop_strings(model, tok):
+    prompt = random_prompts([10], seed=16)[0]
+    llm = engine(model, tokenizer=tok)
+    free = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)[0]
+    assert free.text == tok.decode(free.token_ids) and free.finish_reason == "length"
+    stop = free.text[len(free.text) // 2 : len(free.text) // 2 + 3]
+    out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=16, stop=stop), use_tqdm=False)[0]
+    assert out.finish_reason == "stop" and out.text == free.text[: free.text.find(stop)]
+    assert free.token_ids[: len(out.token_ids)] == out.token_ids
+    llm.block_manager.check_all_free()
+
+
+def test_invalid_requests_fail_before_anything_runs(model, tok):
+    llm = engine(model, max_model_len=64)
+    good = random_prompts([5], seed=17)[0]
+    cases = [
+        ([good, []], GREEDY, "request 1: the prompt is empty"),
+        ([good, [1] * 64], GREEDY, "request 1: the prompt has 64 tokens"),
+        ([good, good + [VOCAB]], GREEDY, "request 1: token id 320 is outside"),
+        ([good, "text"], GREEDY, "request 1: a text prompt needs a tokenizer"),
+        ([good, good], [GREEDY], "sampling_params: 1 given for 2 prompts"),
+        ([good, good], [GREEDY, SamplingParams(stop="x")], "request 1: stop strings need a tokenizer"),
+        ([good, good], [GREEDY, {"temperature": 0}], "request 1: sampling_params must be a SamplingParams"),
+    ]
+    for prompts, params, message in cases:
+        with pytest.raises(ValueError, match=message):
+            llm.generate(prompts, params, use_tqdm=False)
+        assert not llm.scheduler.has_work()
+        llm.block_manager.check_all_free()
+    with pytest.raises(ValueError, match="max_model_len"):
+        engine(model, max_model_len=10_000)
+    with pytest.raises(ValueError, match="SamplingParams.max_tokens=0"):
+        SamplingParams(max_tokens=0)
+    # the engine keeps serving
+    check_outputs(llm, model, [good], SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=3))
+
+
+def test_length_stops_at_max_model_len(model):
+    llm = engine(model, max_model_len=20)
+    prompt = random_prompts([15], seed=18)[0]
+    out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True), use_tqdm=False)[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 5
+    assert out.token_ids == reference(model, prompt, 5)
+
+
+def test_abort_frees_blocks(model):
+    llm = engine(model)
+    seqs = [llm.make_sequence(i, p, SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True), str(i), False)
+            for i, p in enumerate(random_prompts([30, 12, 20], seed=19))]  # fmt: skip
+    for seq in seqs:
+        llm.add(seq)
+    for _ in range(3):
+        llm.step()
+    assert llm.block_manager.usage() > 0
+    llm.abort(seqs[1])
+    assert not seqs[1].block_table and seqs[1].finish_reason == "abort"
+    for seq in (seqs[0], seqs[2]):
+        llm.abort(seq)
+    llm.block_manager.check_all_free()
+    assert not llm.scheduler.has_work()
