@@ -61,7 +61,8 @@ INDIVISIBLE = dict(num_attention_heads=4, num_key_value_heads=1)  # multi-query:
 # where in_features allows it, which a rank's narrower row-parallel layer may not.
 INT8_CONFIGS = {
     "int8-tied-embedding": ("tied-gqa", True),  # int8 embedding shared with the vocab-parallel head
-    "int8-untied-head": ("untied-mha-sharded", False),  # float embedding, int8 head of its own
+    "int8-untied-by-quantize": ("tied-gqa", False),  # float embedding, the head's own int8 copy (saved untied)
+    "int8-untied-mha": ("untied-mha-sharded", True),  # int8 embedding (replicated) and int8 head apart
 }
 INT8_SPLIT_TYPES = {"Int8RowParallelLinear", "Int8VocabParallelLinear"}
 
@@ -86,7 +87,9 @@ def run(tmp_path_factory):
         references[name] = ref
     for name, (base, include_embedding) in INT8_CONFIGS.items():
         quantized = quantize_int8(qwen3.load_model(workdir / base), include_embedding=include_embedding)
-        qwen3.save_model(quantized, workdir / name, max_shard_bytes=40_000)  # sharded, as its base
+        qwen3.save_model(quantized, workdir / name, max_shard_bytes=40_000)  # sharded
+        tied = CONFIGS[base].get("tie_word_embeddings", True) and include_embedding  # quantize unties otherwise
+        assert Qwen3Config.from_json(workdir / name / "config.json").tie_word_embeddings is tied
     make_reference(workdir / "indivisible", **INDIVISIBLE)
     gen = torch.Generator().manual_seed(0)
     inputs = {
