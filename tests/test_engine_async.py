@@ -1,0 +1,156 @@
+"""AsyncLLM: streamed pieces add up to LLM.generate's outputs, many coroutines share the loop, abort mid-stream
+frees the blocks, validation errors surface on the first await, and a closed iterator aborts its request."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+import qwen3
+from conftest import make_reference
+from qwen3.engine import LLM, AsyncLLM
+from qwen3.sampling import SamplingParams
+
+VOCAB = 320
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("engine-async")
+    make_reference(directory, seed=8)
+    return qwen3.load_model(directory)
+
+
+def random_prompts(lengths, seed=0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in lengths]
+
+
+async def collect(engine: AsyncLLM, prompt, params, request_id=None) -> list:
+    return [out async for out in engine.generate(prompt, params, request_id)]
+
+
+def wait_until_idle(llm: LLM) -> None:
+    """The loop thread applies aborts between steps; give it a moment, then all blocks must be free."""
+    for _ in range(200):
+        if not llm.scheduler.has_work():
+            break
+        asyncio.run(asyncio.sleep(0.01))
+    llm.block_manager.check_all_free()
+
+
+def test_streams_concatenate_to_generate(model, tok):
+    llm = LLM(model, tokenizer=tok, kv_cache_tokens=2048, block_size=8)
+    prompts = random_prompts([5, 17, 9, 30], seed=1)
+    params = [SamplingParams(temperature=0.0, max_tokens=m) for m in (12, 5, 20, 9)]
+    params[1] = SamplingParams(temperature=0.8, seed=3, max_tokens=5)
+    expected = llm.generate(prompts, params, use_tqdm=False)
+
+    async def main():
+        engine = AsyncLLM(llm)
+        try:
+            streams = await asyncio.gather(*(collect(engine, p, sp) for p, sp in zip(prompts, params, strict=True)))
+            return streams, engine.stats()
+        finally:
+            await engine.shutdown()
+
+    streams, stats = asyncio.run(main())
+    for outs, want in zip(streams, expected, strict=True):
+        assert [o.finished for o in outs] == [False] * (len(outs) - 1) + [True]
+        assert sum((o.new_token_ids for o in outs), []) == want.token_ids
+        assert "".join(o.new_text for o in outs) == want.text
+        assert outs[-1].finish_reason == want.finish_reason and outs[-1].num_output_tokens == len(want.token_ids)
+        assert all(o.prompt_token_ids == want.prompt_token_ids for o in outs)
+    assert stats.generation_tokens_total >= 2 * sum(p.max_tokens for p in params)  # generate ran them once too
+    llm.block_manager.check_all_free()
+
+
+def test_stop_string_in_a_stream(model, tok):
+    llm = LLM(model, tokenizer=tok, kv_cache_tokens=2048, block_size=8)
+    prompt = random_prompts([11], seed=2)[0]
+    free = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)[0]
+    stop = free.text[5:8]
+    params = SamplingParams(temperature=0.0, max_tokens=16, stop=[stop])
+
+    async def main():
+        engine = AsyncLLM(llm)
+        try:
+            return await collect(engine, prompt, params)
+        finally:
+            await engine.shutdown()
+
+    outs = asyncio.run(main())
+    shown = ""
+    for o in outs:
+        shown += o.new_text
+        assert stop not in shown
+    assert shown == free.text[: free.text.find(stop)] and outs[-1].finish_reason == "stop"
+    llm.block_manager.check_all_free()
+
+
+def test_abort_mid_stream_and_closing_the_iterator(model):
+    llm = LLM(model, kv_cache_tokens=2048, block_size=8)
+    prompts = random_prompts([20, 8, 13], seed=4)
+    long = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+
+    async def main():
+        engine = AsyncLLM(llm)
+        try:
+            # abort by id while streaming: the iterator ends with finish_reason "abort"
+            outs = []
+            async for out in engine.generate(prompts[0], long, request_id="a"):
+                outs.append(out)
+                if len(outs) == 3:
+                    engine.abort("a")
+            assert outs[-1].finished and outs[-1].finish_reason == "abort"
+            assert 3 <= outs[-1].num_output_tokens < 200
+            # closing the iterator early aborts the request
+            stream = engine.generate(prompts[1], long, request_id="b")
+            await stream.__anext__()
+            await stream.aclose()
+            # a cancelled consumer task aborts too
+            started = asyncio.Event()
+
+            async def consume():
+                async for _ in engine.generate(prompts[2], long, request_id="c"):
+                    started.set()
+
+            task = asyncio.create_task(consume())
+            await started.wait()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            # the engine still serves
+            short = await collect(engine, prompts[2], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+            assert short[-1].finish_reason == "length"
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(main())
+    wait_until_idle(llm)
+
+
+def test_errors_on_first_await_and_duplicate_ids(model):
+    llm = LLM(model, kv_cache_tokens=2048, block_size=8, max_model_len=64)
+
+    async def main():
+        engine = AsyncLLM(llm)
+        try:
+            with pytest.raises(ValueError, match="the prompt has 100 tokens"):
+                await collect(engine, [1] * 100, SamplingParams(max_tokens=2))
+            with pytest.raises(ValueError, match="token id 999 is outside"):
+                await collect(engine, [999], SamplingParams(max_tokens=2))
+            slow = engine.generate([1, 2, 3], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True), "same")
+            await slow.__anext__()
+            with pytest.raises(ValueError, match="already running"):
+                await collect(engine, [4, 5], SamplingParams(max_tokens=2), "same")
+            await slow.aclose()
+            stats = engine.stats()
+            assert stats.num_running + stats.num_waiting <= 1 and 0 <= stats.kv_cache_usage <= 1
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(main())
+    wait_until_idle(llm)
