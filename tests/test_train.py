@@ -653,6 +653,32 @@ def test_bad_options_are_clear_errors(tmp_path, tiny_tokenizer, fields, pattern)
         train(tiny_run(tmp_path, tiny_tokenizer, **fields))
 
 
+@pytest.mark.parametrize(
+    ("device", "pattern"),
+    [
+        ("cuda", r"--device: 'cuda': no CUDA GPU available"),
+        ("cuda:1", r"--device: 'cuda:1': no CUDA GPU available"),
+        ("mps", r"--device: 'mps': MPS \(Apple GPU\) is not available"),
+        ("gpu", r"--device: 'gpu': not a device name"),
+        ("meta", r"--device: 'meta' holds no data"),
+    ],
+    ids=["cuda", "cuda:1", "mps", "gpu", "meta"],
+)
+def test_a_device_this_machine_lacks_is_a_clear_error(tmp_path, tiny_tokenizer, monkeypatch, capsys, device, pattern):
+    """Checked with the flags, before anything is loaded; the CLI says it in one line with status 2."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(TrainError, match=pattern):
+        train(tiny_run(tmp_path, tiny_tokenizer, device=device))
+    config = write_tiny_config(tmp_path / "config.json")
+    args = ["train", "--config", str(config), "--tokenizer", str(tiny_tokenizer), "--data", str(tmp_path)]
+    assert cli_main([*args, "--out", str(tmp_path / "run"), "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert re.match("qwen3: error: " + pattern, err) and err.count("\n") == 1
+    assert not (tmp_path / "run").exists() and not (tmp_path / "out").exists()
+
+
 def test_existing_run_is_never_overwritten_and_resume_checks_the_config(tmp_path, tiny_tokenizer):
     train(tiny_run(tmp_path, tiny_tokenizer, max_steps=2, eval_every=0))
     out = tmp_path / "out"

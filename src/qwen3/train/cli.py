@@ -101,7 +101,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     )
 
     hw = p.add_argument_group("hardware")
-    hw.add_argument("--device", help="default: cuda:LOCAL_RANK if CUDA is available, else cpu")
+    hw.add_argument("--device", help="cpu, cuda, cuda:N, ... (default: cuda:LOCAL_RANK if CUDA is available, else cpu)")
     hw.add_argument(
         "--precision",
         choices=["auto", "bf16", "fp32"],

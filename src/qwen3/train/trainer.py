@@ -63,6 +63,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..checkpoint import CheckpointError, load_model, save_model
 from ..config import ConfigError, Qwen3Config
+from ..device import DeviceError, resolve_device
 from ..files import atomic_path, write_text_atomic
 from ..hub import MODEL_FILES, TOKENIZER_FILES, ModelNotFoundError, resolve_source
 from ..model import Qwen3ForCausalLM
@@ -125,7 +126,7 @@ class TrainConfig:
     seed: int = 0
     init_std: float = 0.02
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere), bf16, fp32
-    device: str | None = None
+    device: str | None = None  # None or "auto": cuda:LOCAL_RANK if CUDA is available, else cpu
     parallel: str = "auto"  # auto, none, ddp, fsdp
     activation_checkpointing: bool = False
     compile: bool = False
@@ -179,6 +180,13 @@ class TrainConfig:
             raise TrainError(f"--precision: expected auto, bf16 or fp32, found {self.precision!r}")
         if self.parallel not in ("auto", "none", "ddp", "fsdp"):
             raise TrainError(f"--parallel: expected auto, none, ddp or fsdp, found {self.parallel!r}")
+        if self.device not in (None, "auto"):
+            try:
+                device = resolve_device(self.device)  # a GPU this machine lacks: one line now, not a CUDA traceback
+            except DeviceError as e:
+                raise TrainError(f"--device: {str(e).removeprefix('device ')}") from e
+            if device.type == "meta":
+                raise TrainError("--device: 'meta' holds no data; train on cpu, cuda or mps")
         if self.stop_after is not None and not 1 <= self.stop_after <= self.max_steps:
             raise TrainError(f"--stop-after: must be in [1, max_steps], found {self.stop_after}")
         if self.resume and self.overwrite:
@@ -394,7 +402,7 @@ def _init_world(config: TrainConfig) -> _World:
     size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if config.device:
+    if config.device not in (None, "auto"):
         device = torch.device(config.device)
     else:
         device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
