@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -32,15 +33,16 @@ PLAIN_TOKENS = 4000  # the demo vocabulary's added tokens (<|im_end|>, <think>, 
 class Scripted(Qwen3ForCausalLM):
     """Greedy continuation from a (position, token) -> next token table; see the module docstring."""
 
-    def __init__(self, vocab_size: int, table: dict[tuple[int, int], int]) -> None:
+    def __init__(self, vocab_size: int, table: dict[tuple[int, int], int], step_delay: float = 0.0) -> None:
         config = Qwen3Config(vocab_size=vocab_size, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
                              num_attention_heads=1, num_key_value_heads=1, head_dim=8, max_position_embeddings=2048,
                              tie_word_embeddings=True)  # fmt: skip
         super().__init__(config)
-        self.table = table
+        self.table, self.step_delay = table, step_delay
 
     def forward(self, input_ids, positions=None, cache=None, logits_index=None):
         logits = super().forward(input_ids, positions, cache, logits_index)  # the real attention path runs
+        time.sleep(self.step_delay)  # a step as slow as a real model's, so requests overlap and can be interrupted
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         if logits_index is None:
@@ -80,6 +82,7 @@ def main() -> int:
     parser.add_argument("--max-waiting", type=int)
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--drain-timeout", type=float, default=30.0)
+    parser.add_argument("--step-delay", type=float, default=0.005, help="seconds added to each scripted step")
     args = parser.parse_args()
 
     from qwen3.server.app import create_app, run_server
@@ -90,7 +93,7 @@ def main() -> int:
         model_source, name = str(DEMO_DIR), "demo"
     else:
         specs = json.loads(args.spec.read_text()) if args.spec else []
-        model_source, name = Scripted(4096, build_table(tokenizer, specs)).eval(), "scripted"
+        model_source, name = Scripted(4096, build_table(tokenizer, specs), args.step_delay).eval(), "scripted"
     llm = LLM(
         model_source,
         device="cpu",

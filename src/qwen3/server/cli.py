@@ -126,3 +126,15 @@ def cmd_batch(args: argparse.Namespace) -> int:
     counts = run_batch_file(llm, ctx, args.input, args.output)
     print(f"wrote {args.output}: {counts['ok']} succeeded, {counts['failed']} failed", file=sys.stderr)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m qwen3.server.cli serve|batch ...` (the same commands without the rest of the CLI)."""
+    parser = argparse.ArgumentParser(prog="qwen3")
+    add_subcommands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
