@@ -34,9 +34,17 @@ class Scripted(Qwen3ForCausalLM):
     """Greedy continuation from a (position, token) -> next token table; see the module docstring."""
 
     def __init__(self, vocab_size: int, table: dict[tuple[int, int], int], step_delay: float = 0.0) -> None:
-        config = Qwen3Config(vocab_size=vocab_size, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
-                             num_attention_heads=1, num_key_value_heads=1, head_dim=8, max_position_embeddings=2048,
-                             tie_word_embeddings=True)  # fmt: skip
+        config = Qwen3Config(
+            vocab_size=vocab_size,
+            hidden_size=8,
+            intermediate_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=1,
+            num_key_value_heads=1,
+            head_dim=8,
+            max_position_embeddings=2048,
+            tie_word_embeddings=True,
+        )
         super().__init__(config)
         self.table, self.step_delay = table, step_delay
 
@@ -103,8 +111,9 @@ def main() -> int:
         tokenizer=None if isinstance(model_source, str) else tokenizer,
     )
     ctx = ServingContext.for_engine(llm, name, DEMO_DIR)
-    app = create_app(AsyncLLM(llm), ctx, api_keys=args.api_key, max_num_seqs=args.max_num_seqs,
-                     max_waiting=args.max_waiting)  # fmt: skip
+    app = create_app(
+        AsyncLLM(llm), ctx, api_keys=args.api_key, max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting
+    )
     return run_server(app, "127.0.0.1", 0, drain_timeout=args.drain_timeout, banner="test server on {url}")
 
 

@@ -30,20 +30,41 @@ from qwen3.hub import DEMO_DIR  # noqa: E402
 
 HERE = Path(__file__).parent
 KEY = "sk-test-key"
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
-          "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]  # fmt: skip
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather of a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+]
 
 # (request, reply): the scripted model answers each request (greedy or not) with exactly this text, then EOS.
-REASONING = ({"messages": [{"role": "user", "content": "think please"}]},
-             "<think>\nI ponder.\nStill pondering.\n</think>\n\nThe answer is 42.")  # fmt: skip
-NO_THINK = ({"messages": [{"role": "user", "content": "answer without thinking, briefly"}],
-             "chat_template_kwargs": {"enable_thinking": False}}, "Plain answer.")  # fmt: skip
-TOOL = ({"messages": [{"role": "user", "content": "What is the weather in Paris?"}], "tools": TOOLS},
-        'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>')  # fmt: skip
-MALFORMED = ({"messages": [{"role": "user", "content": "Break the tool call format now, please"}], "tools": TOOLS},
-             "<tool_call>\n{name: get_weather}\n</tool_call>")  # fmt: skip
-XSS = ({"messages": [{"role": "user", "content": "xss"}]},
-       'Look: <img src=x onerror="window.__xss=1"> and <script>window.__xss=2</script> **bold** done')  # fmt: skip
+REASONING = (
+    {"messages": [{"role": "user", "content": "think please"}]},
+    "<think>\nI ponder.\nStill pondering.\n</think>\n\nThe answer is 42.",
+)
+NO_THINK = (
+    {
+        "messages": [{"role": "user", "content": "answer without thinking, briefly"}],
+        "chat_template_kwargs": {"enable_thinking": False},
+    },
+    "Plain answer.",
+)
+TOOL = (
+    {"messages": [{"role": "user", "content": "What is the weather in Paris?"}], "tools": TOOLS},
+    'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
+)
+MALFORMED = (
+    {"messages": [{"role": "user", "content": "Break the tool call format now, please"}], "tools": TOOLS},
+    "<tool_call>\n{name: get_weather}\n</tool_call>",
+)
+XSS = (
+    {"messages": [{"role": "user", "content": "xss"}]},
+    'Look: <img src=x onerror="window.__xss=1"> and <script>window.__xss=2</script> **bold** done',
+)
 SCRIPTS = [REASONING, NO_THINK, TOOL, MALFORMED, XSS]
 # The scripted model recognises a request by its prompt's length and last token (all a decode step sees), so
 # requests meant to get its unscripted (endless, pseudo-random) continuation use this longer prompt.
@@ -55,8 +76,14 @@ class Server:
 
     def __init__(self, command: list[str], tmp: Path, timeout: float = 120) -> None:
         self.log = tmp / "server.log"
-        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=open(self.log, "w"), text=True,
-                                     cwd=HERE.parent, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+        self.proc = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=open(self.log, "w"),
+            text=True,
+            cwd=HERE.parent,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
         deadline, line = time.monotonic() + timeout, ""
         while time.monotonic() < deadline and self.proc.poll() is None:
             ready, _, _ = select.select([self.proc.stdout], [], [], 0.5)
@@ -79,8 +106,9 @@ class Server:
         return self.proc.returncode
 
     def client(self, **kwargs) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=kwargs.pop("api_key", "none"), timeout=60,
-                             max_retries=0, **kwargs)  # fmt: skip
+        return openai.OpenAI(
+            base_url=self.url + "/v1", api_key=kwargs.pop("api_key", "none"), timeout=60, max_retries=0, **kwargs
+        )
 
     def metrics(self) -> dict[str, float]:
         text = httpx.get(self.url + "/metrics", timeout=10).text
@@ -103,8 +131,14 @@ def scripted_server(tmp: Path, *args: str) -> Server:
 
 
 def test_unscripted_prompt_is_unlike_every_script(tok):
-    lengths = {len(tok.apply_chat_template(r["messages"], tools=r.get("tools"), tokenize=True,
-                                           **r.get("chat_template_kwargs", {}))) for r, _ in SCRIPTS}  # fmt: skip
+    lengths = {
+        len(
+            tok.apply_chat_template(
+                r["messages"], tools=r.get("tools"), tokenize=True, **r.get("chat_template_kwargs", {})
+            )
+        )
+        for r, _ in SCRIPTS
+    }
     assert len(tok.apply_chat_template(UNSCRIPTED, tokenize=True)) not in lengths
 
 
@@ -204,7 +238,8 @@ def test_malformed_tool_call_comes_back_as_content(server):
     assert r.choices[0].message.content == reply and not r.choices[0].message.tool_calls
     assert r.choices[0].finish_reason == "stop"
     _, content, calls, finish, _ = collect_stream(
-        client.chat.completions.create(model="scripted", stream=True, **_chat_kwargs(request)))  # fmt: skip
+        client.chat.completions.create(model="scripted", stream=True, **_chat_kwargs(request))
+    )
     assert (content, calls, finish) == (reply, {}, ["stop"])
 
 
@@ -213,27 +248,37 @@ def test_completions_async_client_text_ids_n_logprobs(server, tok):
         client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", timeout=60, max_retries=0)
         ids = tok.encode("To be, or not to be")
         whole = await client.completions.create(model="scripted", prompt=ids, max_tokens=9, temperature=0)
-        as_text = await client.completions.create(model="scripted", prompt="To be, or not to be", max_tokens=9,
-                                                  temperature=0)  # fmt: skip
+        as_text = await client.completions.create(
+            model="scripted", prompt="To be, or not to be", max_tokens=9, temperature=0
+        )
         assert whole.choices[0].text == as_text.choices[0].text and whole.choices[0].finish_reason == "length"
         assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (len(ids), 9)
         text, finish, usage = "", None, None
-        stream = await client.completions.create(model="scripted", prompt=ids, max_tokens=9, temperature=0,
-                                                 stream=True, stream_options={"include_usage": True})  # fmt: skip
+        stream = await client.completions.create(
+            model="scripted",
+            prompt=ids,
+            max_tokens=9,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
         async for chunk in stream:
             usage = chunk.usage or usage
             for c in chunk.choices:
                 text += c.text
                 finish = c.finish_reason or finish
         assert (text, finish) == (whole.choices[0].text, "length") and usage.completion_tokens == 9
-        several = await client.completions.create(model="scripted", prompt=[ids, ids[:3]], max_tokens=4, n=2,
-                                                  temperature=0, logprobs=2)  # fmt: skip
+        several = await client.completions.create(
+            model="scripted", prompt=[ids, ids[:3]], max_tokens=4, n=2, temperature=0, logprobs=2
+        )
         assert sorted(c.index for c in several.choices) == [0, 1, 2, 3]
         for c in several.choices:
             assert len(c.logprobs.tokens) == len(c.logprobs.token_logprobs) == 4
             assert all(len(top) == 2 for top in c.logprobs.top_logprobs)
             assert "".join(c.logprobs.tokens) == c.text
-        assert several.usage.completion_tokens == 16 and several.usage.prompt_tokens == len(ids) + 3  # once per prompt, as vLLM
+        assert (
+            several.usage.completion_tokens == 16 and several.usage.prompt_tokens == len(ids) + 3
+        )  # once per prompt, as vLLM
         models = await client.models.list()
         assert [m.id for m in models.data] == ["scripted"]
         await client.close()
@@ -243,8 +288,10 @@ def test_completions_async_client_text_ids_n_logprobs(server, tok):
 
 def test_errors_have_openai_shape_and_status(server):
     url = server.url
-    post = lambda path, body, **kw: httpx.post(url + path, timeout=30, **({"json": body} if body is not None  # noqa: E731
-                                                                         else {}), **kw)  # fmt: skip
+
+    def post(path, body, **kwargs):
+        return httpx.post(url + path, timeout=30, **({"json": body} if body is not None else {}), **kwargs)
+
     msgs = [{"role": "user", "content": "hi"}]
     cases = [
         (post("/v1/chat/completions", None, content=b"{not json"), 400, None),
@@ -255,15 +302,18 @@ def test_errors_have_openai_shape_and_status(server):
         (post("/v1/chat/completions", {"model": "scripted", "messages": msgs, "stop": [""]}), 400, "stop"),
         (post("/v1/chat/completions", {"model": "scripted", "messages": msgs, "max_tokens": 5000}), 400, "max_tokens"),
         (post("/v1/chat/completions", {"model": "scripted", "messages": msgs, "top_logprobs": 2}), 400, "top_logprobs"),
-        (post("/v1/chat/completions", {"model": "scripted", "messages": [{"role": "robot", "content": "x"}]}), 400,
-         "messages[0].role"),
+        (
+            post("/v1/chat/completions", {"model": "scripted", "messages": [{"role": "robot", "content": "x"}]}),
+            400,
+            "messages[0].role",
+        ),
         (post("/v1/completions", {"model": "scripted", "prompt": "x " * 1100}), 400, "prompt"),
         (post("/v1/completions", {"model": "scripted", "prompt": [1, 99999]}), 400, "prompt"),
         (post("/v1/completions", {"model": "scripted", "prompt": "hi", "n": 0}), 400, "n"),
         (post("/v1/chat/completions", {"model": "gpt-4o", "messages": msgs}), 404, "model"),
         (httpx.get(url + "/v1/nothing-here", timeout=30), 404, None),
         (httpx.get(url + "/v1/chat/completions", timeout=30), 405, None),
-    ]  # fmt: skip
+    ]
     for response, status, param in cases:
         assert response.status_code == status, response.text
         error = response.json()["error"]
@@ -303,9 +353,15 @@ def test_disconnect_aborts_and_frees_the_request(server):
 def test_metrics_page(server):
     chat(server.client(), REASONING[0], stream=True).close()
     text = httpx.get(server.url + "/metrics", timeout=10).text
-    for name in ("qwen3:num_requests_running", "qwen3:num_requests_waiting", "qwen3:kv_cache_usage_perc",
-                 "qwen3:prompt_tokens_total", "qwen3:generation_tokens_total",
-                 "qwen3:time_to_first_token_seconds_bucket", "qwen3:inter_token_latency_seconds_bucket"):  # fmt: skip
+    for name in (
+        "qwen3:num_requests_running",
+        "qwen3:num_requests_waiting",
+        "qwen3:kv_cache_usage_perc",
+        "qwen3:prompt_tokens_total",
+        "qwen3:generation_tokens_total",
+        "qwen3:time_to_first_token_seconds_bucket",
+        "qwen3:inter_token_latency_seconds_bucket",
+    ):
         assert re.search(rf"^{name}\{{", text, re.M), name
 
 
@@ -321,7 +377,9 @@ def test_api_key_rate_limit_and_sigterm_drain(tmp_path):
         with pytest.raises(openai.AuthenticationError):
             s.client(api_key="wrong").chat.completions.create(model="scripted", messages=msgs, max_tokens=2)
         client = s.client(api_key=KEY)
-        assert client.chat.completions.create(model="scripted", messages=msgs, max_tokens=2).usage.completion_tokens == 2
+        assert (
+            client.chat.completions.create(model="scripted", messages=msgs, max_tokens=2).usage.completion_tokens == 2
+        )
 
         # one slot, nobody may wait: a second request while the first runs gets 429 with Retry-After
         headers = {"Authorization": f"Bearer {KEY}"}
@@ -349,15 +407,31 @@ def test_api_key_rate_limit_and_sigterm_drain(tmp_path):
 
 @pytest.fixture(scope="module")
 def demo_server(tmp_path_factory):
-    s = Server([sys.executable, "-m", "qwen3.server.cli", "serve", "--model", "demo", "--port", "0", "--max-num-seqs", "64",
-                "--device", "cpu"], tmp_path_factory.mktemp("demo"))  # fmt: skip
+    s = Server(
+        [
+            sys.executable,
+            "-m",
+            "qwen3.server.cli",
+            "serve",
+            "--model",
+            "demo",
+            "--port",
+            "0",
+            "--max-num-seqs",
+            "64",
+            "--device",
+            "cpu",
+        ],
+        tmp_path_factory.mktemp("demo"),
+    )
     yield s
     assert s.stop() == 0
 
 
 def test_qwen3_serve_demo_32_concurrent_streams_equal_their_solo_answers(demo_server):
-    prompts = [f"{name}:" for name in ("ROMEO", "JULIET", "HAMLET", "OPHELIA", "KING LEAR", "CORDELIA", "MACBETH",
-                                        "PORTIA")]  # fmt: skip
+    prompts = [
+        f"{name}:" for name in ("ROMEO", "JULIET", "HAMLET", "OPHELIA", "KING LEAR", "CORDELIA", "MACBETH", "PORTIA")
+    ]
     requests = [(p, k) for p in prompts for k in range(4)]  # 32 requests: 8 prompts x 4 lengths
     client = demo_server.client()
     solo = {}
@@ -367,8 +441,14 @@ def test_qwen3_serve_demo_32_concurrent_streams_equal_their_solo_answers(demo_se
 
     async def one(client, prompt, k):
         text, finish, usage = "", None, None
-        stream = await client.completions.create(model="demo", prompt=prompt, max_tokens=6 + 3 * k, temperature=0,
-                                                 stream=True, stream_options={"include_usage": True})  # fmt: skip
+        stream = await client.completions.create(
+            model="demo",
+            prompt=prompt,
+            max_tokens=6 + 3 * k,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
         async for chunk in stream:
             usage = chunk.usage or usage
             for c in chunk.choices:

@@ -51,13 +51,19 @@ def test_any_split_matches_whole_text_and_parse_completion(text):
         if trial == 0:
             cuts = list(range(1, len(text)))  # one character at a time
         got = streamed(text, cuts, parse_tools=True)
-        assert got == (whole.reasoning, whole.content, [(i, c.name, json.loads(c.arguments))
-                                                        for i, c in enumerate(whole.tool_calls)])  # fmt: skip
+        assert got == (
+            whole.reasoning,
+            whole.content,
+            [(i, c.name, json.loads(c.arguments)) for i, c in enumerate(whole.tool_calls)],
+        )
 
 
 def test_malformed_or_unclosed_tool_calls_are_content():
-    for text in ["<tool_call>\n{not json}\n</tool_call>", '<tool_call>\n{"arguments": {}}\n</tool_call>',
-                 '<tool_call>\n{"name": "f", "arguments": {"a": 1}']:  # fmt: skip
+    for text in [
+        "<tool_call>\n{not json}\n</tool_call>",
+        '<tool_call>\n{"arguments": {}}\n</tool_call>',
+        '<tool_call>\n{"name": "f", "arguments": {"a": 1}',
+    ]:
         parsed = parse_chat_output(text, parse_tools=True)
         assert parsed.tool_calls == [] and parsed.content == text.strip("\n")
         assert streamed(text, list(range(1, len(text))), parse_tools=True) == ("", parsed.content, [])
