@@ -1,0 +1,241 @@
+"""Triton kernels for batch-1 decode on GPUs: a split-K GEMV / small-M matmul and a fused residual-add + RMSNorm.
+
+`gemv(x, weight, scale=None)` computes y (M, N) = (x (M, K) @ weight (N, K)^T) * scale (N) for a few rows of x
+(decode: M = 1; made for M <= 16, any M works), with weight in x's float dtype or int8 weight-only with one
+scale per row. At M = 1 the product reads every weight byte once and does 2 flops per weight, so its speed is
+the memory bandwidth it reaches; cuBLAS keeps too few bytes in flight on the small decode matrices (a 1024 x
+3072 bf16 GEMV moves 6 MB in ~7 us, a sixth of the H200's bandwidth; benchmarks/NOTES.md). Here:
+- the grid is (row blocks, K splits, M blocks): each program streams a tile of BLOCK_N rows x BLOCK_K columns
+  per step over its slice of K (rows are contiguous in memory, so the loads are 16-byte vectors), and the
+  number of K splits is chosen so that the grid covers every SM several times (`gemv_config`);
+- with one split the program scales and stores y itself; with several, each writes an fp32 partial
+  (SPLIT_K, M, N) and a second kernel sums the partials, applies the scale and casts (deterministic: no atomics);
+- M = 1 reduces with CUDA cores (a broadcast multiply and a row sum); M > 1 pads the rows to 16 and uses
+  tl.dot (tensor cores; fp32 x uses exact fp32 products, input_precision "ieee");
+- int8 weights are converted to x's dtype in registers (exact for |q| <= 127), so int8 reads half the bytes
+  of bf16; the per-row scale is applied once, to the fp32 sum.
+
+`add_rmsnorm(x, residual, weight, eps)` fuses `h = x + residual` (rounded to the model dtype, as the model's
+residual stream is) with Qwen3's RMSNorm of h (statistics in fp32, the normalised row rounded to the dtype,
+then multiplied by the weight), one program per row: (normed, h) in one read and two writes.
+
+Each kernel has a PyTorch reference beside it (`gemv_reference`, `add_rmsnorm_reference`, the latter with the
+model's own RMSNorm); tests/test_kernels.py compares them, on CUDA or under TRITON_INTERPRET=1 on the CPU.
+This module imports triton at its top; nothing in qwen3 imports it at import time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+BLOCK_M_DOT = 16  # tl.dot needs at least 16 rows: M > 1 is padded to it
+PROGRAMS_PER_SM = 4  # split K until the grid has about this many programs per SM
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# split-K GEMV / small-M matmul
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int
+    k_per_split: int  # a multiple of block_k; split s covers columns [s * k_per_split, (s + 1) * k_per_split)
+    num_warps: int = 4
+
+
+def gemv_config(
+    M: int,
+    N: int,
+    K: int,
+    weight_bytes: int,
+    num_sms: int,
+    block_n: int | None = None,
+    block_k: int | None = None,
+    split_k: int | None = None,
+    num_warps: int = 4,
+) -> GemvConfig:
+    """The launch shape: a tile of block_n rows x block_k columns moves 8-16 KB per step; K is split until
+    the grid has PROGRAMS_PER_SM programs per SM (or each split is one step)."""
+    block_m = 1 if M == 1 else BLOCK_M_DOT
+    block_n = block_n or 32
+    if block_k is None:
+        block_k = (512 // weight_bytes) if M == 1 else 128  # 512 bytes of each row per step (M = 1)
+    block_k = max(16, min(block_k, triton.next_power_of_2(K)))
+    steps = triton.cdiv(K, block_k)
+    row_blocks = triton.cdiv(N, block_n) * triton.cdiv(M, block_m)
+    if split_k is None:
+        split_k = max(1, min(steps, triton.cdiv(PROGRAMS_PER_SM * num_sms, row_blocks)))
+    split_k = max(1, min(split_k, steps))
+    k_per_split = triton.cdiv(steps, split_k) * block_k
+    split_k = triton.cdiv(K, k_per_split)  # no empty split
+    return GemvConfig(block_m, block_n, block_k, split_k, k_per_split, num_warps)
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, s_ptr, out_ptr,
+    M, N, K, stride_xm, stride_wn, k_per_split,
+    HAS_SCALE: tl.constexpr, SPLIT: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """out = x[m block] @ w[n block, k split]^T: scaled y if SPLIT is False, else the fp32 partial of split k."""
+    pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_start = pid_k * k_per_split
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn  # (BLOCK_N, 1) row starts
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm  # (BLOCK_M, 1)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, k_per_split, BLOCK_K):
+        offs_k = k_start + k0 + tl.arange(0, BLOCK_K)
+        w = tl.load(w_rows + offs_k[None, :], mask=(offs_n[:, None] < N) & (offs_k[None, :] < K), other=0.0)
+        x = tl.load(x_rows + offs_k[None, :], mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+        w = w.to(x.dtype)  # int8 -> float is exact
+        if USE_DOT:
+            if IEEE:
+                acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+            else:
+                acc += tl.dot(x, tl.trans(w))
+        else:  # a few rows: CUDA cores
+            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if SPLIT:
+        partial = out_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :]
+        tl.store(partial, acc, mask=mask)
+    else:
+        if HAS_SCALE:
+            acc = acc * tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _splitk_reduce_kernel(partial_ptr, s_ptr, y_ptr, M, N, SPLIT_K: tl.constexpr, HAS_SCALE: tl.constexpr,
+                          BLOCK: tl.constexpr):  # fmt: skip
+    """y (M, N) = sum over the splits of partial (SPLIT_K, M, N), times the row scale, in y's dtype."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M * N
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k in range(SPLIT_K):
+        acc += tl.load(partial_ptr + k * M * N + offs, mask=mask, other=0.0)
+    if HAS_SCALE:
+        acc = acc * tl.load(s_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def gemv(
+    x: Tensor,
+    weight: Tensor,
+    scale: Tensor | None = None,
+    config: GemvConfig | None = None,
+) -> Tensor:
+    """y (..., N) = (x (..., K) @ weight (N, K)^T) * scale (N,), in x's dtype, accumulated in fp32.
+
+    weight is in x's dtype (bf16, fp16, fp32; scale optional) or int8 (scale required, any float dtype).
+    `config` overrides the launch shape (`gemv_config`).
+    """
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"x: expected one of {FLOAT_DTYPES}, found {x.dtype}")
+    if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"weight: expected (N, {x.shape[-1]}), found {tuple(weight.shape)}")
+    if weight.dtype == torch.int8:
+        if scale is None:
+            raise ValueError("scale: required with int8 weights (one per row)")
+    elif weight.dtype != x.dtype:
+        raise ValueError(f"weight: expected int8 or x's dtype {x.dtype}, found {weight.dtype}")
+    N, K = weight.shape
+    if scale is not None and (scale.shape != (N,) or scale.dtype not in FLOAT_DTYPES):
+        raise ValueError(f"scale: expected a float ({N},) vector, found {scale.dtype} {tuple(scale.shape)}")
+    if x.device != weight.device or (scale is not None and scale.device != x.device):
+        raise ValueError(f"x, weight, scale: expected one device, found {x.device} and {weight.device}")
+    weight = weight if weight.stride(1) == 1 else weight.contiguous()
+    x2d = x.reshape(-1, K)
+    x2d = x2d if x2d.stride(1) == 1 else x2d.contiguous()
+    M = x2d.shape[0]
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if M == 0 or N == 0:
+        return y.view(*x.shape[:-1], N)
+    if config is None:
+        num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+        config = gemv_config(M, N, K, weight.element_size(), num_sms)
+    split = config.split_k > 1
+    out = torch.empty(config.split_k, M, N, dtype=torch.float32, device=x.device) if split else y
+    grid = (triton.cdiv(N, config.block_n), config.split_k, triton.cdiv(M, config.block_m))
+    s = scale if scale is not None else y  # a placeholder pointer when there is no scale
+    _gemv_kernel[grid](
+        x2d, weight, s, out, M, N, K, x2d.stride(0), weight.stride(0), config.k_per_split,
+        HAS_SCALE=scale is not None, SPLIT=split, USE_DOT=config.block_m > 1, IEEE=x.dtype == torch.float32,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps,
+    )  # fmt: skip
+    if split:
+        block = 1024
+        _splitk_reduce_kernel[(triton.cdiv(M * N, block),)](
+            out, s, y, M, N, SPLIT_K=config.split_k, HAS_SCALE=scale is not None, BLOCK=block, num_warps=4
+        )
+    return y.view(*x.shape[:-1], N)
+
+
+def gemv_reference(x: Tensor, weight: Tensor, scale: Tensor | None = None) -> Tensor:
+    """What `gemv` computes, in PyTorch: (x @ dequantised weight^T) in fp32, times the scale, in x's dtype."""
+    y = x.float() @ weight.float().T
+    if scale is not None:
+        y = y * scale.float()
+    return y.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# fused residual add + RMSNorm
+
+
+@triton.jit
+def _add_rmsnorm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, h_ptr, H, stride_x, stride_r, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < H
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    r = tl.load(r_ptr + row * stride_r + offs, mask=mask, other=0.0)
+    h = x + r  # rounded to the dtype, as the model's residual stream is
+    tl.store(h_ptr + row * H + offs, h, mask=mask)
+    h32 = h.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(h32 * h32, axis=0) / H + eps)
+    normed = (h32 * rstd).to(h.dtype)  # RMSNorm rounds the normalised row to the dtype, then scales it
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+    y = normed.to(tl.float32) * w.to(tl.float32)
+    tl.store(y_ptr + row * H + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def add_rmsnorm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(RMSNorm(x + residual) * weight, x + residual) for rows of x (..., H); the weight is (H,)."""
+    if x.shape != residual.shape or x.dtype != residual.dtype:
+        raise ValueError(f"residual: expected {x.dtype} {tuple(x.shape)}, found {residual.dtype} "
+                         f"{tuple(residual.shape)}")  # fmt: skip
+    H = x.shape[-1]
+    if weight.shape != (H,):
+        raise ValueError(f"weight: expected ({H},), found {tuple(weight.shape)}")
+    x2d, r2d = x.reshape(-1, H), residual.reshape(-1, H)
+    x2d = x2d if x2d.stride(-1) == 1 else x2d.contiguous()
+    r2d = r2d if r2d.stride(-1) == 1 else r2d.contiguous()
+    out_dtype = torch.promote_types(weight.dtype, x.dtype)  # as `weight * normed` in the model
+    y = torch.empty(x2d.shape, dtype=out_dtype, device=x.device)
+    h = torch.empty_like(x2d)
+    if x2d.shape[0]:
+        block = triton.next_power_of_2(H)
+        _add_rmsnorm_kernel[(x2d.shape[0],)](
+            x2d, r2d, weight, y, h, H, x2d.stride(0), r2d.stride(0), eps, BLOCK=block,
+            num_warps=min(16, max(1, block // 256)),
+        )  # fmt: skip
+    return y.view(x.shape), h.view(x.shape)
+
+
+def add_rmsnorm_reference(x: Tensor, residual: Tensor, norm: torch.nn.Module) -> tuple[Tensor, Tensor]:
+    """The model's own formula: h = x + residual, then its RMSNorm module (qwen3.model.RMSNorm)."""
+    h = x + residual
+    return norm(h), h
