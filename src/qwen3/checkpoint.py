@@ -37,7 +37,6 @@ DTYPES = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
     "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
 }  # fmt: skip
-FINITE_CHECK_CHUNK = 1 << 24  # elements per isfinite pass: a 16 MB temporary, whatever the tensor's size
 
 # Which part of a tensor to read, given its name and full shape: None for all of it, else an index
 # (a tuple of slices) applied to the stored tensor, as `tensor[index]`.
@@ -188,8 +187,12 @@ def _place(
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:
-    """No NaN or infinity in `tensor`, checked in chunks: the temporary stays small for any tensor size."""
-    return all(bool(torch.isfinite(chunk).all()) for chunk in tensor.reshape(-1).split(FINITE_CHECK_CHUNK))
+    """No NaN or infinity in `tensor`. By its minimum and maximum (NaN propagates through both): one read of
+    the tensor and no temporary, ~20x faster on CPU than `isfinite(t).all()` (bf16, 0.3 GB, 2 cores)."""
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 def checkpoint_files(directory: Path) -> list[tuple[Path, list[str]]]:
