@@ -39,13 +39,15 @@ def decode_one(model: Qwen3ForCausalLM, tokens: Tensor, positions: Tensor, cache
 
 
 def pad_prompts(
-    prompts: Tensor | Sequence[Sequence[int]], pad_token_id: int, device: torch.device
+    prompts: Tensor | Sequence[Sequence[int]], pad_token_id: int, device: torch.device, vocab_size: int | None = None
 ) -> tuple[Tensor, Tensor]:
-    """A (B, T) tensor or a list of token lists -> right-padded ids (B, T) and lengths (B,)."""
+    """A (B, T) tensor or a list of token lists -> right-padded ids (B, T) and lengths (B,); with `vocab_size`,
+    an id outside [0, vocab_size) is a ValueError naming it (the embedding would raise a bare IndexError)."""
     if isinstance(prompts, Tensor):
         if prompts.ndim != 2 or prompts.shape[1] == 0:
             shape = tuple(prompts.shape)
             raise ValueError(f"input_ids: expected a (batch, length) tensor with length > 0, found {shape}")
+        check_token_ids(prompts, vocab_size)
         return prompts.to(device), torch.full((prompts.shape[0],), prompts.shape[1], device=device)
     rows = [list(p) for p in prompts]
     if not rows or any(len(r) == 0 for r in rows):
@@ -54,7 +56,17 @@ def pad_prompts(
     ids = torch.full((len(rows), T), pad_token_id, dtype=torch.long)
     for b, r in enumerate(rows):
         ids[b, : len(r)] = torch.tensor(r, dtype=torch.long)
+        check_token_ids(ids[b, : len(r)], vocab_size)
     return ids.to(device), torch.tensor([len(r) for r in rows], device=device)
+
+
+def check_token_ids(ids: Tensor, vocab_size: int | None) -> None:
+    """ValueError naming the first id of `ids` outside [0, vocab_size) (one host sync, on the prompt)."""
+    if vocab_size is not None:
+        bad = ids[(ids < 0) | (ids >= vocab_size)]
+        if bad.numel():
+            V = vocab_size
+            raise ValueError(f"input_ids: token id {int(bad[0])} is outside the vocabulary of {V} ids (0 to {V - 1})")
 
 
 class DecodeStep:
@@ -143,7 +155,7 @@ def generate_tokens(
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens: must be >= 0, found {max_new_tokens}")
     device = model.lm_head.weight.device
-    ids, lengths = pad_prompts(input_ids, pad_token_id, device)
+    ids, lengths = pad_prompts(input_ids, pad_token_id, device, model.config.vocab_size)
     B, T = ids.shape
     limit = model.config.max_position_embeddings
     if T + max_new_tokens + speculative > limit:
