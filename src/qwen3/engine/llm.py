@@ -201,8 +201,9 @@ class LLM:
         # working memory is their output), logits for max_num_seqs rows, and the sort-based sampling filters.
         rows = min(max_num_seqs, max_tokens)
         ids = torch.zeros(1, max_tokens, dtype=torch.long, device=self.device)
+        positions = (torch.arange(max_tokens, device=self.device) % self.model.config.max_position_embeddings)[None]
         index = torch.linspace(0, max_tokens - 1, rows, device=self.device).long()[None]
-        logits = self.model(ids, None, CausalAttention(), logits_index=index)[0]
+        logits = self.model(ids, positions, CausalAttention(), logits_index=index)[0]
         warm = [Sequence(str(i), [0], SamplingParams(top_p=0.9, min_p=0.1), -1) for i in range(rows)]
         Sampler(max_num_seqs, self.model.config.vocab_size, self.device)(logits, warm)
         del logits

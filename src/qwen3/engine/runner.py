@@ -15,6 +15,7 @@ split count depend only on the bucket. Prefill and mixed steps run eagerly. The 
 
 from __future__ import annotations
 
+from array import array
 from types import SimpleNamespace
 
 import torch
@@ -36,8 +37,12 @@ class ModelRunner:
         if self.device.type == "cuda" and not config.enforce_eager and kernels.name != "reference":
             self.capture_graphs()
 
-    def _tensor(self, values: list[int], dtype: torch.dtype = torch.int32) -> Tensor:
-        t = torch.tensor(values, dtype=dtype)
+    def _tensor(self, values: list[int] | array, dtype: torch.dtype = torch.int32) -> Tensor:
+        """A host list, or a non-empty array("i") (no per-element conversion), on the device via pinned memory."""
+        if isinstance(values, array):
+            t = torch.frombuffer(values, dtype=torch.int32)
+        else:
+            t = torch.tensor(values, dtype=dtype)
         if self.pin:
             t = t.pin_memory()
         return t.to(self.device, non_blocking=True)
@@ -72,7 +77,11 @@ class ModelRunner:
                 sampling.append(seq)
         S = len(batch.seqs)
         width = max(len(seq.block_table) for seq in batch.seqs)
-        tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq in batch.seqs]
+        tables = array("i")  # (S, width), row-major, zero-padded: built in C, not element by element
+        padding = array("i", [0]) * width
+        for seq in batch.seqs:
+            tables.extend(seq.block_table)
+            tables.extend(padding[: width - len(seq.block_table)])
 
         decode = batch.is_decode and len(sampling) == S
         bucket = next((b for b in sorted(self.graphs) if b >= S), None) if decode else None
@@ -82,7 +91,7 @@ class ModelRunner:
         backend = PagedAttention(
             self.pool, self.kernels,
             slot_mapping=self._tensor(slots),
-            block_tables=self._tensor(tables),
+            block_tables=self._tensor(tables).view(S, width),
             seq_lens=self._tensor(seq_lens),
             query_start_loc=self._tensor(starts),
             max_query_len=max(batch.num_new_tokens),
@@ -133,14 +142,15 @@ class ModelRunner:
                 torch.cuda.synchronize()
 
     def _replay(self, bucket: int, tokens: list[int], positions: list[int], slots: list[int], seq_lens: list[int],
-                tables: list[list[int]]) -> Tensor:  # fmt: skip
-        S, width = len(tokens), len(tables[0])
+                tables: array) -> Tensor:  # fmt: skip
+        S = len(tokens)
+        width = len(tables) // S
         pad = bucket - S
         self.g_tokens[:bucket].copy_(self._tensor(tokens + [0] * pad, torch.long), non_blocking=True)
         self.g_positions[:bucket].copy_(self._tensor(positions + [0] * pad, torch.long), non_blocking=True)
         self.g_slots[:bucket].copy_(self._tensor(slots + [-1] * pad), non_blocking=True)
         self.g_seq_lens[:bucket].copy_(self._tensor(seq_lens + [0] * pad), non_blocking=True)
-        self.g_tables[:S, :width].copy_(self._tensor(tables), non_blocking=True)
+        self.g_tables[:S, :width].copy_(self._tensor(tables).view(S, width), non_blocking=True)
         graph, logits = self.graphs[bucket]
         graph.replay()
         return logits[:S]
