@@ -186,11 +186,13 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     g = nh // nkv
     g_pad = triton.next_power_of_2(g)
     fp32 = q.dtype == torch.float32
-    # Rows per program (query tokens x padded group): small for decode-like steps, 128 (64 in fp32) for prefill.
+    # Rows per program (query tokens x padded group): 16 for decode-like steps, 128 (fp32: 64) for prefill. The fp32
+    # tiles are smaller because exact fp32 dot products run on the FMA units and need more registers (sizes chosen
+    # from ptxas's report for sm_90: no spills; see benchmarks/kernels.py --compile-only).
     rows = 16 if max_query_len * g_pad <= 16 else 64 if (max_query_len * g_pad <= 64 or fp32) else 128
     rows = max(rows, g_pad)
     block_q = rows // g_pad
-    block_n = 32 if fp32 else 64
+    block_n = 16 if fp32 else 64
     grid = (n // block_q + s, nkv)
     _paged_prefill_kernel[grid](
         q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc,
@@ -200,7 +202,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         k_cache.shape[1],
         G=g, HEAD_DIM=d, G_PAD=g_pad, BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(d),
         INPUT_PRECISION="ieee" if fp32 else "tf32",
-        num_warps=8 if rows >= 128 else 4, num_stages=2,
+        num_warps=8 if rows >= 128 or (fp32 and rows >= 64) else 4, num_stages=2,
     )
     return out
 
@@ -332,7 +334,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         k_cache.shape[1],
-        G=g, HEAD_DIM=d, BLOCK_G=max(16, triton.next_power_of_2(g)), BLOCK_N=32 if fp32 else 64, BLOCK_D=block_d,
+        G=g, HEAD_DIM=d, BLOCK_G=max(16, triton.next_power_of_2(g)), BLOCK_N=16 if fp32 else 64, BLOCK_D=block_d,
         INPUT_PRECISION="ieee" if fp32 else "tf32", DIRECT=direct,
         num_warps=4, num_stages=2,
     )
