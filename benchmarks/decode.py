@@ -6,12 +6,30 @@ At batch 1 every weight is read once per token, so the ceiling is bandwidth / by
 
     python benchmarks/decode.py --device cuda [--results benchmarks/RESULTS.md]   # H200: bf16
     python benchmarks/decode.py --device cpu --threads 2                         # CPU: fp32, bf16, int8
+    python benchmarks/decode.py --cpu                 # CPU int8 kernels: fp32 vs int8 (PyTorch's kernels, then
+                                                      # qwen3's) vs transformers fp32, 2 threads, one run
+    python benchmarks/decode.py --gemv                # CUDA: Triton GEMV vs cuBLAS on Qwen3-0.6B's projections
+
+--cpu times qwen3 fp32, qwen3 int8 with PyTorch's int8pack kernel (Int8Linear's "auto" before the CPU kernel:
+x rounded to bf16), qwen3 int8 with qwen3's own CPU kernel (qwen3/kernels/int8_cpu.py, "auto" now; it is
+built first if needed), and transformers fp32, on the same random-init checkpoint in one process.
+
+--gemv (about a minute on an H200) times one GEMV / small-M matmul of every Qwen3-0.6B projection shape, as a
+decode step sees them: each timed call reads a different copy of the weights (enough copies to overflow the
+L2 cache), and the calls are replayed from one CUDA graph, so launch overhead is not counted (the decode
+step is graph-captured too). For bf16 weights: the Triton split-K GEMV (qwen3/kernels/gemv_triton.py)
+against cuBLAS (F.linear); for int8 weight-only: the Triton kernel on int8 against cuBLAS on the bf16
+matrix (what int8 replaces) and against the eager dequantising path (Int8Linear's plain formula). GB/s counts
+the bytes each call must move (weights, scales, x, y). The last table adds up one decode step's GEMVs
+(28 layers with fused q/k/v and gate/up, plus the LM head). Options: --gemv-rows, --gemv-sweep (also try a
+few launch shapes per matrix and print the fastest).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import platform
 import tempfile
 import time
@@ -24,6 +42,10 @@ from qwen3.generate import prefill
 from qwen3.model import KVCache
 
 H200_COPY_BANDWIDTH = 4.27e12  # bytes/s, device-to-device copy measured on the lent H200 (KINDS.md)
+# Qwen3-0.6B's projections (name, in_features K, out_features N, per decode step), q/k/v and gate/up fused
+GEMV_SHAPES = [("qkv", 1024, 4096, 28), ("o", 2048, 1024, 28), ("gate_up", 1024, 6144, 28), ("down", 3072, 1024, 28),
+               ("lm_head", 1024, 151936, 1)]  # fmt: skip
+L2_FLUSH_BYTES = 256 * 2**20  # distinct weight bytes per timed graph: several times the H200's 50 MB L2
 
 
 def make_checkpoint(directory: Path) -> None:
@@ -137,6 +159,167 @@ def speculative_speedup(model_dir: Path, text_file: Path, device: str, new_token
     )
 
 
+def cpu_int8_kernels(directory: Path, prompt: torch.Tensor, new_tokens: int) -> list[tuple]:
+    """Rows (engine, variant, tok/s, warm-up s, bytes/token) for --cpu: fp32, int8 with each CPU kernel,
+    transformers fp32; all on the same checkpoint, in this process."""
+    import os
+
+    from qwen3.kernels import int8_cpu
+    from qwen3.quantize import quantize_int8
+
+    rows = []
+    model = qwen3.load_model(directory, dtype=torch.float32)
+    rows.append(("qwen3", "float32 eager", *time_qwen3(model, prompt, new_tokens, "cpu"), bytes_per_token(model)))
+    print(rows[-1], flush=True)
+    quantize_int8(model)
+    nbytes = bytes_per_token(model)
+    os.environ["QWEN3_CPU_KERNEL"] = "0"  # Int8Linear's auto falls back to PyTorch's int8pack kernel
+    rows.append(("qwen3", "float32 int8 weights, PyTorch int8pack kernel", *time_qwen3(model, prompt, new_tokens,
+                                                                                       "cpu"), nbytes))  # fmt: skip
+    print(rows[-1], flush=True)
+    os.environ["QWEN3_CPU_KERNEL"] = "1"
+    isa = int8_cpu.cpu_isa()
+    if int8_cpu.available():
+        rows.append(("qwen3", f"float32 int8 weights, qwen3 CPU kernel ({isa})",
+                     *time_qwen3(model, prompt, new_tokens, "cpu"), nbytes))  # fmt: skip
+        print(rows[-1], flush=True)
+    else:
+        print(f"qwen3's int8 CPU kernel is not available here (instruction set: {isa})")
+    del model
+    from transformers import Qwen3ForCausalLM
+
+    ref = Qwen3ForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    rows.append(("transformers", "float32 dynamic cache", *time_transformers(ref, prompt, new_tokens, "cpu"),
+                 rows[0][4]))  # fmt: skip
+    print(rows[-1], flush=True)
+    return rows
+
+
+def time_graph(calls, replays: int = 10) -> float:
+    """Seconds per call of `calls` (a list of zero-argument functions), captured in one CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for call in calls[:2]:  # warm-up: compile, cuBLAS handles
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / (replays * len(calls))
+
+
+def gemv_candidates(M: int, K: int, N: int, num_sms: int, sweep: bool, device: str = "cuda") -> list[tuple]:
+    """What --gemv times for one shape: (label, weights, calls, bytes per call, reference, launch), where calls
+    are zero-argument functions, one per copy of the weights, and reference is the fp32 result of copy 0."""
+    import torch.nn.functional as F
+
+    from qwen3.kernels import gemv_triton as gt
+    from qwen3.quantize import quantize_per_row
+
+    torch.manual_seed(0)
+    w0 = torch.randn(N, K, device=device, dtype=torch.bfloat16) / K**0.5
+    q0, s0 = quantize_per_row(w0)
+    x = torch.randn(M, K, device=device, dtype=torch.bfloat16)
+    ws = [w0] + [w0.clone() for _ in range(max(1, min(63, L2_FLUSH_BYTES // (N * K * 2))))]
+    qs = [q0] + [q0.clone() for _ in range(max(1, min(63, L2_FLUSH_BYTES // (N * K))))]
+    ref_bf16 = x.float() @ w0.float().T
+    ref_int8 = (x.float() @ q0.float().T) * s0.float()
+    bf16_bytes, int8_bytes = N * K * 2, N * K + N * 2
+
+    def linear(w):
+        return lambda: F.linear(x, w)
+
+    def dequant(q):
+        return lambda: F.linear(x, q.to(x.dtype)) * s0
+
+    def triton(m, scale, config):
+        return lambda: gt.gemv(x, m, scale, config=config)
+
+    found = [("cuBLAS", "bf16", [linear(w) for w in ws], bf16_bytes, ref_bf16, "")]
+    for weights, mats, nbytes, scale, ref in (("bf16", ws, bf16_bytes, None, ref_bf16),
+                                              ("int8", qs, int8_bytes, s0, ref_int8)):  # fmt: skip
+        size = mats[0].element_size()
+        base = gt.gemv_config(M, N, K, size, num_sms)
+        configs = [base]
+        if sweep:
+            for block_n, factor, num_warps in itertools.product((16, 32, 64), (1, 2, 4), (4, 8)):
+                split_k = max(1, base.split_k * factor // 2)  # half, the same, twice the default split
+                configs.append(gt.gemv_config(M, N, K, size, num_sms, block_n, None, split_k, num_warps))
+        for i, config in enumerate(dict.fromkeys(configs)):
+            launch = f"n{config.block_n} k{config.block_k} split {config.split_k} warps {config.num_warps}"
+            label = "triton" if i == 0 else "triton (sweep)"
+            found.append((label, weights, [triton(m, scale, config) for m in mats], nbytes, ref, launch))
+    found.append(("eager dequant (plain)", "int8", [dequant(q) for q in qs], int8_bytes, ref_int8, ""))
+    return found
+
+
+def gemv_benchmark(rows_list: list[int], sweep: bool) -> None:
+    """--gemv: Triton GEMV against cuBLAS on every Qwen3-0.6B projection shape, bf16 and int8 weight-only."""
+    import triton
+
+    began = time.perf_counter()
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    print(f"GEMV on {torch.cuda.get_device_name()} ({num_sms} SMs), torch {torch.__version__}, triton "
+          f"{triton.__version__}; weights from DRAM (distinct copies overflow the L2), calls replayed from a "
+          "CUDA graph")  # fmt: skip
+    print("| rows | matrix | K x N | weights | kernel | us per call | GB/s | vs cuBLAS bf16 | max rel. err | launch |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    step: dict[tuple[int, str], float] = {}  # (rows, kernel label) -> seconds of one decode step's GEMVs
+    measured: dict[tuple[int, str], int] = {}  # (rows, kernel label) -> shapes measured
+    for M in rows_list:
+        for name, K, N, per_step in GEMV_SHAPES:
+            cublas, best_sweep = None, {}
+            for label, weights, calls, nbytes, ref, launch in gemv_candidates(M, K, N, num_sms, sweep):
+                try:
+                    seconds = time_graph(calls, replays=3 if "sweep" in label else 10)
+                    y = calls[0]().float()
+                    err = ((y - ref).abs().max() / ref.abs().max()).item()
+                except Exception as e:  # report and go on: one failure must not end the run
+                    first = str(e).splitlines()[0][:150] if str(e) else ""
+                    print(f"| {M} | {name} | {K} x {N} | {weights} | {label} | failed: {type(e).__name__} {first} "
+                          f"| | | | {launch} |", flush=True)  # fmt: skip
+                    continue
+                cublas = seconds if label == "cuBLAS" else cublas
+                if "sweep" in label:  # keep only the fastest launch shape of the sweep
+                    if weights not in best_sweep or seconds < best_sweep[weights][0]:
+                        best_sweep[weights] = (seconds, err, launch, nbytes)
+                    continue
+                row = (M, name, K, N, weights, label, seconds, err, launch, nbytes, cublas)
+                print_gemv_row(*row)
+                key = (M, f"{label}, {weights}")
+                step[key] = step.get(key, 0.0) + per_step * seconds
+                measured[key] = measured.get(key, 0) + 1
+            for weights, (seconds, err, launch, nbytes) in best_sweep.items():
+                print_gemv_row(M, name, K, N, weights, "triton, best of sweep", seconds, err, launch, nbytes, cublas)
+            torch.cuda.empty_cache()
+    print("\nOne decode step's GEMVs (28 layers with q/k/v and gate/up fused, + LM head), and the tokens/s they alone "
+          "would allow")  # fmt: skip
+    print("| rows | kernel | ms per step | tokens/s ceiling |")
+    print("|---|---|---|---|")
+    for (M, label), seconds in step.items():
+        if measured[(M, label)] == len(GEMV_SHAPES):  # a kernel that failed on some shape has no total
+            print(f"| {M} | {label} | {seconds * 1e3:.3f} | {1 / seconds:,.0f} |")
+    print(f"\n--gemv took {time.perf_counter() - began:.0f} s")
+
+
+def print_gemv_row(M, name, K, N, weights, label, seconds, err, launch, nbytes, cublas) -> None:
+    gbps = (nbytes + (M * K + M * N) * 2) / seconds / 1e9  # weights (+ scales), x and y in bf16
+    vs = f"{cublas / seconds:.2f}x" if cublas else "-"
+    print(f"| {M} | {name} | {K} x {N} | {weights} | {label} | {seconds * 1e6:.1f} | {gbps:,.0f} | {vs} | {err:.1e} "
+          f"| {launch} |", flush=True)  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -149,7 +332,18 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, help="reuse a saved random 0.6B checkpoint")
     parser.add_argument("--speculative-model", default="demo", help="trained model for the speculative test")
     parser.add_argument("--speculative-text", type=Path, default=Path("data/shakespeare/heldout/hamlet.txt"))
+    parser.add_argument("--cpu", action="store_true", help="CPU int8 kernels vs fp32 vs transformers (2 threads)")
+    parser.add_argument("--gemv", action="store_true", help="CUDA: Triton GEMV vs cuBLAS on the 0.6B projections")
+    parser.add_argument("--gemv-rows", default="1,16", help="comma list of rows (tokens) for --gemv")
+    parser.add_argument("--gemv-sweep", action="store_true", help="--gemv: also try a few launch shapes")
     args = parser.parse_args()
+    if args.gemv:
+        if not torch.cuda.is_available():
+            parser.error("--gemv needs a CUDA GPU")
+        gemv_benchmark([int(r) for r in args.gemv_rows.split(",")], args.gemv_sweep)
+        return
+    if args.cpu:
+        args.device, args.threads = "cpu", args.threads or 2
     device = args.device
     gpu = device.startswith("cuda")
     if args.threads:
@@ -162,6 +356,8 @@ def main() -> None:
     prompt = torch.randint(0, 151936, (1, 32), generator=torch.Generator().manual_seed(0)).to(device)
 
     rows: list[tuple[str, str, float, float, float]] = []  # (engine, variant, tok/s, warm-up s, bytes/token)
+    if args.cpu:
+        rows, dtypes = cpu_int8_kernels(directory, prompt, new_tokens), []
     for name in dtypes:
         dtype = getattr(torch, name)
         model = qwen3.load_model(directory, device=device, dtype=dtype)
@@ -219,7 +415,7 @@ def main() -> None:
         lines.append(f"| {engine} | {variant} | {tps:.1f} | {warm:.1f} | {nbytes / 1e9:.3f} | {ceiling} | "
                      f"{tps / ratio:.2f}x |" if ratio else f"| {engine} | {variant} | {tps:.1f} | {warm:.1f} | "
                      f"{nbytes / 1e9:.3f} | {ceiling} | - |")  # fmt: skip
-    if args.speculative_text.is_file():
+    if args.speculative_text.is_file() and not args.cpu:
         from qwen3.hub import resolve_source
 
         lines += ["", speculative_speedup(resolve_source(args.speculative_model), args.speculative_text, device)]
