@@ -31,10 +31,12 @@ import qwen3
 from qwen3.sampling import SamplingParams
 
 
-def workload(num_requests: int, min_len: int, max_len: int, seed: int = 0) -> tuple[list[list[int]], list[int]]:
+def workload(
+    num_requests: int, min_len: int, max_len: int, vocab: int = 10000, seed: int = 0
+) -> tuple[list[list[int]], list[int]]:
     """nano-vllm's bench.py: prompts of U(min_len, max_len) ids in [0, 10000), max_tokens U(min_len, max_len)."""
     rng = random.Random(seed)
-    prompts = [[rng.randint(0, 10000) for _ in range(rng.randint(min_len, max_len))] for _ in range(num_requests)]
+    prompts = [[rng.randint(0, vocab) for _ in range(rng.randint(min_len, max_len))] for _ in range(num_requests)]
     max_tokens = [rng.randint(min_len, max_len) for _ in range(num_requests)]
     return prompts, max_tokens
 
@@ -154,7 +156,7 @@ def main() -> None:
     else:  # the same shape of workload, scaled to a 2-core CPU and the demo model's 1,024-token context
         num, peers, lo, hi, max_model_len, dtype = 16, 16, 10, 100, 1024, torch.float32
     num, peers = args.requests or num, args.peer_requests or peers
-    prompts, max_tokens = workload(num, lo, hi)
+    prompts, max_tokens = workload(num, lo, hi, vocab=10000 if cuda else 4095)  # the demo's vocabulary is 4,096
 
     with tempfile.TemporaryDirectory() as tmp:
         if cuda:
