@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .config import Qwen3Config
+from .device import resolve_device
 from .files import atomic_path, write_text_atomic
 from .hub import MODEL_FILES, resolve_source
 from .model import Qwen3ForCausalLM
@@ -59,23 +60,6 @@ def parse_dtype(dtype: torch.dtype | str, argument: str = "dtype") -> torch.dtyp
     raise ValueError(f"{argument}: {dtype!r} is not a float dtype for the weights (one of {names})")
 
 
-def parse_device(device: torch.device | str, argument: str = "device") -> torch.device:
-    """A torch.device that exists on this machine, from a device or a string ("cpu", "cuda", "cuda:1",
-    "mps"); ValueError naming `argument` for a malformed one or one this machine lacks."""
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"{argument}: {device!r} is not a device (e.g. 'cpu', 'cuda', 'cuda:1', 'mps')") from e
-    backend = getattr(torch, parsed.type, None)
-    if parsed.type not in ("cpu", "meta") and backend is not None and hasattr(backend, "is_available"):
-        if not backend.is_available():
-            raise ValueError(f"{argument}: {str(device)!r}, but this machine (or this PyTorch) has no {parsed.type}")
-        count = backend.device_count() if hasattr(backend, "device_count") else 1
-        if parsed.index is not None and parsed.index >= count:
-            raise ValueError(f"{argument}: {str(device)!r}, but this machine has {count} {parsed.type} device(s)")
-    return parsed
-
-
 def load_model(
     source: str | os.PathLike,
     device: torch.device | str = "cpu",
@@ -85,11 +69,12 @@ def load_model(
 ) -> Qwen3ForCausalLM:
     """Load a Qwen3 checkpoint from a directory or a Hub repo id (e.g. "Qwen/Qwen3-0.6B").
 
+    `device` is a device or its name ("cuda:1", "auto"), checked against this machine (qwen3.device);
     `dtype` is the float dtype of the weights (a torch.dtype or its name, "bfloat16"); int8 weights of a
     quantized checkpoint stay int8. `progress` shows a progress bar over the tensors (downloads always show
     huggingface_hub's bars).
     """
-    device, dtype = parse_device(device), parse_dtype(dtype)
+    device, dtype = resolve_device(device), parse_dtype(dtype)
     directory = resolve_source(source, MODEL_FILES)
     config = Qwen3Config.from_json(directory / "config.json")
     model = build_meta_model(config, attention)

@@ -57,8 +57,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .checkpoint import Index, Slicer, build_meta_model, parse_device, parse_dtype, read_checkpoint
+from .checkpoint import Index, Slicer, build_meta_model, parse_dtype, read_checkpoint
 from .config import Qwen3Config
+from .device import resolve_device
 from .hub import MODEL_FILES, resolve_source
 from .model import Qwen3ForCausalLM
 from .quantize import Int8Linear, tied_lm_head
@@ -336,7 +337,7 @@ def load_model_tp(
     qwen3.generate) only when every rank of the group runs it with the same inputs."""
     if not dist.is_initialized():
         raise RuntimeError("load_model_tp: no process group; call init_distributed() first (under torchrun)")
-    device, dtype = parse_device(device), parse_dtype(dtype)
+    device, dtype = resolve_device(device), parse_dtype(dtype)
     group = group if group is not None else dist.group.WORLD
     rank, tp = dist.get_rank(group), dist.get_world_size(group)
     directory = resolve_source(source, MODEL_FILES)
