@@ -36,7 +36,7 @@ from qwen3.train.data import (
     tokenizer_fingerprint,
 )
 from qwen3.train.loss import CausalLMLoss
-from qwen3.train.trainer import flops_per_token, weight_decay_names
+from qwen3.train.trainer import build_loss_module, flops_per_token, weight_decay_names
 
 # ---------------------------------------------------------------------------------------------------
 # Shared fixtures (imported by test_lora.py and test_train_distributed.py)
@@ -376,12 +376,60 @@ def test_causal_lm_loss_equals_plain_cross_entropy_of_the_model(checkpointing):
 
     ours = CausalLMLoss(model, chunk_size=16, activation_checkpointing=checkpointing)(ids, targets)
     ours_grads = torch.autograd.grad(ours, list(model.parameters()))
-    logits = model(ids)  # the model's own forward: explicit mask, its own LM head
+    logits = model(ids)  # the model's own forward through its LM head: every logit at once
     ref = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
     ref_grads = torch.autograd.grad(ref, list(model.parameters()))
     assert torch.allclose(ours, ref, rtol=1e-12)
     for (name, _), a, b in zip(model.named_parameters(), ours_grads, ref_grads, strict=True):
         assert rel_error(a, b) < 1e-10, name
+
+
+def test_activation_checkpointing_recomputes_each_layer_in_backward():
+    """Wrapped layers run forward twice per step (once more in backward), keep their parameter names, and
+    give the same loss and gradients as unwrapped ones."""
+    config = qwen3.Qwen3Config(**TINY_MODEL)
+    ids = torch.randint(0, config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    results = {}
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = qwen3.Qwen3ForCausalLM(config)
+        model.init_weights(0.1)
+        module = build_loss_module(model, chunk_size=8, activation_checkpointing=checkpointing)
+        calls: list[int] = []
+        for layer in model.model.layers:  # a pre-hook: recomputation stops inside the MLP, at the last saved tensor
+            layer.mlp.register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))
+        loss = module(ids[:, :-1], ids[:, 1:])
+        loss.backward()
+        grads = {name: p.grad for name, p in module.named_parameters()}
+        results[checkpointing] = (len(calls), loss.detach(), grads)
+    assert results[False][0] == TINY_MODEL["num_hidden_layers"] and results[True][0] == 2 * results[False][0]
+    assert torch.equal(results[True][1], results[False][1])
+    assert results[True][2].keys() == results[False][2].keys()  # same names: optimizer and checkpoints unchanged
+    assert all(torch.equal(results[True][2][k], g) for k, g in results[False][2].items())
+
+
+def test_compile_with_activation_checkpointing_follows_the_plain_run(tmp_path, tiny_tokenizer, monkeypatch):
+    """--compile --activation-checkpointing: each layer compiled and wrapped, the run's losses unchanged.
+
+    The aot_eager backend traces the layers with Dynamo and builds their forward/backward graphs with
+    AOTAutograd, which is what must cope with the checkpoint wrapper; inductor's code generation (minutes on a
+    shared CPU) is left to the GPU runs."""
+    compile_module = torch.nn.Module.compile
+    compiled = []
+
+    def compile_aot_eager(self, *args, **kwargs):
+        compiled.append(self)
+        return compile_module(self, *args, backend="aot_eager", **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "compile", compile_aot_eager)
+    run = dict(max_steps=3, eval_every=2)
+    plain = train(tiny_run(tmp_path, tiny_tokenizer, out="plain", **run))
+    fast = train(tiny_run(tmp_path, tiny_tokenizer, out="fast", compile=True, activation_checkpointing=True, **run))
+    assert len(compiled) == TINY_MODEL["num_hidden_layers"]
+    assert fast.losses == pytest.approx(plain.losses, rel=1e-6, abs=0)
+    assert fast.eval_metrics["eval_loss"] == pytest.approx(plain.eval_metrics["eval_loss"], rel=1e-6, abs=0)
+    a, b = qwen3.load_model(plain.checkpoint).state_dict(), qwen3.load_model(fast.checkpoint).state_dict()
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
 
 
 # ---------------------------------------------------------------------------------------------------
