@@ -209,7 +209,7 @@ def test_dtype_by_name(tmp_path):
         assert torch.equal(by_name(IDS), by_dtype(IDS))
 
 
-@pytest.mark.parametrize("dtype", ["float17", "int8", torch.int64, 3])
+@pytest.mark.parametrize("dtype", ["float17", "int8", torch.int64, torch.float8_e4m3fn, 3])
 def test_bad_dtype_is_a_value_error_naming_the_argument(tmp_path, dtype):
     make_reference(tmp_path, seed=15)
     with pytest.raises(ValueError, match=r"^dtype: .* is not a float dtype for the weights \(one of float32, "):

@@ -54,7 +54,7 @@ def parse_dtype(dtype: torch.dtype | str, argument: str = "dtype") -> torch.dtyp
     naming `argument` otherwise."""
     if isinstance(dtype, str):
         dtype = DTYPES.get(dtype.strip().lower().removeprefix("torch."), dtype)
-    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():  # not float8: the model computes in it
         return dtype
     names = ", ".join(dict.fromkeys(str(d).removeprefix("torch.") for d in DTYPES.values()))
     raise ValueError(f"{argument}: {dtype!r} is not a float dtype for the weights (one of {names})")
