@@ -132,15 +132,15 @@ class Sampler:
             temperature = column([1.0 if p.greedy else p.temperature for p in params])
             probs = filter_rows(logits / temperature, params).softmax(-1)
             noise = torch.empty_like(probs).exponential_()
-            seeded = {i for i, p in enumerate(params) if p.seed is not None and not p.greedy}
-            if seeded:
-                keys = [row_key(params[i].seed, seqs[i].num_output_tokens) if i in seeded else 0 for i in range(S)]
-                is_seeded = column([i in seeded for i in range(S)], torch.bool)
+            seeded = [i for i, p in enumerate(params) if p.seed is not None and not p.greedy]
+            if seeded:  # their rows of noise, replaced by the hash of (seed, output index, vocabulary index)
+                keys = [row_key(params[i].seed, seqs[i].num_output_tokens) for i in seeded]
                 keys_t = torch.tensor(keys, dtype=torch.int64).to(device, non_blocking=True)
-                noise = torch.where(is_seeded, seeded_exponential(keys_t, V), noise)
+                noise[torch.tensor(seeded).to(device, non_blocking=True)] = seeded_exponential(keys_t, V)
             noise.clamp_min_(torch.finfo(noise.dtype).tiny)
-            sampled = (probs / noise).argmax(-1)
-            next_ids = torch.where(column(greedy, torch.bool)[:, 0], logits.argmax(-1), sampled)
+            next_ids = (probs / noise).argmax(-1)
+            if any(greedy):
+                next_ids = torch.where(column(greedy, torch.bool)[:, 0], logits.argmax(-1), next_ids)
 
         if penalised_rows:
             ones = torch.tensor([i in penalised_rows for i in range(S)], dtype=torch.int32).to(device)
