@@ -398,3 +398,12 @@ def test_clean_text_decodes_escaped_bytes_like_errors_replace():
         assert clean_text(raw.decode("utf-8", errors="surrogateescape")) == raw.decode("utf-8", errors="replace")
     assert clean_text("a\ud800b\udfff") == "a\ufffdb\ufffd"  # surrogates that escape no byte
     assert clean_text("plain \u00e9 \U0001f600") == "plain \u00e9 \U0001f600"
+
+
+def test_a_missing_local_model_is_one_plain_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad").mkdir()
+    for model in ("bad/nope", "demo/"):
+        code, out, err = run(capsys, "generate", "--model", model, "x")
+        assert (code, out) == (2, "")
+        assert err.startswith(f"qwen3: error: no such model directory: {model}") and "--model PATH" not in err

@@ -19,12 +19,12 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from functools import partial
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from .chat_session import CHAT_HELP, run_chat
 from .checkpoint import CheckpointError, load_model, save_model
 from .config import ConfigError, Qwen3Config
 from .console import clean_text, read_stdin
@@ -46,7 +46,6 @@ from .sampling import SamplingParams
 from .tokenizer import Tokenizer, load_tokenizer
 
 DEFAULT_MODEL = "Qwen/Qwen3-0.6B"
-DIM, RESET = "\x1b[2m", "\x1b[0m"
 SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p", "presence_penalty", "frequency_penalty",
                   "repetition_penalty", "seed")  # fmt: skip
 
@@ -213,93 +212,13 @@ def completion_json(c: Completion) -> dict:
 # qwen3 chat
 # ---------------------------------------------------------------------------------------------------
 
-CHAT_HELP = "commands: /think and /no_think toggle thinking, /reset clears the history, /exit quits"
-
-
-class ReasoningDimmer:
-    """Writes streamed text, showing the <think>...</think> part dimmed (on a terminal) and apart."""
-
-    def __init__(self, out, color: bool) -> None:  # noqa: ANN001 - a text stream
-        self.out, self.color, self.pending, self.thinking = out, color, "", False
-
-    def __call__(self, chunk: str) -> None:
-        self.pending += chunk
-        while self.pending:
-            tag = "</think>" if self.thinking else "<think>"
-            at = self.pending.find(tag)
-            if at < 0:
-                keep = next((k for k in range(len(tag) - 1, 0, -1) if self.pending.endswith(tag[:k])), 0)
-                self.write(self.pending[: len(self.pending) - keep])
-                self.pending = self.pending[len(self.pending) - keep :]
-                return
-            self.write(self.pending[:at])
-            self.pending = (
-                self.pending[at + len(tag) :].lstrip("\n") if self.thinking else self.pending[at + len(tag) :]
-            )
-            self.thinking = not self.thinking
-            if self.color:
-                self.out.write(DIM if self.thinking else RESET)
-            if not self.thinking:
-                self.out.write("\n")
-
-    def write(self, text: str) -> None:
-        self.out.write(text)
-        self.out.flush()
-
-    def close(self) -> None:
-        self.write(self.pending)
-        if self.color and self.thinking:
-            self.out.write(RESET)
-        self.pending, self.thinking = "", False
-
-
 def cmd_chat(args: argparse.Namespace) -> int:
-    model, tok, directory = load(args)
+    """The interactive loop lives in qwen3.chat_session (line editor, commands, history kept inside the context)."""
+    directory = resolve_model(args)
     sampling = sampling_from_args(args, directory)
-    max_new = args.max_new_tokens if args.max_new_tokens is not None else 2048
-    thinking = not args.no_think
-    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
-    color = sys.stdout.isatty()
-    print(f"qwen3 chat: {args.model} on {model.lm_head.weight.device} ({CHAT_HELP})", flush=True)
-    while True:
-        try:
-            line = on_rank0(partial(input, "> " if thinking else "> [no_think] "))  # only rank 0 reads stdin
-        except EOFError:
-            print()
-            return 0
-        except KeyboardInterrupt:
-            print()
-            continue
-        text = line.strip()
-        if not text:
-            continue
-        if text in ("/exit", "/quit"):
-            return 0
-        if text == "/reset":
-            history = history[:1] if args.system else []
-            print("(history cleared)")
-            continue
-        if text in ("/think", "/no_think"):
-            thinking = text == "/think"
-            print(f"(thinking {'on' if thinking else 'off'})")
-            continue
-        history.append({"role": "user", "content": text})
-        dimmer = ReasoningDimmer(sys.stdout, color)
-        try:
-            prompt = tok.apply_chat_template(history, add_generation_prompt=True, enable_thinking=thinking)
-            completion = generate_text(
-                model, tok, prompt, max_new, sampling, on_text=dimmer, interruptible=True, compile=args.compile
-            )
-        except KeyboardInterrupt:  # Ctrl-C before the first token: drop the turn, keep the chat
-            dimmer.close()
-            history.pop()
-            print("\n(interrupted)", flush=True)
-            continue
-        dimmer.close()
-        history.append({"role": "assistant", "content": completion.text})
-        note = " (interrupted)" if completion.finish_reason == "interrupted" else ""
-        stats = f"[{completion.completion_tokens} tokens, {completion.tokens_per_second:.1f} tok/s{note}]"
-        print(f"\n{DIM}{stats}{RESET}" if color else f"\n{stats}", flush=True)
+    model, tok, _ = load(args, directory)
+    return run_chat(model, tok, sampling, name=args.model, max_new_tokens=args.max_new_tokens,
+                    thinking=not args.no_think, system=args.system, compile=args.compile)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -457,7 +376,8 @@ def run_command(args: argparse.Namespace, argv: list[str]) -> int:
         if os.environ.get("QWEN3_TRACEBACK"):
             raise
         message = str(e).splitlines()[0] if str(e) else e.__class__.__name__
-        hint = " (use --model PATH for a local model directory)" if isinstance(e, ModelNotFoundError) else ""
+        hub_lookup = isinstance(e, ModelNotFoundError) and not message.startswith("no such model directory")
+        hint = " (use --model PATH for a local model directory)" if hub_lookup else ""
         if not dist.is_initialized() or dist.get_rank() == 0:  # tensor-parallel ranks fail alike: say it once
             print(f"qwen3: error: {message}{hint}", file=sys.stderr)
         return 2
