@@ -75,8 +75,8 @@ def test_reference_paged_attention_equals_dense_formula():
     gen = torch.Generator().manual_seed(0)
     nh, nkv, D, bs, num_blocks = 4, 2, 16, 4, 40
     seq_lens, query_lens = [1, 7, 8, 9, 23, 5], [1, 3, 8, 1, 23, 2]
-    k_cache = torch.zeros(num_blocks, bs, nkv, D, dtype=torch.float64)
-    v_cache = torch.zeros_like(k_cache)
+    k_cache = torch.full((num_blocks, bs, nkv, D), math.nan, dtype=torch.float64)  # unwritten slots must not leak
+    v_cache = torch.full_like(k_cache, math.nan)
     blocks = torch.randperm(num_blocks, generator=gen).tolist()
     tables, dense_k, dense_v = [], [], []
     for L in seq_lens:

@@ -35,13 +35,16 @@ from ..model import AttentionFn
 
 
 class KVPool:
-    """kv (2, layers, num_blocks, block_size, nkv, D), zero-filled (a masked-out slot must hold finite values:
-    the reference path multiplies it by a zero weight)."""
+    """kv (2, layers, num_blocks, block_size, nkv, D). On CUDA it is zero-filled, so that a slot no sequence has
+    written holds finite values (a kernel may multiply one by a zero weight); on the CPU it is left uninitialised,
+    so that the operating system commits its pages only as blocks are used (the reference path zeroes what it
+    gathers from beyond a sequence's end)."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str) -> None:  # fmt: skip
-        self.kv = torch.zeros(2, num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype,
-                              device=device)  # fmt: skip
+        shape = (2, num_layers, num_blocks, block_size, num_kv_heads, head_dim)
+        allocate = torch.zeros if torch.device(device).type == "cuda" else torch.empty
+        self.kv = allocate(shape, dtype=dtype, device=device)
 
     @property
     def block_size(self) -> int:
@@ -78,6 +81,7 @@ class DenseLayout:
     """Where a step's packed queries and paged keys go in the padded dense batch; the same for every layer."""
 
     key_slots: Tensor  # (S, L) slot of key t of sequence s (0 where t >= seq_lens[s])
+    key_valid: Tensor  # (S, 1, L, 1) t < seq_lens[s]
     query_index: Tensor  # (S, Q) packed index of query j of sequence s (0 for padding)
     mask: Tensor  # (S, 1, Q, L) True = may attend
     packed: Tensor  # (N,) index into the (S * Q) padded queries of each packed query, in packed order
@@ -101,13 +105,14 @@ class DenseLayout:
         # A row with nothing to attend to (padding query, empty sequence) sees key 0: finite, and thrown away.
         mask |= ~mask.any(-1, keepdim=True) & (t == 0)
         packed = torch.nonzero(query_valid.flatten()).squeeze(1)
-        return cls(key_slots, query_index, mask[:, None], packed, seq_lens == 0)
+        return cls(key_slots, key_valid[:, None, :, None], query_index, mask[:, None], packed, seq_lens == 0)
 
     def attend(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, math: AttentionFn) -> Tensor:
         """Packed q (N, nh, D) -> (N, nh, D) through the dense formula `math` on the padded batch."""
         S, Q = self.query_index.shape
-        keys = k_cache.view(-1, *k_cache.shape[2:])[self.key_slots].transpose(1, 2)  # (S, nkv, L, D)
-        values = v_cache.view(-1, *v_cache.shape[2:])[self.key_slots].transpose(1, 2)
+        # (S, nkv, L, D); slots past a sequence's end may be unwritten memory (NaN): zeroed, then masked out
+        keys = k_cache.view(-1, *k_cache.shape[2:])[self.key_slots].transpose(1, 2).where(self.key_valid, 0)
+        values = v_cache.view(-1, *v_cache.shape[2:])[self.key_slots].transpose(1, 2).where(self.key_valid, 0)
         queries = q[self.query_index].transpose(1, 2)  # (S, nh, Q, D)
         out = math(queries, keys.to(q.dtype), values.to(q.dtype), self.mask)  # (S, nh, Q, D)
         out = out.masked_fill(self.empty[:, None, None, None], 0)
