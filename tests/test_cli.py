@@ -387,8 +387,8 @@ def test_invalid_utf8_in_a_prompt_becomes_replacement_characters(capsys, monkeyp
     assert (code, err) == (0, "") and from_stdin == from_argv
 
 
-def test_clean_text_decodes_escaped_bytes_like_errors_replace():
-    from qwen3.console import clean_text
+def test_valid_text_decodes_escaped_bytes_like_errors_replace():
+    from qwen3.tokenizer import valid_text as clean_text
 
     gen = torch.Generator().manual_seed(0)
     alphabet = list(b"ab \n") + [0xC3, 0xA9, 0xE2, 0x82, 0xAC, 0xF0, 0x9F, 0x98, 0x80, 0xFF, 0x80, 0xED, 0xA0]

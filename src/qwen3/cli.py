@@ -5,7 +5,7 @@ sampling, lengths: an error names the flag), resolves the model once (a director
 progress bars by huggingface_hub), and calls the public functions. User errors (no model, offline, bad flags,
 a prompt that does not fit) print one line on stderr and exit with status 2; Ctrl-C exits with 130 and a
 reader that goes away (`| head`) ends the output quietly. Prompt text with invalid UTF-8 is read with
-U+FFFD in place of what does not decode (qwen3.console).
+U+FFFD in place of what does not decode (tokenizer.valid_text), as chat reads its lines.
 
 `generate` and `chat` with `--tp N` restart themselves under torchrun in N processes (qwen3.parallel): rank 0
 reads standard input and prints, the other ranks compute in step with it. Ctrl-C then ends the whole run.
@@ -27,7 +27,6 @@ import torch.distributed as dist
 from .chat_session import CHAT_HELP, run_chat
 from .checkpoint import CheckpointError, load_model, save_model
 from .config import ConfigError, Qwen3Config
-from .console import clean_text, read_stdin
 from .device import resolve_device
 from .generate import Completion, ContextLengthError, generate_text
 from .hub import (
@@ -43,7 +42,7 @@ from .model import Qwen3ForCausalLM
 from .parallel import finish, join_tensor_parallel, launch_tensor_parallel, load_model_tp, on_rank0
 from .quantize import quantization_config, quantize_int8
 from .sampling import SamplingParams
-from .tokenizer import Tokenizer, load_tokenizer
+from .tokenizer import Tokenizer, load_tokenizer, valid_text
 
 DEFAULT_MODEL = "Qwen/Qwen3-0.6B"
 SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p", "presence_penalty", "frequency_penalty",
@@ -89,7 +88,8 @@ def check_flags(args: argparse.Namespace) -> None:
     if getattr(args, "tp", 1) < 1:
         raise UserError(f"--tp {args.tp}: must be a number of processes >= 1")
     if getattr(args, "tp", 1) > 1 and getattr(args, "quantize", None):
-        raise UserError("--quantize: not supported with --tp (tensor-parallel loading reads float checkpoints)")
+        raise UserError("--quantize: not supported with --tp; quantize first with `qwen3 quantize`, then load "
+                        "that checkpoint with --tp")
     if getattr(args, "device", None) is not None and hasattr(args, "dtype") and hasattr(args, "tp"):
         resolve_device(args.device)  # a device this machine lacks: one line now, not a traceback at load
     if hasattr(args, "top_p"):
@@ -127,6 +127,13 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
+def read_stdin() -> str:
+    """All of standard input, decoded as UTF-8 with what does not decode replaced by U+FFFD (as valid_text does
+    for a prompt given as an argument, which reaches sys.argv with its invalid bytes as lone surrogates)."""
+    buffer = getattr(sys.stdin, "buffer", None)
+    return buffer.read().decode("utf-8", errors="replace") if buffer is not None else valid_text(sys.stdin.read())
+
+
 def resolve_model(args: argparse.Namespace) -> Path:
     """The local directory of --model (downloaded with progress bars if needed): weights and tokenizer."""
     return resolve_source(args.model, sorted(set(MODEL_FILES + TOKENIZER_FILES)))
@@ -160,7 +167,7 @@ def sampling_from_args(args: argparse.Namespace, directory: Path) -> SamplingPar
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    prompt = clean_text(args.prompt) if args.prompt is not None else on_rank0(read_stdin)  # rank 0 reads stdin
+    prompt = valid_text(args.prompt) if args.prompt is not None else on_rank0(read_stdin)  # rank 0 reads stdin
     if not prompt:
         raise UserError("no prompt: pass it as an argument or on standard input")
     directory = resolve_model(args)
@@ -171,10 +178,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.chat:
         messages = [{"role": "user", "content": prompt}]
         if args.system:
-            messages.insert(0, {"role": "system", "content": clean_text(args.system)})
+            messages.insert(0, {"role": "system", "content": valid_text(args.system)})
         prompt = tok.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=not args.no_think)
     max_new = args.max_new_tokens if args.max_new_tokens is not None else 256
-    stops = [clean_text(s) for s in args.stop]
+    stops = [valid_text(s) for s in args.stop]
 
     def write(chunk: str) -> None:
         sys.stdout.write(chunk)
