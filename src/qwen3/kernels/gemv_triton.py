@@ -10,8 +10,9 @@ the memory bandwidth it reaches; cuBLAS keeps too few bytes in flight on the sma
   number of K splits is chosen so that the grid covers every SM several times (`gemv_config`);
 - with one split the program scales and stores y itself; with several, each writes an fp32 partial
   (SPLIT_K, M, N) and a second kernel sums the partials, applies the scale and casts (deterministic: no atomics);
-- M = 1 reduces with CUDA cores (a broadcast multiply and a row sum); M > 1 pads the rows to 16 and uses
-  tl.dot (tensor cores; fp32 x uses exact fp32 products, input_precision "ieee");
+- M = 1 runs on CUDA cores: each thread keeps its share of a (BLOCK_N, BLOCK_K) fp32 sum of products and
+  the sum over K is taken once, after the loop; M > 1 pads the rows to 16 and uses tl.dot (tensor cores;
+  fp32 x uses exact fp32 products, input_precision "ieee");
 - int8 weights are converted to x's dtype in registers (exact for |q| <= 127), so int8 reads half the bytes
   of bf16; the per-row scale is applied once, to the fp32 sum.
 
@@ -61,7 +62,7 @@ def gemv_config(
     block_n: int | None = None,
     block_k: int | None = None,
     split_k: int | None = None,
-    num_warps: int = 4,
+    num_warps: int | None = None,
 ) -> GemvConfig:
     """The launch shape: a tile of block_n rows x block_k columns moves 8-16 KB per step; K is split until
     the grid has PROGRAMS_PER_SM programs per SM (or each split is one step)."""
@@ -69,6 +70,8 @@ def gemv_config(
     block_n = block_n or 32
     if block_k is None:
         block_k = (512 // weight_bytes) if M == 1 else 128  # 512 bytes of each row per step (M = 1)
+    if num_warps is None:  # M = 1 keeps a (block_n, block_k) fp32 sum in registers: 64 per thread
+        num_warps = max(4, min(16, block_n * block_k // (64 * 32))) if M == 1 else 4
     block_k = max(16, min(block_k, triton.next_power_of_2(K)))
     steps = triton.cdiv(K, block_k)
     row_blocks = triton.cdiv(N, block_n) * triton.cdiv(M, block_m)
@@ -94,19 +97,25 @@ def _gemv_kernel(
     k_start = pid_k * k_per_split
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn  # (BLOCK_N, 1) row starts
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm  # (BLOCK_M, 1)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, k_per_split, BLOCK_K):
-        offs_k = k_start + k0 + tl.arange(0, BLOCK_K)
-        w = tl.load(w_rows + offs_k[None, :], mask=(offs_n[:, None] < N) & (offs_k[None, :] < K), other=0.0)
-        x = tl.load(x_rows + offs_k[None, :], mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-        w = w.to(x.dtype)  # int8 -> float is exact
-        if USE_DOT:
+    if USE_DOT:  # rows padded to BLOCK_M: tensor cores
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, k_per_split, BLOCK_K):
+            offs_k = k_start + k0 + tl.arange(0, BLOCK_K)
+            w = tl.load(w_rows + offs_k[None, :], mask=(offs_n[:, None] < N) & (offs_k[None, :] < K), other=0.0)
+            x = tl.load(x_rows + offs_k[None, :], mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+            w = w.to(x.dtype)  # int8 -> float is exact
             if IEEE:
                 acc += tl.dot(x, tl.trans(w), input_precision="ieee")
             else:
                 acc += tl.dot(x, tl.trans(w))
-        else:  # a few rows: CUDA cores
-            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    else:  # one row: CUDA cores; products summed elementwise in the loop, reduced across K once at the end
+        acc2d = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, k_per_split, BLOCK_K):
+            offs_k = k_start + k0 + tl.arange(0, BLOCK_K)
+            w = tl.load(w_rows + offs_k[None, :], mask=(offs_n[:, None] < N) & (offs_k[None, :] < K), other=0.0)
+            x = tl.load(x_rows + offs_k[None, :], mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+            acc2d += w.to(tl.float32) * x.to(tl.float32)  # (BLOCK_N, BLOCK_K) * (1, BLOCK_K)
+        acc = tl.sum(acc2d, axis=1)[None, :]  # (1, BLOCK_N)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if SPLIT:
         partial = out_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :]
@@ -118,13 +127,12 @@ def _gemv_kernel(
 
 
 @triton.jit
-def _splitk_reduce_kernel(partial_ptr, s_ptr, y_ptr, M, N, SPLIT_K: tl.constexpr, HAS_SCALE: tl.constexpr,
-                          BLOCK: tl.constexpr):  # fmt: skip
+def _splitk_reduce_kernel(partial_ptr, s_ptr, y_ptr, M, N, split_k, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
     """y (M, N) = sum over the splits of partial (SPLIT_K, M, N), times the row scale, in y's dtype."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M * N
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for k in range(SPLIT_K):
+    for k in range(split_k):
         acc += tl.load(partial_ptr + k * M * N + offs, mask=mask, other=0.0)
     if HAS_SCALE:
         acc = acc * tl.load(s_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
@@ -178,7 +186,7 @@ def gemv(
     if split:
         block = 1024
         _splitk_reduce_kernel[(triton.cdiv(M * N, block),)](
-            out, s, y, M, N, SPLIT_K=config.split_k, HAS_SCALE=scale is not None, BLOCK=block, num_warps=4
+            out, s, y, M, N, config.split_k, HAS_SCALE=scale is not None, BLOCK=block, num_warps=4
         )
     return y.view(*x.shape[:-1], N)
 
