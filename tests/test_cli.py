@@ -241,6 +241,7 @@ def no_loading(monkeypatch):
         (["generate", "--device", "mps", "x"], "device 'mps': MPS (Apple GPU) is not available on this machine"),
         (["generate", "--device", "gpu0", "x"], "device 'gpu0': not a device name"),
         (["generate", "--tp", "2", "--device", "cuda", "x"], "device 'cuda': no CUDA GPU"),  # before torchrun
+        (["train", "--preset", "0.6B", "--data", "none.txt", "--out", "none", "--device", "cuda"], "device 'cuda'"),
         (["generate", "--tp", "2", "--quantize", "int8", "x"], "--quantize: not supported with --tp"),
         (["generate", "--tp", "0", "x"], "--tp 0: must be a number of processes >= 1"),
         (["info", "--preset", "0.6B", "--context", "-5"], "--context -5: must be a number of tokens > 0"),

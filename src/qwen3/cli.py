@@ -90,7 +90,7 @@ def check_flags(args: argparse.Namespace) -> None:
     if getattr(args, "tp", 1) > 1 and getattr(args, "quantize", None):
         raise UserError("--quantize: not supported with --tp; quantize first with `qwen3 quantize`, then load "
                         "that checkpoint with --tp")
-    if getattr(args, "device", None) is not None and hasattr(args, "dtype") and hasattr(args, "tp"):
+    if getattr(args, "device", None) is not None:  # generate, chat, train
         resolve_device(args.device)  # a device this machine lacks: one line now, not a traceback at load
     if hasattr(args, "top_p"):
         sampling_overrides(args)
