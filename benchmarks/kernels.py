@@ -223,6 +223,77 @@ def check_cuda_graph(tk, block_size: int, batch: int, context: int, max_model_le
     return ok
 
 
+# Launch configurations tried by the sweep (the first of each is the shipped default in triton_kernels.py).
+DECODE_SWEEP = [(64, 4, 3), (64, 4, 2), (32, 4, 3), (16, 4, 3), (128, 8, 3), (64, 4, 5)]  # BLOCK_N, warps, stages
+PREFILL_SWEEP = [(128, 64, 8, 3), (128, 64, 8, 5), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)]  # + rows first
+SWEEP_DECODE_SHAPES = [(256, 2048), (64, 4096), (1, 4096)]  # (batch, context)
+SWEEP_PREFILL_SHAPE = (256, 512)  # (sequences, tokens each)
+
+
+def sweep(tk, block_size: int, quick: bool, deadline: float) -> str:
+    """Time alternative launch configurations of the decode and prefill kernels (each checked for correctness)."""
+    decode_cases = []
+    for batch, context in SWEEP_DECODE_SHAPES:
+        pool = Pool(batch, context, block_size, DTYPE, DEVICE)
+        q = torch.randn(batch, NUM_HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
+        ref = reference_attention(q, pool, 1, torch.float32)
+        decode_cases.append((f"decode {batch} x {context}", pool, q, tk.decode_num_splits(batch, NUM_KV_HEADS, context),
+                             ref, batch * context * KV_BYTES_PER_TOKEN))
+    num_seqs, new = SWEEP_PREFILL_SHAPE
+    pool = Pool(num_seqs, new, block_size, DTYPE, DEVICE)
+    q = torch.randn(num_seqs * new, NUM_HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
+    starts = torch.arange(0, num_seqs * new + 1, new, dtype=torch.int32, device=DEVICE)
+    prefill_ref = reference_attention(q, pool, new, torch.float32)
+    prefill_flops = 4 * NUM_HEADS * HEAD_DIM * num_seqs * new * (new + 1) / 2
+
+    lines = [f"| {'config':<34} | " + " | ".join(f"{c[0]:<24}" for c in decode_cases) + " |",
+             f"|{'-' * 36}|" + "|".join("-" * 26 for _ in decode_cases) + "|"]
+    default_decode, default_prefill = tk.DECODE_CONFIG["half"], list(tk.PREFILL_CONFIG["half"])
+    for config in DECODE_SWEEP:
+        label = f"decode BLOCK_N {config[0]} warps {config[1]} stages {config[2]}"
+        if time.perf_counter() > deadline:
+            lines.append(f"| {label:<34} | skipped: out of time budget")
+            continue
+        tk.DECODE_CONFIG["half"] = config
+        cells = []
+        try:
+            for _, pool_, q_, splits, ref, nbytes in decode_cases:
+                def fn(pool_=pool_, q_=q_, splits=splits):
+                    return tk.paged_decode_attention(q_, pool_.k_cache, pool_.v_cache, pool_.block_tables,
+                                                     pool_.seq_lens, SCALE, splits)
+                bad = "" if rel_err(fn(), ref) < BF16_TOLERANCE else " WRONG"
+                ms = bench(fn, quick)
+                cells.append(f"{ms:.4f} ms {nbytes / ms / 1e6:5.0f} GB/s{bad}")
+        except Exception as e:  # a configuration that does not compile or launch: report it, keep going
+            cells.append(f"failed: {type(e).__name__}: {str(e)[:60]}")
+        finally:
+            tk.DECODE_CONFIG["half"] = default_decode
+        lines.append(f"| {label:<34} | " + " | ".join(f"{c:<24}" for c in cells) + " |")
+        print(f"  sweep: {lines[-1]}", flush=True)
+    title = f"prefill {num_seqs} x {new}"
+    lines += ["", f"| {'config':<44} | {title:<24} |", f"|{'-' * 46}|--------------------------|"]
+    for config in PREFILL_SWEEP:
+        label = f"prefill rows {config[0]} BLOCK_N {config[1]} warps {config[2]} stages {config[3]}"
+        if time.perf_counter() > deadline:
+            lines.append(f"| {label:<44} | skipped: out of time budget")
+            continue
+        tk.PREFILL_CONFIG["half"] = [(None, *config)]
+        try:
+            def fn():
+                return tk.paged_attention(q, pool.k_cache, pool.v_cache, pool.block_tables, pool.seq_lens, starts,
+                                          SCALE, new, new)
+            bad = "" if rel_err(fn(), prefill_ref) < BF16_TOLERANCE else " WRONG"
+            ms = bench(fn, quick)
+            cell = f"{ms:.3f} ms {prefill_flops / ms / 1e9:4.0f} TFLOP/s{bad}"
+        except Exception as e:
+            cell = f"failed: {type(e).__name__}: {str(e)[:60]}"
+        finally:
+            tk.PREFILL_CONFIG["half"] = default_prefill
+        lines.append(f"| {label:<44} | {cell:<24} |")
+        print(f"  sweep: {lines[-1]}", flush=True)
+    return "\n".join(lines)
+
+
 def run(args) -> int:
     import triton
 
@@ -242,7 +313,13 @@ def run(args) -> int:
     name = torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE
     print(f"\n{name}, torch {torch.__version__}, triton {triton.__version__}, {str(DTYPE)[6:]}, nh {NUM_HEADS}, "
           f"nkv {NUM_KV_HEADS}, D {HEAD_DIM}; times are do_bench medians\n")
-    print(results.table())
+    print(results.table(), flush=True)
+    if not args.quick and DEVICE == "cuda":
+        deadline = args.start + args.budget - 20
+        print(f"\nLaunch-configuration sweep (block size {args.block_sizes[0]}; stops starting configs "
+              f"{args.budget - 20:.0f} s into the run):", flush=True)
+        table = sweep(tk, args.block_sizes[0], args.quick, deadline)
+        print("\n" + table)
     if results.failures:
         print(f"\nFAILED correctness checks: {', '.join(results.failures)}")
         return 1
@@ -333,6 +410,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer shapes, shorter timing")
     parser.add_argument("--block-sizes", default="16,256", help="KV block sizes to time, comma-separated")
+    parser.add_argument("--budget", type=float, default=110, help="seconds: the config sweep stops 20 s before")
     parser.add_argument("--compile-only", action="store_true", help="no GPU: compile for --arch and print resources")
     parser.add_argument("--arch", type=int, default=90, help="compute capability for --compile-only (90 = H100/H200)")
     args = parser.parse_args()
@@ -344,9 +422,9 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("benchmarks/kernels.py needs a CUDA GPU (or --compile-only)", file=sys.stderr)
         return 2
-    start = time.perf_counter()
+    args.start = time.perf_counter()
     code = run(args)
-    print(f"\ntotal {time.perf_counter() - start:.0f} s")
+    print(f"\ntotal {time.perf_counter() - args.start:.0f} s")
     return code
 
 

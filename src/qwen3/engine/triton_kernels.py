@@ -30,6 +30,27 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 
+# Launch configurations, chosen for the H100/H200 (sm_90) by reasoning and by ptxas's report (no register spills, shared
+# memory well under the 227 KiB limit; `python benchmarks/kernels.py --compile-only` prints it). Data, so that the
+# benchmark can sweep alternatives. fp32 tiles are smaller: exact fp32 dot products run on the FMA units and need more
+# registers.
+# paged_attention: rows per program (query tokens x padded group) by the largest rows one sequence needs:
+#   (most rows, rows, BLOCK_N keys per tile, num_warps, num_stages), the first entry that fits is used.
+PREFILL_CONFIG = {
+    "half": [(16, 16, 64, 4, 3), (64, 64, 64, 4, 3), (None, 128, 64, 8, 3)],
+    "fp32": [(16, 16, 16, 4, 2), (None, 64, 16, 8, 2)],
+}
+# paged_decode_attention: (BLOCK_N keys per tile, num_warps, num_stages). With num_stages 3 the pipeliner fetches the
+# block-table entries two tiles ahead and K/V one tile ahead, so a tile's address is ready when its load is issued.
+DECODE_CONFIG = {"half": (64, 4, 3), "fp32": (16, 4, 2)}
+
+
+def _prefill_config(rows_needed: int, fp32: bool) -> tuple[int, int, int, int]:
+    for most, rows, block_n, num_warps, num_stages in PREFILL_CONFIG["fp32" if fp32 else "half"]:
+        if most is None or rows_needed <= most:
+            return rows, block_n, num_warps, num_stages
+    raise AssertionError("PREFILL_CONFIG must end with a catch-all entry")
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # store_kv
@@ -40,16 +61,15 @@ def _store_kv_kernel(
     k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
     stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,
     stride_c_block, stride_c_off, stride_c_head,
-    block_size, num_kv_heads,
-    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    num_kv_heads,
+    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + tok).to(tl.int64)
     heads = tl.arange(0, BLOCK_H)[:, None]
     dims = tl.arange(0, BLOCK_D)[None, :]
     mask = (heads < num_kv_heads) & (dims < HEAD_DIM) & (slot >= 0)  # slot < 0: a padding row, nothing written
-    block = slot // block_size
-    dst = block * stride_c_block + (slot - block * block_size) * stride_c_off + heads * stride_c_head + dims
+    dst = (slot // BLOCK_SIZE) * stride_c_block + (slot % BLOCK_SIZE) * stride_c_off + heads * stride_c_head + dims
     k = tl.load(k_ptr + tok * stride_k_tok + heads * stride_k_head + dims, mask=mask)
     v = tl.load(v_ptr + tok * stride_v_tok + heads * stride_v_head + dims, mask=mask)
     tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
@@ -71,8 +91,8 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         k, v, k_cache, v_cache, slot_mapping,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        k_cache.shape[1], nkv,
-        HEAD_DIM=d, BLOCK_H=triton.next_power_of_2(nkv), BLOCK_D=triton.next_power_of_2(d),
+        nkv,
+        BLOCK_SIZE=k_cache.shape[1], HEAD_DIM=d, BLOCK_H=triton.next_power_of_2(nkv), BLOCK_D=triton.next_power_of_2(d),
         num_warps=4,
     )
 
@@ -88,8 +108,7 @@ def _paged_prefill_kernel(
     qk_scale, num_seqs,
     stride_q_tok, stride_q_head, stride_o_tok, stride_o_head,
     stride_c_block, stride_c_off, stride_c_head, stride_bt_seq,
-    block_size,
-    G: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, G: tl.constexpr, HEAD_DIM: tl.constexpr,
     G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
@@ -119,7 +138,7 @@ def _paged_prefill_kernel(
     rows = tl.arange(0, BLOCK_M)
     q_idx = q_block_local * BLOCK_Q + rows // G_PAD  # query index within the sequence
     g = rows % G_PAD
-    head = kv_head * G + g
+    head = (kv_head * G + g).to(tl.int64)
     row_valid = (q_idx < q_len) & (g < G)
     q_pos = context_len + q_idx
     dims = tl.arange(0, BLOCK_D)
@@ -139,8 +158,8 @@ def _paged_prefill_kernel(
     for start_n in range(0, kv_end, BLOCK_N):
         k_pos = start_n + tl.arange(0, BLOCK_N)
         k_valid = k_pos < kv_end
-        block = tl.load(block_table + k_pos // block_size, mask=k_valid, other=0).to(tl.int64)
-        kv_off = block * stride_c_block + (k_pos % block_size) * stride_c_off + kv_head * stride_c_head
+        block = tl.load(block_table + k_pos // BLOCK_SIZE, mask=k_valid, other=0).to(tl.int64)
+        kv_off = block * stride_c_block + (k_pos % BLOCK_SIZE) * stride_c_off + kv_head * stride_c_head
         k = tl.load(k_cache_ptr + kv_off[None, :] + dims[:, None],
                     mask=k_valid[None, :] & d_valid[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
         s = tl.dot(q, k, input_precision=INPUT_PRECISION) * qk_scale
@@ -186,23 +205,18 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     g = nh // nkv
     g_pad = triton.next_power_of_2(g)
     fp32 = q.dtype == torch.float32
-    # Rows per program (query tokens x padded group): 16 for decode-like steps, 128 (fp32: 64) for prefill. The fp32
-    # tiles are smaller because exact fp32 dot products run on the FMA units and need more registers (sizes chosen
-    # from ptxas's report for sm_90: no spills; see benchmarks/kernels.py --compile-only).
-    rows = 16 if max_query_len * g_pad <= 16 else 64 if (max_query_len * g_pad <= 64 or fp32) else 128
+    rows, block_n, num_warps, num_stages = _prefill_config(max_query_len * g_pad, fp32)
     rows = max(rows, g_pad)
     block_q = rows // g_pad
-    block_n = 16 if fp32 else 64
     grid = (n // block_q + s, nkv)
     _paged_prefill_kernel[grid](
         q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc,
         scale * LOG2E, s,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        k_cache.shape[1],
-        G=g, HEAD_DIM=d, G_PAD=g_pad, BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(d),
-        INPUT_PRECISION="ieee" if fp32 else "tf32",
-        num_warps=8 if rows >= 128 or (fp32 and rows >= 64) else 4, num_stages=2,
+        BLOCK_SIZE=k_cache.shape[1], G=g, HEAD_DIM=d, G_PAD=g_pad, BLOCK_Q=block_q, BLOCK_N=block_n,
+        BLOCK_D=triton.next_power_of_2(d), INPUT_PRECISION="ieee" if fp32 else "tf32",
+        num_warps=num_warps, num_stages=num_stages,
     )
     return out
 
@@ -218,8 +232,7 @@ def _paged_decode_split_kernel(
     qk_scale, num_splits,
     stride_q_seq, stride_q_head, stride_o_seq, stride_o_head,
     stride_c_block, stride_c_off, stride_c_head, stride_bt_seq,
-    block_size,
-    G: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, G: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, DIRECT: tl.constexpr,
 ):
@@ -234,7 +247,7 @@ def _paged_decode_split_kernel(
     end = tl.minimum(seq_len, start + tiles_per_split * BLOCK_N)  # start >= end: an empty split
 
     g = tl.arange(0, BLOCK_G)
-    head = kv_head * G + g
+    head = (kv_head * G + g).to(tl.int64)
     g_valid = g < G
     dims = tl.arange(0, BLOCK_D)
     d_valid = dims < HEAD_DIM
@@ -248,8 +261,8 @@ def _paged_decode_split_kernel(
     for start_n in range(start, end, BLOCK_N):
         k_pos = start_n + tl.arange(0, BLOCK_N)
         k_valid = k_pos < end
-        block = tl.load(block_table + k_pos // block_size, mask=k_valid, other=0).to(tl.int64)
-        kv_off = block * stride_c_block + (k_pos % block_size) * stride_c_off + kv_head * stride_c_head
+        block = tl.load(block_table + k_pos // BLOCK_SIZE, mask=k_valid, other=0).to(tl.int64)
+        kv_off = block * stride_c_block + (k_pos % BLOCK_SIZE) * stride_c_off + kv_head * stride_c_head
         k = tl.load(k_cache_ptr + kv_off[None, :] + dims[:, None],
                     mask=k_valid[None, :] & d_valid[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
         s = tl.dot(q, k, input_precision=INPUT_PRECISION) * qk_scale
@@ -328,15 +341,15 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         mid_o = torch.empty(s, nh, num_splits, d, dtype=torch.float32, device=q.device)
         mid_lse = torch.empty(s, nh, num_splits, dtype=torch.float32, device=q.device)
     block_d = triton.next_power_of_2(d)
+    block_n, num_warps, num_stages = DECODE_CONFIG["fp32" if fp32 else "half"]
     _paged_decode_split_kernel[(s, nkv, num_splits)](
         q, k_cache, v_cache, out, mid_o, mid_lse, block_tables, seq_lens,
         scale * LOG2E, num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        k_cache.shape[1],
-        G=g, HEAD_DIM=d, BLOCK_G=max(16, triton.next_power_of_2(g)), BLOCK_N=16 if fp32 else 64, BLOCK_D=block_d,
-        INPUT_PRECISION="ieee" if fp32 else "tf32", DIRECT=direct,
-        num_warps=4, num_stages=2,
+        BLOCK_SIZE=k_cache.shape[1], G=g, HEAD_DIM=d, BLOCK_G=max(16, triton.next_power_of_2(g)), BLOCK_N=block_n,
+        BLOCK_D=block_d, INPUT_PRECISION="ieee" if fp32 else "tf32", DIRECT=direct,
+        num_warps=num_warps, num_stages=num_stages,
     )
     if not direct:
         _paged_decode_reduce_kernel[(s, nh)](
