@@ -30,6 +30,7 @@ import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,36 @@ from .serving import (
 
 logger = logging.getLogger("qwen3.server")
 PAGE = Path(__file__).parent / "static" / "index.html"
+
+
+@dataclass
+class Increment:
+    """One or more consecutive engine outputs of a choice, merged (the fields the responses read)."""
+
+    new_token_ids: list[int]
+    new_text: str
+    new_logprobs: list[Any] | None
+    finished: bool
+    finish_reason: str | None
+    num_cached_tokens: int
+
+    @classmethod
+    def of(cls, out: Any) -> Increment:
+        logprobs = None if out.new_logprobs is None else list(out.new_logprobs)
+        return cls(
+            list(out.new_token_ids), out.new_text, logprobs, out.finished, out.finish_reason, out.num_cached_tokens
+        )
+
+    def extend(self, out: Any) -> None:
+        self.new_token_ids += out.new_token_ids
+        self.new_text += out.new_text
+        if out.new_logprobs is not None:
+            self.new_logprobs = (self.new_logprobs or []) + list(out.new_logprobs)
+        self.finished, self.finish_reason, self.num_cached_tokens = (
+            out.finished,
+            out.finish_reason,
+            out.num_cached_tokens,
+        )
 
 
 class _ClientGone(Exception):
@@ -189,13 +220,23 @@ class OpenAIServer:
         try:
             remaining = len(tasks)
             while remaining:
-                index, out, error = await queue.get()
-                if error is not None:
-                    raise error
-                if out is None:
-                    remaining -= 1
-                    continue
-                yield index, out
+                # Take everything that is ready and merge it per choice: when the server falls behind the engine,
+                # a chunk carries several tokens instead of the backlog growing one event per token.
+                items = [await queue.get()]
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                merged: dict[int, Increment] = {}
+                for index, out, error in items:
+                    if error is not None:
+                        raise error
+                    if out is None:
+                        remaining -= 1
+                    elif index in merged:
+                        merged[index].extend(out)
+                    else:
+                        merged[index] = Increment.of(out)
+                for index, increment in merged.items():
+                    yield index, increment
         finally:
             for task in tasks:
                 task.cancel()
