@@ -215,6 +215,9 @@ def test_line_editor_arrows_and_a_long_multi_line_paste(short_context):
     child.expect(r"\(thinking on\)")
     child.send("\x1b[A\x1b[A\r")  # two lines back: /no_think
     child.expect(r"\(thinking off\)")
+    child.send("half a line\x03")  # Ctrl-C at the prompt drops the line and keeps the chat
+    child.send("/frobnicate\r")
+    child.expect(r"\(unknown command /frobnicate; /help lists them\)")
     lines = [f"line {i}: " + "lorem ipsum " * 40 for i in range(12)]  # 12 lines, about 6,000 characters
     child.send("\x1b[200~" + "\n".join(lines) + "\x1b[201~")  # a bracketed paste, as a terminal sends it
     child.send("\r")

@@ -186,10 +186,14 @@ class ChatSession:
         if _COMMAND.fullmatch(text):
             return self.command(text)
         self.history.append({"role": "user", "content": text})
-        prompt_ids = self.fit()
-        if prompt_ids is None:
+        try:
+            prompt_ids = self.fit()
+        except KeyboardInterrupt:  # Ctrl-C while encoding a long history: drop the turn, keep the chat
+            self.history.pop()
+            self.say("\n(interrupted)")
             return True
-        self.answer(prompt_ids)
+        if prompt_ids is not None:
+            self.answer(prompt_ids)
         return True
 
     def command(self, name: str) -> bool:
