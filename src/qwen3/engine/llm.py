@@ -114,7 +114,8 @@ class LLM:
         max_model_len = max_model_len or limit
         kind = "cuda" if self.device.type == "cuda" else "cpu"
         block_size = block_size or DEFAULT_BLOCK_SIZE[kind]
-        max_num_batched_tokens = max_num_batched_tokens or DEFAULT_BATCHED_TOKENS[kind]
+        # The packed row of a step may not be longer than the RoPE table (model.hidden_states checks T against it).
+        max_num_batched_tokens = min(max_num_batched_tokens or DEFAULT_BATCHED_TOKENS[kind], limit)
         eos = tuple(self.tokenizer.eos_token_ids) if self.tokenizer is not None else self._eos_ids
         self.kernels = kernels_for(self.device)
 
@@ -147,6 +148,7 @@ class LLM:
         self._arrival = itertools.count()
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self.last_step_tokens = (0, 0)
 
     @property
     def max_model_len(self) -> int:
@@ -277,9 +279,12 @@ class LLM:
         batch = self.scheduler.schedule()
         for seq in batch.preempted:
             self.sampler.release(seq)
+        self.last_step_tokens = (0, 0)
         if not batch:
             return []
         logits, sampling = self.runner.run(batch)
+        decodes = sum(1 for seq in sampling if seq.num_computed_tokens >= seq.num_prompt_tokens)
+        self.last_step_tokens = (batch.num_tokens - decodes, decodes)  # (prefill, decode), for the progress bar
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             seq.num_computed_tokens += n
             self.block_manager.register_full_blocks(seq)
@@ -345,29 +350,21 @@ class LLM:
         try:
             while self.scheduler.has_work():
                 started = time.perf_counter()
-                prefill_before, decode_before = self._token_counts(seqs)
                 self.step()
-                seconds = time.perf_counter() - started
-                prefill_after, decode_after = self._token_counts(seqs)
-                finished = sum(s.finished for s in seqs)
-                bar.update(finished - done)
-                done = finished
-                if use_tqdm and seconds > 0:
-                    bar.set_postfix(prefill=f"{(prefill_after - prefill_before) / seconds:.0f} tok/s",
-                                    decode=f"{(decode_after - decode_before) / seconds:.0f} tok/s", refresh=False)
+                seconds = max(time.perf_counter() - started, 1e-9)
+                if use_tqdm:
+                    finished = sum(s.finished for s in seqs)
+                    bar.update(finished - done)
+                    done = finished
+                    prefill, decode = self.last_step_tokens
+                    bar.set_postfix(prefill=f"{prefill / seconds:.0f} tok/s", decode=f"{decode / seconds:.0f} tok/s",
+                                    refresh=False)  # fmt: skip
         finally:
             bar.close()
             for seq in seqs:  # an interrupt or an error: leave no request behind holding blocks
                 if not seq.finished:
                     self.abort(seq)
         return [self.output(seq) for seq in seqs]
-
-    @staticmethod
-    def _token_counts(seqs: list[Sequence]) -> tuple[int, int]:
-        """Prompt tokens computed and output tokens produced so far (for the progress bar)."""
-        prefill = sum(min(s.num_computed_tokens, s.num_prompt_tokens) if not s.finished else s.num_prompt_tokens
-                      for s in seqs)  # fmt: skip
-        return prefill, sum(s.num_output_tokens for s in seqs)
 
     def output(self, seq: Sequence) -> RequestOutput:
         """The RequestOutput of a finished sequence."""
