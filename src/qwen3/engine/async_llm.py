@@ -152,8 +152,8 @@ class AsyncLLM:
         if stream is None:
             return
         self.llm.abort(stream.seq)
+        self._end(request_id)  # before the last output goes out: its consumer may reuse the id at once
         stream.send(delta(stream.seq))
-        self._end(request_id)
 
     def _drain_inbox(self) -> bool:
         """Apply queued adds and aborts; False once asked to stop."""
@@ -185,13 +185,13 @@ class AsyncLLM:
             except Exception as error:  # noqa: BLE001 - fail the requests in flight, keep serving new ones
                 for request_id, stream in list(self._streams.items()):
                     self.llm.abort(stream.seq)
-                    stream.send(error)
                     self._end(request_id)
+                    stream.send(error)
                 continue
             for seq in touched:
                 stream = self._streams.get(seq.request_id)
                 if stream is None:
                     continue
-                stream.send(delta(seq))
                 if seq.finished:
                     self._end(seq.request_id)
+                stream.send(delta(seq))

@@ -281,6 +281,8 @@ class LLM:
             self.sampler.release(seq)
         self.last_step_tokens = (0, 0)
         if not batch:
+            if self.scheduler.waiting and not self.scheduler.running:  # cannot happen: a request always fits alone
+                raise RuntimeError(f"engine stalled: {self.scheduler.waiting[0]} does not fit in an empty pool")
             return []
         logits, sampling = self.runner.run(batch)
         decodes = sum(1 for seq in sampling if seq.num_computed_tokens >= seq.num_prompt_tokens)
