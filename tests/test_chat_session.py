@@ -95,6 +95,18 @@ def test_fit_keeps_the_system_prompt_and_the_newest_turns(short_context):
     assert "(message not sent: " in out.getvalue()
 
 
+def test_a_tokenizer_without_chat_template_is_one_line_before_the_prompt(short_context, tmp_path, capsys, monkeypatch):
+    for path in short_context.iterdir():
+        (tmp_path / path.name).write_bytes(path.read_bytes())
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n"))
+    assert main(["chat", "--model", str(tmp_path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "no chat template" in err
+
+
 def test_unknown_commands_do_not_reach_the_model(fake_snapshot, capsys, monkeypatch):
     code, out = chat(capsys, monkeypatch, fake_snapshot, "/frobnicate\n/help\n/exit\n", "--max-new-tokens", "4")
     assert code == 0

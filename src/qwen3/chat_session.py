@@ -268,6 +268,8 @@ def run_chat(
     compile: bool = False,
 ) -> int:
     """`qwen3 chat` after loading: the banner, then the loop on standard input and output."""
+    if tok.chat_template is None:
+        raise ValueError(f"{name}: the tokenizer has no chat template, which chat needs (qwen3 generate does not)")
     color = capable_terminal()
     print(f"qwen3 chat: {name} on {model.lm_head.weight.device} ({CHAT_HELP})", flush=True)
     session = ChatSession(
