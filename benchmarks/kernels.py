@@ -5,16 +5,21 @@ tables. Each kernel's output is first checked against an fp32 computation (||out
 under 1e-2), including a CUDA-graph replay of the decode kernel with new seq_lens; then kernel and reference are timed
 with triton.testing.do_bench (median; it flushes the L2 cache between runs). GB/s is the bytes each kernel must move
 (every K/V byte of the context read once, q read, out written) over its time; the H200's device-to-device copy
-reaches about 4.3 TB/s. The reference's time includes its gather, as in the engine's reference path.
+reaches about 4.3 TB/s. The reference's time includes its gather, as in the engine's reference path. Last, a sweep
+times alternative launch configurations (tile size, warps, pipeline stages) of the decode and prefill kernels, so
+that one GPU run can confirm or correct the defaults chosen by reasoning; it starts no new configuration once the
+run nears --budget seconds.
 
-    python benchmarks/kernels.py                   # on a CUDA GPU; about a minute on an H200
-    python benchmarks/kernels.py --quick           # fewer shapes, shorter timing
+    python benchmarks/kernels.py                   # on a CUDA GPU: < 2 minutes on an H200 (--budget)
+    python benchmarks/kernels.py --quick           # fewer shapes, shorter timing, no sweep
+    python benchmarks/kernels.py --results benchmarks/RESULTS.md   # also append the tables there
     python benchmarks/kernels.py --compile-only    # no GPU needed: compile every kernel variant for sm_90 with
                                                    # triton's bundled ptxas; print registers, spills, shared memory
 Exits with status 1 when a correctness check fails (after printing the whole table).
 """
 
 import argparse
+import datetime
 import importlib.util
 import math
 import os
@@ -311,15 +316,24 @@ def run(args) -> int:
     if DEVICE == "cuda" and not check_cuda_graph(tk, args.block_sizes[0], *todo["graph"]):
         results.failures.append("CUDA graph replay")
     name = torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE
-    print(f"\n{name}, torch {torch.__version__}, triton {triton.__version__}, {str(DTYPE)[6:]}, nh {NUM_HEADS}, "
-          f"nkv {NUM_KV_HEADS}, D {HEAD_DIM}; times are do_bench medians\n")
-    print(results.table(), flush=True)
+    header = (f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {name}, torch {torch.__version__}, "
+              f"triton {triton.__version__}, {str(DTYPE)[6:]}, nh {NUM_HEADS}, nkv {NUM_KV_HEADS}, D {HEAD_DIM}; "
+              "times are do_bench medians (L2 flushed)")
+    report = [header, "", results.table()]
+    print("\n" + "\n".join(report), flush=True)
     if not args.quick and DEVICE == "cuda":
         deadline = args.start + args.budget - 20
         print(f"\nLaunch-configuration sweep (block size {args.block_sizes[0]}; stops starting configs "
               f"{args.budget - 20:.0f} s into the run):", flush=True)
         table = sweep(tk, args.block_sizes[0], args.quick, deadline)
+        report += ["", f"Launch configurations (block size {args.block_sizes[0]}):", "", table]
         print("\n" + table)
+    if args.results:
+        old = args.results.read_text(encoding="utf-8") if args.results.exists() else ""
+        tmp = args.results.with_name(args.results.name + ".tmp")
+        tmp.write_text(old + "\n## Paged-attention kernels (benchmarks/kernels.py)\n\n" + "\n".join(report) + "\n",
+                       encoding="utf-8")
+        os.replace(tmp, args.results)
     if results.failures:
         print(f"\nFAILED correctness checks: {', '.join(results.failures)}")
         return 1
@@ -380,6 +394,21 @@ def compile_only(arch: int) -> int:
                     labels.append(f"paged_decode (reduce)  {tag} num_splits {splits}")
             tk.store_kv(q[:4, :nkv], q[:4, :nkv], k_cache, k_cache, lens)
             labels.append(f"store_kv               {tag}")
+    # the sweep's alternatives, on Qwen3-0.6B's shapes
+    k_cache = torch.zeros(8, 16, NUM_KV_HEADS, HEAD_DIM, dtype=torch.bfloat16)
+    q = torch.zeros(64, NUM_HEADS, HEAD_DIM, dtype=torch.bfloat16)
+    bt, lens = torch.zeros(4, 2, dtype=torch.int32), torch.ones(4, dtype=torch.int32)
+    defaults = tk.DECODE_CONFIG["half"], list(tk.PREFILL_CONFIG["half"])
+    for config in DECODE_SWEEP[1:]:
+        tk.DECODE_CONFIG["half"] = config
+        tk.paged_decode_attention(q[:4], k_cache, k_cache, bt, lens, 0.1, 1)
+        labels.append(f"sweep: decode BLOCK_N {config[0]} warps {config[1]} stages {config[2]}")
+    for config in PREFILL_SWEEP[1:]:
+        tk.PREFILL_CONFIG["half"] = [(None, *config)]
+        tk.paged_attention(q, k_cache, k_cache, bt, lens, torch.tensor([0, 1, 2, 3, 64], dtype=torch.int32), 0.1, 61,
+                           64)
+        labels.append(f"sweep: prefill rows {config[0]} BLOCK_N {config[1]} warps {config[2]} stages {config[3]}")
+    tk.DECODE_CONFIG["half"], tk.PREFILL_CONFIG["half"] = defaults
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     print(f"triton {triton.__version__}, sm_{arch}: registers / spills / shared memory of each variant\n")
     worst = 0
@@ -410,6 +439,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer shapes, shorter timing")
     parser.add_argument("--block-sizes", default="16,256", help="KV block sizes to time, comma-separated")
+    parser.add_argument("--results", type=Path, help="append the tables to this markdown file")
     parser.add_argument("--budget", type=float, default=110, help="seconds: the config sweep stops 20 s before")
     parser.add_argument("--compile-only", action="store_true", help="no GPU: compile for --arch and print resources")
     parser.add_argument("--arch", type=int, default=90, help="compute capability for --compile-only (90 = H100/H200)")
