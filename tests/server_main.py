@@ -33,7 +33,13 @@ PLAIN_TOKENS = 4000  # the demo vocabulary's added tokens (<|im_end|>, <think>, 
 class Scripted(Qwen3ForCausalLM):
     """Greedy continuation from a (position, token) -> next token table; see the module docstring."""
 
-    def __init__(self, vocab_size: int, table: dict[tuple[int, int], int], step_delay: float = 0.0) -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        table: dict[tuple[int, int], int],
+        step_delay: float = 0.0,
+        crash: set[tuple[int, int]] = frozenset(),
+    ) -> None:
         config = Qwen3Config(
             vocab_size=vocab_size,
             hidden_size=8,
@@ -46,7 +52,7 @@ class Scripted(Qwen3ForCausalLM):
             tie_word_embeddings=True,
         )
         super().__init__(config)
-        self.table, self.step_delay = table, step_delay
+        self.table, self.step_delay, self.crash = table, step_delay, crash
 
     def forward(self, input_ids, positions=None, cache=None, logits_index=None):
         logits = super().forward(input_ids, positions, cache, logits_index)  # the real attention path runs
@@ -61,25 +67,32 @@ class Scripted(Qwen3ForCausalLM):
         for b in range(index.shape[0]):
             for s, i in enumerate(index[b].tolist()):
                 position, token = int(positions[b, i]), int(input_ids[b, i])
+                if (position, token) in self.crash:
+                    raise RuntimeError(f"scripted failure at position {position}")
                 next_token = self.table.get((position, token), (token * 131 + position * 7 + 11) % PLAIN_TOKENS)
                 scripted[b, s, next_token] = 100.0
         return scripted.reshape(logits.shape)
 
 
-def build_table(tokenizer, specs: list[dict]) -> dict[tuple[int, int], int]:
+def build_table(tokenizer, specs: list[dict]) -> tuple[dict[tuple[int, int], int], set[tuple[int, int]]]:
+    """The (position, token) -> next token table, and the (position, token) pairs where the model fails: the last
+    token of a reply whose spec says "crash" (the engine step that reads it raises)."""
     ctx = ServingContext(tokenizer, "scripted", 2048, 4096)
     table: dict[tuple[int, int], int] = {}
+    crash: set[tuple[int, int]] = set()
     for spec in specs:
         request = ChatCompletionRequest.model_validate({"model": "scripted", **spec["request"]})
         prompt = tokenizer.encode(render_chat_prompt(ctx, request), allow_special=True)
-        reply = tokenizer.encode(spec["reply"], allow_special=True) + [tokenizer.im_end_id]
-        tokens = prompt + reply
+        reply = tokenizer.encode(spec["reply"], allow_special=True)
+        tokens = prompt + reply + ([] if spec.get("crash") else [tokenizer.im_end_id])
+        if spec.get("crash"):
+            crash.add((len(tokens) - 1, tokens[-1]))
         for p in range(len(prompt) - 1, len(tokens) - 1):
             key = (p, tokens[p])
             if table.get(key, tokens[p + 1]) != tokens[p + 1]:
                 raise SystemExit(f"spec conflict at position {p}: give the requests different prompt lengths")
             table[key] = tokens[p + 1]
-    return table
+    return table, crash
 
 
 def main() -> int:
@@ -101,7 +114,8 @@ def main() -> int:
         model_source, name = str(DEMO_DIR), "demo"
     else:
         specs = json.loads(args.spec.read_text()) if args.spec else []
-        model_source, name = Scripted(4096, build_table(tokenizer, specs), args.step_delay).eval(), "scripted"
+        table, crash = build_table(tokenizer, specs)
+        model_source, name = Scripted(4096, table, args.step_delay, crash).eval(), "scripted"
     llm = LLM(
         model_source,
         device="cpu",

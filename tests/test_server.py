@@ -65,7 +65,8 @@ XSS = (
     {"messages": [{"role": "user", "content": "xss"}]},
     'Look: <img src=x onerror="window.__xss=1"> and <script>window.__xss=2</script> **bold** done',
 )
-SCRIPTS = [REASONING, NO_THINK, TOOL, MALFORMED, XSS]
+CRASH = ({"messages": [{"role": "user", "content": "fail in the middle of your answer"}]}, "Half an answer, then")
+SCRIPTS = [REASONING, NO_THINK, TOOL, MALFORMED, XSS, CRASH]
 # The scripted model recognises a request by its prompt's length and last token (all a decode step sees), so
 # requests meant to get its unscripted (endless, pseudo-random) continuation use this longer prompt.
 UNSCRIPTED = [{"role": "user", "content": "Tell me a long story about " + "a dragon and a knight, " * 8}]
@@ -126,7 +127,7 @@ class Server:
 
 def scripted_server(tmp: Path, *args: str) -> Server:
     spec = tmp / "spec.json"
-    spec.write_text(json.dumps([{"request": request, "reply": reply} for request, reply in SCRIPTS]))
+    spec.write_text(json.dumps([{"request": r, "reply": reply, "crash": (r, reply) == CRASH} for r, reply in SCRIPTS]))
     return Server([sys.executable, str(HERE / "server_main.py"), "--spec", str(spec), *args], tmp)
 
 
@@ -327,6 +328,42 @@ def test_errors_have_openai_shape_and_status(server):
     with pytest.raises(openai.BadRequestError, match="maximum context length"):
         server.client().chat.completions.create(model="scripted", messages=msgs, max_tokens=100_000)
     assert httpx.get(url + "/health", timeout=10).json() == {"status": "ok"}
+
+
+def test_chat_logprobs_and_n(server, tok):
+    request, reply = REASONING
+    r = chat(server.client(), request, logprobs=True, top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    assert "".join(t.token for t in content) == reply + "<|im_end|>"  # the scripted tokens, EOS included
+    for t in content:
+        assert len(t.top_logprobs) == 2 and t.top_logprobs[0].token == t.token and t.logprob == pytest.approx(0)
+        assert t.top_logprobs[1].logprob < -50  # the script's logits: 100 for its token, 0 for the others
+    stream = chat(server.client(), {"messages": UNSCRIPTED}, n=2, max_tokens=7, temperature=0, stream=True)
+    texts, finish = {0: "", 1: ""}, {}
+    for chunk in stream:
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+            finish[c.index] = c.finish_reason or finish.get(c.index)
+    whole = chat(server.client(), {"messages": UNSCRIPTED}, max_tokens=7, temperature=0)
+    assert texts == {0: whole.choices[0].message.content, 1: whole.choices[0].message.content}
+    assert finish == {0: "length", 1: "length"}
+
+
+def test_a_failing_model_step_is_an_error_event_then_done(server):
+    request, _ = CRASH
+    with httpx.stream(
+        "POST", server.url + "/v1/chat/completions", json={"model": "scripted", "stream": True, **request}, timeout=60
+    ) as r:
+        assert r.status_code == 200
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    error = json.loads(lines[-2][6:])["error"]
+    assert error["type"] == "server_error" and "Traceback" not in lines[-2]
+    r = httpx.post(server.url + "/v1/chat/completions", json={"model": "scripted", **request}, timeout=60)
+    assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
+    # the server keeps serving
+    assert chat(server.client(), REASONING[0]).choices[0].message.content == "The answer is 42."
 
 
 def test_disconnect_aborts_and_frees_the_request(server):

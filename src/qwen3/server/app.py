@@ -261,16 +261,18 @@ class OpenAIServer:
 
         watcher = asyncio.ensure_future(disconnected())
         try:
-            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
-                watcher.cancel()
-                raise _ClientGone()
+            done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # this handler was cancelled (server shutdown)
+            task.cancel()
             watcher.cancel()
-        return task.result()
+            raise
+        if task in done:
+            watcher.cancel()
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        raise _ClientGone()
 
     # -------------------------------------------------------------------------------------------------
     # Endpoints
