@@ -31,14 +31,14 @@ run() {  # run <seconds> <name> <command...>: one part, its output in the log an
 }
 
 if [[ " $parts " == *" tests "* ]]; then
-  run 240 tests python3 -m pytest -q -x -p no:cacheprovider tests/test_triton_kernels.py tests/test_engine.py \
+  run 150 tests python3 -m pytest -q -x -p no:cacheprovider tests/test_triton_kernels.py tests/test_engine.py \
     tests/test_kernels.py -k "cuda or gpu or triton or graph or kernel" -rs
 fi
 if [[ " $parts " == *" kernels "* ]]; then
-  run 150 kernels python3 benchmarks/kernels.py
+  run 130 kernels python3 benchmarks/kernels.py
 fi
 if [[ " $parts " == *" throughput "* ]]; then
-  run 300 throughput python3 benchmarks/throughput.py --results "$OUT/results.md"
+  run 280 throughput python3 benchmarks/throughput.py --results "$OUT/results.md"
 fi
 if [[ " $parts " == *" serve "* ]]; then
   run 240 serve python3 benchmarks/serve.py --results "$OUT/results.md"
