@@ -274,6 +274,7 @@ class LLM:
     # -------------------------------------------------------------------------------------------
     # The step
 
+    @torch.inference_mode()
     def step(self) -> list[Sequence]:
         """One scheduled forward and sampling; returns the sequences that got a token (finished ones included)."""
         batch = self.scheduler.schedule()
