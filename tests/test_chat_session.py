@@ -212,7 +212,8 @@ def spawn_chat(directory, *flags: str):
     pexpect = pytest.importorskip("pexpect")
     env = {**os.environ, "TERM": "xterm", "PROMPT_TOOLKIT_NO_CPR": "1"}
     argv = ["-m", "qwen3.cli", "chat", "--model", str(directory), "--temperature", "0", *flags]
-    return pexpect.spawn(sys.executable, argv, encoding="utf-8", timeout=120, env=env, dimensions=(40, 200))
+    return pexpect.spawn(sys.executable, argv, encoding="utf-8", codec_errors="replace", timeout=120, env=env,
+                         dimensions=(40, 200))  # fmt: skip
 
 
 def test_line_editor_arrows_and_a_long_multi_line_paste(short_context):
@@ -230,6 +231,8 @@ def test_line_editor_arrows_and_a_long_multi_line_paste(short_context):
     child.send("half a line\x03")  # Ctrl-C at the prompt drops the line and keeps the chat
     child.send("/frobnicate\r")
     child.expect(r"\(unknown command /frobnicate; /help lists them\)")
+    os.write(child.child_fd, b"caf\xe9 \xff\r")  # bytes that are not UTF-8: answered, not a TypeError
+    child.expect(STATS)
     lines = [f"line {i}: " + "lorem ipsum " * 40 for i in range(12)]  # 12 lines, about 6,000 characters
     child.send("\x1b[200~" + "\n".join(lines) + "\x1b[201~")  # a bracketed paste, as a terminal sends it
     child.send("\r")
