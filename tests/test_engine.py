@@ -424,3 +424,18 @@ def test_pool_sized_from_gpu_memory(cuda_model):
     assert 0 < llm.pool.kv.numel() * llm.pool.kv.element_size() < 0.2 * total
     out = llm.generate([[1, 2, 3]], SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True), use_tqdm=False)
     assert len(out[0].token_ids) == 5
+
+
+def test_llm_from_a_checkpoint_directory(fake_snapshot, tok):
+    """A directory source: weights, tokenizer and EOS ids from its files; text prompts in, text out."""
+    llm = LLM(fake_snapshot, max_num_seqs=4, kv_cache_tokens=1024)
+    assert llm.tokenizer is not None and llm.config.eos_token_ids == tuple(tok.eos_token_ids)
+    assert llm.device.type == "cpu" and llm.dtype == torch.float32 and llm.max_model_len == 1024
+    outs = llm.generate(["Hello there", "A second prompt"], SamplingParams(temperature=0.0, max_tokens=6),
+                        use_tqdm=False)  # fmt: skip
+    for prompt, out in zip(["Hello there", "A second prompt"], outs, strict=True):
+        assert out.prompt == prompt and out.prompt_token_ids == tok.encode(prompt, allow_special=True)
+        ids = out.token_ids[:-1] if out.finish_reason == "stop" else out.token_ids
+        assert out.text == tok.decode(ids)
+        assert out.token_ids == reference(llm.model, out.prompt_token_ids, 6)[: len(out.token_ids)]
+    llm.block_manager.check_all_free()
