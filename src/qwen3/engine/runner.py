@@ -54,6 +54,48 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[Tensor, list[Sequence]]:
         """Feed the batch's new tokens; logits (S', V) for the S' sequences that sample this step, and those."""
+        seqs, bs = batch.seqs, self.config.block_size
+        decode = batch.is_decode
+        if decode:
+            # The common step: one new token per sequence, each at its last position, every one sampling.
+            positions = [seq.num_computed_tokens for seq in seqs]
+            tokens = [seq.token_ids[-1] for seq in seqs]
+            slots = [seq.block_table[p // bs] * bs + p % bs for seq, p in zip(seqs, positions, strict=True)]
+            seq_lens = [p + 1 for p in positions]
+            starts = list(range(len(seqs) + 1))
+            logits_index, sampling = starts[:-1], list(seqs)
+        else:
+            tokens, positions, slots, seq_lens, starts, logits_index, sampling = self._pack(batch)
+        S = len(batch.seqs)
+        width = max(len(seq.block_table) for seq in batch.seqs)
+        tables = array("i")  # (S, width), row-major, zero-padded: built in C, not element by element
+        padding = array("i", [0]) * width
+        for seq in batch.seqs:
+            tables.extend(seq.block_table)
+            tables.extend(padding[: width - len(seq.block_table)])
+
+        bucket = next((b for b in self.graphs if b >= S), None) if decode else None  # ascending (see capture)
+        if bucket is not None:
+            return self._replay(bucket, tokens, positions, slots, seq_lens, tables), sampling
+
+        backend = PagedAttention(
+            self.pool, self.kernels,
+            slot_mapping=self._tensor(slots),
+            block_tables=self._tensor(tables).view(S, width),
+            seq_lens=self._tensor(seq_lens),
+            query_start_loc=self._tensor(starts),
+            max_query_len=max(batch.num_new_tokens),
+            max_seq_len=max(seq_lens),
+            decode=decode,
+            num_splits=self._num_splits(S, max(seq_lens)) if decode else 1,
+        )  # fmt: skip
+        ids = self._tensor(tokens, torch.long)[None]
+        pos = self._tensor(positions, torch.long)[None]
+        index = self._tensor(logits_index, torch.long)[None]
+        return self.model(ids, pos, backend, logits_index=index)[0], sampling
+
+    def _pack(self, batch: ScheduledBatch) -> tuple[list[int], ...]:
+        """Tokens, positions, slots, seq_lens, query starts, logits indices and sampling sequences of any batch."""
         bs = self.config.block_size
         tokens: list[int] = []
         positions: list[int] = []
@@ -75,34 +117,7 @@ class ModelRunner:
             if end == seq.num_tokens:
                 logits_index.append(starts[-1] - 1)
                 sampling.append(seq)
-        S = len(batch.seqs)
-        width = max(len(seq.block_table) for seq in batch.seqs)
-        tables = array("i")  # (S, width), row-major, zero-padded: built in C, not element by element
-        padding = array("i", [0]) * width
-        for seq in batch.seqs:
-            tables.extend(seq.block_table)
-            tables.extend(padding[: width - len(seq.block_table)])
-
-        decode = batch.is_decode and len(sampling) == S
-        bucket = next((b for b in sorted(self.graphs) if b >= S), None) if decode else None
-        if bucket is not None:
-            return self._replay(bucket, tokens, positions, slots, seq_lens, tables), sampling
-
-        backend = PagedAttention(
-            self.pool, self.kernels,
-            slot_mapping=self._tensor(slots),
-            block_tables=self._tensor(tables).view(S, width),
-            seq_lens=self._tensor(seq_lens),
-            query_start_loc=self._tensor(starts),
-            max_query_len=max(batch.num_new_tokens),
-            max_seq_len=max(seq_lens),
-            decode=decode,
-            num_splits=self._num_splits(S, max(seq_lens)) if decode else 1,
-        )  # fmt: skip
-        ids = self._tensor(tokens, torch.long)[None]
-        pos = self._tensor(positions, torch.long)[None]
-        index = self._tensor(logits_index, torch.long)[None]
-        return self.model(ids, pos, backend, logits_index=index)[0], sampling
+        return tokens, positions, slots, seq_lens, starts, logits_index, sampling
 
     # -------------------------------------------------------------------------------------------
     # CUDA graphs
@@ -140,6 +155,7 @@ class ModelRunner:
                     memory_pool = graph.pool()
                 self.graphs[size] = (graph, logits)
                 torch.cuda.synchronize()
+        self.graphs = dict(sorted(self.graphs.items()))  # smallest bucket first, for the lookup in run
 
     def _replay(self, bucket: int, tokens: list[int], positions: list[int], slots: list[int], seq_lens: list[int],
                 tables: array) -> Tensor:  # fmt: skip

@@ -29,11 +29,12 @@ class ScheduledBatch:
     seqs: list[Sequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    num_decodes: int = 0  # sequences feeding their one last token (and so sampling)
 
     @property
     def is_decode(self) -> bool:
-        """One query per sequence: the decode attention kernel and the CUDA graphs apply."""
-        return all(n == 1 for n in self.num_new_tokens)
+        """Every sequence feeds its last token and samples: the decode kernel and the CUDA graphs apply."""
+        return self.num_decodes == len(self.seqs)
 
     @property
     def num_tokens(self) -> int:
@@ -113,4 +114,5 @@ class Scheduler:
             bisect.insort(self.running, seq, key=lambda s: s.arrival)
             batch[seq] = n
             budget -= n
-        return ScheduledBatch(list(batch), list(batch.values()), preempted)
+        decodes = sum(1 for seq, n in batch.items() if n == 1 and seq.num_tokens - seq.num_computed_tokens == 1)
+        return ScheduledBatch(list(batch), list(batch.values()), preempted, decodes)
