@@ -228,7 +228,7 @@ def test_tool_calls_non_stream_and_stream(server):
     assert list(calls) == [0] and calls[0]["name"] == "get_weather" and calls[0]["id"].startswith("chatcmpl-tool-")
     assert json.loads(calls[0]["arguments"]) == {"city": "Paris"}
     # tool_choice "none": the tags stay text
-    r = client.chat.completions.create(model="scripted", tool_choice="none", **_chat_kwargs(request))
+    r = client.chat.completions.create(model="scripted", tool_choice="none", max_tokens=12, **_chat_kwargs(request))
     assert not r.choices[0].message.tool_calls and r.choices[0].finish_reason != "tool_calls"
 
 
