@@ -15,6 +15,7 @@ from conftest import make_reference
 from qwen3.engine import LLM
 from qwen3.engine.attention import REFERENCE, KVPool, PagedAttention, paged_attention, paged_decode_attention, store_kv
 from qwen3.engine.block_manager import BlockManager
+from qwen3.engine.runner import ModelRunner
 from qwen3.engine.sampler import filter_rows, seeded_exponential
 from qwen3.engine.sequence import Sequence
 from qwen3.model import KVCache
@@ -369,6 +370,39 @@ def test_abort_frees_blocks(model):
         llm.abort(seq)
     llm.block_manager.check_all_free()
     assert not llm.scheduler.has_work()
+
+
+def test_graph_bookkeeping_on_cpu(model, monkeypatch):
+    """The CUDA-graph path's static buffers, bucket choice, padding rows and LM head after the replay, run on the
+    CPU: a stand-in 'graph' re-runs the recorded forward on replay (the reference kernels rebuild their gather
+    plan each time, where a real graph's Triton kernels read seq_lens on the device)."""
+
+    class Replayer:
+        def __init__(self, forward):
+            self.forward = forward
+            forward()  # the warm-up run, as _record does
+
+        def replay(self):
+            self.forward.__defaults__[1]._layout = None  # the backend the forward closes over
+            self.forward()
+
+        def pool(self):
+            return None
+
+    monkeypatch.setattr(ModelRunner, "_record", staticmethod(lambda forward, memory_pool: Replayer(forward)))
+    prompts = random_prompts([3, 9, 17, 30, 5, 12, 1, 25, 8, 2, 19], seed=22)
+    params = [SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=3 + 2 * (i % 5)) for i in range(len(prompts))]
+    llm = engine(model, max_num_seqs=16)
+    llm.runner.capture_graphs()
+    assert list(llm.runner.graphs) == [1, 2, 4, 8, 16]
+    replays = []
+    replay = llm.runner._replay
+    llm.runner._replay = lambda bucket, *args: replays.append(bucket) or replay(bucket, *args)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert {16, 8, 4}.issubset(replays)  # 11 sequences pad to 16, then the batch shrinks
+    for prompt, p, out in zip(prompts, params, outs, strict=True):
+        assert out.token_ids == reference(model, prompt, p.max_tokens)
+    llm.block_manager.check_all_free()
 
 
 # ---------------------------------------------------------------------------------------------------

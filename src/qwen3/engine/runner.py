@@ -16,6 +16,7 @@ split count depend only on the bucket. Prefill and mixed steps run eagerly. The 
 from __future__ import annotations
 
 from array import array
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import torch
@@ -33,7 +34,7 @@ class ModelRunner:
         self.model, self.config, self.pool, self.kernels = model, config, pool, kernels
         self.device = config.device
         self.pin = self.device.type == "cuda"
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         if self.device.type == "cuda" and not config.enforce_eager and kernels.name != "reference":
             self.capture_graphs()
 
@@ -123,7 +124,9 @@ class ModelRunner:
     # CUDA graphs
 
     def capture_graphs(self) -> None:
-        """Record one decode forward per bucket, largest first, into one memory pool."""
+        """Record one decode forward per bucket, largest first, into one memory pool. A graph ends at the final
+        hidden states, copied into one static buffer that all buckets share; the LM head runs after the replay,
+        on the real rows only (a graph's own output would stay allocated, V wide, for every bucket)."""
         buckets = self.config.graph_buckets()
         largest, max_blocks = buckets[-1], self.config.max_blocks_per_seq
         device = self.device
@@ -132,7 +135,8 @@ class ModelRunner:
         self.g_slots = torch.full((largest,), -1, dtype=torch.int32, device=device)
         self.g_seq_lens = torch.zeros(largest, dtype=torch.int32, device=device)
         self.g_tables = torch.zeros(largest, max_blocks, dtype=torch.int32, device=device)
-        self.g_index = torch.arange(largest, device=device)[None]
+        hidden_size = self.model.config.hidden_size
+        self.g_hidden = torch.zeros(largest, hidden_size, dtype=self.config.dtype, device=device)  # graph output
         starts = torch.arange(largest + 1, dtype=torch.int32, device=device)
         memory_pool = None
         with torch.inference_mode():
@@ -143,19 +147,23 @@ class ModelRunner:
                     num_splits=self._num_splits(size, self.config.max_model_len),
                 )  # fmt: skip
 
-                def forward(size: int = size, backend: PagedAttention = backend) -> Tensor:
-                    return self.model(self.g_tokens[None, :size], self.g_positions[None, :size], backend,
-                                      logits_index=self.g_index[:, :size])[0]  # fmt: skip
+                def forward(size: int = size, backend: PagedAttention = backend) -> None:
+                    tokens, positions = self.g_tokens[None, :size], self.g_positions[None, :size]
+                    self.g_hidden[:size].copy_(self.model.hidden_states(tokens, positions, backend)[0])
 
-                forward()  # warm-up: Triton compiles, the allocator settles
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=memory_pool):
-                    logits = forward()
-                if memory_pool is None:
-                    memory_pool = graph.pool()
-                self.graphs[size] = (graph, logits)
-                torch.cuda.synchronize()
+                self.graphs[size] = self._record(forward, memory_pool)
+                memory_pool = self.graphs[size].pool()
         self.graphs = dict(sorted(self.graphs.items()))  # smallest bucket first, for the lookup in run
+
+    @staticmethod
+    def _record(forward: Callable[[], None], memory_pool: tuple | None) -> torch.cuda.CUDAGraph:
+        """Warm up (Triton compiles, the allocator settles), then capture `forward` into a CUDA graph."""
+        forward()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=memory_pool):
+            forward()
+        torch.cuda.synchronize()
+        return graph
 
     def _replay(self, bucket: int, tokens: list[int], positions: list[int], slots: list[int], seq_lens: list[int],
                 tables: array) -> Tensor:  # fmt: skip
@@ -167,6 +175,5 @@ class ModelRunner:
         self.g_slots[:bucket].copy_(self._tensor(slots + [-1] * pad), non_blocking=True)
         self.g_seq_lens[:bucket].copy_(self._tensor(seq_lens + [0] * pad), non_blocking=True)
         self.g_tables[:S, :width].copy_(self._tensor(tables).view(S, width), non_blocking=True)
-        graph, logits = self.graphs[bucket]
-        graph.replay()
-        return logits[:S]
+        self.graphs[bucket].replay()
+        return self.model.lm_head(self.g_hidden[:S])  # (S, V), eagerly: only the real rows
