@@ -98,7 +98,7 @@ def test_qwen3_batch_command(tmp_path):
                                              "max_tokens": 5}) + "\n"
     )  # fmt: skip
     out = tmp_path / "results.jsonl"
-    command = [sys.executable, "-m", "qwen3.server.cli", "batch", "-i", str(requests), "-o", str(out), "--model",
+    command = [sys.executable, "-m", "qwen3.cli", "batch", "-i", str(requests), "-o", str(out), "--model",
                "demo", "--device", "cpu", "--max-model-len", "256", "--max-num-seqs", "8"]  # fmt: skip
     run = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]

@@ -448,7 +448,7 @@ def demo_server(tmp_path_factory):
         [
             sys.executable,
             "-m",
-            "qwen3.server.cli",
+            "qwen3.cli",
             "serve",
             "--model",
             "demo",

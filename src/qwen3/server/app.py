@@ -514,19 +514,8 @@ class _Server(uvicorn.Server):
         self.should_exit = True  # not re-raised afterwards (uvicorn's default): a drained server exits 0
 
 
-def run_server(
-    app: FastAPI,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    *,
-    drain_timeout: float = 30.0,
-    banner: str = "qwen3 serve: listening on {url}",
-    log_level: str = "warning",
-) -> int:
-    """Serve `app` until SIGTERM or Ctrl-C, then drain in-flight requests (bounded) and return 0.
-
-    The socket is bound here, so `port=0` picks a free port and the banner line shows the real one.
-    """
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (port 0: a free one); OSError naming the address if it is taken."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -535,12 +524,31 @@ def run_server(
     except OSError as e:
         sock.close()
         raise OSError(f"cannot listen on {host}:{port}: {e.strerror}") from e
-    bound = sock.getsockname()[1]
-    shown = f"[{host}]" if family == socket.AF_INET6 else host
+    return sock
+
+
+def run_server(
+    app: FastAPI,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    sock: socket.socket | None = None,
+    drain_timeout: float = 30.0,
+    banner: str = "qwen3 serve: listening on {url}",
+    log_level: str = "warning",
+) -> int:
+    """Serve `app` until SIGTERM or Ctrl-C, then drain in-flight requests (bounded) and return 0.
+
+    The socket is bound here (or given, already bound), so `port=0` picks a free port and the banner line shows
+    the real one.
+    """
+    sock = sock or bind_socket(host, port)
+    address = sock.getsockname()
+    shown = f"[{address[0]}]" if sock.family == socket.AF_INET6 else address[0]
     config = uvicorn.Config(
         app, log_level=log_level, timeout_graceful_shutdown=drain_timeout, access_log=False, lifespan="on"
     )
-    server = _Server(config, banner.format(url=f"http://{shown}:{bound}"))
+    server = _Server(config, banner.format(url=f"http://{shown}:{address[1]}"))
     try:
         server.run(sockets=[sock])
     finally:

@@ -75,14 +75,16 @@ def add_subcommands(sub: Any) -> None:
     p.set_defaults(func=cmd_batch)
 
 
+def _missing_extra(e: ImportError) -> int:
+    print(f"qwen3: error: this command needs the serve extra ({e}): pip install 'qwen3[serve]'", file=sys.stderr)
+    return 2
+
+
 def build_engine(args: argparse.Namespace) -> tuple[Any, Any]:
     """The engine (`qwen3.LLM`) for the flags and the ServingContext describing it."""
-    try:
-        from .serving import ServingContext
-    except ImportError as e:  # pragma: no cover - depends on the install
-        raise RuntimeError(f"{e}; install the serve extra: pip install 'qwen3[serve]'") from e
     from ..engine import LLM
     from ..hub import MODEL_FILES, TOKENIZER_FILES, resolve_source
+    from .serving import ServingContext
 
     directory = resolve_source(args.model, sorted(set(MODEL_FILES + TOKENIZER_FILES)))
     dtype = None if args.dtype == "auto" else args.dtype
@@ -103,21 +105,31 @@ def build_engine(args: argparse.Namespace) -> tuple[Any, Any]:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        from .app import create_app, run_server
+        from .app import bind_socket, create_app, run_server
     except ImportError as e:
-        raise RuntimeError(f"qwen3 serve needs the serve extra ({e}): pip install 'qwen3[serve]'") from e
+        return _missing_extra(e)
     from ..engine import AsyncLLM
 
-    llm, ctx = build_engine(args)
-    app = create_app(
-        AsyncLLM(llm), ctx, api_keys=args.api_key, max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting
-    )
+    if args.max_waiting is not None and args.max_waiting < 0:
+        raise ValueError(f"--max-waiting: must be >= 0, found {args.max_waiting}")
+    sock = bind_socket(args.host, args.port)  # a busy port fails now, not after the model has loaded
+    try:
+        llm, ctx = build_engine(args)
+        app = create_app(
+            AsyncLLM(llm), ctx, api_keys=args.api_key, max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting
+        )
+    except BaseException:
+        sock.close()
+        raise
     banner = f"qwen3 serve: {ctx.model_name} on {{url}} (chat page at /, OpenAI API at /v1)"
-    return run_server(app, args.host, args.port, drain_timeout=args.drain_timeout, banner=banner)
+    return run_server(app, sock=sock, drain_timeout=args.drain_timeout, banner=banner)
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    from .batch import run_batch_file
+    try:
+        from .batch import run_batch_file
+    except ImportError as e:
+        return _missing_extra(e)
 
     if not args.input.is_file():
         raise FileNotFoundError(f"{args.input}: no such file")
