@@ -8,8 +8,9 @@ Throughput = sum of max_tokens / wall time.
     python benchmarks/throughput.py                        # CUDA: random-init Qwen3-0.6B in bf16
     python benchmarks/throughput.py --device cpu           # CPU: the demo model, engine vs one generate per request
 
-The padded generate and transformers are much slower than the engine, so they run on the first `--peer-requests`
-requests of the same workload (64 by default; the engine runs that subset too, for a like-for-like ratio).
+The padded generate and transformers are much slower than the engine, so they run on `--peer-requests` other
+requests drawn the same way (64 by default, seed 2; the engine runs them too, for a like-for-like ratio). Time to
+first token is measured on a third draw (seed 1), all requests arriving at once, so no prefix-cache hit flatters it.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ import time
 from pathlib import Path
 
 import torch
-from qwen3.engine import LLM, AsyncLLM
 
 import qwen3
+from qwen3.engine import LLM, AsyncLLM
 from qwen3.sampling import SamplingParams
 
 
@@ -112,7 +113,7 @@ def run_transformers(directory: Path, prompts, max_tokens, temperature, device, 
     """transformers' continuous batching manager (the machinery behind generate_batch), per-request max_new_tokens."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation="sdpa_paged").to(device)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation="paged|sdpa").to(device)
     config = GenerationConfig(do_sample=True, temperature=temperature, max_new_tokens=max(max_tokens),
                               eos_token_id=-1, pad_token_id=0)  # fmt: skip
     manager = model.init_continuous_batching(generation_config=config)
@@ -156,7 +157,11 @@ def main() -> None:
     else:  # the same shape of workload, scaled to a 2-core CPU and the demo model's 1,024-token context
         num, peers, lo, hi, max_model_len, dtype = 16, 16, 10, 100, 1024, torch.float32
     num, peers = args.requests or num, args.peer_requests or peers
-    prompts, max_tokens = workload(num, lo, hi, vocab=10000 if cuda else 4095)  # the demo's vocabulary is 4,096
+    vocab = 10000 if cuda else 4095  # the demo's vocabulary is 4,096
+    prompts, max_tokens = workload(num, lo, hi, vocab)
+    # The TTFT pass and the peers' subset use fresh prompts (other seeds): the prefix cache must not serve them.
+    ttft_prompts, ttft_max_tokens = workload(num, lo, hi, vocab, seed=1)
+    peer_prompts, peer_max_tokens = workload(peers, lo, hi, vocab, seed=2)
 
     with tempfile.TemporaryDirectory() as tmp:
         if cuda:
@@ -176,26 +181,26 @@ def main() -> None:
         rows = []
         full = run_engine(llm, prompts, max_tokens, temperature, args.device)
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
-        ttft = engine_ttft(llm, prompts, max_tokens, temperature)
+        ttft = engine_ttft(llm, ttft_prompts, ttft_max_tokens, temperature)
         pool_tokens = llm.num_kv_cache_tokens if hasattr(llm, "num_kv_cache_tokens") else None
         mean_len = statistics.mean(len(q) + n for q, n in zip(prompts, max_tokens, strict=True))
         rows.append((f"qwen3.LLM, {num} requests", full, ttft))
-        subset = run_engine(llm, prompts[:peers], max_tokens[:peers], temperature, args.device)
-        rows.append((f"qwen3.LLM, first {peers}", subset, None))
+        subset = run_engine(llm, peer_prompts, peer_max_tokens, temperature, args.device)
+        rows.append((f"qwen3.LLM, {peers} others", subset, None))
         del llm
         if not args.skip_padded:
             if cuda:
-                padded = run_padded_generate(model, prompts[:peers], max_tokens[:peers], temperature, args.device,
+                padded = run_padded_generate(model, peer_prompts, peer_max_tokens, temperature, args.device,
                                              args.padded_batch)  # fmt: skip
-                rows.append((f"qwen3.generate, padded batches of {args.padded_batch}, first {peers}", padded, None))
+                rows.append((f"qwen3.generate, padded batches of {args.padded_batch}, the {peers}", padded, None))
             else:
-                single = run_one_by_one(model, prompts[:peers], max_tokens[:peers], temperature, args.device)
-                rows.append((f"qwen3.generate, one call per request, first {peers}", single, None))
+                single = run_one_by_one(model, peer_prompts, peer_max_tokens, temperature, args.device)
+                rows.append((f"qwen3.generate, one call per request, the {peers}", single, None))
         del model
         if cuda and not args.skip_transformers:
             try:
-                hf = run_transformers(Path(tmp), prompts[:peers], max_tokens[:peers], temperature, args.device, dtype)
-                rows.append((f"transformers continuous batching, first {peers}", hf, None))
+                hf = run_transformers(Path(tmp), peer_prompts, peer_max_tokens, temperature, args.device, dtype)
+                rows.append((f"transformers continuous batching, the {peers}", hf, None))
             except Exception as e:  # a peer failing must not lose our numbers
                 print(f"transformers continuous batching failed: {e.__class__.__name__}: {e}")
 
@@ -211,7 +216,7 @@ def main() -> None:
         "|---|---|---|---|---|---|",
     ]
     for label, r, t in rows:
-        reference = rows[0][1] if label.startswith("qwen3.LLM, ") and str(num) in label else rows[1][1]
+        reference = rows[0][1] if label == rows[0][0] else rows[1][1]
         ratio = r["tokens_per_s"] / reference["tokens_per_s"]
         ttft_text = f"{t['ttft_p50']:.2f} s / {t['ttft_p99']:.2f} s" if t else "-"
         speed = f"{r['tokens_per_s']:,.0f}"
