@@ -309,11 +309,12 @@ def copy_model(source, directory):
 def test_quantize_refuses_to_write_over_its_source(fake_snapshot, tmp_path, capsys):
     source = tmp_path / "model"
     before = copy_model(fake_snapshot, source)
-    for out in (source, tmp_path / "." / "model"):
+    (tmp_path / "link").symlink_to(source, target_is_directory=True)
+    for out in (source, tmp_path / "link", f"{source}/"):
         code, _, err = run(capsys, "quantize", "--model", str(source), "--out", str(out), "--overwrite")
         assert code == 2 and "that is the model being read" in err and err.count("\n") == 1
     assert {p.name: p.read_bytes() for p in source.iterdir()} == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "model"]
 
 
 def test_quantize_replaces_a_non_empty_out_only_with_overwrite(fake_snapshot, tmp_path, capsys):
