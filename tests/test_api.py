@@ -74,3 +74,8 @@ def test_a_forward_longer_than_the_context_is_a_clear_error(small_model):
     with pytest.raises(ValueError, match=r"17 tokens exceed"):
         small_model.hidden_states(ids)
     assert small_model(ids[:, :16]).shape == (1, 16, 96)  # the whole context is fine
+
+
+def test_a_negative_speculative_draft_is_a_clear_error(small_model):
+    with pytest.raises(ValueError, match=r"speculative: must be a number of draft tokens >= 0 \(0 = off\), found -2"):
+        qwen3.generate(small_model, [[1, 2, 3]], max_new_tokens=4, speculative=-2)

@@ -154,6 +154,8 @@ def generate_tokens(
     sampling = sampling or SamplingParams(temperature=0.0)
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens: must be >= 0, found {max_new_tokens}")
+    if speculative < 0:
+        raise ValueError(f"speculative: must be a number of draft tokens >= 0 (0 = off), found {speculative}")
     device = model.lm_head.weight.device
     ids, lengths = pad_prompts(input_ids, pad_token_id, device, model.config.vocab_size)
     B, T = ids.shape
