@@ -137,7 +137,7 @@ def test_offline_without_cache_says_so_in_one_line(tmp_path):
 
 
 def test_every_command_has_help(capsys):
-    for command in ("generate", "chat", "info", "train", "merge-lora"):
+    for command in ("generate", "chat", "info", "quantize", "train", "merge-lora", "serve", "batch"):
         with pytest.raises(SystemExit) as exit_info:
             main([command, "--help"])
         assert exit_info.value.code == 0

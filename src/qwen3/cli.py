@@ -1,4 +1,5 @@
-"""The `qwen3` command: generate, chat, info, quantize (and train / merge-lora from qwen3.train).
+"""The `qwen3` command: generate, chat, info, quantize (train / merge-lora from qwen3.train, serve / batch from
+qwen3.server).
 
 A thin layer over the library: it parses the flags, checks them all before anything is loaded (device,
 sampling, lengths: an error names the flag), resolves the model once (a directory, or a Hub id fetched with
@@ -299,7 +300,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qwen3", description="Qwen3 from scratch: generate, chat, inspect, train.")
+    parser = argparse.ArgumentParser(prog="qwen3", description="Qwen3 from scratch: generate, chat, train, serve.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("generate", help="complete a prompt (streams to stdout)", description="Complete a prompt.")
@@ -343,9 +344,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include-embedding", action="store_true", help="quantize the input embedding too")
     p.set_defaults(func=cmd_quantize)
 
-    from .train.cli import add_subcommands
+    from .server.cli import add_subcommands as add_server_commands
+    from .train.cli import add_subcommands as add_train_commands
 
-    add_subcommands(sub)
+    add_train_commands(sub)
+    add_server_commands(sub)
     return parser
 
 
