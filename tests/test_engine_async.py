@@ -106,6 +106,8 @@ def test_abort_mid_stream_and_closing_the_iterator(model):
                     engine.abort("a")
             assert outs[-1].finished and outs[-1].finish_reason == "abort"
             assert 3 <= outs[-1].num_output_tokens < 200
+            streamed = sum((o.new_token_ids for o in outs), [])
+            assert len(streamed) == outs[-1].num_output_tokens and min(streamed) >= 0
             # closing the iterator early aborts the request
             stream = engine.generate(prompts[1], long, request_id="b")
             await stream.__anext__()

@@ -62,7 +62,7 @@ class _Stream:
 
 def delta(seq: Sequence) -> StreamOutput:
     """The part of `seq` not yet streamed, and mark it streamed."""
-    tokens = seq.output_token_ids[seq.stream_tokens :]
+    tokens = seq.known_output_token_ids[seq.stream_tokens :]
     seq.stream_tokens += len(tokens)
     text, seq.stream_text = seq.stream_text, ""
     logprobs = None
@@ -70,7 +70,7 @@ def delta(seq: Sequence) -> StreamOutput:
         logprobs = seq.logprobs[seq.stream_logprobs :]
         seq.stream_logprobs = len(seq.logprobs)
     return StreamOutput(seq.request_id, tokens, text, seq.finished, seq.finish_reason, seq.prompt_token_ids,
-                        seq.num_cached_tokens or 0, seq.num_output_tokens, logprobs)  # fmt: skip
+                        seq.num_cached_tokens or 0, seq.stream_tokens, logprobs)  # fmt: skip
 
 
 class AsyncLLM:
@@ -177,7 +177,7 @@ class AsyncLLM:
             self._wake.clear()
             if not self._drain_inbox():
                 return
-            if not self.llm.scheduler.has_work():
+            if not self.llm.has_work():
                 self._wake.wait()
                 continue
             try:

@@ -39,6 +39,19 @@ from .sequence import Sequence, Status, TokenLogprob
 DEFAULT_BLOCK_SIZE = {"cuda": 16, "cpu": 16}  # vLLM's 16; CUDA: chosen by measurement pending (the lead, H200)
 DEFAULT_BATCHED_TOKENS = {"cuda": 16384, "cpu": 2048}
 CPU_RAM_SHARE = 0.25  # the CPU pool's default takes at most this share of the available memory
+PENDING = -1  # the placeholder of a sampled token that has not reached the host yet
+
+
+@dataclass
+class InFlight:
+    """A step's sampled tokens on their way to the host."""
+
+    seqs: list[Sequence]
+    rows: dict[Sequence, int]  # row of each sequence in next_ids
+    next_ids: torch.Tensor  # (S,) on the device: the next step's input tokens are read from here
+    host: list[torch.Tensor]  # ids, and the logprob tensors when asked for, on the host (pinned on CUDA)
+    event: torch.cuda.Event | None  # the copy's completion (CUDA)
+    k: int
 
 
 @dataclass
@@ -149,6 +162,7 @@ class LLM:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.last_step_tokens = (0, 0)
+        self._in_flight: InFlight | None = None
 
     @property
     def max_model_len(self) -> int:
@@ -262,8 +276,11 @@ class LLM:
         self.prompt_tokens_total += seq.num_prompt_tokens
 
     def abort(self, seq: Sequence) -> None:
-        """Stop `seq` now and free its blocks."""
+        """Stop `seq` now and free its blocks (a token still in flight for it is dropped)."""
         if seq.status is not Status.FINISHED:
+            if seq.num_pending:
+                seq.token_ids.pop()
+                seq.num_pending = 0
             self._finish(seq, "abort")
 
     def _finish(self, seq: Sequence, reason: str) -> None:
@@ -271,41 +288,89 @@ class LLM:
         self.scheduler.remove(seq)
         self.sampler.release(seq)
 
+    def has_work(self) -> bool:
+        """Requests waiting or running, or sampled tokens not yet read back."""
+        return self.scheduler.has_work() or self._in_flight is not None
+
     # -------------------------------------------------------------------------------------------
     # The step
 
     @torch.inference_mode()
     def step(self) -> list[Sequence]:
-        """One scheduled forward and sampling; returns the sequences that got a token (finished ones included)."""
+        """Launch one forward and its sampling; read back the previous step's tokens while the GPU computes.
+        Returns the sequences whose new token was read back in this call (finished ones included).
+
+        The tokens sampled in step n reach the host only during step n + 1: each sampled sequence gets a
+        placeholder token (PENDING) at once, so the scheduler can plan step n + 1 (its input token is taken
+        from the device), and the real id replaces it after step n + 1 has been launched. A sequence that
+        step n's token ends (EOS, a stop) has then run one step too many; that step's result is dropped.
+        """
         batch = self.scheduler.schedule()
         for seq in batch.preempted:
             self.sampler.release(seq)
         self.last_step_tokens = (0, 0)
+        in_flight, self._in_flight = self._in_flight, None
         if not batch:
-            if self.scheduler.waiting and not self.scheduler.running:  # cannot happen: a request always fits alone
+            if in_flight is None and self.scheduler.waiting and not self.scheduler.running:
                 raise RuntimeError(f"engine stalled: {self.scheduler.waiting[0]} does not fit in an empty pool")
-            return []
-        logits, sampling = self.runner.run(batch)
+            return self._read_back(in_flight) if in_flight is not None else []
+        logits, sampling = self.runner.run(batch, in_flight)
         decodes = sum(1 for seq in sampling if seq.num_computed_tokens >= seq.num_prompt_tokens)
         self.last_step_tokens = (batch.num_tokens - decodes, decodes)  # (prefill, decode), for the progress bar
+        touched = self._read_back(in_flight) if in_flight is not None else []  # overlaps this step's forward
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
-            seq.num_computed_tokens += n
-            self.block_manager.register_full_blocks(seq)
-        if not sampling:
-            return []
+            if not seq.finished:  # (a sequence that the previous step's token ended has no blocks any more)
+                seq.num_computed_tokens += n
+                self.block_manager.register_full_blocks(seq)  # after the read-back: no PENDING in a hash
+        live = [i for i, seq in enumerate(sampling) if not seq.finished]
+        if live:
+            if len(live) < len(sampling):
+                logits = logits[self.runner.to_device(live, torch.long)]
+                sampling = [sampling[i] for i in live]
+            self._in_flight = self._sample(logits, sampling)
+        return touched
+
+    def _sample(self, logits: torch.Tensor, sampling: list[Sequence]) -> InFlight:
+        """Sample on the device, start the copy of the ids to the host, and give each sequence a placeholder."""
         next_ids, chosen, top, k = self.sampler(logits, sampling)
-        ids = next_ids.tolist()
-        if chosen is not None:
-            chosen, top = chosen.cpu(), None if top is None else top.cpu()
-        for i, (seq, token_id) in enumerate(zip(sampling, ids, strict=True)):
+        host = [t for t in (next_ids, chosen, top) if t is not None]
+        event = None
+        if self.device.type == "cuda":
+            host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in host]
+            event = torch.cuda.Event()
+            event.record()
+        for seq in sampling:
+            seq.token_ids.append(PENDING)
+            seq.num_pending = 1
+            p = seq.params
+            if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+                seq.length_capped = True  # no further step: free its blocks now; it ends when its token arrives
+                self.scheduler.remove(seq)
+                self.sampler.release(seq)
+        return InFlight(sampling, {seq: i for i, seq in enumerate(sampling)}, next_ids, host, event, k)
+
+    def _read_back(self, in_flight: InFlight) -> list[Sequence]:
+        """Wait for a step's sampled ids on the host; put them in place of the placeholders; finish sequences."""
+        if in_flight.event is not None:
+            in_flight.event.synchronize()  # only the copy: the forward launched after it keeps running
+        ids = in_flight.host[0].tolist()
+        chosen = in_flight.host[1] if len(in_flight.host) > 1 else None
+        top = in_flight.host[2] if len(in_flight.host) > 2 else None
+        touched = []
+        for i, (seq, token_id) in enumerate(zip(in_flight.seqs, ids, strict=True)):
+            if seq.finished:  # aborted meanwhile
+                continue
             logprob = None
             if chosen is not None and seq.logprobs is not None:
                 logprob = logprobs_for_row(chosen, top, i, seq.params.logprobs, token_id)
             self._append(seq, token_id, logprob)
-        return sampling
+            touched.append(seq)
+        return touched
 
     def _append(self, seq: Sequence, token_id: int, logprob: TokenLogprob | None) -> None:
-        seq.token_ids.append(token_id)
+        assert seq.token_ids[-1] == PENDING, seq
+        seq.token_ids[-1] = token_id
+        seq.num_pending = 0
         self.generation_tokens_total += 1
         if logprob is not None:
             seq.logprobs.append(logprob)
@@ -317,7 +382,7 @@ class LLM:
             stopped = (not p.ignore_eos and token_id in self.config.eos_token_ids) or token_id in p.stop_token_ids
         if stopped:
             self._finish(seq, "stop")
-        elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        elif seq.length_capped:
             if seq.text is not None:
                 seq.stream_text += seq.text.finish()
             self._finish(seq, "stop" if seq.text is not None and seq.text.finished else "length")
@@ -351,7 +416,7 @@ class LLM:
         bar = tqdm(total=len(seqs), desc="generating", unit="req", disable=not use_tqdm, dynamic_ncols=True)
         done = 0
         try:
-            while self.scheduler.has_work():
+            while self.has_work():
                 started = time.perf_counter()
                 self.step()
                 seconds = max(time.perf_counter() - started, 1e-9)

@@ -18,6 +18,7 @@ from __future__ import annotations
 from array import array
 from collections.abc import Callable
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -27,6 +28,9 @@ from .attention import KVPool, PagedAttention
 from .config import EngineConfig
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
+
+if TYPE_CHECKING:
+    from .llm import InFlight
 
 
 class ModelRunner:
@@ -38,7 +42,7 @@ class ModelRunner:
         if self.device.type == "cuda" and not config.enforce_eager and kernels.name != "reference":
             self.capture_graphs()
 
-    def _tensor(self, values: list[int] | array, dtype: torch.dtype = torch.int32) -> Tensor:
+    def to_device(self, values: list[int] | array, dtype: torch.dtype = torch.int32) -> Tensor:
         """A host list, or a non-empty array("i") (no per-element conversion), on the device via pinned memory."""
         if isinstance(values, array):
             t = torch.frombuffer(values, dtype=torch.int32)
@@ -53,8 +57,11 @@ class ModelRunner:
         return 1 if fn is None else fn(num_seqs, self.model.num_kv_heads, max_seq_len)
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> tuple[Tensor, list[Sequence]]:
-        """Feed the batch's new tokens; logits (S', V) for the S' sequences that sample this step, and those."""
+    def run(self, batch: ScheduledBatch, in_flight: InFlight | None = None) -> tuple[Tensor, list[Sequence]]:
+        """Feed the batch's new tokens; logits (S', V) for the S' sequences that sample this step, and those.
+
+        A sequence whose last token is still in flight (a placeholder, see LLM.step) feeds it straight from the
+        device tensor of the previous step's samples."""
         seqs, bs = batch.seqs, self.config.block_size
         decode = batch.is_decode
         if decode:
@@ -67,6 +74,11 @@ class ModelRunner:
             logits_index, sampling = starts[:-1], list(seqs)
         else:
             tokens, positions, slots, seq_lens, starts, logits_index, sampling = self._pack(batch)
+        holes = []  # (index in the packed row, row in the previous step's samples) of each token still in flight
+        if in_flight is not None:
+            for seq, end in zip(seqs, starts[1:], strict=True):
+                if tokens[end - 1] < 0:  # a placeholder is always the last token of its sequence
+                    holes.append((end - 1, in_flight.rows[seq]))
         S = len(batch.seqs)
         width = max(len(seq.block_table) for seq in batch.seqs)
         tables = array("i")  # (S, width), row-major, zero-padded: built in C, not element by element
@@ -77,22 +89,24 @@ class ModelRunner:
 
         bucket = next((b for b in self.graphs if b >= S), None) if decode else None  # ascending (see capture)
         if bucket is not None:
-            return self._replay(bucket, tokens, positions, slots, seq_lens, tables), sampling
+            return self._replay(bucket, tokens, positions, slots, seq_lens, tables, holes, in_flight), sampling
 
         backend = PagedAttention(
             self.pool, self.kernels,
-            slot_mapping=self._tensor(slots),
-            block_tables=self._tensor(tables).view(S, width),
-            seq_lens=self._tensor(seq_lens),
-            query_start_loc=self._tensor(starts),
+            slot_mapping=self.to_device(slots),
+            block_tables=self.to_device(tables).view(S, width),
+            seq_lens=self.to_device(seq_lens),
+            query_start_loc=self.to_device(starts),
             max_query_len=max(batch.num_new_tokens),
             max_seq_len=max(seq_lens),
             decode=decode,
             num_splits=self._num_splits(S, max(seq_lens)) if decode else 1,
         )  # fmt: skip
-        ids = self._tensor(tokens, torch.long)[None]
-        pos = self._tensor(positions, torch.long)[None]
-        index = self._tensor(logits_index, torch.long)[None]
+        ids = self.to_device(tokens, torch.long)
+        self._fill_holes(ids, holes, in_flight)
+        ids = ids[None]
+        pos = self.to_device(positions, torch.long)[None]
+        index = self.to_device(logits_index, torch.long)[None]
         return self.model(ids, pos, backend, logits_index=index)[0], sampling
 
     def _pack(self, batch: ScheduledBatch) -> tuple[list[int], ...]:
@@ -165,15 +179,23 @@ class ModelRunner:
         torch.cuda.synchronize()
         return graph
 
+    def _fill_holes(self, ids: Tensor, holes: list[tuple[int, int]], in_flight: InFlight | None) -> None:
+        """Put the previous step's sampled ids (on the device) at the packed positions of their placeholders."""
+        if holes:
+            at = self.to_device([i for i, _ in holes], torch.long)
+            rows = self.to_device([row for _, row in holes], torch.long)
+            ids[at] = in_flight.next_ids[rows]
+
     def _replay(self, bucket: int, tokens: list[int], positions: list[int], slots: list[int], seq_lens: list[int],
-                tables: array) -> Tensor:  # fmt: skip
+                tables: array, holes: list[tuple[int, int]], in_flight: InFlight | None) -> Tensor:  # fmt: skip
         S = len(tokens)
         width = len(tables) // S
         pad = bucket - S
-        self.g_tokens[:bucket].copy_(self._tensor(tokens + [0] * pad, torch.long), non_blocking=True)
-        self.g_positions[:bucket].copy_(self._tensor(positions + [0] * pad, torch.long), non_blocking=True)
-        self.g_slots[:bucket].copy_(self._tensor(slots + [-1] * pad), non_blocking=True)
-        self.g_seq_lens[:bucket].copy_(self._tensor(seq_lens + [0] * pad), non_blocking=True)
-        self.g_tables[:S, :width].copy_(self._tensor(tables).view(S, width), non_blocking=True)
+        self.g_tokens[:bucket].copy_(self.to_device(tokens + [0] * pad, torch.long), non_blocking=True)
+        self._fill_holes(self.g_tokens, holes, in_flight)
+        self.g_positions[:bucket].copy_(self.to_device(positions + [0] * pad, torch.long), non_blocking=True)
+        self.g_slots[:bucket].copy_(self.to_device(slots + [-1] * pad), non_blocking=True)
+        self.g_seq_lens[:bucket].copy_(self.to_device(seq_lens + [0] * pad), non_blocking=True)
+        self.g_tables[:S, :width].copy_(self.to_device(tables).view(S, width), non_blocking=True)
         self.graphs[bucket].replay()
         return self.model.lm_head(self.g_hidden[:S])  # (S, V), eagerly: only the real rows

@@ -62,6 +62,15 @@ def seeded_exponential(keys: Tensor, vocab_size: int) -> Tensor:
     return -torch.log(uniform)
 
 
+def on_device(values: list, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A host list on `device` without waiting for the stream (pinned memory, non-blocking copy): the engine
+    prepares a step while the GPU still runs the previous one, and a blocking copy would wait for it."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 def _needs_penalty(p: SamplingParams) -> bool:
     return p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0
 
@@ -88,9 +97,9 @@ class Sampler:
         row = seq.sampler_row = self.free_rows.pop()
         self.counts[row].zero_()
         self.prompt_mask[row].zero_()
-        prompt = torch.tensor(seq.prompt_token_ids, device=self.device)
+        prompt = on_device(seq.prompt_token_ids, torch.long, self.device)
         self.prompt_mask[row, prompt] = True
-        output = torch.tensor(seq.output_token_ids, dtype=torch.long, device=self.device)
+        output = on_device(seq.known_output_token_ids, torch.long, self.device)
         self.counts[row].scatter_add_(0, output, torch.ones_like(output, dtype=torch.int32))
         return row
 
@@ -112,12 +121,12 @@ class Sampler:
         logits = raw
 
         def column(values: list[float], dtype: torch.dtype = torch.float32) -> Tensor:
-            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)[:, None]
+            return on_device(values, dtype, device)[:, None]
 
         penalised_rows = {i for i, p in enumerate(params) if _needs_penalty(p)}
         rows = None
         if penalised_rows:
-            rows = torch.tensor([self._row(seqs[i]) if i in penalised_rows else 0 for i in range(S)]).to(device)
+            rows = on_device([self._row(seqs[i]) if i in penalised_rows else 0 for i in range(S)], torch.long, device)
             counts = self.counts[rows]  # (S, V)
             seen = (counts > 0) | self.prompt_mask[rows]
             rep = column([p.repetition_penalty for p in params])
@@ -135,15 +144,15 @@ class Sampler:
             seeded = [i for i, p in enumerate(params) if p.seed is not None and not p.greedy]
             if seeded:  # their rows of noise, replaced by the hash of (seed, output index, vocabulary index)
                 keys = [row_key(params[i].seed, seqs[i].num_output_tokens) for i in seeded]
-                keys_t = torch.tensor(keys, dtype=torch.int64).to(device, non_blocking=True)
-                noise[torch.tensor(seeded).to(device, non_blocking=True)] = seeded_exponential(keys_t, V)
+                keys_t = on_device(keys, torch.int64, device)
+                noise[on_device(seeded, torch.long, device)] = seeded_exponential(keys_t, V)
             noise.clamp_min_(torch.finfo(noise.dtype).tiny)
             next_ids = (probs / noise).argmax(-1)
             if any(greedy):
                 next_ids = torch.where(column(greedy, torch.bool)[:, 0], logits.argmax(-1), next_ids)
 
         if penalised_rows:
-            ones = torch.tensor([i in penalised_rows for i in range(S)], dtype=torch.int32).to(device)
+            ones = on_device([i in penalised_rows for i in range(S)], torch.int32, device)
             self.counts.index_put_((rows, next_ids), ones, accumulate=True)
 
         k = max((p.logprobs for p in params if p.logprobs is not None), default=None)
@@ -164,7 +173,7 @@ def filter_rows(logits: Tensor, params: list[SamplingParams]) -> Tensor:
         logits = _top_k_top_p(logits, params)
     if any(p.min_p > 0.0 for p in params):
         probs = logits.softmax(-1)
-        min_p = torch.tensor([p.min_p for p in params]).to(device, non_blocking=True)[:, None]
+        min_p = on_device([p.min_p for p in params], torch.float32, device)[:, None]
         logits = logits.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), -math.inf)
     return logits
 
@@ -174,14 +183,14 @@ def _top_k_top_p(logits: Tensor, params: list[SamplingParams]) -> Tensor:
     S, V = logits.shape
     device = logits.device
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    top_k = torch.tensor([p.top_k if 0 < p.top_k < V else V for p in params]).to(device)
+    top_k = on_device([p.top_k if 0 < p.top_k < V else V for p in params], torch.long, device)
     kth = sorted_logits.gather(1, (top_k - 1)[:, None])  # (S, 1)
     sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, -math.inf)  # ties with the k-th kept
     # Top-p: drop the low tail whose mass is <= 1 - top_p. In descending order the tail mass at i is the
     # sum of probabilities from i to the end, a reversed cumulative sum; the top token always stays.
     probs = sorted_logits.softmax(-1)
     tail = probs.flip(-1).cumsum(-1).flip(-1)
-    top_p = torch.tensor([p.top_p for p in params]).to(device)[:, None]
+    top_p = on_device([p.top_p for p in params], torch.float32, device)[:, None]
     drop = tail <= 1 - top_p
     drop[:, 0] = False
     sorted_logits = sorted_logits.masked_fill(drop, -math.inf)

@@ -48,6 +48,8 @@ class Sequence:
         self.text = text  # incremental detokenizer with stop strings (None: decode once at the end, or ids only)
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         self.sampler_row = -1  # its row in the sampler's per-request state (penalty counts) while running
+        self.num_pending = 0  # 1 while its last token is a placeholder for a sampled id still on the device
+        self.length_capped = False  # its last token is in flight and reaches max_tokens or max_model_len
         self.stream_text = ""  # text produced since the last time a stream consumer read it
         self.stream_tokens = 0  # output tokens already handed to a stream consumer
         self.stream_logprobs = 0
@@ -63,6 +65,11 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def known_output_token_ids(self) -> list[int]:
+        """The output tokens that have reached the host (without a placeholder in flight)."""
+        return self.token_ids[self.num_prompt_tokens : len(self.token_ids) - self.num_pending]
 
     @property
     def prompt_token_ids(self) -> list[int]:
