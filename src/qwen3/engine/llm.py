@@ -429,9 +429,11 @@ class LLM:
                                     refresh=False)  # fmt: skip
         finally:
             bar.close()
-            for seq in seqs:  # an interrupt or an error: leave no request behind holding blocks
-                if not seq.finished:
-                    self.abort(seq)
+            if any(not seq.finished for seq in seqs):  # an interrupt or an error: leave no request holding blocks
+                for seq in seqs:
+                    if not seq.finished:
+                        self.abort(seq)
+                self._in_flight = None
         return [self.output(seq) for seq in seqs]
 
     def output(self, seq: Sequence) -> RequestOutput:
