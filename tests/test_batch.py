@@ -4,6 +4,7 @@ qwen3.generate on the same prompt alone (the plain path); bad lines get an error
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -100,7 +101,8 @@ def test_qwen3_batch_command(tmp_path):
     out = tmp_path / "results.jsonl"
     command = [sys.executable, "-m", "qwen3.cli", "batch", "-i", str(requests), "-o", str(out), "--model",
                "demo", "--device", "cpu", "--max-model-len", "256", "--max-num-seqs", "8"]  # fmt: skip
-    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # a small model on a shared CPU: no oversubscription
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 0, run.stderr[-2000:]
     results = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["custom_id"] for r in results] == ["a", None, "b"]

@@ -83,7 +83,8 @@ class Server:
             stderr=open(self.log, "w"),
             text=True,
             cwd=HERE.parent,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            # small models on a shared CPU: one intra-op thread each, no oversubscription
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
         )
         deadline, line = time.monotonic() + timeout, ""
         while time.monotonic() < deadline and self.proc.poll() is None:
