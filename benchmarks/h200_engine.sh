@@ -15,7 +15,7 @@ fi
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-out/h200}
 mkdir -p "$OUT"
-parts=${*:-tests kernels throughput serve decode}
+parts=${*:-tests kernels throughput serve decode profile}
 log="$OUT/h200.log"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$log"
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" | tee -a "$log"
@@ -45,4 +45,7 @@ if [[ " $parts " == *" serve "* ]]; then
 fi
 if [[ " $parts " == *" decode "* ]]; then
   run 240 decode python3 benchmarks/decode.py --device cuda --gemv --results "$OUT/results.md"
+fi
+if [[ " $parts " == *" profile "* ]]; then
+  run 150 profile python3 benchmarks/profile_engine.py
 fi
