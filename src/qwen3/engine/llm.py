@@ -4,7 +4,8 @@ A step: the scheduler picks this step's sequences and token counts (scheduler.py
 forward (runner.py), every sequence's computed-token count advances and its newly full blocks enter the prefix
 cache (block_manager.py), and the sequences whose forward reached their last token get one sampled token each
 (sampler.py). A sequence finishes on EOS (unless ignore_eos), a stop token id, a stop string (text.py), its
-max_tokens, or max_model_len; its blocks are freed at once.
+max_tokens, or max_model_len; its blocks are freed at once. The host runs one step ahead of the sampled ids
+(see LLM.step and docs/engine.md): step n + 1 is launched before step n's tokens are read back.
 
 Sizing (CUDA): after the weights are loaded, one forward of max_num_batched_tokens tokens and a sampler pass over
 max_num_seqs rows measure the peak activation memory; the pool gets what is left of gpu_memory_utilization x
@@ -51,7 +52,6 @@ class InFlight:
     next_ids: torch.Tensor  # (S,) on the device: the next step's input tokens are read from here
     host: list[torch.Tensor]  # ids, and the logprob tensors when asked for, on the host (pinned on CUDA)
     event: torch.cuda.Event | None  # the copy's completion (CUDA)
-    k: int
 
 
 @dataclass
@@ -221,7 +221,7 @@ class LLM:
         index = torch.linspace(0, max_tokens - 1, rows, device=self.device).long()[None]
         logits = self.model(ids, positions, CausalAttention(), logits_index=index)[0]
         warm = [Sequence(str(i), [0], SamplingParams(top_p=0.9, min_p=0.1), -1) for i in range(rows)]
-        Sampler(max_num_seqs, self.model.config.vocab_size, self.device)(logits, warm)
+        Sampler(max_num_seqs, self.model.config.vocab_size, self.device)(logits, warm)  # its peak memory
         del logits
         torch.cuda.synchronize(self.device)
         free, total = torch.cuda.mem_get_info(self.device)
@@ -332,7 +332,7 @@ class LLM:
 
     def _sample(self, logits: torch.Tensor, sampling: list[Sequence]) -> InFlight:
         """Sample on the device, start the copy of the ids to the host, and give each sequence a placeholder."""
-        next_ids, chosen, top, k = self.sampler(logits, sampling)
+        next_ids, chosen, top = self.sampler(logits, sampling)
         host = [t for t in (next_ids, chosen, top) if t is not None]
         event = None
         if self.device.type == "cuda":
@@ -347,7 +347,7 @@ class LLM:
                 seq.length_capped = True  # no further step: free its blocks now; it ends when its token arrives
                 self.scheduler.remove(seq)
                 self.sampler.release(seq)
-        return InFlight(sampling, {seq: i for i, seq in enumerate(sampling)}, next_ids, host, event, k)
+        return InFlight(sampling, {seq: i for i, seq in enumerate(sampling)}, next_ids, host, event)
 
     def _read_back(self, in_flight: InFlight) -> list[Sequence]:
         """Wait for a step's sampled ids on the host; put them in place of the placeholders; finish sequences."""

@@ -111,9 +111,9 @@ class Sampler:
     # -------------------------------------------------------------------------------------------
     # One step
 
-    def __call__(self, logits: Tensor, seqs: list[Sequence]) -> tuple[Tensor, Tensor | None, Tensor | None, int]:
+    def __call__(self, logits: Tensor, seqs: list[Sequence]) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """logits (S, V) for seqs -> next ids (S,) int64; plus, when a row asked for logprobs, the sampled
-        tokens' logprobs (S,), the top-k (S, k, 2 as ids/logprobs) and that k (decoded by `logprobs`)."""
+        tokens' logprobs (S,) and the top k (S, k, 2: ids, logprobs) for the largest k asked (see logprobs_for_row)."""
         params = [s.params for s in seqs]
         S, V = logits.shape
         device = logits.device
@@ -157,12 +157,12 @@ class Sampler:
 
         k = max((p.logprobs for p in params if p.logprobs is not None), default=None)
         if k is None:
-            return next_ids, None, None, 0
+            return next_ids, None, None
         logprobs = torch.log_softmax(raw, -1)
         chosen = logprobs.gather(1, next_ids[:, None])[:, 0]
         top = torch.topk(logprobs, k, dim=-1) if k > 0 else None
         top_pairs = None if top is None else torch.stack((top.indices.float(), top.values), -1)
-        return next_ids, chosen, top_pairs, k
+        return next_ids, chosen, top_pairs
 
 
 def filter_rows(logits: Tensor, params: list[SamplingParams]) -> Tensor:
