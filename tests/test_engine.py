@@ -330,6 +330,8 @@ def test_invalid_requests_fail_before_anything_runs(model, tok):
         ([good, [1] * 64], GREEDY, "request 1: the prompt has 64 tokens"),
         ([good, good + [VOCAB]], GREEDY, "request 1: token id 320 is outside"),
         ([good, "text"], GREEDY, "request 1: a text prompt needs a tokenizer"),
+        ([good, [1, 2.5]], GREEDY, "request 1: token ids must be integers"),
+        ([good, 7], GREEDY, "request 1: a prompt is a string or a list of token ids"),
         ([good, good], [GREEDY], "sampling_params: 1 given for 2 prompts"),
         ([good, good], [GREEDY, SamplingParams(stop="x")], "request 1: stop strings need a tokenizer"),
         ([good, good], [GREEDY, {"temperature": 0}], "request 1: sampling_params must be a SamplingParams"),
@@ -343,8 +345,13 @@ def test_invalid_requests_fail_before_anything_runs(model, tok):
         engine(model, max_model_len=10_000)
     with pytest.raises(ValueError, match="SamplingParams.max_tokens=0"):
         SamplingParams(max_tokens=0)
-    # the engine keeps serving
+    # the engine keeps serving; numpy and tensor prompts are token ids too
     check_outputs(llm, model, [good], SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=3))
+    import numpy as np
+
+    outs = llm.generate([np.array(good), torch.tensor(good)], SamplingParams(temperature=0.0, max_tokens=3),
+                        use_tqdm=False)  # fmt: skip
+    assert outs[0].token_ids == outs[1].token_ids == reference(model, good, 3)
 
 
 def test_length_stops_at_max_model_len(model):

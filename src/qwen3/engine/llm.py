@@ -16,6 +16,7 @@ capped at a quarter of the available RAM.
 from __future__ import annotations
 
 import itertools
+import numbers
 import os
 import time
 from collections.abc import Sequence as SequenceABC
@@ -246,13 +247,13 @@ class LLM:
                 raise ValueError(f"{where}: a text prompt needs a tokenizer (this LLM has none: pass token ids)")
             ids = self.tokenizer.encode(prompt, allow_special=True)
         else:
-            try:
-                ids = [int(i) for i in prompt]
-            except (TypeError, ValueError):
-                raise ValueError(f"{where}: a prompt is a string or a list of token ids") from None
-            if any(isinstance(i, bool) or not isinstance(i, (int, float)) for i in prompt):
+            if hasattr(prompt, "tolist"):  # a tensor or a NumPy array of ids
+                prompt = prompt.tolist()
+            if not isinstance(prompt, SequenceABC):
+                raise ValueError(f"{where}: a prompt is a string or a list of token ids")
+            if any(isinstance(i, bool) or not isinstance(i, numbers.Integral) for i in prompt):
                 raise ValueError(f"{where}: token ids must be integers")
-            prompt = None
+            ids, prompt = [int(i) for i in prompt], None
         vocab = self.config.vocab_size
         if not ids:
             raise ValueError(f"{where}: the prompt is empty (it needs at least one token)")
@@ -398,7 +399,7 @@ class LLM:
     ) -> list[RequestOutput]:
         """Generate for every prompt; outputs in prompt order. Bad requests raise ValueError before anything runs."""
         if isinstance(prompts, str) or (isinstance(prompts, SequenceABC) and prompts
-                                        and isinstance(prompts[0], int)):  # fmt: skip
+                                        and isinstance(prompts[0], numbers.Integral)):  # fmt: skip
             prompts = [prompts]
         prompts = list(prompts)
         if sampling_params is None:
