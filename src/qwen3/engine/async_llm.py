@@ -62,7 +62,7 @@ class _Stream:
 
 def delta(seq: Sequence) -> StreamOutput:
     """The part of `seq` not yet streamed, and mark it streamed."""
-    tokens = seq.known_output_token_ids[seq.stream_tokens :]
+    tokens = seq.token_ids[seq.num_prompt_tokens + seq.stream_tokens : seq.num_tokens - seq.num_pending]
     seq.stream_tokens += len(tokens)
     text, seq.stream_text = seq.stream_text, ""
     logprobs = None
