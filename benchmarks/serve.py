@@ -347,6 +347,10 @@ def main() -> int:
             proc.kill()
 
     machine = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = re.findall(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.M)
+        machine = f"{names[0]}, {os.cpu_count()} CPUs" if names else machine
     if cuda:
         import torch
 

@@ -291,6 +291,8 @@ class OpenAIServer:
             outputs = await self._until_disconnect(request, self._collect([prepared], request_id))
         except _ClientGone:
             return Response(status_code=499)
+        except ValueError as e:  # the engine refused the request (its own checks, beyond serving's)
+            raise APIError(str(e).splitlines()[0] if str(e) else "invalid request") from e
         return JSONResponse(chat_response(self.ctx, prepared, outputs[0], request_id, created))
 
     async def completions(self, request: Request) -> Response:
@@ -307,6 +309,8 @@ class OpenAIServer:
             outputs = await self._until_disconnect(request, self._collect(prepared, request_id))
         except _ClientGone:
             return Response(status_code=499)
+        except ValueError as e:  # the engine refused the request (its own checks, beyond serving's)
+            raise APIError(str(e).splitlines()[0] if str(e) else "invalid request") from e
         return JSONResponse(completion_response(self.ctx, prepared, outputs, request_id, created))
 
     async def _stream_chat(
