@@ -36,6 +36,7 @@ class Sequence:
         self.request_id = request_id
         self.prompt = prompt
         self.token_ids = list(prompt_token_ids)
+        self._prompt_token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.params = params
         self.arrival = arrival  # FCFS order, and preemption picks the newest
@@ -73,7 +74,7 @@ class Sequence:
 
     @property
     def prompt_token_ids(self) -> list[int]:
-        return self.token_ids[: self.num_prompt_tokens]
+        return self._prompt_token_ids  # one list for every stream increment (not copied each step)
 
     @property
     def finished(self) -> bool:
