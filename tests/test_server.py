@@ -505,6 +505,16 @@ def test_qwen3_serve_demo_32_concurrent_streams_equal_their_solo_answers(demo_se
     for (prompt, k), got in zip(requests, results, strict=True):
         assert got == solo[prompt, k], (prompt, k)
     assert demo_server.wait_idle()["qwen3:kv_cache_usage_perc"] == 0
+    # stop strings: the text ends right before the first one, finish_reason "stop"
+    text = solo["ROMEO:", 3][0]
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    r = client.completions.create(model="demo", prompt="ROMEO:", max_tokens=15, temperature=0, stop=[stop, "zzz"])
+    assert r.choices[0].text == text[: text.index(stop)] and r.choices[0].finish_reason == "stop"
+    # a seed makes sampling reproducible; the n choices of one request differ (seeds seed, seed + 1)
+    sampled = [client.completions.create(model="demo", prompt="HAMLET:", max_tokens=16, temperature=1.0, seed=7, n=2)
+               for _ in range(2)]  # fmt: skip
+    assert [c.text for c in sampled[0].choices] == [c.text for c in sampled[1].choices]
+    assert sampled[0].choices[0].text != sampled[0].choices[1].text
     # chat through the page's route works on the demo model too
     r = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "Speak"}], max_tokens=5)
     assert r.usage.completion_tokens <= 5 and r.choices[0].message.role == "assistant"
