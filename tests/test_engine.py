@@ -5,7 +5,12 @@ all come back. Small random models from conftest.make_reference."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +18,15 @@ import torch
 import qwen3
 from conftest import make_reference
 from qwen3.engine import LLM
-from qwen3.engine.attention import REFERENCE, KVPool, PagedAttention, paged_attention, paged_decode_attention, store_kv
+from qwen3.engine.attention import (
+    REFERENCE,
+    KVPool,
+    PagedAttention,
+    paged_attention,
+    paged_decode_attention,
+    store_kv,
+    triton_ops,
+)
 from qwen3.engine.block_manager import BlockManager
 from qwen3.engine.runner import ModelRunner
 from qwen3.engine.sampler import filter_rows, seeded_exponential
@@ -380,23 +393,25 @@ def test_abort_frees_blocks(model):
     assert not llm.scheduler.has_work()
 
 
+class Replayer:
+    """A stand-in CUDA graph: 'replay' re-runs the recorded forward (its backend's gather plan rebuilt)."""
+
+    def __init__(self, forward):
+        self.forward = forward
+        forward()  # the warm-up run, as _record does
+
+    def replay(self):
+        self.forward.__defaults__[1]._layout = None  # the backend the forward closes over
+        self.forward()
+
+    def pool(self):
+        return None
+
+
 def test_graph_bookkeeping_on_cpu(model, monkeypatch):
     """The CUDA-graph path's static buffers, bucket choice, padding rows and LM head after the replay, run on the
     CPU: a stand-in 'graph' re-runs the recorded forward on replay (the reference kernels rebuild their gather
     plan each time, where a real graph's Triton kernels read seq_lens on the device)."""
-
-    class Replayer:
-        def __init__(self, forward):
-            self.forward = forward
-            forward()  # the warm-up run, as _record does
-
-        def replay(self):
-            self.forward.__defaults__[1]._layout = None  # the backend the forward closes over
-            self.forward()
-
-        def pool(self):
-            return None
-
     monkeypatch.setattr(ModelRunner, "_record", staticmethod(lambda forward, memory_pool: Replayer(forward)))
     prompts = random_prompts([3, 9, 17, 30, 5, 12, 1, 25, 8, 2, 19], seed=22)
     params = [SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=3 + 2 * (i % 5)) for i in range(len(prompts))]
@@ -411,6 +426,50 @@ def test_graph_bookkeeping_on_cpu(model, monkeypatch):
     for prompt, p, out in zip(prompts, params, outs, strict=True):
         assert out.token_ids == reference(model, prompt, p.max_tokens)
     llm.block_manager.check_all_free()
+
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or INTERPRETED or importlib.util.find_spec("triton") is None,
+                    reason="CUDA runs the compiled kernels (below); without triton nothing to run")  # fmt: skip
+def test_triton_kernels_in_the_engine_interpreted():
+    """The engine on the Triton kernels, run by Triton's interpreter on the CPU (a subprocess: TRITON_INTERPRET
+    must be set before triton is imported): strides, dtypes and padding as the engine really passes them."""
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+               f"{__file__}::test_engine_runs_the_triton_kernels"]  # fmt: skip
+    done = subprocess.run(command, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
+                          timeout=600, cwd=Path(__file__).parent.parent)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert "1 passed" in done.stdout.strip().splitlines()[-1], done.stdout[-2000:]
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 subprocess of the test above")
+def test_engine_runs_the_triton_kernels(model, monkeypatch):
+    import numpy as np
+    from triton.runtime import interpreter
+
+    patch_tensor = interpreter._patch_lang_tensor  # Triton 3.6's interpreter vs NumPy 2 (see test_triton_kernels)
+
+    def patched(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", patched)
+    prompts = random_prompts([3, 17, 26], seed=23)
+    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in (4, 2, 5)]
+    want = [reference(model, prompt, p.max_tokens) for prompt, p in zip(prompts, params, strict=True)]
+    mixed = engine(model, max_num_batched_tokens=24, max_num_seqs=4)  # chunks mixed with decodes, prefix hits
+    mixed.runner.kernels = triton_ops()
+    for _ in range(2):
+        assert [o.token_ids for o in mixed.generate(prompts, params, use_tqdm=False)] == want
+    monkeypatch.setattr(ModelRunner, "_record", staticmethod(lambda forward, memory_pool: Replayer(forward)))
+    graphs = engine(model, max_num_seqs=4)
+    graphs.runner.kernels = triton_ops()
+    graphs.runner.capture_graphs()  # the decode kernel, with padding rows, through the graph bookkeeping
+    assert [o.token_ids for o in graphs.generate(prompts, params, use_tqdm=False)] == want
+    mixed.block_manager.check_all_free()
+    graphs.block_manager.check_all_free()
 
 
 # ---------------------------------------------------------------------------------------------------

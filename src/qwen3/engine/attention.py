@@ -154,20 +154,26 @@ REFERENCE = SimpleNamespace(
 )
 
 
+def triton_ops() -> SimpleNamespace:
+    """The Triton kernels (triton_kernels.py); ImportError where triton is missing."""
+    from . import triton_kernels
+
+    return SimpleNamespace(
+        name="triton",
+        store_kv=triton_kernels.store_kv,
+        paged_attention=triton_kernels.paged_attention,
+        paged_decode_attention=triton_kernels.paged_decode_attention,
+        decode_num_splits=triton_kernels.decode_num_splits,
+    )
+
+
 def kernels_for(device: torch.device) -> SimpleNamespace:
     """The Triton kernels on CUDA when they import, else the reference functions."""
     if device.type == "cuda":
         try:
-            from . import triton_kernels
+            return triton_ops()
         except ImportError:
             return REFERENCE
-        return SimpleNamespace(
-            name="triton",
-            store_kv=triton_kernels.store_kv,
-            paged_attention=triton_kernels.paged_attention,
-            paged_decode_attention=triton_kernels.paged_decode_attention,
-            decode_num_splits=triton_kernels.decode_num_splits,
-        )
     return REFERENCE
 
 
