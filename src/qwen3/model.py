@@ -456,9 +456,9 @@ class Qwen3ForCausalLM(nn.Module):
     ) -> Tensor:
         """The transformer without the LM head: (B, T) -> final-normed hidden states (B, T, H)."""
         B, T = input_ids.shape
-        if T > (limit := self.config.max_position_embeddings):  # shapes only (no sync): the RoPE table's length
-            raise ValueError(f"input_ids: {T} tokens exceed the model's context of {limit} (max_position_embeddings)")
-        if positions is None:
+        if positions is None:  # 0..T-1, which must fit the RoPE table (a shape check: no host sync)
+            if T > (limit := self.config.max_position_embeddings):
+                raise ValueError(f"input_ids: {T} tokens exceed the model's context of {limit} (max_position_embeddings)")
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         backend = cache if cache is not None else CausalAttention()
         x = self.model.embed_tokens(input_ids)  # (B, T, H)

@@ -128,8 +128,7 @@ class LLM:
         max_model_len = max_model_len or limit
         kind = "cuda" if self.device.type == "cuda" else "cpu"
         block_size = block_size or DEFAULT_BLOCK_SIZE[kind]
-        # The packed row of a step may not be longer than the RoPE table (model.hidden_states checks T against it).
-        max_num_batched_tokens = min(max_num_batched_tokens or DEFAULT_BATCHED_TOKENS[kind], limit)
+        max_num_batched_tokens = max_num_batched_tokens or DEFAULT_BATCHED_TOKENS[kind]
         eos = tuple(self.tokenizer.eos_token_ids) if self.tokenizer is not None else self._eos_ids
         self.kernels = kernels_for(self.device)
 
