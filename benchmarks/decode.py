@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 import qwen3
-from qwen3.generate import prefill
+from qwen3.generate import generate_tokens, prefill
 from qwen3.model import KVCache
 
 H200_COPY_BANDWIDTH = 4.27e12  # bytes/s, device-to-device copy measured on the lent H200 (KINDS.md)
@@ -159,40 +159,75 @@ def speculative_speedup(model_dir: Path, text_file: Path, device: str, new_token
     )
 
 
-def cpu_int8_kernels(directory: Path, prompt: torch.Tensor, new_tokens: int) -> list[tuple]:
-    """Rows (engine, variant, tok/s, warm-up s, bytes/token) for --cpu: fp32, int8 with each CPU kernel,
-    transformers fp32; all on the same checkpoint, in this process."""
+def cpu_int8_kernels(directory: Path, prompt: torch.Tensor, new_tokens: int, rounds: int = 3) -> list[tuple]:
+    """Rows (engine, variant, tok/s, warm-up s, bytes/token) for --cpu: qwen3 fp32, qwen3 int8 with PyTorch's
+    kernel and with qwen3's, transformers fp32. The variants take turns, `rounds` times (a busy machine slows
+    them alike), and each keeps its best round; each decode step is timed too, and the median step of all
+    rounds is printed beside (on a shared machine the median step says more than the whole run)."""
     import os
+
+    from transformers import Qwen3ForCausalLM
 
     from qwen3.kernels import int8_cpu
     from qwen3.quantize import quantize_int8
 
-    rows = []
-    model = qwen3.load_model(directory, dtype=torch.float32)
-    rows.append(("qwen3", "float32 eager", *time_qwen3(model, prompt, new_tokens, "cpu"), bytes_per_token(model)))
-    print(rows[-1], flush=True)
-    quantize_int8(model)
-    nbytes = bytes_per_token(model)
-    os.environ["QWEN3_CPU_KERNEL"] = "0"  # Int8Linear's auto falls back to PyTorch's int8pack kernel
-    rows.append(("qwen3", "float32 int8 weights, PyTorch int8pack kernel", *time_qwen3(model, prompt, new_tokens,
-                                                                                       "cpu"), nbytes))  # fmt: skip
-    print(rows[-1], flush=True)
-    os.environ["QWEN3_CPU_KERNEL"] = "1"
-    isa = int8_cpu.cpu_isa()
-    if int8_cpu.available():
-        rows.append(("qwen3", f"float32 int8 weights, qwen3 CPU kernel ({isa})",
-                     *time_qwen3(model, prompt, new_tokens, "cpu"), nbytes))  # fmt: skip
-        print(rows[-1], flush=True)
-    else:
-        print(f"qwen3's int8 CPU kernel is not available here (instruction set: {isa})")
-    del model
-    from transformers import Qwen3ForCausalLM
-
+    fp32 = qwen3.load_model(directory, dtype=torch.float32)
+    int8 = quantize_int8(qwen3.load_model(directory, dtype=torch.float32))
     ref = Qwen3ForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-    rows.append(("transformers", "float32 dynamic cache", *time_transformers(ref, prompt, new_tokens, "cpu"),
-                 rows[0][4]))  # fmt: skip
-    print(rows[-1], flush=True)
-    return rows
+    isa = int8_cpu.cpu_isa()
+    if not int8_cpu.available():
+        print(f"qwen3's int8 CPU kernel is not available here (instruction set: {isa})")
+    hf_args = dict(do_sample=False, pad_token_id=0)
+
+    def qwen3_run(model, kernel_on: bool):
+        def run(n: int) -> list[float]:
+            os.environ["QWEN3_CPU_KERNEL"] = "1" if kernel_on else "0"  # off: auto takes PyTorch's int8pack
+            return [time.perf_counter() for _ in generate_tokens(model, prompt, max_new_tokens=n)]
+
+        return run
+
+    class Streamer:  # transformers calls put() with the prompt, then with each new token
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def put(self, value) -> None:
+            self.times.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    def hf_run(n: int) -> list[float]:
+        streamer = Streamer()
+        ref.generate(prompt, max_new_tokens=n, min_new_tokens=n, streamer=streamer, **hf_args)
+        return streamer.times[1:]  # one time per new token
+
+    variants = [  # (engine, variant, generate n tokens -> tokens made, bytes per token)
+        ("qwen3", "float32 eager", qwen3_run(fp32, True), bytes_per_token(fp32)),
+        ("qwen3", "float32 int8 weights, PyTorch int8pack kernel", qwen3_run(int8, False), bytes_per_token(int8)),
+    ]
+    if int8_cpu.available():
+        variants.append(("qwen3", f"float32 int8 weights, qwen3 CPU kernel ({isa})", qwen3_run(int8, True),
+                         bytes_per_token(int8)))  # fmt: skip
+    variants.append(("transformers", "float32 dynamic cache", hf_run, bytes_per_token(fp32)))
+    warmup, best, steps = {}, {}, {}
+    for _, variant, run, _ in variants:
+        start = time.perf_counter()
+        run(8)
+        warmup[variant] = time.perf_counter() - start
+    for r in range(rounds):
+        for engine, variant, run, _ in variants:
+            start = time.perf_counter()
+            times = run(new_tokens)
+            rate = len(times) / (times[-1] - start)
+            best[variant] = max(best.get(variant, 0.0), rate)
+            steps.setdefault(variant, []).extend(b - a for a, b in itertools.pairwise(times))  # decode steps
+            print(f"round {r + 1}: {engine} {variant}: {rate:.2f} tokens/s", flush=True)
+    os.environ["QWEN3_CPU_KERNEL"] = "1"
+    print("\nmedian decode step over all rounds (the prompt's prefill excluded):")
+    for engine, variant, _, _ in variants:
+        median = sorted(steps[variant])[len(steps[variant]) // 2]
+        print(f"  {engine} {variant}: {median * 1e3:.1f} ms = {1 / median:.2f} tokens/s")
+    return [(engine, variant, best[variant], warmup[variant], nbytes) for engine, variant, _, nbytes in variants]
 
 
 def time_graph(calls, replays: int = 10) -> float:
@@ -348,7 +383,7 @@ def main() -> None:
     gpu = device.startswith("cuda")
     if args.threads:
         torch.set_num_threads(args.threads)
-    new_tokens = args.new_tokens or (256 if gpu else 128)
+    new_tokens = args.new_tokens or (256 if gpu else 64 if args.cpu else 128)
     dtypes = (args.dtypes or ("bfloat16" if gpu else "float32,bfloat16")).split(",")
     directory = args.checkpoint or Path(tempfile.mkdtemp()) / "qwen3-0.6b-random"
     if not (directory / "model.safetensors").exists():
