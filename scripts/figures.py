@@ -4,11 +4,13 @@ The figures run qwen3's own modules on the shipped demo model (6 layers, trained
 plot what they compute; `--tiny` swaps in a small random model and lower resolution so that CI can
 check the script end to end in seconds. Output is deterministic (seeded, no timestamps in the PNGs).
 
-Attention weights are never returned by the model, and model.py stays untouched: `capture_attention`
-puts a forward hook on each layer's `self_attn`, takes the arguments the layer passed (its normed input,
-positions, mask, rope), recomputes q and k with the module's own q_proj/k_proj/q_norm/k_norm and the
-model's rope, and forms softmax(q k^T / sqrt(D) + mask). It also rebuilds the module's output from those
-weights, so a caller (tests/test_figures.py) can check the recomputation against what the module returned.
+Attention weights are never returned by the model, and model.py stays untouched: the figures pass the
+model an attention backend of their own, `RecordingBackend`, which wraps a real one (CausalAttention or a
+KVCache) and records what that backend hands to the model's dense formula `math(q, k, v, mask)`: the
+rotated q, the keys and values it attends over, and the mask it built (None for CausalAttention, which is
+causal by construction). `capture_attention` forms softmax(q k^T / sqrt(D) + mask) from those, and rebuilds
+each attention module's output from the weights (o_proj(weights @ v)), so a caller (tests/test_figures.py)
+can check the recomputation against what the module returned (read by a forward hook).
 
     python scripts/figures.py                          # all figures into docs/figures/
     python scripts/figures.py --tiny --out /tmp/figs   # fast, random model
@@ -24,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import inspect
 import math
 import re
 import sys
@@ -44,7 +45,16 @@ from matplotlib.figure import Figure  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 import qwen3  # noqa: E402
-from qwen3.model import KVCache, Qwen3ForCausalLM, RMSNorm, RotaryEmbedding, rope_inverse_frequencies  # noqa: E402
+from qwen3.model import (  # noqa: E402
+    AttentionBackend,
+    AttentionFn,
+    CausalAttention,
+    KVCache,
+    Qwen3ForCausalLM,
+    RMSNorm,
+    RotaryEmbedding,
+    rope_inverse_frequencies,
+)
 from qwen3.sampling import SamplingParams, filter_logits, sample  # noqa: E402
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -104,8 +114,42 @@ def load_context(tiny: bool) -> Context:
 
 
 @dataclass
+class MathCall:
+    """One call of the model's dense formula, as a backend made it."""
+
+    layer: int
+    q: Tensor  # (B, nh, T, D), after QK-norm and RoPE
+    k: Tensor  # (B, nkv, S, D): this forward's keys (S = T) or the cache's slots
+    v: Tensor  # (B, nkv, S, D)
+    mask: Tensor | None  # (B, 1, T, S) True = may attend; None = causal over S = T
+
+
+class RecordingBackend:
+    """An attention backend that wraps another one and records every call it makes to `math`."""
+
+    def __init__(self, inner: AttentionBackend) -> None:
+        self.inner = inner
+        self.calls: list[MathCall] = []
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, math: AttentionFn) -> Tensor:
+        def recorded(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+            self.calls.append(MathCall(layer, q.detach(), k.detach().clone(), v.detach().clone(), mask))
+            return math(q, k, v, mask)
+
+        return self.inner.attend(layer, q, k, v, positions, recorded)
+
+
+def dense_mask(call: MathCall) -> Tensor:
+    """The call's mask as a (B, 1, T, S) tensor: None (causal over S = T) becomes the lower triangle."""
+    if call.mask is not None:
+        return call.mask
+    T, S = call.q.shape[2], call.k.shape[2]
+    return torch.ones(T, S, dtype=torch.bool).tril()[None, None]
+
+
+@dataclass
 class AttentionCapture:
-    """One layer's attention, recomputed from the inputs its self_attn received."""
+    """One layer's attention, recomputed from what its backend handed to the dense formula."""
 
     weights: Tensor  # (B, nh, T, S) softmax(q k^T / sqrt(D) + mask), fp32
     recomputed: Tensor  # (B, T, H) o_proj(weights @ v): the module's output rebuilt from `weights`
@@ -113,36 +157,32 @@ class AttentionCapture:
 
 
 def capture_attention(model: Qwen3ForCausalLM, input_ids: Tensor) -> list[AttentionCapture]:
-    """Run the model (textbook attention path, no cache) and return every layer's attention weights."""
-    captures: list[AttentionCapture] = []
-
-    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
-        given = inspect.signature(module.forward).bind(*args, **kwargs).arguments
-        x, positions, mask, rope = given["x"], given["positions"], given["mask"], given["rope"]
-        if given["cache"] is not None:
-            raise ValueError("capture_attention: run the model without a KV cache")
-        B, T, _ = x.shape
-        D = module.head_dim
-        q = module.q_norm(module.q_proj(x).view(B, T, -1, D)).transpose(1, 2)  # (B, nh, T, D)
-        k = module.k_norm(module.k_proj(x).view(B, T, -1, D)).transpose(1, 2)  # (B, nkv, S=T, D)
-        v = module.v_proj(x).view(B, T, -1, D).transpose(1, 2)
-        q, k = rope(q, positions), rope(k, positions)
-        nh, nkv = q.shape[1], k.shape[1]
-        k, v = k.repeat_interleave(nh // nkv, dim=1), v.repeat_interleave(nh // nkv, dim=1)  # (B, nh, S, D)
-        scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(D)  # (B, nh, T, S)
-        weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-        mixed = (weights.to(v.dtype) @ v).transpose(1, 2).reshape(B, T, nh * D)
-        captures.append(AttentionCapture(weights, module.o_proj(mixed), output))
-
-    handles = [layer.self_attn.register_forward_hook(hook, with_kwargs=True) for layer in model.model.layers]
+    """Run the model (textbook formula, the default causal backend, recorded) and return every layer's weights."""
+    backend = RecordingBackend(CausalAttention())
+    outputs: dict[int, Tensor] = {}
+    handles = [
+        layer.self_attn.register_forward_hook(lambda module, args, output, i=i: outputs.__setitem__(i, output))
+        for i, layer in enumerate(model.model.layers)
+    ]
     previous, model.attention = model.attention, "textbook"
     try:
         with torch.no_grad():
-            model(input_ids)
+            model(input_ids, cache=backend)
     finally:
         model.attention = previous
         for handle in handles:
             handle.remove()
+    captures = []
+    for call in backend.calls:
+        q, k, v = call.q, call.k, call.v
+        (B, nh, T, D), nkv = q.shape, k.shape[1]
+        k, v = k.repeat_interleave(nh // nkv, dim=1), v.repeat_interleave(nh // nkv, dim=1)  # (B, nh, S, D)
+        scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(D)  # (B, nh, T, S)
+        weights = scores.masked_fill(~dense_mask(call), float("-inf")).softmax(dim=-1)
+        mixed = (weights.to(v.dtype) @ v).transpose(1, 2).reshape(B, T, nh * D)
+        o_proj = model.model.layers[call.layer].self_attn.o_proj
+        with torch.no_grad():
+            captures.append(AttentionCapture(weights, o_proj(mixed), outputs[call.layer]))
     return captures
 
 
@@ -343,27 +383,25 @@ def attention_patterns(ctx: Context) -> Figure:
 
 @figure
 def causal_mask(ctx: Context) -> Figure:
-    """The (T, S) masks the model builds: no cache, a prefill chunk into a cache, one decode step."""
+    """The (T, S) masks the backends hand to attention: none without a cache, a prefill chunk, one decode step."""
     model = ctx.model
-    first_attention = {"attn": model.model.layers[0].self_attn}
-    masks = []
-
-    def record_mask(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
-        masks.append(inspect.signature(module.forward).bind(*args, **kwargs).arguments["mask"][0, 0])
-
-    handle = first_attention["attn"].register_forward_hook(record_mask, with_kwargs=True)
     ids = encode(ctx, VERSE)[:, :9]
-    try:
-        with torch.no_grad():
-            model(ids[:, :8])  # no cache: S = T = 8
-            cache = KVCache(model.config, 1, 12)
-            model(ids[:, :4], torch.arange(4)[None], cache)  # first prefill chunk, positions 0..3
-            model(ids[:, 4:8], torch.arange(4, 8)[None], cache)  # second chunk, positions 4..7
-            model(ids[:, 8:9], torch.tensor([[8]]), cache)  # decode one token at position 8
-    finally:
-        handle.remove()
+    causal = RecordingBackend(CausalAttention())
+    cached = RecordingBackend(KVCache(model.config, 1, 12))
+    with torch.no_grad():
+        model(ids[:, :8], cache=causal)  # no cache: S = T = 8, and no mask tensor
+        model(ids[:, :4], torch.arange(4)[None], cached)  # first prefill chunk, positions 0..3
+        model(ids[:, 4:8], torch.arange(4, 8)[None], cached)  # second chunk, positions 4..7
+        model(ids[:, 8:9], torch.tensor([[8]]), cached)  # decode one token at position 8
+    assert causal.calls[0].mask is None, "CausalAttention should pass no mask tensor"
+    masks = [dense_mask(call)[0, 0] for call in causal.calls + cached.calls if call.layer == 0]
     panels = [
-        (masks[0], "no cache: T = S = 8\n(keys are this forward's own tokens)", range(8), range(8)),
+        (
+            masks[0],
+            "CausalAttention (no cache): T = S = 8, no mask tensor\n(math(q, k, v, None); drawn: what SDPA's is_causal does)",
+            range(8),
+            range(8),
+        ),
         (
             masks[2],
             "cache of 12 slots, prefill chunk at positions 4..7\n(slots 0..3 written by the previous chunk, "
@@ -389,8 +427,8 @@ def causal_mask(ctx: Context) -> Figure:
         ax.tick_params(which="minor", length=0)
         ax.set(xlabel="key slot s (= key position)", ylabel="query position p", title=title)
     fig.suptitle(
-        "mask[b, 0, t, s] = key_positions[s] <= positions[b, t] (dark = may attend), as Qwen3ForCausalLM"
-        ".hidden_states builds it",
+        "mask[b, 0, t, s] = s <= positions[b, t] (dark = may attend): KVCache.attend builds it over its slots; "
+        "CausalAttention builds none",
         fontsize=11,
     )
     return fig

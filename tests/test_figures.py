@@ -6,7 +6,8 @@
   spans exactly that definition (found with ast, decorators included), and a link whose text is a line
   of code points at a line holding that code. When model.py moves, the failure names the right lines.
 - Every pytest command in the pages names a test file and function that exist.
-- The attention weights that scripts/figures.py recomputes from a hook rebuild the module's own output.
+- The attention weights that scripts/figures.py recomputes from what the backend hands to the dense formula
+  rebuild the attention module's own output.
 """
 
 from __future__ import annotations
@@ -252,7 +253,7 @@ def test_update_links_repairs_stale_links(tmp_path, figures):
     (tmp_path / "src").symlink_to(ROOT / "src")
     page.write_text(
         "[`RMSNorm`](../src/qwen3/model.py#L1-L2), [`KVCache.update`](../src/qwen3/model.py#L3-L4) and "
-        "[`mask = (key_positions[:, None, :] <= positions[:, :, None])[:, None]`](../src/qwen3/model.py#L5)."
+        "[`mask = (slots[None, None, :] <= positions[:, :, None])[:, None]`](../src/qwen3/model.py#L5)."
     )
     assert len(source_link_problems(page)) == 3
     assert figures.update_source_links(page) == []
