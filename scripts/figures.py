@@ -398,7 +398,8 @@ def causal_mask(ctx: Context) -> Figure:
     panels = [
         (
             masks[0],
-            "CausalAttention (no cache): T = S = 8, no mask tensor\n(math(q, k, v, None); drawn: what SDPA's is_causal does)",
+            "CausalAttention (no cache): T = S = 8, no mask tensor\n"
+            "(math(q, k, v, None); drawn: what SDPA's is_causal does)",
             range(8),
             range(8),
         ),
