@@ -83,6 +83,49 @@ def available_memory_bytes() -> int:
         return 8 << 30
 
 
+@torch.inference_mode()
+def blocks_from_gpu_memory(model: Qwen3ForCausalLM, max_tokens: int, max_num_seqs: int, block_bytes: int,
+                           utilization: float) -> int:  # fmt: skip
+    """Blocks that fit in utilization x total after the weights and a measured peak-activation warm-up."""
+    device = model.model.norm.weight.device
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    # The largest step: max_tokens packed tokens (one causal row stands in for the paged kernels, whose
+    # working memory is their output), logits for max_num_seqs rows, and the sort-based sampling filters.
+    rows = min(max_num_seqs, max_tokens)
+    ids = torch.zeros(1, max_tokens, dtype=torch.long, device=device)
+    positions = (torch.arange(max_tokens, device=device) % model.config.max_position_embeddings)[None]
+    index = torch.linspace(0, max_tokens - 1, rows, device=device).long()[None]
+    logits = model(ids, positions, CausalAttention(), logits_index=index)[0]
+    warm = [Sequence(str(i), [0], SamplingParams(top_p=0.9, min_p=0.1), -1) for i in range(rows)]
+    Sampler(max_num_seqs, model.config.vocab_size, device)(logits, warm)  # its peak memory
+    del logits
+    torch.cuda.synchronize(device)
+    free, total = torch.cuda.mem_get_info(device)
+    stats = torch.cuda.memory_stats(device)
+    used = total - free
+    peak, current = stats["allocated_bytes.all.peak"], stats["allocated_bytes.all.current"]
+    available = total * utilization - used - peak + current
+    return int(available) // block_bytes
+
+
+def propose_num_blocks(model: Qwen3ForCausalLM, kv_cache_tokens: int | None, block_size: int, max_num_seqs: int,
+                       max_model_len: int, max_num_batched_tokens: int, utilization: float, ranks: int = 1) -> int:
+    """The pool's size in blocks for this process's model (its own KV heads under tensor parallelism): fixed by
+    kv_cache_tokens, else measured on CUDA (a warm-up forward: every tensor-parallel rank runs it), else
+    max_num_seqs x max_model_len tokens capped at a share of the RAM (split between the ranks of one machine)."""
+    config, weight = model.config, model.model.norm.weight
+    block_bytes = KVPool.bytes_per_block(config.num_hidden_layers, block_size, model.num_kv_heads, config.head_dim,
+                                         weight.dtype)  # fmt: skip
+    if kv_cache_tokens is not None:
+        return -(-kv_cache_tokens // block_size)
+    if weight.device.type == "cuda":
+        return blocks_from_gpu_memory(model, max_num_batched_tokens, max_num_seqs, block_bytes, utilization)
+    wanted = -(-max_num_seqs * max_model_len // block_size)
+    return min(wanted, int(available_memory_bytes() * CPU_RAM_SHARE / ranks) // block_bytes)
+
+
 class LLM:
     """An engine over one model: `generate` many prompts at once (continuous batching, paged KV, prefix cache).
 
@@ -106,6 +149,7 @@ class LLM:
         gpu_memory_utilization: float = 0.9,
         enforce_eager: bool = False,
         quantize: str | None = None,
+        tensor_parallel_size: int = 1,
     ) -> None:
         for name, value in (("max_num_seqs", max_num_seqs), ("max_model_len", max_model_len),
                             ("kv_cache_tokens", kv_cache_tokens), ("max_num_batched_tokens", max_num_batched_tokens),
@@ -117,6 +161,20 @@ class LLM:
         if quantize not in (None, "int8"):
             raise ValueError(f"LLM: quantize={quantize!r} must be None or 'int8'")
 
+        self.tp = None  # the tensor-parallel workers (tensor_parallel.py), when tensor_parallel_size > 1
+        self._tp_settings = None
+        if tensor_parallel_size != 1:
+            if isinstance(tensor_parallel_size, bool) or not isinstance(tensor_parallel_size, int) \
+                    or tensor_parallel_size < 1:
+                raise ValueError(f"LLM: tensor_parallel_size={tensor_parallel_size!r} must be a positive integer")
+            if isinstance(model, Qwen3ForCausalLM):
+                raise ValueError("LLM: tensor_parallel_size > 1 needs a checkpoint source (a directory, a Hub id or "
+                                 "'demo'), not a built model: each rank loads only its slice")
+            self._tp_settings = dict(
+                size=tensor_parallel_size, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                kv_cache_tokens=kv_cache_tokens, max_num_batched_tokens=max_num_batched_tokens,
+                block_size=block_size, gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
+            )  # fmt: skip
         self.model, self.tokenizer = self._load(model, device, dtype, tokenizer, quantize)
         model_ = self.model
         weight = model_.model.norm.weight
@@ -134,14 +192,13 @@ class LLM:
 
         nkv, layers = model_.num_kv_heads, config.num_hidden_layers
         block_bytes = KVPool.bytes_per_block(layers, block_size, nkv, config.head_dim, self.dtype)
-        if kv_cache_tokens is not None:
-            num_blocks = -(-kv_cache_tokens // block_size)
-        elif kind == "cuda":
-            num_blocks = self._blocks_from_gpu_memory(max_num_batched_tokens, max_num_seqs, block_bytes,
-                                                      gpu_memory_utilization)  # fmt: skip
-        else:
-            wanted = -(-max_num_seqs * max_model_len // block_size)
-            num_blocks = min(wanted, int(available_memory_bytes() * CPU_RAM_SHARE) // block_bytes)
+        if self.tp is not None:  # the workers size their pools (and warm up) with rank 0's numbers
+            self.tp.send_sizes(max_model_len, block_size, max_num_batched_tokens)
+        num_blocks = propose_num_blocks(model_, kv_cache_tokens, block_size, max_num_seqs, max_model_len,
+                                        max_num_batched_tokens, gpu_memory_utilization,
+                                        1 if self.tp is None else self.tp.size)  # fmt: skip
+        if self.tp is not None:  # every rank proposed its own; all take the smallest
+            num_blocks = self.tp.agree(num_blocks)
         if num_blocks < 1:
             raise ValueError(f"LLM: no memory left for the KV cache ({block_bytes} bytes per block of {block_size})")
         max_model_len = min(max_model_len, num_blocks * block_size)
@@ -156,7 +213,7 @@ class LLM:
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.config, self.block_manager)
         self.sampler = Sampler(max_num_seqs, config.vocab_size, self.device)
-        self.runner = ModelRunner(model_, self.config, self.pool, self.kernels)
+        self.runner = ModelRunner(model_, self.config, self.pool, self.kernels, tp=self.tp)
         self._request_counter = itertools.count()
         self._arrival = itertools.count()
         self.prompt_tokens_total = 0
@@ -167,6 +224,12 @@ class LLM:
     @property
     def max_model_len(self) -> int:
         return self.config.max_model_len
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel worker processes (also done when the LLM is garbage-collected or at exit);
+        nothing to do in one process."""
+        if self.tp is not None:
+            self.tp.shutdown()
 
     # -------------------------------------------------------------------------------------------
     # Setup
@@ -191,7 +254,13 @@ class LLM:
             "cuda" if torch.cuda.is_available() else "cpu")  # fmt: skip
         dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
         directory = resolve_source(model, sorted(set(MODEL_FILES + TOKENIZER_FILES)))
-        loaded = load_model(directory, device=device, dtype=dtype)
+        if self._tp_settings is not None:
+            from .tensor_parallel import TensorParallel
+
+            self.tp = TensorParallel.start(directory, device, dtype, quantize, self._tp_settings)
+            loaded = self.tp.load_model()
+        else:
+            loaded = load_model(directory, device=device, dtype=dtype)
         if quantize == "int8":
             from ..quantize import quantization_config, quantize_int8
 
@@ -206,30 +275,6 @@ class LLM:
             eos = json.loads(generation_config.read_text()).get("eos_token_id")
             self._eos_ids = () if eos is None else tuple([eos] if isinstance(eos, int) else eos)
         return loaded, tokenizer
-
-    @torch.inference_mode()
-    def _blocks_from_gpu_memory(self, max_tokens: int, max_num_seqs: int, block_bytes: int, utilization: float) -> int:
-        """Blocks that fit in utilization x total after the weights and a measured peak-activation warm-up."""
-        torch.cuda.synchronize(self.device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(self.device)
-        # The largest step: max_tokens packed tokens (one causal row stands in for the paged kernels, whose
-        # working memory is their output), logits for max_num_seqs rows, and the sort-based sampling filters.
-        rows = min(max_num_seqs, max_tokens)
-        ids = torch.zeros(1, max_tokens, dtype=torch.long, device=self.device)
-        positions = (torch.arange(max_tokens, device=self.device) % self.model.config.max_position_embeddings)[None]
-        index = torch.linspace(0, max_tokens - 1, rows, device=self.device).long()[None]
-        logits = self.model(ids, positions, CausalAttention(), logits_index=index)[0]
-        warm = [Sequence(str(i), [0], SamplingParams(top_p=0.9, min_p=0.1), -1) for i in range(rows)]
-        Sampler(max_num_seqs, self.model.config.vocab_size, self.device)(logits, warm)  # its peak memory
-        del logits
-        torch.cuda.synchronize(self.device)
-        free, total = torch.cuda.mem_get_info(self.device)
-        stats = torch.cuda.memory_stats(self.device)
-        used = total - free
-        peak, current = stats["allocated_bytes.all.peak"], stats["allocated_bytes.all.current"]
-        available = total * utilization - used - peak + current
-        return int(available) // block_bytes
 
     # -------------------------------------------------------------------------------------------
     # Requests
@@ -353,6 +398,8 @@ class LLM:
         """Wait for a step's sampled ids on the host; put them in place of the placeholders; finish sequences."""
         if in_flight.event is not None:
             in_flight.event.synchronize()  # only the copy: the forward launched after it keeps running
+        if self.tp is not None:
+            self.tp.check()  # a worker that died during the step: its collectives were aborted, the ids are void
         ids = in_flight.host[0].tolist()
         chosen = in_flight.host[1] if len(in_flight.host) > 1 else None
         top = in_flight.host[2] if len(in_flight.host) > 2 else None

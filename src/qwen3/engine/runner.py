@@ -31,11 +31,14 @@ from .sequence import Sequence
 
 if TYPE_CHECKING:
     from .llm import InFlight
+    from .tensor_parallel import TensorParallel
 
 
 class ModelRunner:
-    def __init__(self, model: Qwen3ForCausalLM, config: EngineConfig, pool: KVPool, kernels: SimpleNamespace) -> None:
+    def __init__(self, model: Qwen3ForCausalLM, config: EngineConfig, pool: KVPool, kernels: SimpleNamespace,
+                 tp: TensorParallel | None = None) -> None:  # fmt: skip
         self.model, self.config, self.pool, self.kernels = model, config, pool, kernels
+        self.tp = tp  # tensor parallelism: the step's metadata goes to the workers (tensor_parallel.py)
         self.device = config.device
         self.pin = self.device.type == "cuda"
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -87,6 +90,11 @@ class ModelRunner:
             tables.extend(seq.block_table)
             tables.extend(padding[: width - len(seq.block_table)])
 
+        if self.tp is not None:  # packed into one int tensor, broadcast; every rank runs the same forward
+            header = self.tp.header(len(tokens), S, width, len(logits_index), decode, max(batch.num_new_tokens),
+                                    max(seq_lens))  # fmt: skip
+            data = (tokens, positions, slots, tables, seq_lens, starts, logits_index)
+            return self.tp.step(self, header, data, holes, in_flight), sampling
         bucket = next((b for b in self.graphs if b >= S), None) if decode else None  # ascending (see capture)
         if bucket is not None:
             return self._replay(bucket, tokens, positions, slots, seq_lens, tables, holes, in_flight), sampling

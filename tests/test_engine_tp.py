@@ -1,0 +1,121 @@
+"""The engine under tensor parallelism (qwen3.engine.tensor_parallel) on the CPU: 2 ranks over gloo, fp32, small
+random models from conftest.make_reference. The single-process engine on the same checkpoint is the reference
+(itself tested against qwen3.generate in test_engine.py)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+import qwen3
+from conftest import make_reference
+from qwen3.engine import LLM
+from qwen3.sampling import SamplingParams
+
+VOCAB = 320
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Rank 0 (this process) and the worker share 2 cores: one intra-op thread each."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("engine-tp")
+    make_reference(directory, seed=11)  # 4 query heads, 2 KV heads, MLP 96, vocabulary 320: all divide by 2
+    return directory
+
+
+def random_prompts(lengths, seed=0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in lengths]
+
+
+def settings(**kwargs) -> dict:
+    return dict(kv_cache_tokens=2048, block_size=8, max_num_batched_tokens=24, **kwargs)
+
+
+def tp_processes(llm: LLM) -> list[multiprocessing.Process]:
+    return list(llm.tp.processes)
+
+
+def test_tp2_outputs_equal_the_single_process_engine(checkpoint):
+    prompts = random_prompts([1, 5, 8, 17, 30, 45], seed=1)  # around block boundaries; 30 and 45 take chunks
+    max_tokens = [9, 4, 12, 7, 10, 6]
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in max_tokens]
+    single = LLM(checkpoint, **settings())
+    expected = [o.token_ids for o in single.generate(prompts, params, use_tqdm=False)]
+    llm = LLM(checkpoint, tensor_parallel_size=2, **settings())
+    try:
+        assert llm.model.num_kv_heads == 1 and llm.pool.kv.shape[-2] == 1  # rank 0 holds its KV head only
+        assert llm.config.num_blocks == single.config.num_blocks
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        assert [o.token_ids for o in outputs] == expected
+        assert [len(o.token_ids) for o in outputs] == max_tokens
+        llm.block_manager.check_all_free()
+        # Again, in reverse order: the prefix cache now hits (each prompt's full blocks), the outputs stay the same.
+        outputs = llm.generate(prompts[::-1], params[::-1], use_tqdm=False)
+        assert [o.token_ids for o in outputs] == expected[::-1]
+        assert outputs[0].num_cached_tokens == 40  # 45 tokens: 5 full blocks of 8
+        llm.block_manager.check_all_free()
+        processes = tp_processes(llm)
+        assert all(p.is_alive() for p in processes)
+    finally:
+        llm.shutdown()
+    assert all(p.exitcode == 0 for p in processes)  # stopped by rank 0, left cleanly
+    assert not [p for p in multiprocessing.active_children() if p.name.startswith("qwen3-tp")]
+
+
+def test_uneven_sizes_and_built_models_fail_before_any_process_starts(checkpoint):
+    before = set(multiprocessing.active_children())
+    with pytest.raises(ValueError, match="num_attention_heads: 4 is not divisible by the tensor-parallel size 3"):
+        LLM(checkpoint, tensor_parallel_size=3, **settings())
+    with pytest.raises(ValueError, match="tensor_parallel_size > 1 needs a checkpoint source"):
+        LLM(qwen3.load_model(checkpoint), tensor_parallel_size=2, **settings())
+    with pytest.raises(ValueError, match="tensor_parallel_size=0 must be a positive integer"):
+        LLM(checkpoint, tensor_parallel_size=0, **settings())
+    assert set(multiprocessing.active_children()) == before
+
+
+def test_uneven_kv_heads_fail(tmp_path):
+    make_reference(tmp_path, seed=2, num_attention_heads=4, num_key_value_heads=1)
+    with pytest.raises(ValueError, match="num_key_value_heads: 1 is not divisible by the tensor-parallel size 2"):
+        LLM(tmp_path, tensor_parallel_size=2, **settings())
+
+
+def test_a_killed_worker_stops_generate_with_an_error_naming_it(checkpoint):
+    llm = LLM(checkpoint, tensor_parallel_size=2, **settings())
+    (worker,) = tp_processes(llm)
+    killed_at = []
+
+    def kill() -> None:
+        killed_at.append(time.monotonic())
+        os.kill(worker.pid, signal.SIGKILL)
+
+    prompts = random_prompts([20] * 4, seed=3)
+    params = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)  # far longer than the test runs
+    timer = threading.Timer(1.0, kill)
+    timer.start()
+    try:
+        with pytest.raises(RuntimeError, match=rf"worker rank 1 \(pid {worker.pid}\) was killed by signal 9"):
+            llm.generate(prompts, params, use_tqdm=False)
+        assert killed_at and time.monotonic() - killed_at[0] < 10
+        llm.block_manager.check_all_free()  # the interrupted requests gave their blocks back
+        with pytest.raises(RuntimeError, match="the engine has stopped"):  # and it stays stopped
+            llm.generate(prompts[:1], params, use_tqdm=False)
+    finally:
+        timer.cancel()
+        llm.shutdown()
+    assert worker.exitcode == -signal.SIGKILL
+    assert not [p for p in multiprocessing.active_children() if p.name.startswith("qwen3-tp")]
