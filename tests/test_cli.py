@@ -409,3 +409,77 @@ def test_a_missing_local_model_is_one_plain_line(tmp_path, capsys, monkeypatch):
         code, out, err = run(capsys, "generate", "--model", model, "x")
         assert (code, out) == (2, "")
         assert err.startswith(f"qwen3: error: no such model directory: {model}") and "--model PATH" not in err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The engine's decode path (the default on CUDA) against generate_text (the plain path), here on the CPU
+
+
+def run_path(capsys, engine: bool, *argv: str) -> tuple[int, str, str]:
+    """`qwen3 ...` in this process with the decode path chosen: the engine (engine=True) or generate_text."""
+    from qwen3.cli import build_parser, run_command
+
+    args = build_parser().parse_args(list(argv))
+    args.engine = engine
+    code = run_command(args, list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def without_timing(result: dict) -> dict:
+    return {k: v for k, v in result.items() if k not in ("seconds", "seconds_to_first_token", "tokens_per_second")}
+
+
+@pytest.fixture(scope="module")
+def demo_with_eos(tmp_path_factory):
+    """The demo model whose generation_config also lists, as an EOS id, the 7th token of its greedy continuation
+    of "ROMEO:" (the demo itself never stops in a few dozen tokens)."""
+    from qwen3.hub import DEMO_DIR
+
+    directory = tmp_path_factory.mktemp("demo-eos")
+    for path in DEMO_DIR.iterdir():
+        (directory / path.name).symlink_to(path)
+    tok = qwen3.load_tokenizer(DEMO_DIR)
+    ids = qwen3.generate(qwen3.load_model(DEMO_DIR), [tok.encode("ROMEO:")], 7)[0].tolist()
+    config = json.loads((DEMO_DIR / "generation_config.json").read_text())
+    (directory / "generation_config.json").unlink()
+    (directory / "generation_config.json").write_text(json.dumps({**config, "eos_token_id": [4087, ids[6]]}))
+    assert ids[6] not in ids[:6]
+    return directory
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--max-new-tokens", "30", "ROMEO:"],  # max tokens
+        ["--max-new-tokens", "1", "KING"],
+        ["--max-new-tokens", "0", "KING"],
+        ["--max-new-tokens", "60", "--stop", "the", "--stop", "my h", "First Citizen:"],  # stop strings
+        ["--max-new-tokens", "40", "--stop", "spirit\n", "--chat", "--no-think", "Speak, ROMEO"],
+    ],
+)
+def test_generate_on_the_engine_equals_generate_text(capsys, extra):
+    argv = ["generate", "--model", "demo", "--temperature", "0", *extra]
+    plain, engine = run_path(capsys, False, *argv), run_path(capsys, True, *argv)
+    assert plain[0] == 0 and engine == plain
+    (_, plain_json, _), (code, engine_json, _) = (run_path(capsys, engine, *argv, "--json") for engine in (False, True))
+    plain_json, engine_json = json.loads(plain_json), json.loads(engine_json)
+    assert code == 0 and without_timing(engine_json) == without_timing(plain_json)
+    if "--stop" in extra:
+        assert plain_json["finish_reason"] == "stop"
+
+
+def test_generate_on_the_engine_stops_at_eos_like_generate_text(demo_with_eos, capsys):
+    argv = ["generate", "--model", str(demo_with_eos), "--temperature", "0", "--max-new-tokens", "20", "--json",
+            "ROMEO:"]  # fmt: skip
+    (_, plain, _), (code, engine, err) = run_path(capsys, False, *argv), run_path(capsys, True, *argv)
+    plain, engine = json.loads(plain), json.loads(engine)
+    assert code == 0, err
+    assert plain["finish_reason"] == "eos" and plain["completion_tokens"] == 6  # the EOS id is not counted
+    assert without_timing(engine) == without_timing(plain)
+
+
+def test_generate_on_the_engine_refuses_what_does_not_fit_like_generate_text(capsys):
+    argv = ["generate", "--model", "demo", "--max-new-tokens", "1020", "ROMEO: " * 10]
+    plain, engine = run_path(capsys, False, *argv), run_path(capsys, True, *argv)
+    assert plain[0] == 2 and "exceeds the model's context of 1024 tokens" in plain[2] and engine == plain

@@ -12,6 +12,11 @@ answer gets `max_new_tokens` or the room left in the model's context, whichever 
 `reserve` tokens would be left, the oldest turns go (the system prompt stays) and one dim line says so; a
 message too long for the context on its own is refused in one line. The chat never exits on either.
 
+The decode path. With `engine` (the default on CUDA, see cli.py) the session keeps one engine LLM sized for this
+one conversation (qwen3.engine.stream): its decode steps replay a CUDA graph, and each turn's prompt finds the
+previous turns in the prefix cache, so only the new message is prefilled; the stats line says how many prompt
+tokens were cached. Otherwise each answer is `generate_text` (the reference path; --compile, --tp, the CPU).
+
 Reasoning is shown dimmed and apart from the answer (`ReasoningDimmer`). Some templates open the think block
 themselves, ending the generation prompt with "<think>\\n" (the -Thinking-2507 models): then the completion
 starts inside the reasoning and the dimmer starts in it too.
@@ -25,7 +30,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from .chat import THINK_START, parse_completion
 from .generate import generate_text
@@ -33,6 +38,9 @@ from .model import Qwen3ForCausalLM
 from .parallel import on_rank0
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer, valid_text
+
+if TYPE_CHECKING:
+    from .engine import LLM
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"
 COMMANDS = {
@@ -147,6 +155,8 @@ class ChatSession:
     color: bool = False
     read_line: Callable[[str], str] = input
     history: list[dict] = field(default_factory=list)
+    llm: LLM | None = None  # the engine path (one LLM for the whole conversation); None: generate_text
+    max_model_len: int | None = None  # a context shorter than the model's (the engine's pool holds this many)
 
     def __post_init__(self) -> None:
         if self.system and not self.history:
@@ -154,7 +164,10 @@ class ChatSession:
 
     @property
     def context(self) -> int:
-        return self.model.config.max_position_embeddings
+        if self.llm is not None:
+            return self.llm.max_model_len
+        limit = self.model.config.max_position_embeddings
+        return min(limit, self.max_model_len) if self.max_model_len else limit
 
     @property
     def reserve(self) -> int:
@@ -241,8 +254,13 @@ class ChatSession:
         max_new = min(self.max_new_tokens, self.context - len(prompt_ids))
         dimmer = ReasoningDimmer(self.out, self.color, thinking=thinking_open)
         try:
-            completion = generate_text(self.model, self.tok, prompt_ids, max_new, self.sampling, on_text=dimmer,
-                                       interruptible=True, compile=self.compile)  # fmt: skip
+            if self.llm is not None:
+                from .engine.stream import complete
+
+                completion = complete(self.llm, prompt_ids, max_new, self.sampling, on_text=dimmer, interruptible=True)
+            else:
+                completion = generate_text(self.model, self.tok, prompt_ids, max_new, self.sampling, on_text=dimmer,
+                                           interruptible=True, compile=self.compile)  # fmt: skip
         except KeyboardInterrupt:  # Ctrl-C before the first token: drop the turn, keep the chat
             dimmer.close()
             self.history.pop()
@@ -252,7 +270,9 @@ class ChatSession:
         # The template re-renders the turn from its parts (and drops the reasoning of earlier turns).
         text = (THINK_START + "\n" if thinking_open else "") + completion.text
         self.history.append(parse_completion(text).to_message())
-        note = " (interrupted)" if completion.finish_reason == "interrupted" else ""
+        cached = getattr(completion, "num_cached_tokens", None)
+        note = (f", {cached} cached" if cached is not None else "") + (
+            " (interrupted)" if completion.finish_reason == "interrupted" else "")  # fmt: skip
         self.say(f"\n[{completion.completion_tokens} tokens, {completion.tokens_per_second:.1f} tok/s{note}]", dim=True)
 
 
@@ -266,14 +286,22 @@ def run_chat(
     thinking: bool = True,
     system: str | None = None,
     compile: bool = False,
+    engine: bool = False,
+    max_model_len: int | None = None,
 ) -> int:
-    """`qwen3 chat` after loading: the banner, then the loop on standard input and output."""
+    """`qwen3 chat` after loading: the banner, then the loop on standard input and output. `engine`: answer with
+    one engine LLM for the session (its KV pool holds `max_model_len` tokens, default the model's context)."""
     if tok.chat_template is None:
         raise ValueError(f"{name}: the tokenizer has no chat template, which chat needs (qwen3 generate does not)")
+    llm = None
+    if engine:
+        from .engine.stream import single_llm
+
+        llm = single_llm(model, tok, max_model_len or model.config.max_position_embeddings)
     color = capable_terminal()
     print(f"qwen3 chat: {name} on {model.lm_head.weight.device} ({CHAT_HELP})", flush=True)
     session = ChatSession(
         model, tok, sampling, max_new_tokens=2048 if max_new_tokens is None else max_new_tokens, thinking=thinking,
-        system=system, compile=compile, color=color, read_line=line_reader(),
+        system=system, compile=compile, color=color, read_line=line_reader(), llm=llm, max_model_len=max_model_len,
     )  # fmt: skip
     return session.run()

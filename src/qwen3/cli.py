@@ -8,6 +8,10 @@ a prompt that does not fit) print one line on stderr and exit with status 2; Ctr
 reader that goes away (`| head`) ends the output quietly. Prompt text with invalid UTF-8 is read with
 U+FFFD in place of what does not decode (tokenizer.valid_text), as chat reads its lines.
 
+`generate` and `chat` on CUDA decode with the engine at batch 1 (qwen3.engine.stream: a CUDA graph per step, and
+for chat one LLM whose prefix cache keeps the earlier turns); on the CPU, and with --tp, --speculative or
+--compile, they call generate_text. `args.engine` (no flag: tests set it) forces one or the other.
+
 `generate` and `chat` with `--tp N` restart themselves under torchrun in N processes (qwen3.parallel): rank 0
 reads standard input and prints, the other ranks compute in step with it. Ctrl-C then ends the whole run.
 """
@@ -20,6 +24,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -101,6 +106,8 @@ def check_flags(args: argparse.Namespace) -> None:
         raise UserError(f"--speculative {args.speculative}: must be a number of draft tokens >= 0 (0 = off)")
     if any(not s for s in getattr(args, "stop", ())):
         raise UserError("--stop: an empty stop string would end every answer before its first character")
+    if getattr(args, "max_model_len", None) is not None and args.max_model_len <= 0:
+        raise UserError(f"--max-model-len {args.max_model_len}: must be a number of tokens > 0")
     if getattr(args, "context", None) is not None and args.context <= 0:
         raise UserError(f"--context {args.context}: must be a number of tokens > 0")
     if getattr(args, "plot", None) is not None:
@@ -153,6 +160,14 @@ def load(args: argparse.Namespace, directory: Path | None = None) -> tuple[Qwen3
     return model, load_tokenizer(directory), directory
 
 
+def use_engine(args: argparse.Namespace, model: Qwen3ForCausalLM) -> bool:
+    """Decode with the engine: on CUDA unless --tp, --speculative or --compile asks for the plain path."""
+    if getattr(args, "engine", None) is not None:
+        return args.engine
+    plain = args.tp > 1 or args.compile or getattr(args, "speculative", 0)
+    return model.lm_head.weight.device.type == "cuda" and not plain
+
+
 def sampling_from_args(args: argparse.Namespace, directory: Path) -> SamplingParams:
     """The sampling flags over the model's generation_config.json defaults."""
     overrides = sampling_overrides(args)
@@ -188,12 +203,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.write(chunk)
         sys.stdout.flush()
 
-    fast = dict(compile=args.compile, speculative=args.speculative)
+    if use_engine(args, model):
+        from .engine.stream import complete, single_llm
+
+        prompt_ids = tok.encode(prompt, allow_special=True)
+        context = model.config.max_position_embeddings
+        if len(prompt_ids) + max_new > context:  # generate_text's check and words
+            raise ContextLengthError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new}) = "
+                                     f"{len(prompt_ids) + max_new} exceeds the model's context of {context} tokens")
+        run = partial(complete, single_llm(model, tok, len(prompt_ids) + max_new), prompt_ids)  # a pool this size
+    else:
+        run = partial(generate_text, model, tok, prompt, compile=args.compile, speculative=args.speculative)
     if args.json:
-        completion = generate_text(model, tok, prompt, max_new, sampling, stops, **fast)
+        completion = run(max_new, sampling, stops)
         print(json.dumps(completion_json(completion), ensure_ascii=False))
     else:
-        completion = generate_text(model, tok, prompt, max_new, sampling, stops, on_text=write, **fast)
+        completion = run(max_new, sampling, stops, on_text=write)
         sys.stdout.write("\n")
     return 0
 
@@ -226,7 +251,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     sampling = sampling_from_args(args, directory)
     model, tok, _ = load(args, directory)
     return run_chat(model, tok, sampling, name=args.model, max_new_tokens=args.max_new_tokens,
-                    thinking=not args.no_think, system=args.system, compile=args.compile)  # fmt: skip
+                    thinking=not args.no_think, system=args.system, compile=args.compile,
+                    engine=use_engine(args, model), max_model_len=args.max_model_len)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -314,14 +340,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt-lookup speculative decoding with K draft tokens (greedy only)")  # fmt: skip
     add_model_flags(p)
     add_sampling_flags(p)
-    p.set_defaults(func=cmd_generate)
+    p.set_defaults(func=cmd_generate, engine=None)
 
     p = sub.add_parser("chat", help="interactive multi-turn chat", description=f"Interactive chat. {CHAT_HELP}.")
     p.add_argument("--no-think", action="store_true", help="start with thinking off")
     p.add_argument("--system", help="a system prompt")
+    p.add_argument("--max-model-len", type=int, metavar="N",
+                   help="context of the chat in tokens (default: the model's); on CUDA the KV cache holds this many")
     add_model_flags(p)
     add_sampling_flags(p)
-    p.set_defaults(func=cmd_chat)
+    p.set_defaults(func=cmd_chat, engine=None)
 
     p = sub.add_parser("info", help="parameter counts and memory of a model", description="Describe a model.")
     p.add_argument("--model", default=DEFAULT_MODEL, help="model directory or Hub id (only config.json is read)")
