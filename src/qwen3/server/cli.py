@@ -36,6 +36,7 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=_positive_int, default=256, help="requests in one batch at most (256)")
     p.add_argument("--max-model-len", type=_positive_int, help="context length (default: the model's)")
     p.add_argument("--kv-cache-tokens", type=_positive_int, help="KV-cache size in tokens (default: from memory)")
+    p.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel size: GPUs (processes) to split over")
 
 
 def add_subcommands(sub: Any) -> None:
@@ -98,6 +99,7 @@ def build_engine(args: argparse.Namespace) -> tuple[Any, Any]:
         max_model_len=args.max_model_len,
         kv_cache_tokens=args.kv_cache_tokens,
         quantize=args.quantize,
+        tensor_parallel_size=args.tp,
     )
     ctx = ServingContext.for_engine(llm, args.served_model_name or args.model, directory)
     return llm, ctx
