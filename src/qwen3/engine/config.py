@@ -25,6 +25,7 @@ class EngineConfig:
     enforce_eager: bool
     vocab_size: int
     eos_token_ids: tuple[int, ...]
+    compile: bool = False  # the decode CUDA graphs replay a torch.compile'd forward (compiled.py)
 
     @property
     def max_blocks_per_seq(self) -> int:

@@ -150,6 +150,7 @@ class LLM:
         enforce_eager: bool = False,
         quantize: str | None = None,
         tensor_parallel_size: int = 1,
+        compile: bool = False,
     ) -> None:
         for name, value in (("max_num_seqs", max_num_seqs), ("max_model_len", max_model_len),
                             ("kv_cache_tokens", kv_cache_tokens), ("max_num_batched_tokens", max_num_batched_tokens),
@@ -160,6 +161,9 @@ class LLM:
             raise ValueError(f"LLM: gpu_memory_utilization={gpu_memory_utilization!r} must be in (0, 1]")
         if quantize not in (None, "int8"):
             raise ValueError(f"LLM: quantize={quantize!r} must be None or 'int8'")
+        if not isinstance(compile, bool) or (compile and (enforce_eager or tensor_parallel_size != 1)):
+            raise ValueError(f"LLM: compile={compile!r} must be a bool, and True only without enforce_eager and "
+                             "tensor parallelism (it compiles the decode CUDA graphs)")
 
         self.tp = None  # the tensor-parallel workers (tensor_parallel.py), when tensor_parallel_size > 1
         self._tp_settings = None
@@ -189,6 +193,9 @@ class LLM:
         max_num_batched_tokens = max_num_batched_tokens or DEFAULT_BATCHED_TOKENS[kind]
         eos = tuple(self.tokenizer.eos_token_ids) if self.tokenizer is not None else self._eos_ids
         self.kernels = kernels_for(self.device)
+        if compile and self.kernels.name != "triton":  # the CPU never compiles: it has no CUDA graphs
+            raise ValueError(f"LLM: compile=True needs CUDA and the Triton kernels; the model is on {self.device} "
+                             f"with the {self.kernels.name} kernels")
 
         nkv, layers = model_.num_kv_heads, config.num_hidden_layers
         block_bytes = KVPool.bytes_per_block(layers, block_size, nkv, config.head_dim, self.dtype)
@@ -207,7 +214,7 @@ class LLM:
             device=self.device, dtype=self.dtype, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
             max_num_batched_tokens=max_num_batched_tokens, block_size=block_size, num_blocks=num_blocks,
             enable_prefix_caching=enable_prefix_caching, enforce_eager=enforce_eager,
-            vocab_size=config.vocab_size, eos_token_ids=eos,
+            vocab_size=config.vocab_size, eos_token_ids=eos, compile=compile,
         )  # fmt: skip
         self.pool = KVPool(layers, num_blocks, block_size, nkv, config.head_dim, self.dtype, self.device)
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)

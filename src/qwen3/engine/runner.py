@@ -161,21 +161,50 @@ class ModelRunner:
         self.g_hidden = torch.zeros(largest, hidden_size, dtype=self.config.dtype, device=device)  # graph output
         starts = torch.arange(largest + 1, dtype=torch.int32, device=device)
         memory_pool = None
+        backend_type, hidden_states, options = PagedAttention, self._eager_hidden_states, {}
+        if self.config.compile:  # LLM(compile=True): replay a torch.compile'd forward (compiled.py)
+            from . import compiled
+
+            backend_type, options = compiled.CompiledPagedAttention, {"ops": compiled.custom_ops_for(self.kernels)}
+            hidden_states = compiled.compile_decode_forward()
         with torch.inference_mode():
             for size in reversed(buckets):
-                backend = PagedAttention(
+                backend = backend_type(
                     self.pool, self.kernels, self.g_slots[:size], self.g_tables[:size], self.g_seq_lens[:size],
                     starts[: size + 1], max_query_len=1, max_seq_len=self.config.max_model_len, decode=True,
-                    num_splits=self._num_splits(size, self.config.max_model_len),
+                    num_splits=self._num_splits(size, self.config.max_model_len), **options,
                 )  # fmt: skip
 
                 def forward(size: int = size, backend: PagedAttention = backend) -> None:
                     tokens, positions = self.g_tokens[None, :size], self.g_positions[None, :size]
-                    self.g_hidden[:size].copy_(self.model.hidden_states(tokens, positions, backend)[0])
+                    self.g_hidden[:size].copy_(hidden_states(self.model, tokens, positions, backend)[0])
 
-                self.graphs[size] = self._record(forward, memory_pool)
+                if options:
+                    self.graphs[size] = self._record_compiled(forward, memory_pool, size)
+                else:
+                    self.graphs[size] = self._record(forward, memory_pool)
                 memory_pool = self.graphs[size].pool()
         self.graphs = dict(sorted(self.graphs.items()))  # smallest bucket first, for the lookup in run
+
+    @staticmethod
+    def _eager_hidden_states(model: Qwen3ForCausalLM, tokens: Tensor, positions: Tensor, backend: PagedAttention
+                             ) -> Tensor:  # fmt: skip
+        return model.hidden_states(tokens, positions, backend)
+
+    def _record_compiled(self, forward: Callable[[], None], memory_pool: tuple | None, size: int
+                         ) -> torch.cuda.CUDAGraph:  # fmt: skip
+        """_record for compile=True: the warm-up run compiles (a failure is one clear error at start), and the
+        dynamo settings allow one compile per split count and fail instead of falling back to eager."""
+        from .compiled import compile_settings
+
+        with torch._dynamo.config.patch(compile_settings()):
+            try:
+                forward()
+            except Exception as error:
+                first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                raise RuntimeError(f"LLM(compile=True): torch.compile failed on the decode forward of {size} "
+                                   f"sequences ({type(error).__name__}: {first}); use compile=False") from error
+            return self._record(forward, memory_pool)
 
     @staticmethod
     def _record(forward: Callable[[], None], memory_pool: tuple | None) -> torch.cuda.CUDAGraph:

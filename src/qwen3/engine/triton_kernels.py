@@ -47,6 +47,10 @@ PREFILL_CONFIG = {
 DECODE_CONFIG = {"half": (64, 4, 3), "fp32": (16, 4, 2)}
 
 
+def _direct(kernel):  # noqa: ANN001, ANN202 - a launch as written (torch.compile's ops pass wrap_triton instead)
+    return kernel
+
+
 def _prefill_config(rows_needed: int, fp32: bool) -> tuple[int, int, int, int]:
     for most, rows, block_n, num_warps, num_stages in PREFILL_CONFIG["fp32" if fp32 else "half"]:
         if most is None or rows_needed <= most:
@@ -95,6 +99,61 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         nkv,
         BLOCK_SIZE=k_cache.shape[1], HEAD_DIM=d, BLOCK_H=triton.next_power_of_2(nkv), BLOCK_D=triton.next_power_of_2(d),
+        num_warps=4,
+    )
+
+
+@triton.jit
+def _store_kv_pool_kernel(
+    k_ptr, v_ptr, kv_ptr, slot_mapping_ptr,
+    layer, num_layers, stride_layer,
+    stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,
+    stride_c_block, stride_c_off, stride_c_head,
+    num_kv_heads,
+    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # _store_kv_kernel on the whole pool kv (2, layers, ...): layer l's keys start at l * stride_layer, its values at
+    # (layers + l) * stride_layer (int64: the pool can pass 2**31 elements).
+    tok = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_mapping_ptr + tok).to(tl.int64)
+    heads = tl.arange(0, BLOCK_H)[:, None]
+    dims = tl.arange(0, BLOCK_D)[None, :]
+    mask = (heads < num_kv_heads) & (dims < HEAD_DIM) & (slot >= 0)
+    dst = (slot // BLOCK_SIZE) * stride_c_block + (slot % BLOCK_SIZE) * stride_c_off + heads * stride_c_head + dims
+    k_base = layer.to(tl.int64) * stride_layer
+    v_base = (num_layers + layer).to(tl.int64) * stride_layer
+    k = tl.load(k_ptr + tok * stride_k_tok + heads * stride_k_head + dims, mask=mask)
+    v = tl.load(v_ptr + tok * stride_v_tok + heads * stride_v_head + dims, mask=mask)
+    tl.store(kv_ptr + k_base + dst, k.to(kv_ptr.dtype.element_ty), mask=mask)
+    tl.store(kv_ptr + v_base + dst, v.to(kv_ptr.dtype.element_ty), mask=mask)
+
+
+def store_kv_pool(k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor, layer: int, slot_mapping: torch.Tensor,
+                  _wrap=_direct) -> None:
+    """store_kv into layer `layer` of the whole pool kv (2, layers, num_blocks, block_size, nkv, D), contiguous.
+
+    The compiled forward's form: the tensor it mutates is the pool itself, not a view of it, so torch.compile
+    writes in place (a view of a graph input would risk a copy of the pool)."""
+    if kv.dim() != 6 or not kv.is_contiguous():
+        raise ValueError(f"store_kv_pool: kv must be a contiguous (2, layers, blocks, block_size, nkv, D) pool, got "
+                         f"shape {tuple(kv.shape)}, strides {kv.stride()}")
+    if not 0 <= layer < kv.shape[1]:
+        raise ValueError(f"store_kv_pool: layer {layer} is not in 0..{kv.shape[1] - 1}")
+    cache = kv[0, layer]
+    n, nkv, d = _check_rows("k", k, cache)
+    if v.shape != k.shape:
+        raise ValueError(f"store_kv_pool: v has shape {tuple(v.shape)}, expected k's {tuple(k.shape)}")
+    _check_index("slot_mapping", slot_mapping, (n,), k.device)
+    if n == 0:
+        return
+    k, v = _last_dim_contiguous(k), _last_dim_contiguous(v)
+    _wrap(_store_kv_pool_kernel)[(n,)](
+        k, v, kv, slot_mapping,
+        layer, kv.shape[1], kv.stride(1),
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        cache.stride(0), cache.stride(1), cache.stride(2),
+        nkv,
+        BLOCK_SIZE=cache.shape[1], HEAD_DIM=d, BLOCK_H=triton.next_power_of_2(nkv), BLOCK_D=triton.next_power_of_2(d),
         num_warps=4,
     )
 
@@ -184,7 +243,7 @@ def _paged_prefill_kernel(
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float, max_query_len: int,
-                    max_seq_len: int) -> torch.Tensor:
+                    max_seq_len: int, _wrap=_direct) -> torch.Tensor:
     """Causal attention of the packed queries q (N, nh, D) over each sequence's cached keys; returns (N, nh, D).
 
     Sequence s owns q[query_start_loc[s]:query_start_loc[s+1]]; seq_lens[s] counts its cached tokens including
@@ -211,7 +270,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     rows = max(rows, g_pad)
     block_q = rows // g_pad
     grid = (n // block_q + s, nkv)
-    _paged_prefill_kernel[grid](
+    _wrap(_paged_prefill_kernel)[grid](
         q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc,
         scale * LOG2E, s,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
@@ -316,7 +375,7 @@ def _paged_decode_reduce_kernel(
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                           seq_lens: torch.Tensor, scale: float, num_splits: int) -> torch.Tensor:
+                           seq_lens: torch.Tensor, scale: float, num_splits: int, _wrap=_direct) -> torch.Tensor:
     """One query per sequence (q (S, nh, D), at position seq_lens[s] - 1) over its cached keys; returns (S, nh, D).
 
     CUDA-graph capturable: the launch depends on shapes and num_splits only. Rows with seq_lens[s] == 0 give zeros.
@@ -344,7 +403,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         mid_lse = torch.empty(s, nh, num_splits, dtype=torch.float32, device=q.device)
     block_d = triton.next_power_of_2(d)
     block_n, num_warps, num_stages = DECODE_CONFIG["fp32" if fp32 else "half"]
-    _paged_decode_split_kernel[(s, nkv, num_splits)](
+    _wrap(_paged_decode_split_kernel)[(s, nkv, num_splits)](
         q, k_cache, v_cache, out, mid_o, mid_lse, block_tables, seq_lens,
         scale * LOG2E, num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
@@ -354,7 +413,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         num_warps=num_warps, num_stages=num_stages,
     )
     if not direct:
-        _paged_decode_reduce_kernel[(s, nh)](
+        _wrap(_paged_decode_reduce_kernel)[(s, nh)](
             mid_o, mid_lse, out, num_splits, out.stride(0), out.stride(1),
             HEAD_DIM=d, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
             num_warps=4,

@@ -1,0 +1,183 @@
+"""`LLM(compile=True)`: the decode CUDA graphs replay a torch.compile'd forward instead of the eager one.
+
+Why: in an eager decode step some hundreds of tiny elementwise kernels (RMSNorm's casts and reductions, RoPE,
+SiLU x up, residual adds) cost 1-5 us of GPU time each even inside a CUDA graph; inductor fuses those chains.
+The paged attention stays our Triton kernels, registered as custom ops so that dynamo traces the whole forward,
+PagedAttention backend included, into one graph (fullgraph: a graph break is an error at LLM start):
+
+    qwen3::store_kv_pool(k, v, kv, layer, slot_mapping)       mutates the pool kv itself, not a view of it:
+                                                             inductor then writes in place (a mutated view of a
+                                                             graph input could make it copy the whole pool)
+    qwen3::paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits) -> out
+    qwen3::paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
+                           max_query_len, max_seq_len) -> out
+
+On CUDA they are `torch.library.triton_op`s whose bodies launch the kernels through `wrap_triton`, so inductor
+sees the kernels (and checks which arguments they write). `qwen3::reference_*` are the same three on the
+PyTorch reference kernels (opaque custom ops): the CPU test compiles the forward with them.
+
+Shapes: the batch (token) dimension is marked dynamic, so the graph buckets share one compiled artefact per
+decode split count (`num_splits` is a Python int of the backend, fixed per bucket, and dynamo specialises on
+it: about five values from 1 to 16, so about five compiles, plus bucket 1, which is always static). The layer
+loop is unrolled at trace time. Inputs to the kernels are made contiguous first, so the strides the kernels
+were traced with are the strides inductor gives them.
+"""
+
+from __future__ import annotations
+
+import math as pymath
+from collections.abc import Callable
+from types import SimpleNamespace
+
+import torch
+from torch import Tensor
+
+from ..model import AttentionFn, Qwen3ForCausalLM
+from .attention import PagedAttention, paged_attention, paged_decode_attention, store_kv
+
+# ---------------------------------------------------------------------------------------------------
+# The reference kernels as opaque custom ops (CPU; tests)
+
+
+@torch.library.custom_op("qwen3::reference_store_kv_pool", mutates_args={"kv"})
+def _reference_store_kv_pool(k: Tensor, v: Tensor, kv: Tensor, layer: int, slot_mapping: Tensor) -> None:
+    store_kv(k, v, kv[0, layer], kv[1, layer], slot_mapping)
+
+
+@torch.library.custom_op("qwen3::reference_paged_decode_attention", mutates_args=())
+def _reference_paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
+                                      seq_lens: Tensor, scale: float, num_splits: int) -> Tensor:  # fmt: skip
+    return paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits).clone()
+
+
+@_reference_paged_decode_attention.register_fake
+def _(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor, scale: float,
+      num_splits: int) -> Tensor:  # fmt: skip
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("qwen3::reference_paged_attention", mutates_args=())
+def _reference_paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
+                               query_start_loc: Tensor, scale: float, max_query_len: int,
+                               max_seq_len: int) -> Tensor:  # fmt: skip
+    return paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, max_query_len,
+                           max_seq_len).clone()  # fmt: skip
+
+
+@_reference_paged_attention.register_fake
+def _(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor, query_start_loc: Tensor,
+      scale: float, max_query_len: int, max_seq_len: int) -> Tensor:  # fmt: skip
+    return torch.empty_like(q)
+
+
+REFERENCE_OPS = SimpleNamespace(
+    name="reference",
+    store_kv_pool=torch.ops.qwen3.reference_store_kv_pool,
+    paged_decode_attention=torch.ops.qwen3.reference_paged_decode_attention,
+    paged_attention=torch.ops.qwen3.reference_paged_attention,
+)
+
+# ---------------------------------------------------------------------------------------------------
+# The Triton kernels as triton_ops (CUDA)
+
+_TRITON_OPS: SimpleNamespace | None = None
+
+
+def triton_custom_ops() -> SimpleNamespace:
+    """Register (once) and return the qwen3:: triton_ops. ImportError without triton; RuntimeError where this
+    torch has no torch.library.triton_op (it came in 2.6)."""
+    global _TRITON_OPS
+    if _TRITON_OPS is not None:
+        return _TRITON_OPS
+    from . import triton_kernels as tk
+
+    triton_op = getattr(torch.library, "triton_op", None)
+    wrap_triton = getattr(torch.library, "wrap_triton", None)
+    if triton_op is None or wrap_triton is None:
+        raise RuntimeError(f"LLM(compile=True) needs torch.library.triton_op (torch >= 2.6), found {torch.__version__}")
+
+    @triton_op("qwen3::store_kv_pool", mutates_args={"kv"})
+    def store_kv_pool(k: Tensor, v: Tensor, kv: Tensor, layer: int, slot_mapping: Tensor) -> None:
+        tk.store_kv_pool(k, v, kv, layer, slot_mapping, _wrap=wrap_triton)
+
+    @triton_op("qwen3::paged_decode_attention", mutates_args=())
+    def decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor, scale: float,
+               num_splits: int) -> Tensor:  # fmt: skip
+        return tk.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits,
+                                         _wrap=wrap_triton)  # fmt: skip
+
+    @triton_op("qwen3::paged_attention", mutates_args=())
+    def prefill(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
+                query_start_loc: Tensor, scale: float, max_query_len: int, max_seq_len: int) -> Tensor:  # fmt: skip
+        return tk.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
+                                  max_query_len, max_seq_len, _wrap=wrap_triton)  # fmt: skip
+
+    _TRITON_OPS = SimpleNamespace(
+        name="triton",
+        store_kv_pool=torch.ops.qwen3.store_kv_pool,
+        paged_decode_attention=torch.ops.qwen3.paged_decode_attention,
+        paged_attention=torch.ops.qwen3.paged_attention,
+    )
+    return _TRITON_OPS
+
+
+def custom_ops_for(kernels: SimpleNamespace) -> SimpleNamespace:
+    """The custom ops matching an engine kernel set (attention.kernels_for): Triton's, or the reference ones."""
+    return triton_custom_ops() if kernels.name == "triton" else REFERENCE_OPS
+
+
+# ---------------------------------------------------------------------------------------------------
+# The backend and the compiled forward
+
+
+class CompiledPagedAttention(PagedAttention):
+    """PagedAttention through the custom ops `ops` (triton_custom_ops or REFERENCE_OPS), for dynamo to trace.
+
+    Same arguments and meaning as PagedAttention, plus `ops`."""
+
+    def __init__(self, *args, ops: SimpleNamespace, **kwargs) -> None:  # noqa: ANN002, ANN003 - PagedAttention's
+        super().__init__(*args, **kwargs)
+        self.ops = ops
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, math: AttentionFn) -> Tensor:
+        # (1, heads, N, D) -> (N, heads, D), contiguous: the strides the kernels are traced with are then fixed
+        q, k, v = (x[0].transpose(0, 1).contiguous() for x in (q, k, v))
+        kv = self.pool.kv
+        self.ops.store_kv_pool(k, v, kv, layer, self.slot_mapping)
+        k_cache, v_cache = kv[0, layer], kv[1, layer]
+        scale = 1 / pymath.sqrt(q.shape[-1])
+        if self.decode:
+            out = self.ops.paged_decode_attention(q, k_cache, v_cache, self.block_tables, self.seq_lens, scale,
+                                                  self.num_splits)  # fmt: skip
+        else:
+            out = self.ops.paged_attention(q, k_cache, v_cache, self.block_tables, self.seq_lens, self.query_start_loc,
+                                           scale, self.max_query_len, self.max_seq_len)  # fmt: skip
+        return out.transpose(0, 1)[None]  # (1, nh, N, D)
+
+
+def _hidden_states(model: Qwen3ForCausalLM, tokens: Tensor, positions: Tensor, backend: PagedAttention) -> Tensor:
+    return model.hidden_states(tokens, positions, backend)
+
+
+def compile_decode_forward(backend: str = "inductor") -> Callable[[Qwen3ForCausalLM, Tensor, Tensor,
+                                                                   CompiledPagedAttention], Tensor]:  # fmt: skip
+    """A compiled `model.hidden_states(tokens (1, S), positions (1, S), backend)` for decode steps, the batch
+    dimension marked dynamic (S >= 2; S = 1 is compiled on its own). Compiles on first call per split count."""
+    compiled = torch.compile(_hidden_states, backend=backend, fullgraph=True)
+
+    def forward(model: Qwen3ForCausalLM, tokens: Tensor, positions: Tensor, backend: CompiledPagedAttention) -> Tensor:
+        if tokens.shape[1] >= 2:
+            for x, dim in ((tokens, 1), (positions, 1), (backend.slot_mapping, 0), (backend.block_tables, 0),
+                           (backend.seq_lens, 0), (backend.query_start_loc, 0)):  # fmt: skip
+                torch._dynamo.maybe_mark_dynamic(x, dim)
+        return compiled(model, tokens, positions, backend)
+
+    return forward
+
+
+def compile_settings() -> dict[str, object]:
+    """torch._dynamo settings for capture: room for one compile per split count, and no silent fall back to eager
+    when that room runs out (the keys this torch knows)."""
+    wanted = {"recompile_limit": 64, "cache_size_limit": 64, "fail_on_recompile_limit_hit": True,
+              "fail_on_cache_limit_hit": True}  # fmt: skip
+    return {key: value for key, value in wanted.items() if hasattr(torch._dynamo.config, key)}

@@ -1,0 +1,161 @@
+"""LLM(compile=True) on the CPU: the torch.compile'd decode forward (engine/compiled.py) against the eager one.
+
+The GPU path compiles the same forward with the Triton kernels as triton_ops; here the reference kernels stand in
+as opaque custom ops (compiled.REFERENCE_OPS), so dynamo traces the same model, backend and pool mutation into one
+graph and inductor compiles it for the CPU. The triton_ops' fake implementations are checked for shapes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+import qwen3
+from qwen3.engine import LLM
+from qwen3.engine.attention import REFERENCE, KVPool, PagedAttention
+from qwen3.engine.runner import ModelRunner
+from qwen3.sampling import SamplingParams
+
+compiled = pytest.importorskip("qwen3.engine.compiled")
+if not hasattr(torch, "compile") or not hasattr(torch._dynamo, "maybe_mark_dynamic"):
+    pytest.skip("torch.compile is not available", allow_module_level=True)
+
+BLOCK = 4
+CONFIG = qwen3.Qwen3Config.from_preset("0.6B", vocab_size=300, hidden_size=64, intermediate_size=96,
+                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                       head_dim=16, max_position_embeddings=256)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    model = qwen3.Qwen3ForCausalLM(CONFIG).eval()
+    model.init_weights(std=0.1)
+    with torch.no_grad():  # norm scales drawn too, so a misplaced norm cannot hide behind 1s
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.3 * torch.randn(p.shape))
+    return model
+
+
+def decode_state(num_seqs: int, seed: int) -> dict:
+    """A decode step of num_seqs sequences of random lengths over a pool of random keys and values."""
+    gen = torch.Generator().manual_seed(seed)
+    num_blocks, width = 64, 8
+    lens = torch.randint(1, width * BLOCK + 1, (num_seqs,), generator=gen)
+    tables = torch.randperm(num_blocks, generator=gen)[: num_seqs * width].view(num_seqs, width).int()
+    pos = lens - 1
+    slots = (tables[torch.arange(num_seqs), pos // BLOCK] * BLOCK + pos % BLOCK).int()
+    pool = KVPool(CONFIG.num_hidden_layers, num_blocks, BLOCK, 2, CONFIG.head_dim, torch.float32, "cpu")
+    pool.kv.copy_(torch.randn(pool.kv.shape, generator=gen))
+    tokens = torch.randint(0, CONFIG.vocab_size, (1, num_seqs), generator=gen)
+    return dict(pool=pool, tables=tables, lens=lens.int(), slots=slots, tokens=tokens, positions=pos[None].long())
+
+
+def backend(state: dict, pool: KVPool, kind: type = PagedAttention, **options) -> PagedAttention:
+    n = state["tokens"].shape[1]
+    return kind(pool, REFERENCE, state["slots"], state["tables"], state["lens"], torch.arange(n + 1, dtype=torch.int32),
+                max_query_len=1, max_seq_len=int(state["lens"].max()), decode=True, **options)  # fmt: skip
+
+
+@torch.inference_mode()
+def test_compiled_decode_forward_equals_eager_and_writes_the_pool(model):
+    """Hidden states and the pool after the step equal the eager forward's, for two batch sizes that share one
+    compiled graph (the batch dimension is dynamic)."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    forward = compiled.compile_decode_forward()
+    for num_seqs, seed in ((5, 1), (3, 2), (7, 3)):
+        state = decode_state(num_seqs, seed)
+        eager_pool = state["pool"]
+        compiled_pool = KVPool(CONFIG.num_hidden_layers, eager_pool.num_blocks, BLOCK, 2, CONFIG.head_dim,
+                               torch.float32, "cpu")  # fmt: skip
+        compiled_pool.kv.copy_(eager_pool.kv)
+        before = eager_pool.kv.clone()
+        expected = model.hidden_states(state["tokens"], state["positions"], backend(state, eager_pool))
+        with torch._dynamo.config.patch(compiled.compile_settings()):
+            step = backend(state, compiled_pool, compiled.CompiledPagedAttention, ops=compiled.REFERENCE_OPS)
+            got = forward(model, state["tokens"], state["positions"], step)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(compiled_pool.kv, eager_pool.kv, rtol=1e-5, atol=1e-5)
+        assert not torch.equal(compiled_pool.kv, before)  # the step's keys landed in the caller's pool itself
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # one artefact for the three batch sizes
+
+
+class Replayer:
+    """A stand-in CUDA graph (as in test_engine.py): 'replay' re-runs the recorded forward."""
+
+    def __init__(self, forward):
+        self.forward = forward
+        forward()
+
+    def replay(self):
+        self.forward()
+
+    def pool(self):
+        return None
+
+
+def test_engine_decode_graphs_compiled_on_cpu(model, monkeypatch):
+    """The runner's compiled capture path (config.compile, the internal switch; LLM refuses compile=True on the
+    CPU), driven through generate: greedy tokens equal qwen3.generate's."""
+    monkeypatch.setattr(ModelRunner, "_record", staticmethod(lambda forward, memory_pool: Replayer(forward)))
+    torch._dynamo.reset()
+    llm = LLM(model, max_num_seqs=8, kv_cache_tokens=1024, block_size=BLOCK)
+    llm.config.compile = True
+    llm.runner.capture_graphs()
+    assert list(llm.runner.graphs) == [1, 2, 4, 8]
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, CONFIG.vocab_size, (n,), generator=gen).tolist() for n in (3, 11, 6, 17, 9)]
+    params = [SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=2 + 2 * i) for i in range(len(prompts))]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    for prompt, p, out in zip(prompts, params, outs, strict=True):
+        assert out.token_ids == qwen3.generate(model, [prompt], p.max_tokens)[0].tolist()
+    llm.block_manager.check_all_free()
+
+
+def test_compile_is_refused_where_it_cannot_run(model):
+    for kwargs, words in (({"compile": True}, "needs CUDA"), ({"compile": "yes"}, "must be a bool"),
+                          ({"compile": True, "enforce_eager": True}, "enforce_eager")):  # fmt: skip
+        with pytest.raises(ValueError, match=words):
+            LLM(model, max_num_seqs=4, kv_cache_tokens=256, **kwargs)
+
+
+def test_reference_ops_pass_opcheck():
+    state = decode_state(4, 7)
+    pool = state["pool"]
+    k_cache, v_cache = pool.layer(1)
+    q = torch.randn(4, 4, CONFIG.head_dim)
+    k, v = torch.randn(2, 4, 2, CONFIG.head_dim).unbind(0)
+    ops = compiled.REFERENCE_OPS
+    starts = torch.arange(5, dtype=torch.int32)
+    torch.library.opcheck(ops.store_kv_pool, (k, v, pool.kv, 1, state["slots"]))
+    torch.library.opcheck(ops.paged_decode_attention, (q, k_cache, v_cache, state["tables"], state["lens"], 0.25, 2))
+    torch.library.opcheck(ops.paged_attention, (q, k_cache, v_cache, state["tables"], state["lens"], starts, 0.25, 1,
+                                                int(state["lens"].max())))  # fmt: skip
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_triton_ops_fake_shapes():
+    """The triton_ops traced on fake tensors (what dynamo sees): outputs (N, nh, D) like q, the pool untouched in
+    shape; no kernel runs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    ops = compiled.triton_custom_ops()
+    with FakeTensorMode():
+        kv = torch.empty(2, 3, 10, BLOCK, 2, 16)
+        q = torch.empty(6, 4, 16)
+        k = torch.empty(6, 2, 16)
+        tables = torch.zeros(6, 5, dtype=torch.int32)
+        lens = torch.ones(6, dtype=torch.int32)
+        starts = torch.arange(7, dtype=torch.int32)
+        ops.store_kv_pool(k, k, kv, 2, torch.zeros(6, dtype=torch.int32))
+        for splits in (1, 4):
+            out = ops.paged_decode_attention(q, kv[0, 1], kv[1, 1], tables, lens, 0.25, splits)
+            assert out.shape == q.shape and out.dtype == q.dtype
+        out = ops.paged_attention(q, kv[0, 1], kv[1, 1], tables, lens, starts, 0.25, 1, 20)
+        assert out.shape == q.shape and out.dtype == q.dtype
+        with pytest.raises(ValueError, match="layer 3"):
+            ops.store_kv_pool(k, k, kv, 3, torch.zeros(6, dtype=torch.int32))
