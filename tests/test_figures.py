@@ -8,6 +8,7 @@
 - Every pytest command in the pages names a test file and function that exist.
 - The attention weights that scripts/figures.py recomputes from what the backend hands to the dense formula
   rebuild the attention module's own output.
+- The recording backend behind causal_mask.png changes no logit and records the masks the backends build.
 """
 
 from __future__ import annotations
@@ -137,6 +138,30 @@ def test_captured_attention_rebuilds_the_module_output(figures, which):
         assert (capture.weights[..., ~causal] == 0).all()
         scale = capture.output.abs().max()
         assert (capture.recomputed - capture.output).abs().max() <= 1e-5 * scale
+
+
+def test_recording_backend_is_transparent_and_sees_the_backends_masks(figures):
+    """causal_mask.png shows what RecordingBackend records: the logits are unchanged, CausalAttention hands
+    the formula no mask, and a KVCache's mask lets position p read exactly the slots 0..p."""
+    model = random_gqa_model()
+    generator = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 97, (2, 7), generator=generator)
+    positions = torch.stack([torch.arange(7), torch.arange(3, 10)])  # (B, T): row 1 starts at position 3
+    causal = figures.RecordingBackend(qwen3.model.CausalAttention())
+    cached = figures.RecordingBackend(qwen3.KVCache(model.config, 2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, cache=causal), model(ids), rtol=0, atol=0)
+        through = model(ids, positions, cached)
+        expected = model(ids, positions, qwen3.KVCache(model.config, 2, 12))
+    torch.testing.assert_close(through, expected, rtol=0, atol=0)
+    assert [c.layer for c in causal.calls] == [c.layer for c in cached.calls] == [0, 1, 2]
+    assert all(c.mask is None for c in causal.calls)
+    for call in cached.calls:
+        assert call.mask.shape == (2, 1, 7, 12)
+        for b in range(2):
+            for t in range(7):
+                p = int(positions[b, t])
+                assert call.mask[b, 0, t].tolist() == [s <= p for s in range(12)], (b, t)
 
 
 # ---------------------------------------------------------------------------------------------------
