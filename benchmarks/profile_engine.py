@@ -1,7 +1,7 @@
 """Where an engine step's time goes, on a steady decode batch: host phases (scheduler, runner packing, forward
 launch, sampler, read-back) timed with the device synchronised around each, then torch.profiler's top kernels.
 
-    python benchmarks/profile_engine.py [--seqs 256] [--context 800] [--steps 30]
+    python benchmarks/profile_engine.py [--seqs 256] [--context 800] [--steps 30] [--compile]
 
 Random-init Qwen3-0.6B in bf16 on CUDA (the demo model on the CPU). Prints two tables; nothing is written.
 """
@@ -26,6 +26,7 @@ def main() -> None:
     p.add_argument("--context", type=int, default=800, help="prompt tokens per sequence")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--compile", action="store_true", help="LLM(compile=True): the decode graphs run a compiled forward")
     args = p.parse_args()
     cuda = torch.cuda.is_available()
     if cuda:
@@ -36,7 +37,9 @@ def main() -> None:
     else:
         model = qwen3.load_model("demo")
         args.context = min(args.context, 200)
-    llm = LLM(model, max_num_seqs=args.seqs, max_model_len=4096 if cuda else 1024)
+    start = time.perf_counter()
+    llm = LLM(model, max_num_seqs=args.seqs, max_model_len=4096 if cuda else 1024, compile=args.compile)
+    print(f"engine start-up {time.perf_counter() - start:.1f} s" + (" (compile=True)" if args.compile else ""))
     rng = random.Random(0)
     vocab = min(10000, model.config.vocab_size - 1)
     prompts = [[rng.randint(0, vocab) for _ in range(args.context)] for _ in range(args.seqs)]

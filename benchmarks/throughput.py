@@ -149,6 +149,8 @@ def main() -> None:
     p.add_argument("--skip-padded", action="store_true")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--results", type=Path, help="append the table to this markdown file")
+    p.add_argument("--compile", action="store_true",
+                   help="LLM(compile=True): decode graphs replay a compiled forward (start-up includes compiling)")
     args = p.parse_args()
     cuda = args.device.startswith("cuda")
     temperature = 0.6
@@ -175,8 +177,9 @@ def main() -> None:
         model = qwen3.load_model(source, device=args.device, dtype=dtype)
         torch.cuda.reset_peak_memory_stats() if cuda else None
         start = time.perf_counter()
-        llm = LLM(model, max_num_seqs=args.max_num_seqs, max_model_len=max_model_len)
+        llm = LLM(model, max_num_seqs=args.max_num_seqs, max_model_len=max_model_len, compile=args.compile)
         startup = time.perf_counter() - start
+        print(f"engine start-up {startup:.1f} s" + (" (compile=True: includes compiling)" if args.compile else ""))
         run_engine(llm, prompts[:2], [8, 8], temperature, args.device)  # warm-up, as bench.py
         rows = []
         full = run_engine(llm, prompts, max_tokens, temperature, args.device)
@@ -209,7 +212,8 @@ def main() -> None:
     lines = [
         f"### Throughput, nano-vllm protocol ({datetime.date.today()}, {device_name}, torch {torch.__version__})",
         "",
-        f"`python benchmarks/throughput.py --device {args.device}`; {name}; prompts and max_tokens "
+        f"`python benchmarks/throughput.py --device {args.device}{' --compile' if args.compile else ''}`; {name}; "
+        f"prompts and max_tokens "
         f"U({lo}, {hi}), temperature 0.6, ignore_eos, max_model_len {max_model_len}; engine start-up {startup:.1f} s.",
         "",
         "| run | output tokens | seconds | output tokens/s | ratio to the engine (same requests) | TTFT p50 / p99 |",
