@@ -16,11 +16,11 @@ import torch
 import qwen3
 from conftest import copy_tokenizer_files, make_reference
 from qwen3.chat_session import DIM, RESET, ChatSession, ReasoningDimmer, opens_thinking
-from qwen3.cli import main
+from qwen3.cli import build_parser, main, run_command
 from qwen3.generate import Completion
 from qwen3.sampling import SamplingParams
 
-STATS = re.compile(r"\[(\d+) tokens, [\d.]+ tok/s\]")
+STATS = re.compile(r"\[(\d+) tokens, [\d.]+ tok/s(?:, \d+ cached)?\]")  # "cached": the engine's prefix cache
 CONTEXT = 64
 
 
@@ -34,9 +34,13 @@ def short_context(tmp_path_factory):
     return directory
 
 
-def chat(capsys, monkeypatch, directory, script: str, *flags: str) -> tuple[int, str]:
+def chat(capsys, monkeypatch, directory, script: str, *flags: str, engine: bool | None = None) -> tuple[int, str]:
+    """`qwen3 chat` in this process on `script`; `engine` picks the decode path (None: the default, plain on CPU)."""
     monkeypatch.setattr(sys, "stdin", io.StringIO(script))
-    code = main(["chat", "--model", str(directory), "--temperature", "0", *flags])
+    argv = ["chat", "--model", str(directory), "--temperature", "0", *flags]
+    args = build_parser().parse_args(argv)
+    args.engine = engine
+    code = run_command(args, argv)
     return code, capsys.readouterr().out
 
 
@@ -58,10 +62,11 @@ def greedy_text(directory, prompt_ids: list[int], n: int) -> str:
     return tok.decode([i for i in ids if i not in tok.eos_token_ids])
 
 
-def test_a_full_context_drops_the_oldest_turns_and_never_exits(short_context, capsys, monkeypatch):
+@pytest.mark.parametrize("engine", [False, True])
+def test_a_full_context_drops_the_oldest_turns_and_never_exits(short_context, capsys, monkeypatch, engine):
     # Before: "prompt (13 tokens) + max_new_tokens (2048) = 2061 exceeds the model's context of 64 tokens", exit 2.
     script = "Hello there\nA second question\nAnd a third one\n/exit\n"
-    code, out = chat(capsys, monkeypatch, short_context, script)
+    code, out = chat(capsys, monkeypatch, short_context, script, engine=engine)
     assert code == 0, out
     answers = [int(n) for n in STATS.findall(out)]
     assert len(answers) == 3
@@ -246,3 +251,79 @@ def test_line_editor_arrows_and_a_long_multi_line_paste(short_context):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The engine's decode path (the default on CUDA): the plain path's answers, the earlier turns from the prefix cache
+
+ENGINE_STATS = re.compile(r"\[(\d+) tokens, [\d.]+ tok/s, (\d+) cached( \(interrupted\))?\]")
+SYSTEM = "You are a player in a play by Shakespeare; answer in verse."
+
+
+def test_chat_on_the_engine_equals_the_plain_path_and_reuses_earlier_turns(capsys, monkeypatch):
+    script = "Hello there\nWho are you?\n/no_think\nSpeak, ROMEO\n/exit\n"
+    flags = ("--max-new-tokens", "24", "--system", SYSTEM)
+    code, plain = chat(capsys, monkeypatch, "demo", script, *flags, engine=False)
+    assert code == 0
+    code, engine = chat(capsys, monkeypatch, "demo", script, *flags, engine=True)
+    assert code == 0
+    cached = [int(m.group(2)) for m in ENGINE_STATS.finditer(engine)]
+    assert len(cached) == 3 and not STATS.search(ENGINE_STATS.sub("", engine))
+    assert ENGINE_STATS.sub("[stats]", engine) == STATS.sub("[stats]", plain)  # the same answers, word for word
+    # Each turn's prompt starts with the previous one's: every full block of it comes from the cache.
+    tok = qwen3.load_tokenizer(qwen3.hub.DEMO_DIR)
+    first = tok.encode_chat([{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hello there"}])
+    assert cached[0] == 0 and cached[1] >= len(first) // 16 * 16 > 0 and cached[2] > cached[1]
+
+
+class InterruptedWrite(io.StringIO):
+    """An output where the `at`-th write raises KeyboardInterrupt (Ctrl-C while the answer streams)."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.writes, self.at = 0, at
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        if self.writes == self.at:
+            raise KeyboardInterrupt
+        return super().write(text)
+
+
+@pytest.mark.parametrize("where", ["writing", "stepping"])
+def test_ctrl_c_on_the_engine_frees_the_blocks_and_keeps_the_chat(monkeypatch, where):
+    from qwen3.engine.stream import single_llm
+
+    model, tok = loaded(qwen3.hub.DEMO_DIR)
+    llm = single_llm(model, tok, 1024)
+    greedy = SamplingParams(temperature=0.0)
+    out = InterruptedWrite(at=4 if where == "writing" else 0)
+    session = ChatSession(model, tok, greedy, max_new_tokens=200, system=SYSTEM, out=out, llm=llm)
+    if where == "stepping":  # Ctrl-C inside an engine step: blocks allocated, the last token still in flight
+        calls = {"n": 0}
+        run = llm.runner.run
+
+        def interrupted_run(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 5:
+                raise KeyboardInterrupt
+            return run(*args, **kwargs)
+
+        monkeypatch.setattr(llm.runner, "run", interrupted_run)
+    session.handle("Hello there")
+    stats = ENGINE_STATS.search(out.getvalue())
+    assert stats and stats.group(3) == " (interrupted)" and 0 < int(stats.group(1)) < 200
+    bm = llm.block_manager
+    assert bm.num_free_blocks == bm.num_blocks and not any(bm.ref_count) and not llm.scheduler.has_work()
+    assert session.history[-1]["role"] == "assistant"  # the partial answer stays in the chat
+    # The next turn: the plain path's answer to the same conversation, with the earlier turn from the cache.
+    monkeypatch.undo()
+    plain = ChatSession(model, tok, greedy, max_new_tokens=12, system=SYSTEM, out=io.StringIO(),
+                        history=list(session.history))  # fmt: skip
+    session.max_new_tokens = 12
+    before = len(out.getvalue())
+    session.handle("Again?")
+    plain.handle("Again?")
+    assert ENGINE_STATS.sub("[stats]", out.getvalue()[before:]) == STATS.sub("[stats]", plain.out.getvalue())
+    assert int(ENGINE_STATS.findall(out.getvalue())[-1][1]) > 0
+    assert bm.num_free_blocks == bm.num_blocks
