@@ -76,6 +76,15 @@ def test_a_full_context_drops_the_oldest_turns_and_never_exits(short_context, ca
     assert out.count("(dropped the oldest turn to fit the model's context of 64 tokens)") == 2
 
 
+@pytest.mark.parametrize("engine", [False, True])
+def test_max_model_len_is_the_chats_context(capsys, monkeypatch, engine):
+    code, out = chat(capsys, monkeypatch, "demo", "Hello there\n/exit\n", "--max-model-len", "40", engine=engine)
+    assert code == 0
+    tok = qwen3.load_tokenizer(qwen3.hub.DEMO_DIR)
+    prompt = tok.encode_chat([{"role": "user", "content": "Hello there"}])
+    assert [int(n) for n in STATS.findall(out)] == [40 - len(prompt)]  # the answer fills the room left
+
+
 def test_fit_keeps_the_system_prompt_and_the_newest_turns(short_context):
     tok = qwen3.load_tokenizer(short_context)
     model = qwen3.load_model(short_context)

@@ -244,6 +244,7 @@ def no_loading(monkeypatch):
         (["train", "--preset", "0.6B", "--data", "none.txt", "--out", "none", "--device", "cuda"], "device 'cuda'"),
         (["generate", "--tp", "2", "--quantize", "int8", "x"], "--quantize: not supported with --tp"),
         (["generate", "--tp", "0", "x"], "--tp 0: must be a number of processes >= 1"),
+        (["chat", "--max-model-len", "0"], "--max-model-len 0: must be a number of tokens > 0"),
         (["info", "--preset", "0.6B", "--context", "-5"], "--context -5: must be a number of tokens > 0"),
         (["info", "--preset", "0.6B", "--context", "0"], "--context 0: must be a number of tokens > 0"),
         (["info", "--preset", "0.6B", "--plot", "memory.bmp"], "--plot memory.bmp: '.bmp'; the file name must end"),
