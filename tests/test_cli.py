@@ -484,3 +484,21 @@ def test_generate_on_the_engine_refuses_what_does_not_fit_like_generate_text(cap
     argv = ["generate", "--model", "demo", "--max-new-tokens", "1020", "ROMEO: " * 10]
     plain, engine = run_path(capsys, False, *argv), run_path(capsys, True, *argv)
     assert plain[0] == 2 and "exceeds the model's context of 1024 tokens" in plain[2] and engine == plain
+
+
+def test_the_engine_is_the_default_decode_path_on_cuda_only():
+    from types import SimpleNamespace
+
+    from qwen3.cli import build_parser, use_engine
+
+    def on(device: str):
+        return SimpleNamespace(lm_head=SimpleNamespace(weight=SimpleNamespace(device=torch.device(device))))
+
+    def engine(device: str, *argv: str) -> bool:
+        return use_engine(build_parser().parse_args(list(argv)), on(device))
+
+    for command in (["generate", "x"], ["chat"]):
+        assert engine("cuda", *command) and engine("cuda:1", *command)
+        assert not engine("cpu", *command) and not engine("mps", *command)
+        assert not engine("cuda", *command, "--compile") and not engine("cuda", *command, "--tp", "2")
+    assert not engine("cuda", "generate", "--speculative", "4", "x")
