@@ -159,3 +159,54 @@ def test_triton_ops_fake_shapes():
         assert out.shape == q.shape and out.dtype == q.dtype
         with pytest.raises(ValueError, match="layer 3"):
             ops.store_kv_pool(k, k, kv, 3, torch.zeros(6, dtype=torch.int32))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_triton_ops_trace_into_one_graph_that_writes_the_pool_in_place(model):
+    """What inductor gets on CUDA, traced here without a GPU: the whole decode forward as one graph, three Triton
+    kernels per layer (store, split, reduce) with the batch size symbolic in their grids; the store kernel found to
+    write only the pool (torch reads the kernels' TTIR: a stand-in driver names an sm_90 target), and after
+    inductor's re-inplacing pass nothing is cloned and the pool's write-back is a copy onto itself (no pool copy)."""
+    import triton
+    from functorch.compile import make_boxed_func
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._inductor.fx_passes.reinplace import reinplace_inplaceable_ops
+    from torch._inductor.fx_utils import FakeTensorUpdater
+    from triton.backends.compiler import GPUTarget
+
+    class StandInDriver:
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return make_boxed_func(lambda *args: pytest.fail("the captured graph is inspected, never run"))
+
+    def backend_fn(gm, example_inputs):
+        return aot_module_simplified(gm, example_inputs, fw_compiler=keep, keep_inference_input_mutations=True)
+
+    torch._dynamo.reset()
+    forward = compiled.compile_decode_forward(backend_fn)
+    state = decode_state(5, 11)
+    step = backend(state, state["pool"], compiled.CompiledPagedAttention, ops=compiled.triton_custom_ops())
+    step.kernels, step.num_splits = None, 2  # the ops launch the kernels; 2 splits: split + reduce kernels
+    driver = triton.runtime.driver
+    saved = driver._active
+    driver.set_active(StandInDriver())
+    try:
+        with torch.inference_mode(), pytest.raises(BaseException, match="inspected, never run"):
+            forward(model, state["tokens"], state["positions"], step)
+    finally:
+        driver._active = saved
+    (gm,) = graphs
+    kernels = [n for n in gm.graph.nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
+    assert len(kernels) == 3 * CONFIG.num_hidden_layers
+    stores = [n for n in kernels if "kv_ptr" in n.kwargs["kwargs"]]
+    assert [n.kwargs["tensors_to_clone"] for n in stores] == [["kv_ptr"]] * CONFIG.num_hidden_layers
+    assert all(isinstance(n.kwargs["grid"][0][0], torch.fx.Node) for n in kernels)  # S: a graph input, symbolic
+    reinplace_inplaceable_ops(FakeTensorUpdater(gm), gm.graph)
+    assert [n.kwargs["tensors_to_clone"] for n in kernels] == [[]] * len(kernels)
+    copies = [n for n in gm.graph.nodes if n.target is torch.ops.aten.copy_.default]
+    assert len(copies) == 1 and copies[0].args[0] is copies[0].args[1]  # the pool, onto itself
