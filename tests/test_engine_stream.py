@@ -68,7 +68,7 @@ def test_bad_input_fails_before_anything_runs(model, tok):
     with pytest.raises(ValueError, match="the prompt is empty"):
         stream(llm, [], SamplingParams())
     assert not llm.has_work()
-    with pytest.raises(ContextLengthError, match=r"= 65 exceeds the model's context of 64 tokens"):
+    with pytest.raises(ContextLengthError, match=r"= 65 exceeds the engine's max_model_len of 64 tokens"):
         complete(llm, random_prompt(60, 5), 5)
     empty = complete(llm, random_prompt(60, 5), 0)
     plain = generate_text(model, tok, random_prompt(60, 5), 0)

@@ -19,6 +19,7 @@ import dataclasses
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -43,9 +44,9 @@ class StreamCompletion(Completion):
 
 
 def single_llm(model: Qwen3ForCausalLM, tokenizer: Tokenizer, max_model_len: int,
-               max_num_seqs: int = DEFAULT_MAX_NUM_SEQS, enforce_eager: bool = False) -> LLM:  # fmt: skip
+               max_num_seqs: int = DEFAULT_MAX_NUM_SEQS, **options: Any) -> LLM:  # fmt: skip
     """An LLM over a loaded model sized for one conversation: a pool of `max_model_len` tokens (not a share of the
-    GPU), at most the model's context and, on CUDA, at most half the free memory."""
+    GPU), at most the model's context and, on CUDA, at most half the free memory. `options` go to LLM."""
     max_model_len = min(max_model_len, model.config.max_position_embeddings)
     weight = model.model.norm.weight
     if weight.device.type == "cuda":
@@ -55,7 +56,7 @@ def single_llm(model: Qwen3ForCausalLM, tokenizer: Tokenizer, max_model_len: int
         free, _ = torch.cuda.mem_get_info(weight.device)
         max_model_len = max(1, min(max_model_len, int(free * CUDA_FREE_SHARE) // per_token))
     return LLM(model, tokenizer=tokenizer, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-               kv_cache_tokens=max_model_len, enforce_eager=enforce_eager)  # fmt: skip
+               kv_cache_tokens=max_model_len, **options)  # fmt: skip
 
 
 def stream(llm: LLM, prompt: str | Sequence[int], params: SamplingParams) -> Iterator[StreamOutput]:
@@ -90,14 +91,14 @@ def complete(
 ) -> StreamCompletion:
     """generate_text on the engine: the same arguments, chunks, text, token ids and finish reasons.
 
-    A prompt plus max_new_tokens beyond the LLM's max_model_len is a ContextLengthError, as generate_text's
-    beyond the model's context."""
+    A prompt plus max_new_tokens beyond the LLM's max_model_len is a ContextLengthError (generate_text's error
+    beyond the model's context)."""
     tok = llm.tokenizer
     prompt_ids = tok.encode(prompt, allow_special=True) if isinstance(prompt, str) else list(prompt)
     if len(prompt_ids) + max_new_tokens > llm.max_model_len:
         raise ContextLengthError(
             f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) = "
-            f"{len(prompt_ids) + max_new_tokens} exceeds the model's context of {llm.max_model_len} tokens"
+            f"{len(prompt_ids) + max_new_tokens} exceeds the engine's max_model_len of {llm.max_model_len} tokens"
         )
     start = time.perf_counter()
     if max_new_tokens == 0:
