@@ -299,6 +299,12 @@ def main() -> None:
                                              "--parts", ",".join(parts), *common], left(170))  # fmt: skip
                     if runs[tp] is None:
                         notes.append(f"engine at TP={tp} {error}")
+                        if tp > 1 and not args.eager and args.device == "cuda":  # NCCL inside the CUDA graphs?
+                            runs[tp], error = child(["--child", "engine", "--dir", directory, "--tp", str(tp),
+                                                     "--parts", ",".join(parts), *common, "--eager"],
+                                                    left(170))  # fmt: skip
+                            notes.append(f"engine at TP={tp} rerun eagerly (no CUDA graphs): "
+                                         f"{error or 'worked; its numbers are in the table'}")  # fmt: skip
                 one, two = runs[1], runs[TP]
                 if "logits" in parts and one and two:
                     err, agree = logits_error(one, two)
