@@ -62,12 +62,12 @@ def backend(state: dict, pool: KVPool, kind: type = PagedAttention, **options) -
 
 @torch.inference_mode()
 def test_compiled_decode_forward_equals_eager_and_writes_the_pool(model):
-    """Hidden states and the pool after the step equal the eager forward's, for two batch sizes that share one
-    compiled graph (the batch dimension is dynamic)."""
+    """Hidden states and the pool after the step equal the eager forward's, for batch sizes that share a compiled
+    graph (the batch dimension is dynamic) while each split count gets its own (num_splits stays a Python int)."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     forward = compiled.compile_decode_forward()
-    for num_seqs, seed in ((5, 1), (3, 2), (7, 3)):
+    for num_seqs, seed, splits in ((5, 1, 1), (3, 2, 1), (7, 3, 1), (4, 4, 2), (6, 5, 4), (2, 6, 2)):
         state = decode_state(num_seqs, seed)
         eager_pool = state["pool"]
         compiled_pool = KVPool(CONFIG.num_hidden_layers, eager_pool.num_blocks, BLOCK, 2, CONFIG.head_dim,
@@ -76,12 +76,13 @@ def test_compiled_decode_forward_equals_eager_and_writes_the_pool(model):
         before = eager_pool.kv.clone()
         expected = model.hidden_states(state["tokens"], state["positions"], backend(state, eager_pool))
         with torch._dynamo.config.patch(compiled.compile_settings()):
-            step = backend(state, compiled_pool, compiled.CompiledPagedAttention, ops=compiled.REFERENCE_OPS)
+            step = backend(state, compiled_pool, compiled.CompiledPagedAttention, ops=compiled.REFERENCE_OPS,
+                           num_splits=splits)  # fmt: skip
             got = forward(model, state["tokens"], state["positions"], step)
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(compiled_pool.kv, eager_pool.kv, rtol=1e-5, atol=1e-5)
         assert not torch.equal(compiled_pool.kv, before)  # the step's keys landed in the caller's pool itself
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # one artefact for the three batch sizes
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3  # one per split count, whatever the batch
 
 
 class Replayer:

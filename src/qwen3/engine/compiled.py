@@ -53,6 +53,8 @@ def _reference_paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tenso
 @_reference_paged_decode_attention.register_fake
 def _(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor, scale: float,
       num_splits: int) -> Tensor:  # fmt: skip
+    if not isinstance(num_splits, int):  # as the Triton launcher: a grid size and a constexpr, never symbolic
+        raise ValueError(f"paged_decode_attention: num_splits={num_splits!r} must be an int")
     return torch.empty_like(q)
 
 
@@ -176,8 +178,10 @@ def compile_decode_forward(backend: str = "inductor") -> Callable[[Qwen3ForCausa
 
 
 def compile_settings() -> dict[str, object]:
-    """torch._dynamo settings for capture: room for one compile per split count, and no silent fall back to eager
-    when that room runs out (the keys this torch knows)."""
+    """torch._dynamo settings for capture (the keys this torch knows): room for one compile per split count, no
+    silent fall back to eager when that room runs out, and Python ints kept static (by default a changed int such
+    as num_splits becomes symbolic on the next compile, and a kernel's grid and constexprs need plain ints); only
+    the dimensions compile_decode_forward marks are dynamic."""
     wanted = {"recompile_limit": 64, "cache_size_limit": 64, "fail_on_recompile_limit_hit": True,
-              "fail_on_cache_limit_hit": True}  # fmt: skip
+              "fail_on_cache_limit_hit": True, "specialize_int": True, "automatic_dynamic_shapes": False}  # fmt: skip
     return {key: value for key, value in wanted.items() if hasattr(torch._dynamo.config, key)}
