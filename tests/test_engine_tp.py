@@ -54,6 +54,7 @@ def test_tp2_outputs_equal_the_single_process_engine(checkpoint):
     prompts = random_prompts([1, 5, 8, 17, 30, 45], seed=1)  # around block boundaries; 30 and 45 take chunks
     max_tokens = [9, 4, 12, 7, 10, 6]
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in max_tokens]
+    params[2] = SamplingParams(temperature=0.9, top_p=0.9, seed=5, max_tokens=12, ignore_eos=True)  # rank 0 samples
     single = LLM(checkpoint, **settings())
     expected = [o.token_ids for o in single.generate(prompts, params, use_tqdm=False)]
     llm = LLM(checkpoint, tensor_parallel_size=2, **settings())
