@@ -452,10 +452,10 @@ def demo_with_eos(tmp_path_factory):
 @pytest.mark.parametrize(
     "extra",
     [
-        ["--max-new-tokens", "30", "ROMEO:"],  # max tokens
+        ["--max-new-tokens", "20", "ROMEO:"],  # max tokens
         ["--max-new-tokens", "1", "KING"],
         ["--max-new-tokens", "0", "KING"],
-        ["--max-new-tokens", "60", "--stop", "the", "--stop", "my h", "First Citizen:"],  # stop strings
+        ["--max-new-tokens", "30", "--stop", "bawd", "--stop", "a man", "First Citizen:"],  # stop strings
         ["--max-new-tokens", "40", "--stop", "spirit\n", "--chat", "--no-think", "Speak, ROMEO"],
     ],
 )
