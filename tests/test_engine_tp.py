@@ -4,6 +4,7 @@ random models from conftest.make_reference. The single-process engine on the sam
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import os
 import signal
@@ -15,7 +16,7 @@ import torch
 
 import qwen3
 from conftest import make_reference
-from qwen3.engine import LLM
+from qwen3.engine import LLM, AsyncLLM
 from qwen3.sampling import SamplingParams
 
 VOCAB = 320
@@ -69,6 +70,20 @@ def test_tp2_outputs_equal_the_single_process_engine(checkpoint):
         outputs = llm.generate(prompts[::-1], params[::-1], use_tqdm=False)
         assert [o.token_ids for o in outputs] == expected[::-1]
         assert outputs[0].num_cached_tokens == 40  # 45 tokens: 5 full blocks of 8
+        llm.block_manager.check_all_free()
+        # Streaming (the server's path): the step loop runs in AsyncLLM's thread, rank 0's collectives with it.
+
+        async def stream_all() -> list[list[int]]:
+            engine = AsyncLLM(llm)
+            try:
+                async def one(prompt, p) -> list[int]:
+                    return [t async for out in engine.generate(prompt, p) for t in out.new_token_ids]
+
+                return await asyncio.gather(*(one(q, p) for q, p in zip(prompts, params, strict=True)))
+            finally:
+                await engine.shutdown()
+
+        assert asyncio.run(stream_all()) == expected
         llm.block_manager.check_all_free()
         processes = tp_processes(llm)
         assert all(p.is_alive() for p in processes)
