@@ -2,7 +2,7 @@
 # What one H200 call runs for the engine, the server and the decode kernels (through the device tool), in order:
 # the GPU tests, the kernel micro-benchmarks, engine throughput, the server load test, batch-1 decode.
 # Each part has its own time limit so that one failure cannot eat the others' time. Results land in $OUT.
-#   bash benchmarks/h200_engine.sh [tests] [kernels] [throughput] [serve] [decode]      (default: all)
+#   bash benchmarks/h200_engine.sh [tests] [kernels] [throughput] [serve] [decode] [startup] [profile]   (default: all)
 # Packages the device image lacks (fastapi, uvicorn, pydantic, prompt_toolkit) travel as wheels in .whl/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +15,7 @@ fi
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-out/h200}
 mkdir -p "$OUT"
-parts=${*:-tests kernels throughput serve decode profile}
+parts=${*:-tests kernels throughput serve decode startup profile}
 log="$OUT/h200.log"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$log"
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" | tee -a "$log"
@@ -41,10 +41,13 @@ if [[ " $parts " == *" throughput "* ]]; then
   run 280 throughput python3 benchmarks/throughput.py --results "$OUT/results.md"
 fi
 if [[ " $parts " == *" serve "* ]]; then
-  run 240 serve python3 benchmarks/serve.py --results "$OUT/results.md"
+  run 240 serve python3 benchmarks/serve.py --max-seconds 40
 fi
 if [[ " $parts " == *" decode "* ]]; then
   run 240 decode python3 benchmarks/decode.py --device cuda --gemv --results "$OUT/results.md"
+fi
+if [[ " $parts " == *" startup "* ]]; then
+  run 150 startup python3 benchmarks/startup.py
 fi
 if [[ " $parts " == *" profile "* ]]; then
   run 150 profile python3 benchmarks/profile_engine.py

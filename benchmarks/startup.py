@@ -1,0 +1,79 @@
+"""Time from `qwen3 chat` starting to its first answer token, as a person sees it (process start to the first
+byte of the answer), and the same for `qwen3 generate`.
+
+    python benchmarks/startup.py [--model DIR]      # default: random-init Qwen3-0.6B with the real tokenizer
+
+On CUDA both commands decode with the engine (graph capture included in the start-up). Prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import qwen3
+
+ASSETS = Path(__file__).resolve().parents[1] / "tests" / "assets" / "qwen3-0.6b"
+
+
+def first_answer_byte(command: list[str], stdin_text: str, after: bytes) -> tuple[float, float, str]:
+    """(seconds to the first byte printed after `after`, seconds to exit, the output) for one process."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    process.stdin.write(stdin_text.encode())
+    process.stdin.close()
+    output, first = b"", None
+    while True:
+        chunk = process.stdout.read1(4096)
+        if not chunk:
+            break
+        output += chunk
+        if first is None and after in output and len(output) > output.index(after) + len(after):
+            first = time.perf_counter() - start
+    process.wait()
+    total = time.perf_counter() - start
+    return (first if first is not None else float("nan")), total, output.decode(errors="replace")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="a model directory with tokenizer files (default: random-init 0.6B)")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model
+        if model is None:
+            torch.manual_seed(0)
+            m = qwen3.Qwen3ForCausalLM(qwen3.Qwen3Config.from_preset("0.6B")).to(torch.bfloat16)
+            m.init_weights()
+            qwen3.save_model(m, tmp)
+            for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+                shutil.copy(ASSETS / name, Path(tmp) / name)
+            model = tmp
+        cli = [sys.executable, "-m", "qwen3.cli"]
+        env_note = f"torch {torch.__version__}, {torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}"
+        rows = []
+        chat = [*cli, "chat", "--model", model, "--max-new-tokens", "32", "--temperature", "0"]
+        first, total, out = first_answer_byte(chat, "Hello, who are you?\n", after=b"> ")
+        rows.append(("qwen3 chat: start to first answer byte", first, total))
+        gen = [*cli, "generate", "--model", model, "--max-new-tokens", "32", "--temperature", "0", "ROMEO:"]
+        first_g, total_g, out_g = first_answer_byte(gen, "", after=b"")
+        rows.append(("qwen3 generate: start to first output byte", first_g, total_g))
+        print(f"start-up ({env_note}); model: {'random-init Qwen3-0.6B, bf16' if args.model is None else model}")
+        print("| command | first token (s) | whole run (s) |\n|---|---|---|")
+        for label, a, b in rows:
+            print(f"| {label} | {a:.2f} | {b:.2f} |")
+        print("--- chat output (tail) ---\n" + out[-600:])
+        print("--- generate output (tail) ---\n" + out_g[-300:])
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
