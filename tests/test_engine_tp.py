@@ -91,6 +91,25 @@ def test_tp2_outputs_equal_the_single_process_engine(checkpoint):
         llm.shutdown()
     assert all(p.exitcode == 0 for p in processes)  # stopped by rank 0, left cleanly
     assert not [p for p in multiprocessing.active_children() if p.name.startswith("qwen3-tp")]
+    with pytest.raises(RuntimeError, match="shut down"):
+        llm.generate(prompts[:1], params[:1], use_tqdm=False)
+
+
+def test_tp2_preemption_equals_the_single_process_engine(checkpoint):
+    """A pool too small for all requests: sequences are preempted and recomputed, on every rank alike."""
+    prompts = random_prompts([20, 27, 13, 31], seed=4)
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    small = dict(kv_cache_tokens=96, block_size=8, max_num_batched_tokens=32)
+    single = LLM(checkpoint, **small)
+    expected = [o.token_ids for o in single.generate(prompts, params, use_tqdm=False)]
+    assert single.scheduler.num_preemptions > 0
+    llm = LLM(checkpoint, tensor_parallel_size=2, **small)
+    try:
+        assert [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == expected
+        assert llm.scheduler.num_preemptions == single.scheduler.num_preemptions
+        llm.block_manager.check_all_free()
+    finally:
+        llm.shutdown()
 
 
 def test_uneven_sizes_and_built_models_fail_before_any_process_starts(checkpoint):

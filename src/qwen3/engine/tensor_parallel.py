@@ -274,6 +274,8 @@ class TensorParallel:
             self._fail(self._dead_message())
         if self.failed is not None:
             raise RuntimeError(self.failed)
+        if self.closed:
+            raise RuntimeError("tensor parallelism: this engine was shut down (LLM.shutdown); build a new LLM")
 
     def _raise_if_dead(self) -> None:
         if self.dead is not None:
