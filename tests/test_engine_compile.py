@@ -19,7 +19,7 @@ from qwen3.engine.runner import ModelRunner
 from qwen3.sampling import SamplingParams
 
 compiled = pytest.importorskip("qwen3.engine.compiled")
-if not hasattr(torch, "compile") or not hasattr(torch._dynamo, "maybe_mark_dynamic"):
+if not hasattr(torch, "compile") or not hasattr(torch._dynamo, "mark_dynamic"):
     pytest.skip("torch.compile is not available", allow_module_level=True)
 
 BLOCK = 4

@@ -164,14 +164,16 @@ def _hidden_states(model: Qwen3ForCausalLM, tokens: Tensor, positions: Tensor, b
 def compile_decode_forward(backend: str = "inductor") -> Callable[[Qwen3ForCausalLM, Tensor, Tensor,
                                                                    CompiledPagedAttention], Tensor]:  # fmt: skip
     """A compiled `model.hidden_states(tokens (1, S), positions (1, S), backend)` for decode steps, the batch
-    dimension marked dynamic (S >= 2; S = 1 is compiled on its own). Compiles on first call per split count."""
+    dimension marked dynamic (S >= 2; S = 1 is compiled on its own). Compiles on first call per split count.
+    mark_dynamic, not maybe_mark_dynamic: a trace that would fix S is an error at start, not one silent compile
+    per graph bucket."""
     compiled = torch.compile(_hidden_states, backend=backend, fullgraph=True)
 
     def forward(model: Qwen3ForCausalLM, tokens: Tensor, positions: Tensor, backend: CompiledPagedAttention) -> Tensor:
         if tokens.shape[1] >= 2:
             for x, dim in ((tokens, 1), (positions, 1), (backend.slot_mapping, 0), (backend.block_tables, 0),
                            (backend.seq_lens, 0), (backend.query_start_loc, 0)):  # fmt: skip
-                torch._dynamo.maybe_mark_dynamic(x, dim)
+                torch._dynamo.mark_dynamic(x, dim)
         return compiled(model, tokens, positions, backend)
 
     return forward
