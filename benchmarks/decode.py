@@ -114,6 +114,42 @@ def time_to_first_token(model, prompt, device) -> float:
     return time.perf_counter() - start
 
 
+def time_engine(model, prompt, new_tokens, device) -> tuple[float, float, float, float]:
+    """The engine at batch 1 (what `qwen3 chat` and `qwen3 generate` use on CUDA): (tokens/s over the new tokens,
+    seconds to build the engine (graph capture included), time to first token of a 512-token prompt, and the
+    relative logit difference of its greedy tokens against qwen3.generate as the fraction of 64 tokens shared)."""
+    from qwen3.engine import LLM
+
+    start = time.perf_counter()
+    llm = LLM(model, max_num_seqs=1, max_model_len=1024, kv_cache_tokens=2048, enable_prefix_caching=False)
+    sync(device)
+    build = time.perf_counter() - start
+    params = qwen3.SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    ids = prompt[0].tolist()
+    llm.generate([ids], params, use_tqdm=False)  # warm-up
+    best = 0.0
+    for _ in range(2):
+        sync(device)
+        start = time.perf_counter()
+        out = llm.generate([ids], params, use_tqdm=False)[0]
+        sync(device)
+        best = max(best, len(out.token_ids) / (time.perf_counter() - start))
+    long_prompt = torch.randint(0, 151936, (512,), generator=torch.Generator().manual_seed(1)).tolist()
+    one = qwen3.SamplingParams(temperature=0.0, max_tokens=1)
+    llm.generate([long_prompt], one, use_tqdm=False)
+    sync(device)
+    start = time.perf_counter()
+    llm.generate([long_prompt], one, use_tqdm=False)
+    sync(device)
+    ttft = time.perf_counter() - start
+    engine_ids = llm.generate([ids], qwen3.SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True),
+                              use_tqdm=False)[0].token_ids  # fmt: skip
+    plain_ids = qwen3.generate(model, prompt, max_new_tokens=64)[0].tolist()
+    same = next((i for i, (a, b) in enumerate(zip(plain_ids, engine_ids, strict=True)) if a != b), 64)
+    del llm
+    return best, build, ttft, same / 64
+
+
 def fast_path_agreement(model, prompt, device) -> tuple[float, float]:
     """(max |compiled - eager| / max |eager| of decode logits over 8 steps, fraction of 64 greedy tokens
     that the fast path and the plain path share before the first difference)."""
@@ -363,6 +399,8 @@ def main() -> None:
     parser.add_argument("--dtypes", default=None, help="comma list; GPU default bfloat16, CPU float32,bfloat16")
     parser.add_argument("--skip-peer", action="store_true")
     parser.add_argument("--skip-compile-peer", action="store_true")
+    parser.add_argument("--skip-fast-path", action="store_true",
+                        help="GPU: skip the compile-based qwen3.generate rows (the engine row stays)")  # fmt: skip
     parser.add_argument("--results", type=Path, help="append the table to this markdown file")
     parser.add_argument("--checkpoint", type=Path, help="reuse a saved random 0.6B checkpoint")
     parser.add_argument("--speculative-model", default="demo", help="trained model for the speculative test")
@@ -401,22 +439,29 @@ def main() -> None:
         tps, warm = time_qwen3(model, prompt, new_tokens, device)
         rows.append(("qwen3", f"{name} eager", tps, warm, nbytes))
         print(rows[-1], flush=True)
-        if gpu:
+        if gpu and not args.skip_fast_path:
             tps, warm = time_qwen3(model, prompt, new_tokens, device, compile=True)
             rows.append(("qwen3", f"{name} fast path (compile + CUDA graph)", tps, warm, nbytes))
             print(rows[-1], flush=True)
             err, same = fast_path_agreement(model, prompt, device)
             print(f"fast path vs plain: logits rel err {err:.2e}; identical greedy prefix {same:.0%} of 64 tokens")
+        if gpu:
             long_prompt = torch.randint(0, 151936, (1, 512), generator=torch.Generator().manual_seed(1)).to(device)
             ttft = time_to_first_token(model, long_prompt, device)
             print(f"qwen3 time to first token, 512-token prompt: {ttft * 1e3:.1f} ms")
+            tps, build, ttft, same = time_engine(model, prompt, new_tokens, device)
+            rows.append(("qwen3", f"{name} engine, batch 1 (CUDA graph, paged kernels)", tps, build, nbytes))
+            print(rows[-1], flush=True)
+            print(f"engine at batch 1: time to first token of a 512-token prompt {ttft * 1e3:.1f} ms; greedy tokens "
+                  f"shared with qwen3.generate before the first difference: {same:.0%} of 64")  # fmt: skip
         try:
             from qwen3.quantize import quantize_int8
 
             quantize_int8(model)
             nbytes_q = bytes_per_token(model)
-            tps, warm = time_qwen3(model, prompt, new_tokens, device, compile=gpu)
-            rows.append(("qwen3", f"{name} int8 weights{' fast path' if gpu else ''}", tps, warm, nbytes_q))
+            fast = gpu and not args.skip_fast_path
+            tps, warm = time_qwen3(model, prompt, new_tokens, device, compile=fast)
+            rows.append(("qwen3", f"{name} int8 weights{' fast path' if fast else ''}", tps, warm, nbytes_q))
             print(rows[-1], flush=True)
         except ImportError:
             pass
