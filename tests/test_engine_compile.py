@@ -25,7 +25,7 @@ if not hasattr(torch, "compile") or not hasattr(torch._dynamo, "mark_dynamic"):
 BLOCK = 4
 CONFIG = qwen3.Qwen3Config.from_preset("0.6B", vocab_size=300, hidden_size=64, intermediate_size=96,
                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                       head_dim=16, max_position_embeddings=256)  # fmt: skip
+                                       head_dim=16, max_position_embeddings=2048)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +136,8 @@ def test_compiled_graphs_on_cuda_equal_eager_and_generate(model):
         torch._dynamo.reset()
         fused = LLM(cuda_model, compile=True, **kwargs)
         assert sorted(fused.runner.graphs) == [1, 2, 4, 8, 16, 32]
+        splits = {fused.runner._num_splits(size, fused.config.max_model_len) for size in fused.runner.graphs}
+        assert len(splits) >= 2 and max(splits) > 1  # several compiles; the split and reduce kernels both run
         if dtype == torch.float32:
             want = eager.generate(prompts, params, use_tqdm=False)
             got = fused.generate(prompts, params, use_tqdm=False)
