@@ -334,9 +334,7 @@ class TensorParallel:
                 dist.broadcast(torch.tensor([OP_STOP] + [0] * (HEADER - 1), dtype=torch.int32), 0, group=self.control)
             except RuntimeError:
                 healthy = False
-        _stop_processes(self.processes, grace=10.0 if healthy else 0.0)
-        self._finalizer.detach()
-        if dist.is_initialized():
+        if dist.is_initialized():  # before waiting for the workers: they leave their groups at the same time
             if healthy or self.device.type != "cuda":
                 dist.destroy_process_group()
             else:  # NCCL with a dead peer: destroying could wait on it
@@ -344,6 +342,8 @@ class TensorParallel:
                     dist.distributed_c10d._abort_process_group()
                 except Exception:  # noqa: BLE001
                     pass
+        _stop_processes(self.processes, grace=10.0 if healthy else 0.0)
+        self._finalizer.detach()
 
 
 def _stop_processes(processes: list[mp.Process], grace: float = 0.0) -> None:
