@@ -8,6 +8,9 @@ graph and inductor compiles it for the CPU. The triton_ops' fake implementations
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -258,3 +261,32 @@ def test_triton_ops_trace_into_one_graph_that_writes_the_pool_in_place(model):
     assert [n.kwargs["tensors_to_clone"] for n in kernels] == [[]] * len(kernels)
     copies = [n for n in gm.graph.nodes if n.target is torch.ops.aten.copy_.default]
     assert len(copies) == 1 and copies[0].args[0] is copies[0].args[1]  # the pool, onto itself
+
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None or INTERPRETED, reason="needs triton; the parent")
+def test_store_kv_pool_kernel_interpreted():
+    """The pool-wide store kernel (the compiled path's store) under Triton's interpreter (CPU, a subprocess)."""
+    test = f"{__file__}::test_store_kv_pool_kernel_equals_the_reference"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "1 passed" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 subprocess of the test above")
+def test_store_kv_pool_kernel_equals_the_reference():
+    from qwen3.engine import triton_kernels
+    from qwen3.engine.attention import store_kv
+
+    gen = torch.Generator().manual_seed(3)
+    for dtype in (torch.float32, torch.bfloat16):
+        kv = torch.randn(2, 3, 6, BLOCK, 2, 16, generator=gen).to(dtype)
+        want = kv.clone()
+        k, v = torch.randn(2, 5, 2, 16, generator=gen).to(dtype).unbind(0)  # the model's dtype, as in the engine
+        slots = torch.tensor([7, -1, 0, 23, 12], dtype=torch.int32)  # -1: a padding row, written nowhere
+        triton_kernels.store_kv_pool(k, v, kv, 2, slots)
+        store_kv(k, v, want[0, 2], want[1, 2], slots)
+        assert torch.equal(kv, want)
