@@ -11,6 +11,7 @@ CUDA graphs (decode only). A decode step of S sequences replays the graph of the
 static input tensors that each replay overwrites; padding rows write nowhere (slot -1) and attend to nothing
 (seq_lens 0). Nothing per-step is baked in: the decode kernel reads seq_lens on the device, and its grid and
 split count depend only on the bucket. Prefill and mixed steps run eagerly. The CPU never uses graphs.
+With LLM(compile=True) each graph records a torch.compile'd forward instead of the eager one (compiled.py).
 """
 
 from __future__ import annotations
