@@ -17,6 +17,8 @@ import torch
 import qwen3
 from conftest import make_reference
 from qwen3.engine import LLM, AsyncLLM
+from qwen3.engine.runner import ModelRunner
+from qwen3.engine.tensor_parallel import TensorParallel, pack_step, run_packed
 from qwen3.sampling import SamplingParams
 
 VOCAB = 320
@@ -154,3 +156,47 @@ def test_a_killed_worker_stops_generate_with_an_error_naming_it(checkpoint):
         llm.shutdown()
     assert worker.exitcode == -signal.SIGKILL
     assert not [p for p in multiprocessing.active_children() if p.name.startswith("qwen3-tp")]
+
+
+class Replayer:
+    """A stand-in CUDA graph (as in test_engine.py): 'replay' re-runs the recorded forward."""
+
+    def __init__(self, forward):
+        self.forward = forward
+        forward()
+
+    def replay(self):
+        self.forward.__defaults__[1]._layout = None  # the backend the forward closes over
+        self.forward()
+
+    def pool(self):
+        return None
+
+
+class LocalTP:
+    """Rank 0's packing and every rank's unpacking, in one process, with no collective in between."""
+
+    header = staticmethod(TensorParallel.header)
+
+    def __init__(self):
+        self.graph_steps = 0
+
+    def step(self, runner, header, data, holes, in_flight):
+        self.graph_steps += bool(header[5]) and any(b >= header[2] for b in runner.graphs)
+        return run_packed(runner, header, pack_step(runner, data, holes, in_flight))
+
+
+def test_packed_steps_and_the_graph_path_in_one_process(checkpoint, monkeypatch):
+    """What every rank runs from the broadcast tensor (pack_step, run_packed), graph path included (a stand-in
+    graph on the CPU: same static buffers, buckets and padding rows as on CUDA), equals the plain runner."""
+    prompts = random_prompts([3, 9, 17, 30, 5, 12, 1, 25, 8, 2, 19], seed=22)
+    params = [SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=3 + 2 * (i % 5)) for i in range(11)]
+    expected = [o.token_ids for o in LLM(checkpoint, **settings()).generate(prompts, params, use_tqdm=False)]
+    monkeypatch.setattr(ModelRunner, "_record", staticmethod(lambda forward, memory_pool: Replayer(forward)))
+    llm = LLM(checkpoint, max_num_seqs=16, **settings())
+    llm.runner.capture_graphs()
+    assert list(llm.runner.graphs) == [1, 2, 4, 8, 16]
+    llm.runner.tp = local = LocalTP()
+    assert [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == expected
+    assert local.graph_steps > 5  # 11 sequences decode in the 16 bucket, then fewer
+    llm.block_manager.check_all_free()

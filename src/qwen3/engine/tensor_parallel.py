@@ -97,7 +97,23 @@ def payload_size(header: list[int]) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------
-# The forward every rank runs on a packed step
+# The packed step, and the forward every rank runs on it
+
+
+def pack_step(runner: ModelRunner, data: tuple, holes: list[tuple[int, int]], in_flight: InFlight | None) -> Tensor:
+    """Rank 0: the payload on the device (one pinned, non-blocking copy), with the tokens still in flight written
+    in from the previous step's samples (on the device: the host has not seen them yet)."""
+    tokens, positions, slots, tables, seq_lens, starts, logits_index = data
+    packed = array("i", tokens)
+    for part in (positions, slots, tables, seq_lens, starts, logits_index):
+        packed.extend(part)
+    payload = runner.to_device(packed)
+    if holes:
+        at = runner.to_device([i for i, _ in holes], torch.long)
+        rows = runner.to_device([row for _, row in holes], torch.long)
+        payload[at] = in_flight.next_ids[rows].to(torch.int32)
+    return payload
+
 
 
 def run_packed(runner: ModelRunner, header: list[int], payload: Tensor) -> Tensor:
@@ -241,7 +257,8 @@ class TensorParallel:
     # -------------------------------------------------------------------------------------------
     # Steps
 
-    def header(self, n: int, s: int, width: int, s_logits: int, decode: bool, max_query_len: int,
+    @staticmethod
+    def header(n: int, s: int, width: int, s_logits: int, decode: bool, max_query_len: int,
                max_seq_len: int) -> list[int]:  # fmt: skip
         return [OP_STEP, n, s, width, s_logits, int(decode), max_query_len, max_seq_len]
 
@@ -249,15 +266,7 @@ class TensorParallel:
              in_flight: InFlight | None) -> Tensor:  # fmt: skip
         """Broadcast one step's metadata and run the forward here (the workers run it too): logits (S', V)."""
         self.check()
-        tokens, positions, slots, tables, seq_lens, starts, logits_index = data
-        packed = array("i", tokens)
-        for part in (positions, slots, tables, seq_lens, starts, logits_index):
-            packed.extend(part)
-        payload = runner.to_device(packed)  # pinned, non-blocking on CUDA
-        if holes:  # tokens still in flight: from the previous step's samples, on the device
-            at = runner.to_device([i for i, _ in holes], torch.long)
-            rows = runner.to_device([row for _, row in holes], torch.long)
-            payload[at] = in_flight.next_ids[rows].to(torch.int32)
+        payload = pack_step(runner, data, holes, in_flight)
         try:
             dist.broadcast(torch.tensor(header, dtype=torch.int32), 0, group=self.control)
             dist.broadcast(payload, 0)
