@@ -161,8 +161,10 @@ def _hidden_states(model: Qwen3ForCausalLM, tokens: Tensor, positions: Tensor, b
     return model.hidden_states(tokens, positions, backend)
 
 
-def compile_decode_forward(backend: str = "inductor") -> Callable[[Qwen3ForCausalLM, Tensor, Tensor,
-                                                                   CompiledPagedAttention], Tensor]:  # fmt: skip
+DecodeForward = Callable[[Qwen3ForCausalLM, Tensor, Tensor, CompiledPagedAttention], Tensor]
+
+
+def compile_decode_forward(backend: str | Callable = "inductor") -> DecodeForward:
     """A compiled `model.hidden_states(tokens (1, S), positions (1, S), backend)` for decode steps, the batch
     dimension marked dynamic (S >= 2; S = 1 is compiled on its own). Compiles on first call per split count.
     mark_dynamic, not maybe_mark_dynamic: a trace that would fix S is an error at start, not one silent compile
