@@ -5,6 +5,7 @@ random models from conftest.make_reference. The single-process engine on the sam
 from __future__ import annotations
 
 import asyncio
+import gc
 import multiprocessing
 import os
 import signal
@@ -110,8 +111,16 @@ def test_tp2_preemption_equals_the_single_process_engine(checkpoint):
         assert [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == expected
         assert llm.scheduler.num_preemptions == single.scheduler.num_preemptions
         llm.block_manager.check_all_free()
-    finally:
+    except BaseException:
         llm.shutdown()
+        raise
+    # Dropped without shutdown: collecting the engine stops its worker, and a new one can start.
+    processes = tp_processes(llm)
+    del llm
+    gc.collect()
+    assert all(p.exitcode is not None for p in processes)
+    llm = LLM(checkpoint, tensor_parallel_size=2, **small)
+    llm.shutdown()
 
 
 def test_uneven_sizes_and_built_models_fail_before_any_process_starts(checkpoint):

@@ -159,8 +159,11 @@ class TensorParallel:
         self.dead: tuple[int, int, int] | None = None  # (rank, pid, exit code) of the first worker seen dead
         self.failed: str | None = None  # the error every later step raises
         self.closed = False
-        self._finalizer = weakref.finalize(self, _stop_processes, processes)  # if shutdown never runs
-        self._watchdog = threading.Thread(target=self._watch, name="qwen3-tp-watchdog", daemon=True)
+        self._finalizer = weakref.finalize(self, _release, processes)  # if shutdown never runs
+        # The thread holds a weak reference: an LLM dropped without shutdown is collected, and its finalizer
+        # stops the workers.
+        self._watchdog = threading.Thread(target=_watch, args=(weakref.ref(self),), name="qwen3-tp-watchdog",
+                                          daemon=True)  # fmt: skip
 
     @classmethod
     def start(cls, directory: Path, device: torch.device, dtype: torch.dtype, quantize: str | None,
@@ -312,22 +315,21 @@ class TensorParallel:
             self.failed = message
             self.shutdown()
 
-    def _watch(self) -> None:
-        """The watchdog thread: note the first worker that is gone; on NCCL, abort the communicators so that a
-        wait on the device (a collective whose peer is dead) returns."""
-        while not self.closed:
-            for rank, process in enumerate(self.processes, start=1):
-                code = process.exitcode
-                if code is not None:
-                    if not self.closed:
-                        self.dead = (rank, process.pid, code)
-                        if self.device.type == "cuda" and dist.is_initialized():
-                            try:
-                                dist.distributed_c10d._abort_process_group()
-                            except Exception:  # noqa: BLE001 (best effort: the main thread raises regardless)
-                                pass
-                    return
-            time.sleep(WATCH_INTERVAL)
+    def _look(self) -> bool:
+        """The watchdog's look at the workers: note the first that is gone (True); on NCCL, abort the
+        communicators so that a wait on the device (a collective whose peer is dead) returns."""
+        for rank, process in enumerate(self.processes, start=1):
+            code = process.exitcode
+            if code is not None:
+                if not self.closed:
+                    self.dead = (rank, process.pid, code)
+                    if self.device.type == "cuda" and dist.is_initialized():
+                        try:
+                            dist.distributed_c10d._abort_process_group()
+                        except Exception:  # noqa: BLE001 (best effort: the main thread raises regardless)
+                            pass
+                return True
+        return False
 
     # -------------------------------------------------------------------------------------------
     # Shutdown
@@ -353,6 +355,23 @@ class TensorParallel:
                     pass
         _stop_processes(self.processes, grace=10.0 if healthy else 0.0)
         self._finalizer.detach()
+
+
+def _watch(ref: weakref.ref[TensorParallel]) -> None:
+    """The watchdog thread's loop, until the engine is closed, collected, or a worker is gone."""
+    while True:
+        tp = ref()
+        if tp is None or tp.closed or tp._look():
+            return
+        del tp
+        time.sleep(WATCH_INTERVAL)
+
+
+def _release(processes: list[mp.Process]) -> None:
+    """An engine collected (or the interpreter exiting) without shutdown: stop the workers, leave the groups."""
+    _stop_processes(processes)
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _stop_processes(processes: list[mp.Process], grace: float = 0.0) -> None:
