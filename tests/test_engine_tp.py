@@ -209,3 +209,76 @@ def test_packed_steps_and_the_graph_path_in_one_process(checkpoint, monkeypatch)
     assert [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == expected
     assert local.graph_steps > 5  # 11 sequences decode in the 16 bucket, then fewer
     llm.block_manager.check_all_free()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Two GPUs (NCCL, the CUDA graphs with the all-reduces inside), each scenario in a subprocess under a time limit:
+# a hang (a capture or an abort that does not work) fails the test instead of stopping the suite.
+
+CUDA_SCENARIO = r"""
+import os, signal, sys, threading, time
+import torch
+from qwen3.engine import LLM
+from qwen3.sampling import SamplingParams
+
+if __name__ == "__main__":
+    directory, mode = sys.argv[1], sys.argv[2]
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 320, (n,), generator=gen).tolist() for n in (1, 5, 17, 30, 45, 12, 3)]
+    kw = dict(device="cuda", dtype=torch.float32, kv_cache_tokens=1 << 20, block_size=16, max_num_seqs=32,
+              max_num_batched_tokens=64)
+    if mode == "equal":
+        params = [SamplingParams(temperature=0.0, max_tokens=6 + 5 * i, ignore_eos=True) for i in range(7)]
+        expected = [o.token_ids for o in LLM(directory, **kw).generate(prompts, params, use_tqdm=False)]
+        for eager in (False, True):
+            llm = LLM(directory, tensor_parallel_size=2, enforce_eager=eager, **kw)
+            assert eager or llm.runner.graphs, "no CUDA graphs captured"
+            got = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+            assert got == expected, (eager, got, expected)
+            llm.block_manager.check_all_free()
+            llm.shutdown()
+            assert llm.tp.processes[0].exitcode == 0
+    else:
+        llm = LLM(directory, tensor_parallel_size=2, **kw)
+        worker = llm.tp.processes[0]
+        killed = []
+        threading.Timer(3.0, lambda: killed.append(time.monotonic()) or os.kill(worker.pid, signal.SIGKILL)).start()
+        params = SamplingParams(temperature=0.0, max_tokens=30000, ignore_eos=True)  # minutes of decoding
+        try:
+            llm.generate(prompts, params, use_tqdm=False)
+            raise AssertionError("generate ended without an error")
+        except RuntimeError as e:
+            assert f"worker rank 1 (pid {worker.pid})" in str(e), e
+            assert time.monotonic() - killed[0] < 15, time.monotonic() - killed[0]
+        llm.shutdown()
+    print("SCENARIO OK", flush=True)
+"""
+
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+
+
+@pytest.fixture(scope="module")
+def long_checkpoint(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("engine-tp-cuda")
+    make_reference(directory, seed=11, max_position_embeddings=32768)
+    return directory
+
+
+def run_scenario(directory, mode: str) -> None:
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NCCL_NVLS_ENABLE": "0"}
+    done = subprocess.run([sys.executable, "-c", CUDA_SCENARIO, str(directory), mode], capture_output=True,
+                          text=True, timeout=300, env=env)  # fmt: skip
+    assert "SCENARIO OK" in done.stdout, done.stdout[-3000:] + done.stderr[-5000:]
+
+
+@two_gpus
+def test_cuda_tp2_graphs_and_eager_equal_one_gpu(long_checkpoint):
+    run_scenario(long_checkpoint, "equal")
+
+
+@two_gpus
+def test_cuda_killed_worker_stops_generate(long_checkpoint):
+    run_scenario(long_checkpoint, "kill")
