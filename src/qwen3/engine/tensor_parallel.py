@@ -201,16 +201,19 @@ class TensorParallel:
         context = mp.get_context("spawn")
         processes = [context.Process(target=worker_main, args=(rank, spec), name=f"qwen3-tp-rank{rank}", daemon=True)
                      for rank in range(1, size)]  # fmt: skip
-        saved = os.environ.get("OMP_NUM_THREADS")
-        os.environ["OMP_NUM_THREADS"] = str(spec.threads)  # the children's copy of the environment
+        # The children's copy of the environment: their CPU threads, and no second "loading weights" bar.
+        child_env = {"OMP_NUM_THREADS": str(spec.threads), "TQDM_DISABLE": "1"}
+        saved = {name: os.environ.get(name) for name in child_env}
+        os.environ.update(child_env)
         try:
             for process in processes:
                 process.start()
         finally:
-            if saved is None:
-                os.environ.pop("OMP_NUM_THREADS", None)
-            else:
-                os.environ["OMP_NUM_THREADS"] = saved
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
         tp = cls(spec, device, dtype, processes)
         tp._watchdog.start()
         try:
@@ -436,12 +439,15 @@ def _watch_parent(parent_pid: int) -> None:
 def worker_main(rank: int, spec: WorkerSpec) -> None:
     """A worker process: load this rank's slice, build the KV pool and runner like rank 0, then run every step
     rank 0 broadcasts until it says stop."""
+    from tqdm import tqdm
+
     from .attention import KVPool, kernels_for
     from .config import EngineConfig
     from .llm import propose_num_blocks
     from .runner import ModelRunner
 
     torch.set_num_threads(spec.threads)
+    tqdm.set_lock(threading.RLock())  # not tqdm's default multiprocessing lock: exit_worker would leak its semaphore
     _watch_parent(spec.parent_pid)
     code = 0
     try:
