@@ -197,14 +197,14 @@ class PagedAttention:
         self.query_start_loc = query_start_loc
         self.max_query_len, self.max_seq_len = max_query_len, max_seq_len
         self.decode, self.num_splits = decode, num_splits
-        self._layout: DenseLayout | None = None  # the reference path's gather plan, built once per step
+        self._layout: DenseLayout | None = None  # the reference path's gather plan, built once per forward
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, math: AttentionFn) -> Tensor:
         q, k, v = q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1)  # (N, heads, D)
         k_cache, v_cache = self.pool.layer(layer)
         self.kernels.store_kv(k, v, k_cache, v_cache, self.slot_mapping)
         if self.kernels is REFERENCE:
-            if self._layout is None:
+            if self._layout is None or layer == 0:  # once per forward (a replayed graph's backend lives on)
                 self._layout = DenseLayout.build(
                     self.block_tables, self.seq_lens, self.query_start_loc, self.pool.block_size,
                     self.max_query_len, self.max_seq_len,

@@ -18,7 +18,8 @@ PyTorch reference kernels (opaque custom ops): the CPU test compiles the forward
 
 Shapes: the batch (token) dimension is marked dynamic, so the graph buckets share one compiled artefact per
 decode split count (`num_splits` is a Python int of the backend, fixed per bucket, and dynamo specialises on
-it: about five values from 1 to 16, so about five compiles, plus bucket 1, which is always static). The layer
+it). The runner therefore compiles only the buckets of runner.COMPILED_FROM (16) sequences and more, all with
+bucket 16's split count: one compile; the small buckets keep eager graphs and their own split counts. The layer
 loop is unrolled at trace time. Inputs to the kernels are made contiguous first, so the strides the kernels
 were traced with are the strides inductor gives them.
 """

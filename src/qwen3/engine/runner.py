@@ -35,6 +35,9 @@ if TYPE_CHECKING:
     from .tensor_parallel import TensorParallel
 
 
+COMPILED_FROM = 16  # LLM(compile=True): decode buckets of at least this many sequences replay the compiled forward
+
+
 class ModelRunner:
     def __init__(self, model: Qwen3ForCausalLM, config: EngineConfig, pool: KVPool, kernels: SimpleNamespace,
                  tp: TensorParallel | None = None) -> None:  # fmt: skip
@@ -162,23 +165,33 @@ class ModelRunner:
         self.g_hidden = torch.zeros(largest, hidden_size, dtype=self.config.dtype, device=device)  # graph output
         starts = torch.arange(largest + 1, dtype=torch.int32, device=device)
         memory_pool = None
-        backend_type, hidden_states, options = PagedAttention, self._eager_hidden_states, {}
+        eager = (PagedAttention, self._eager_hidden_states, {})
+        compiled_from, compiled_splits = None, 1
         if self.config.compile:  # LLM(compile=True): replay a torch.compile'd forward (compiled.py)
             from . import compiled
 
-            backend_type, options = compiled.CompiledPagedAttention, {"ops": compiled.custom_ops_for(self.kernels)}
-            hidden_states = compiled.compile_decode_forward()
+            ops = {"ops": compiled.custom_ops_for(self.kernels)}
+            fused = (compiled.CompiledPagedAttention, compiled.compile_decode_forward(), ops)
+            # One compile: the buckets from COMPILED_FROM up share one split count (a Python int of the graph, so
+            # each distinct count would be a compile of its own, tens of seconds each); the small, latency-bound
+            # buckets keep their own split counts and eager graphs.
+            compiled_from = min((b for b in buckets if b >= COMPILED_FROM), default=None)
+            if compiled_from is not None:
+                compiled_splits = self._num_splits(compiled_from, self.config.max_model_len)
         with torch.inference_mode():
             for size in reversed(buckets):
+                use_compiled = compiled_from is not None and size >= compiled_from
+                backend_type, hidden_states, options = fused if use_compiled else eager
+                splits = compiled_splits if use_compiled else self._num_splits(size, self.config.max_model_len)
                 backend = backend_type(
                     self.pool, self.kernels, self.g_slots[:size], self.g_tables[:size], self.g_seq_lens[:size],
                     starts[: size + 1], max_query_len=1, max_seq_len=self.config.max_model_len, decode=True,
-                    num_splits=self._num_splits(size, self.config.max_model_len), **options,
+                    num_splits=splits, **options,
                 )  # fmt: skip
 
-                def forward(size: int = size, backend: PagedAttention = backend) -> None:
+                def forward(size: int = size, backend: PagedAttention = backend, run=hidden_states) -> None:
                     tokens, positions = self.g_tokens[None, :size], self.g_positions[None, :size]
-                    self.g_hidden[:size].copy_(hidden_states(self.model, tokens, positions, backend)[0])
+                    self.g_hidden[:size].copy_(run(self.model, tokens, positions, backend)[0])
 
                 if options:
                     self.graphs[size] = self._record_compiled(forward, memory_pool, size)
