@@ -12,7 +12,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 else
   export PYTHONPATH=$PWD/src
 fi
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false THROUGHPUT_FLAGS=${THROUGHPUT_FLAGS:-}
 OUT=${OUT:-out/h200}
 mkdir -p "$OUT"
 parts=${*:-tests kernels throughput serve decode startup profile}
@@ -31,20 +31,26 @@ run() {  # run <seconds> <name> <command...>: one part, its output in the log an
 }
 
 if [[ " $parts " == *" tests "* ]]; then
-  run 150 tests python3 -m pytest -q -x -p no:cacheprovider tests/test_triton_kernels.py tests/test_engine.py \
-    tests/test_kernels.py -k "cuda or gpu or triton or graph or kernel" -rs
+  run 200 tests python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_engine.py \
+    tests/test_engine_compile.py tests/test_kernels.py -k "cuda or gpu or triton or graph or kernel or compile" -rs
 fi
 if [[ " $parts " == *" kernels "* ]]; then
   run 130 kernels python3 benchmarks/kernels.py
 fi
 if [[ " $parts " == *" throughput "* ]]; then
-  run 280 throughput python3 benchmarks/throughput.py --results "$OUT/results.md"
+  run 280 throughput python3 benchmarks/throughput.py $THROUGHPUT_FLAGS --results "$OUT/results.md"
+fi
+if [[ " $parts " == *" compiled "* ]]; then
+  run 280 compiled python3 benchmarks/throughput.py --compile --skip-transformers --skip-padded --results "$OUT/results.md"
+fi
+if [[ " $parts " == *" gemv "* ]]; then
+  run 120 gemv python3 benchmarks/decode.py --gemv
 fi
 if [[ " $parts " == *" serve "* ]]; then
   run 240 serve python3 benchmarks/serve.py --max-seconds 40
 fi
 if [[ " $parts " == *" decode "* ]]; then
-  run 240 decode python3 benchmarks/decode.py --device cuda --gemv --results "$OUT/results.md"
+  run 240 decode python3 benchmarks/decode.py --device cuda --skip-fast-path --results "$OUT/results.md"
 fi
 if [[ " $parts " == *" startup "* ]]; then
   run 150 startup python3 benchmarks/startup.py
