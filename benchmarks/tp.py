@@ -36,6 +36,7 @@ import argparse  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
+import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -62,18 +63,28 @@ def child(args: list[str], timeout: float, torchrun: int = 0) -> tuple[dict | No
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(torchrun),
                    str(Path(__file__).resolve()), *args]  # fmt: skip
     started = time.monotonic()
+    # A session of its own: on a timeout the whole tree goes (torchrun's workers, the engine's worker), so that
+    # nothing keeps holding a GPU for the next part.
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)  # fmt: skip
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=max(timeout, 1.0))
-    except subprocess.TimeoutExpired as e:
-        tail = (e.stderr or b"")[-2000:]
-        sys.stderr.write(tail.decode(errors="replace") if isinstance(tail, bytes) else tail)
+        stdout, stderr = process.communicate(timeout=max(timeout, 1.0))
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        sys.stderr.write(stderr[-3000:])
         return None, f"timed out after {timeout:.0f} s"
-    sys.stderr.write(done.stderr[-4000:])
-    for line in done.stdout.splitlines():
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # leftovers of a child that ended
+        except (ProcessLookupError, PermissionError):
+            pass
+    sys.stderr.write(stderr[-4000:])
+    for line in stdout.splitlines():
         if line.startswith(RESULT):
             return json.loads(line[len(RESULT):]), ""
-    sys.stderr.write(done.stdout[-2000:])
-    return None, f"failed (exit status {done.returncode}, {time.monotonic() - started:.0f} s)"
+    sys.stderr.write(stdout[-2000:])
+    return None, f"failed (exit status {process.returncode}, {time.monotonic() - started:.0f} s)"
 
 
 def emit(result: dict) -> None:
