@@ -36,7 +36,9 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=_positive_int, default=256, help="requests in one batch at most (256)")
     p.add_argument("--max-model-len", type=_positive_int, help="context length (default: the model's)")
     p.add_argument("--kv-cache-tokens", type=_positive_int, help="KV-cache size in tokens (default: from memory)")
-    p.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel size: GPUs (processes) to split over")
+    # dest is not "tp": qwen3.cli restarts commands with an args.tp under torchrun; the engine starts its own workers
+    p.add_argument("--tp", dest="tensor_parallel_size", type=_positive_int, default=1,
+                   help="tensor-parallel size: GPUs (processes) the engine splits the model over")  # fmt: skip
 
 
 def add_subcommands(sub: Any) -> None:
@@ -99,7 +101,7 @@ def build_engine(args: argparse.Namespace) -> tuple[Any, Any]:
         max_model_len=args.max_model_len,
         kv_cache_tokens=args.kv_cache_tokens,
         quantize=args.quantize,
-        tensor_parallel_size=args.tp,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
     ctx = ServingContext.for_engine(llm, args.served_model_name or args.model, directory)
     return llm, ctx
