@@ -282,3 +282,14 @@ def test_cuda_tp2_graphs_and_eager_equal_one_gpu(long_checkpoint):
 @two_gpus
 def test_cuda_killed_worker_stops_generate(long_checkpoint):
     run_scenario(long_checkpoint, "kill")
+
+
+def test_serve_tp_flag_reaches_the_engine_not_torchrun():
+    """`qwen3 serve --tp 2` sets the engine's tensor_parallel_size; args.tp (which makes qwen3.cli restart a
+    command under torchrun) stays unset."""
+    pytest.importorskip("starlette")
+    from qwen3.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--model", "demo", "--tp", "2"])
+    assert args.tensor_parallel_size == 2 and getattr(args, "tp", 1) == 1
+    assert build_parser().parse_args(["serve"]).tensor_parallel_size == 1
