@@ -120,7 +120,7 @@ def _store_kv_pool_kernel(
     dims = tl.arange(0, BLOCK_D)[None, :]
     mask = (heads < num_kv_heads) & (dims < HEAD_DIM) & (slot >= 0)
     dst = (slot // BLOCK_SIZE) * stride_c_block + (slot % BLOCK_SIZE) * stride_c_off + heads * stride_c_head + dims
-    k_base = layer.to(tl.int64) * stride_layer
+    k_base = tl.cast(layer, tl.int64) * stride_layer
     v_base = (num_layers + layer).to(tl.int64) * stride_layer
     k = tl.load(k_ptr + tok * stride_k_tok + heads * stride_k_head + dims, mask=mask)
     v = tl.load(v_ptr + tok * stride_v_tok + heads * stride_v_head + dims, mask=mask)
@@ -223,7 +223,7 @@ def _paged_prefill_kernel(
         kv_off = block * stride_c_block + (k_pos % BLOCK_SIZE) * stride_c_off + kv_head * stride_c_head
         k = tl.load(k_cache_ptr + kv_off[None, :] + dims[:, None],
                     mask=k_valid[None, :] & d_valid[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
-        s = tl.dot(q, k, input_precision=INPUT_PRECISION) * qk_scale
+        s = tl.dot(q, k, input_precision=INPUT_PRECISION) * tl.cast(qk_scale, tl.float32)  # fp64 under inductor
         visible = row_valid[:, None] & k_valid[None, :] & (k_pos[None, :] <= q_pos[:, None])
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -326,7 +326,7 @@ def _paged_decode_split_kernel(
         kv_off = block * stride_c_block + (k_pos % BLOCK_SIZE) * stride_c_off + kv_head * stride_c_head
         k = tl.load(k_cache_ptr + kv_off[None, :] + dims[:, None],
                     mask=k_valid[None, :] & d_valid[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
-        s = tl.dot(q, k, input_precision=INPUT_PRECISION) * qk_scale
+        s = tl.dot(q, k, input_precision=INPUT_PRECISION) * tl.cast(qk_scale, tl.float32)  # fp64 under inductor
         s = tl.where(k_valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
