@@ -458,7 +458,9 @@ class Qwen3ForCausalLM(nn.Module):
         B, T = input_ids.shape
         if positions is None:  # 0..T-1, which must fit the RoPE table (a shape check: no host sync)
             if T > (limit := self.config.max_position_embeddings):
-                raise ValueError(f"input_ids: {T} tokens exceed the model's context of {limit} (max_position_embeddings)")
+                raise ValueError(
+                    f"input_ids: {T} tokens exceed the model's context of {limit} (max_position_embeddings)"
+                )
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         backend = cache if cache is not None else CausalAttention()
         x = self.model.embed_tokens(input_ids)  # (B, T, H)
