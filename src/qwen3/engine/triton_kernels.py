@@ -121,7 +121,7 @@ def _store_kv_pool_kernel(
     mask = (heads < num_kv_heads) & (dims < HEAD_DIM) & (slot >= 0)
     dst = (slot // BLOCK_SIZE) * stride_c_block + (slot % BLOCK_SIZE) * stride_c_off + heads * stride_c_head + dims
     k_base = tl.cast(layer, tl.int64) * stride_layer
-    v_base = (num_layers + layer).to(tl.int64) * stride_layer
+    v_base = tl.cast(num_layers + layer, tl.int64) * stride_layer
     k = tl.load(k_ptr + tok * stride_k_tok + heads * stride_k_head + dims, mask=mask)
     v = tl.load(v_ptr + tok * stride_v_tok + heads * stride_v_head + dims, mask=mask)
     tl.store(kv_ptr + k_base + dst, k.to(kv_ptr.dtype.element_ty), mask=mask)
