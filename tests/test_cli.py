@@ -502,3 +502,37 @@ def test_the_engine_is_the_default_decode_path_on_cuda_only():
         assert not engine("cpu", *command) and not engine("mps", *command)
         assert not engine("cuda", *command, "--compile") and not engine("cuda", *command, "--tp", "2")
     assert not engine("cuda", "generate", "--speculative", "4", "x")
+
+
+def test_ctrl_c_while_torch_imports_exits_130_quietly():
+    """The `qwen3` entry point (qwen3_launcher) catches a Ctrl-C that lands while `import qwen3` still imports
+    torch, before any of the CLI's own handlers exist: status 130, no traceback."""
+    import signal
+    import time
+
+    command = [sys.executable, "-c", "import sys, qwen3_launcher; sys.exit(qwen3_launcher.main())",
+               "generate", "--model", "demo", "--max-new-tokens", "3", "ROMEO:"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    time.sleep(0.4)  # well past the interpreter's start, well inside `import torch` (over a second here)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err.decode()
+    assert b"Traceback" not in err and out == b""
+
+
+def test_the_launcher_turns_an_interrupted_import_into_status_130(monkeypatch, capsys):
+    import importlib.abc
+
+    import qwen3_launcher
+
+    class Interrupting(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name == "qwen3.cli":
+                raise KeyboardInterrupt
+            return None
+
+    monkeypatch.delitem(sys.modules, "qwen3.cli")
+    monkeypatch.setattr(sys, "meta_path", [Interrupting(), *sys.meta_path])
+    assert qwen3_launcher.main() == 130
+    assert capsys.readouterr().err == "\n"
