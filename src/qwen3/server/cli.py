@@ -12,14 +12,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..train.cli import positive_int
+
 DEFAULT_MODEL = "Qwen/Qwen3-0.6B"
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, found {text}")
-    return value
 
 
 def _add_engine_flags(p: argparse.ArgumentParser) -> None:
@@ -33,11 +28,11 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
         help="auto: bfloat16 on a GPU, float32 on the CPU",
     )
     p.add_argument("--quantize", choices=["int8"], help="quantize the weights at load (int8 weight-only)")
-    p.add_argument("--max-num-seqs", type=_positive_int, default=256, help="requests in one batch at most (256)")
-    p.add_argument("--max-model-len", type=_positive_int, help="context length (default: the model's)")
-    p.add_argument("--kv-cache-tokens", type=_positive_int, help="KV-cache size in tokens (default: from memory)")
+    p.add_argument("--max-num-seqs", type=positive_int, default=256, help="requests in one batch at most (256)")
+    p.add_argument("--max-model-len", type=positive_int, help="context length (default: the model's)")
+    p.add_argument("--kv-cache-tokens", type=positive_int, help="KV-cache size in tokens (default: from memory)")
     # dest is not "tp": qwen3.cli restarts commands with an args.tp under torchrun; the engine starts its own workers
-    p.add_argument("--tp", dest="tensor_parallel_size", type=_positive_int, default=1,
+    p.add_argument("--tp", dest="tensor_parallel_size", type=positive_int, default=1,
                    help="tensor-parallel size: GPUs (processes) the engine splits the model over")  # fmt: skip
 
 

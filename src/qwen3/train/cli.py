@@ -46,7 +46,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, found {text}")
@@ -76,15 +76,15 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     data.add_argument(
         "--eval-fraction", type=float, default=0.0, help="hold out the last fraction of every --data file instead"
     )
-    data.add_argument("--block-size", type=_positive_int, default=1024, help="tokens per training sequence")
+    data.add_argument("--block-size", type=positive_int, default=1024, help="tokens per training sequence")
     data.add_argument("--cache-dir", help="where tokenized data is cached (default: OUT/cache)")
 
     opt = p.add_argument_group("optimisation")
     opt.add_argument(
-        "--batch-size", type=_positive_int, default=8, help="sequences per micro-step, summed over all processes"
+        "--batch-size", type=positive_int, default=8, help="sequences per micro-step, summed over all processes"
     )
-    opt.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-steps per optimizer step")
-    opt.add_argument("--max-steps", type=_positive_int, default=1000, help="optimizer steps of the schedule")
+    opt.add_argument("--grad-accum", type=positive_int, default=1, help="micro-steps per optimizer step")
+    opt.add_argument("--max-steps", type=positive_int, default=1000, help="optimizer steps of the schedule")
     opt.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
     opt.add_argument("--min-lr", type=float, default=3e-5, help="learning rate at the end of the cosine")
     opt.add_argument(
@@ -97,7 +97,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     opt.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm (0: no clipping)")
     opt.add_argument("--seed", type=int, default=0, help="seeds the init, the data order and dropout")
     opt.add_argument(
-        "--loss-chunk-size", type=_positive_int, default=2048, help="tokens per chunk of the LM-head cross-entropy"
+        "--loss-chunk-size", type=positive_int, default=2048, help="tokens per chunk of the LM-head cross-entropy"
     )
 
     hw = p.add_argument_group("hardware")
@@ -135,7 +135,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--keep-checkpoints", type=int, default=0, help="keep the N newest checkpoints (0: all)")
     run.add_argument(
         "--stop-after",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="stop with a checkpoint after this step (the schedule still ends at --max-steps)",
     )
