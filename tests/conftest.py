@@ -122,3 +122,22 @@ def fake_snapshot(tmp_path_factory) -> Path:
                    bos_token_id=151643, eos_token_id=151645)  # fmt: skip
     copy_tokenizer_files(directory)
     return directory
+
+
+def fix_triton_interpreter_scalars() -> None:
+    """Triton 3.6's interpreter turns a scalar into a Python int with int(array of shape (1,)), which NumPy 2
+    rejects (a loop bound passed as an argument or read from memory then fails); take the one element explicitly.
+    For the tests that run Triton kernels under TRITON_INTERPRET=1; idempotent."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    patch_tensor = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch_tensor is None or getattr(patch_tensor, "_qwen3_fixed", False):
+        return
+
+    def patched(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+
+    patched._qwen3_fixed = True
+    interpreter._patch_lang_tensor = patched

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import qwen3
-from conftest import make_reference
+from conftest import fix_triton_interpreter_scalars, make_reference
 from qwen3.engine import LLM
 from qwen3.engine.attention import (
     REFERENCE,
@@ -446,16 +446,7 @@ def test_triton_kernels_in_the_engine_interpreted():
 
 @pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 subprocess of the test above")
 def test_engine_runs_the_triton_kernels(model, monkeypatch):
-    import numpy as np
-    from triton.runtime import interpreter
-
-    patch_tensor = interpreter._patch_lang_tensor  # Triton 3.6's interpreter vs NumPy 2 (see test_triton_kernels)
-
-    def patched(tensor, scope):
-        patch_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
-
-    monkeypatch.setattr(interpreter, "_patch_lang_tensor", patched)
+    fix_triton_interpreter_scalars()  # Triton 3.6's interpreter vs NumPy 2 (this runs in its own subprocess)
     prompts = random_prompts([3, 17, 26], seed=23)
     params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in (4, 2, 5)]
     want = [reference(model, prompt, p.max_tokens) for prompt, p in zip(prompts, params, strict=True)]

@@ -19,6 +19,7 @@ import sys
 import pytest
 import torch
 
+from conftest import fix_triton_interpreter_scalars
 from qwen3.kernels import int8_cpu
 from qwen3.quantize import CPU_GEMV_MAX_ROWS, Int8Linear, quantize_per_row
 
@@ -175,31 +176,12 @@ GEMV_DTYPES = [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32),
                                                                           (torch.float32, torch.int8)]  # fmt: skip
 
 
-def _fix_interpreter_scalars() -> None:
-    """Triton 3.6's interpreter turns a scalar into a Python int with int(array of shape (1,)), which NumPy 2
-    rejects (a loop bound passed as an argument then fails); take the one element explicitly. (The same fix
-    as tests/test_triton_kernels.py's.)"""
-    import numpy as np
-    from triton.runtime import interpreter
-
-    patch_tensor = getattr(interpreter, "_patch_lang_tensor", None)
-    if patch_tensor is None or getattr(patch_tensor, "_qwen3_fixed", False):
-        return
-
-    def patched(tensor, scope):
-        patch_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
-
-    patched._qwen3_fixed = True
-    interpreter._patch_lang_tensor = patched
-
-
 @pytest.fixture(scope="module")
 def gt():
     """qwen3.kernels.gemv_triton (imports triton)."""
     pytest.importorskip("triton")
     if INTERPRETED:
-        _fix_interpreter_scalars()
+        fix_triton_interpreter_scalars()
     return importlib.import_module("qwen3.kernels.gemv_triton")
 
 

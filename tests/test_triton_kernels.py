@@ -20,30 +20,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import fix_triton_interpreter_scalars
+
 triton = pytest.importorskip("triton")
 
 CUDA = torch.cuda.is_available()
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if CUDA and not INTERPRETED else "cpu"
 KERNELS_PATH = Path(__file__).resolve().parents[1] / "src" / "qwen3" / "engine" / "triton_kernels.py"
-
-
-def _fix_interpreter_scalars() -> None:
-    """Triton 3.6's interpreter turns a loaded scalar into a Python int with int(array of shape (1,)), which NumPy 2
-    rejects (a loop bound read from memory then fails); take the one element explicitly."""
-    import numpy as np
-    from triton.runtime import interpreter
-
-    patch_tensor = getattr(interpreter, "_patch_lang_tensor", None)
-    if patch_tensor is None or getattr(patch_tensor, "_qwen3_fixed", False):
-        return
-
-    def patched(tensor, scope):
-        patch_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
-
-    patched._qwen3_fixed = True
-    interpreter._patch_lang_tensor = patched
 
 
 def _load_kernels():
@@ -56,7 +40,7 @@ def _load_kernels():
 
 RUN_KERNELS = DEVICE == "cuda" or INTERPRETED
 if INTERPRETED:
-    _fix_interpreter_scalars()
+    fix_triton_interpreter_scalars()
 tk = _load_kernels() if RUN_KERNELS else None
 kernel_test = pytest.mark.skipif(not RUN_KERNELS, reason="runs in the TRITON_INTERPRET=1 subprocess (test below)")
 
