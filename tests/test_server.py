@@ -132,6 +132,20 @@ def scripted_server(tmp: Path, *args: str) -> Server:
     return Server([sys.executable, str(HERE / "server_main.py"), "--spec", str(spec), *args], tmp)
 
 
+async def streamed_completion(client, **request):
+    """(text, finish_reason, usage) of a greedy streamed completion with include_usage, joined from its chunks."""
+    text, finish, usage = "", None, None
+    stream = await client.completions.create(
+        **request, temperature=0, stream=True, stream_options={"include_usage": True}
+    )
+    async for chunk in stream:
+        usage = chunk.usage or usage
+        for c in chunk.choices:
+            text += c.text
+            finish = c.finish_reason or finish
+    return text, finish, usage
+
+
 def test_unscripted_prompt_is_unlike_every_script(tok):
     lengths = {
         len(
@@ -255,20 +269,7 @@ def test_completions_async_client_text_ids_n_logprobs(server, tok):
         )
         assert whole.choices[0].text == as_text.choices[0].text and whole.choices[0].finish_reason == "length"
         assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (len(ids), 9)
-        text, finish, usage = "", None, None
-        stream = await client.completions.create(
-            model="scripted",
-            prompt=ids,
-            max_tokens=9,
-            temperature=0,
-            stream=True,
-            stream_options={"include_usage": True},
-        )
-        async for chunk in stream:
-            usage = chunk.usage or usage
-            for c in chunk.choices:
-                text += c.text
-                finish = c.finish_reason or finish
+        text, finish, usage = await streamed_completion(client, model="scripted", prompt=ids, max_tokens=9)
         assert (text, finish) == (whole.choices[0].text, "length") and usage.completion_tokens == 9
         several = await client.completions.create(
             model="scripted", prompt=[ids, ids[:3]], max_tokens=4, n=2, temperature=0, logprobs=2
@@ -478,20 +479,7 @@ def test_qwen3_serve_demo_32_concurrent_streams_equal_their_solo_answers(demo_se
         solo[prompt, k] = (r.choices[0].text, r.choices[0].finish_reason, r.usage.completion_tokens)
 
     async def one(client, prompt, k):
-        text, finish, usage = "", None, None
-        stream = await client.completions.create(
-            model="demo",
-            prompt=prompt,
-            max_tokens=6 + 3 * k,
-            temperature=0,
-            stream=True,
-            stream_options={"include_usage": True},
-        )
-        async for chunk in stream:
-            usage = chunk.usage or usage
-            for c in chunk.choices:
-                text += c.text
-                finish = c.finish_reason or finish
+        text, finish, usage = await streamed_completion(client, model="demo", prompt=prompt, max_tokens=6 + 3 * k)
         return text, finish, usage.completion_tokens
 
     async def main():
