@@ -53,6 +53,7 @@ from .serving import (
     chat_response,
     completion_logprobs,
     completion_response,
+    envelope,
     new_id,
     prepare_chat,
     prepare_completion,
@@ -317,16 +318,7 @@ class OpenAIServer:
         self, prepared: Prepared, request_id: str, created: int, logprobs: bool, include_usage: bool
     ) -> AsyncIterator[str]:
         def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
-            return _sse(
-                {
-                    "id": request_id,
-                    "object": "chat.completion.chunk",
-                    "created": created,
-                    "model": self.ctx.model_name,
-                    "choices": choices,
-                    **extra,
-                }
-            )
+            return _sse(envelope(self.ctx, "chat.completion.chunk", request_id, created, choices, **extra))
 
         def choice(index: int, delta: dict[str, Any], lp: Any = None, finish: str | None = None) -> dict[str, Any]:
             return {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}
@@ -381,16 +373,7 @@ class OpenAIServer:
         self, prepared: list[Prepared], request_id: str, created: int, include_usage: bool
     ) -> AsyncIterator[str]:
         def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
-            return _sse(
-                {
-                    "id": request_id,
-                    "object": "text_completion",
-                    "created": created,
-                    "model": self.ctx.model_name,
-                    "choices": choices,
-                    **extra,
-                }
-            )
+            return _sse(envelope(self.ctx, "text_completion", request_id, created, choices, **extra))
 
         completion_tokens, cached = 0, 0
         offsets: dict[int, int] = {}

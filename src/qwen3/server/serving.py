@@ -336,6 +336,12 @@ def chat_finish_reason(finish_reason: str | None, has_tool_calls: bool) -> str |
     return "tool_calls" if has_tool_calls and finish_reason == "stop" else finish_reason
 
 
+def envelope(ctx: ServingContext, kind: str, request_id: str, created: int, choices: list[dict[str, Any]],
+             **extra: Any) -> dict[str, Any]:  # fmt: skip
+    """The fields every OpenAI completion object and stream chunk shares, in OpenAI's order; `extra` follows."""
+    return {"id": request_id, "object": kind, "created": created, "model": ctx.model_name, "choices": choices, **extra}
+
+
 def chat_response(
     ctx: ServingContext,
     prepared: Prepared,
@@ -355,19 +361,13 @@ def chat_response(
                 "finish_reason": chat_finish_reason(out.finish_reason, bool(parsed.tool_calls)),
             }
         )
-    return {
-        "id": request_id or new_id("chatcmpl"),
-        "object": "chat.completion",
-        "created": created or int(time.time()),
-        "model": ctx.model_name,
-        "choices": choices,
-        "usage": usage(
-            len(prepared.prompt_ids),
-            sum(len(o.token_ids) for o in outputs),
-            max((o.num_cached_tokens for o in outputs), default=0),
-        ),
-        "system_fingerprint": None,
-    }
+    tokens = usage(
+        len(prepared.prompt_ids),
+        sum(len(o.token_ids) for o in outputs),
+        max((o.num_cached_tokens for o in outputs), default=0),
+    )
+    return envelope(ctx, "chat.completion", request_id or new_id("chatcmpl"), created or int(time.time()), choices,
+                    usage=tokens, system_fingerprint=None)  # fmt: skip
 
 
 def completion_response(
@@ -389,16 +389,10 @@ def completion_response(
                     "finish_reason": out.finish_reason,
                 }
             )
-    return {
-        "id": request_id or new_id("cmpl"),
-        "object": "text_completion",
-        "created": created or int(time.time()),
-        "model": ctx.model_name,
-        "choices": choices,
-        "usage": usage(
-            sum(len(p.prompt_ids) for p in prepared),
-            sum(len(o.token_ids) for os in outputs for o in os),
-            sum(max((o.num_cached_tokens for o in os), default=0) for os in outputs),
-        ),
-        "system_fingerprint": None,
-    }
+    tokens = usage(
+        sum(len(p.prompt_ids) for p in prepared),
+        sum(len(o.token_ids) for os in outputs for o in os),
+        sum(max((o.num_cached_tokens for o in os), default=0) for os in outputs),
+    )
+    return envelope(ctx, "text_completion", request_id or new_id("cmpl"), created or int(time.time()), choices,
+                    usage=tokens, system_fingerprint=None)  # fmt: skip
