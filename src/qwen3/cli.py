@@ -33,7 +33,7 @@ import torch.distributed as dist
 from .chat_session import CHAT_HELP, run_chat
 from .checkpoint import CheckpointError, load_model, save_model
 from .config import ConfigError, Qwen3Config
-from .device import resolve_device
+from .device import default_dtype, resolve_device
 from .generate import Completion, ContextLengthError, generate_text
 from .hub import (
     MODEL_FILES,
@@ -130,9 +130,7 @@ def sampling_overrides(args: argparse.Namespace) -> dict:
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.float32 if device.type == "cpu" else torch.bfloat16
-    return getattr(torch, name)
+    return default_dtype(device) if name == "auto" else getattr(torch, name)
 
 
 def read_stdin() -> str:

@@ -38,3 +38,8 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
         if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
             raise DeviceError(f"device {str(name)!r}: not available on this machine (use cpu)")
     return device
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """The weights' dtype when none is asked for: float32 on the CPU, bfloat16 on a GPU."""
+    return torch.float32 if device.type == "cpu" else torch.bfloat16

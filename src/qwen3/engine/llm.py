@@ -254,12 +254,13 @@ class LLM:
                 quantize_int8(model)
             return model.eval(), tokenizer
         from ..checkpoint import load_model
+        from ..device import default_dtype, resolve_device
         from ..hub import MODEL_FILES, TOKENIZER_FILES, resolve_source
         from ..tokenizer import load_tokenizer
 
-        device = torch.device(device) if device is not None else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu")  # fmt: skip
-        dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
+        # None: CUDA if there is one, else the CPU (the engine has no MPS path); a name is checked up front
+        device = resolve_device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+        dtype = dtype or default_dtype(device)
         directory = resolve_source(model, sorted(set(MODEL_FILES + TOKENIZER_FILES)))
         if self._tp_settings is not None:
             from .tensor_parallel import TensorParallel
