@@ -2,7 +2,7 @@
 # What one H200 call runs for the engine, the server and the decode kernels (through the device tool), in order:
 # the GPU tests, the kernel micro-benchmarks, engine throughput, the server load test, batch-1 decode.
 # Each part has its own time limit so that one failure cannot eat the others' time. Results land in $OUT.
-#   bash benchmarks/h200_engine.sh [tests] [kernels] [throughput] [serve] [decode] [startup] [profile]   (default: all)
+#   bash benchmarks/h200_engine.sh [tests] [kernels] [throughput] [serve] [decode] [startup] [profile] [prefill] (default: all)
 # Packages the device image lacks (fastapi, uvicorn, pydantic, prompt_toolkit) travel as wheels in .whl/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -41,7 +41,8 @@ if [[ " $parts " == *" throughput "* ]]; then
   run 280 throughput python3 benchmarks/throughput.py $THROUGHPUT_FLAGS --results "$OUT/results.md"
 fi
 if [[ " $parts " == *" compiled "* ]]; then
-  run 280 compiled python3 benchmarks/throughput.py --compile --skip-transformers --skip-padded --results "$OUT/results.md"
+  run 280 compiled python3 benchmarks/throughput.py --compile --trace --skip-transformers --skip-padded \
+    --results "$OUT/results.md"
 fi
 if [[ " $parts " == *" gemv "* ]]; then
   run 120 gemv python3 benchmarks/decode.py --gemv
@@ -54,6 +55,9 @@ if [[ " $parts " == *" decode "* ]]; then
 fi
 if [[ " $parts " == *" startup "* ]]; then
   run 150 startup python3 benchmarks/startup.py
+fi
+if [[ " $parts " == *" prefill "* ]]; then
+  run 150 prefill python3 benchmarks/profile_engine.py --prefill --seqs 32 --context 512
 fi
 if [[ " $parts " == *" profile "* ]]; then
   run 150 profile python3 benchmarks/profile_engine.py

@@ -2,6 +2,7 @@
 launch, sampler, read-back) timed with the device synchronised around each, then torch.profiler's top kernels.
 
     python benchmarks/profile_engine.py [--seqs 256] [--context 800] [--steps 30] [--compile]
+    python benchmarks/profile_engine.py --prefill [--seqs 32] [--context 512]   # the first steps: prompts only
 
 Random-init Qwen3-0.6B in bf16 on CUDA (the demo model on the CPU). Prints two tables; nothing is written.
 """
@@ -26,6 +27,8 @@ def main() -> None:
     p.add_argument("--context", type=int, default=800, help="prompt tokens per sequence")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--prefill", action="store_true",
+                   help="profile the prompt steps (the whole prefill of --seqs prompts) instead of steady decode")
     p.add_argument("--compile", action="store_true", help="LLM(compile=True): the decode graphs run a compiled forward")
     args = p.parse_args()
     cuda = torch.cuda.is_available()
@@ -46,6 +49,9 @@ def main() -> None:
     params = SamplingParams(temperature=args.temperature, max_tokens=10_000, ignore_eos=True)
     for i, prompt in enumerate(prompts):
         llm.add(llm.make_sequence(i, prompt, params, f"p{i}", stream=False))
+    if args.prefill:
+        profile_prefill(llm, cuda)
+        return
     while llm.last_step_tokens[0] or not llm.scheduler.running or llm.scheduler.waiting:  # through the prefill
         llm.step()
     for _ in range(5):
@@ -101,6 +107,43 @@ def main() -> None:
     key = "cuda_time_total" if cuda else "cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60))
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
+
+
+def profile_prefill(llm: LLM, cuda: bool) -> None:
+    """Time each step until every prompt is computed (the engine's own pace), then profile a second, identical
+    prefill of fresh prompts (the first one also warmed up the kernels)."""
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    def prefill() -> list[tuple[float, int]]:
+        times = []
+        while llm.scheduler.waiting or any(s.num_computed_tokens < s.num_prompt_tokens for s in llm.scheduler.running):
+            sync()
+            start = time.perf_counter()
+            llm.step()
+            sync()
+            times.append((time.perf_counter() - start, llm.last_step_tokens[0]))
+        return times
+
+    for seconds, tokens in prefill():
+        print(f"prefill step: {tokens} prompt tokens in {1000 * seconds:.1f} ms ({tokens / seconds:,.0f} tokens/s)")
+    seqs = list(llm.scheduler.running)
+    for seq in seqs:
+        llm.abort(seq)
+    while llm.has_work():
+        llm.step()
+    rng = random.Random(1)
+    params = SamplingParams(temperature=0.6, max_tokens=10_000, ignore_eos=True)
+    for i, seq in enumerate(seqs):
+        prompt = [rng.randint(0, min(10_000, llm.config.vocab_size - 1)) for _ in range(seq.num_prompt_tokens)]
+        llm.add(llm.make_sequence(i, prompt, params, f"q{i}", stream=False))
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        times = prefill()
+    print(f"profiled prefill: {sum(t for _, t in times)} tokens in {1000 * sum(s for s, _ in times):.1f} ms")
+    key = "cuda_time_total" if cuda else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70))
 
 
 if __name__ == "__main__":

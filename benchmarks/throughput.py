@@ -51,15 +51,64 @@ def params_for(max_tokens: list[int], temperature: float) -> list[SamplingParams
     return [SamplingParams(temperature=temperature, max_tokens=n, ignore_eos=True) for n in max_tokens]
 
 
-def run_engine(llm: LLM, prompts, max_tokens, temperature, device) -> dict:
+def run_engine(llm: LLM, prompts, max_tokens, temperature, device, trace: list | None = None) -> dict:
     sync(device)
     start = time.perf_counter()
-    outputs = llm.generate(prompts, params_for(max_tokens, temperature), use_tqdm=False)
+    if trace is not None:
+        llm.step = traced_step(llm, trace)
+    try:
+        outputs = llm.generate(prompts, params_for(max_tokens, temperature), use_tqdm=False)
+    finally:
+        llm.__dict__.pop("step", None)
     sync(device)
     seconds = time.perf_counter() - start
     produced = sum(len(o.token_ids) for o in outputs)
     assert produced == sum(max_tokens), (produced, sum(max_tokens))  # ignore_eos: every request runs to max_tokens
     return {"seconds": seconds, "tokens": produced, "tokens_per_s": produced / seconds}
+
+
+def traced_step(llm: LLM, records: list):
+    """llm.step, recording each call's wall time and the step it launched: (seconds, prefill tokens, decode
+    sequences, key/value tokens the step's attention reads). With one step in flight, call n waits for step n-1's
+    results, so call n's time is charged to step n-1 (see step_table)."""
+    original = type(llm).step.__get__(llm)
+
+    def step():
+        start = time.perf_counter()
+        out = original()
+        seconds = time.perf_counter() - start
+        prefill, decode = llm.last_step_tokens
+        context = sum(seq.num_computed_tokens for seq in llm.scheduler.running)
+        records.append((seconds, prefill, decode, context))
+        return out
+
+    return step
+
+
+def step_table(records: list) -> str:
+    """Where the engine's time went, by kind of step, and a least-squares fit of a decode step's time:
+    fixed + per sequence + per key/value token read (the effective bandwidth of the attention)."""
+    import numpy as np
+
+    shifted = [(records[i + 1][0],) + records[i][1:] for i in range(len(records) - 1)]  # call n+1 = step n
+    kinds: dict[int, list] = {}  # 0: steps with prompt tokens; b: decode steps of at most b sequences
+    for seconds, prefill, decode, _context in shifted:
+        kind = 0 if prefill else next(b for b in (1, 8, 16, 32, 64, 128, 192, 256, 10**9) if decode <= b)
+        kinds.setdefault(kind, []).append(seconds)
+    total = sum(r[0] for r in records)
+    lines = ["| steps | count | seconds | share | ms per step |", "|---|---|---|---|---|"]
+    for kind, times in sorted(kinds.items()):
+        label = "with prompt tokens" if kind == 0 else f"decode, at most {kind} sequences"
+        lines.append(f"| {label} | {len(times)} | {sum(times):.2f} | {sum(times) / total:.0%} | "
+                     f"{1000 * sum(times) / len(times):.2f} |")  # fmt: skip
+    decode = np.array([(1.0, d, c, s) for s, p, d, c in shifted if not p and d >= 16])
+    if len(decode) > 10:
+        coef, *_ = np.linalg.lstsq(decode[:, :3], decode[:, 3], rcond=None)
+        kv_bytes = 114688  # 0.6B: 28 layers x 2 x 8 heads x 128 x 2 bytes
+        lines.append(f"\ndecode steps >= 16 sequences: {1000 * coef[0]:.2f} ms fixed + {1e6 * coef[1]:.1f} us per "
+                     f"sequence + {1e9 * coef[2]:.2f} us per 1,000 key/value tokens "
+                     f"(= {kv_bytes / max(coef[2], 1e-12) / 1e12:.2f} TB/s at 112 KiB per token)")  # fmt: skip
+    return "\n".join(lines)
 
 
 def engine_ttft(llm: LLM, prompts, max_tokens, temperature) -> dict:
@@ -148,6 +197,8 @@ def main() -> None:
     p.add_argument("--skip-transformers", action="store_true")
     p.add_argument("--skip-padded", action="store_true")
     p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--trace", action="store_true",
+                   help="time every step of the main run; print where the time went and a fit of a decode step")
     p.add_argument("--results", type=Path, help="append the table to this markdown file")
     p.add_argument("--compile", action="store_true",
                    help="LLM(compile=True): decode graphs replay a compiled forward (start-up includes compiling)")
@@ -182,7 +233,10 @@ def main() -> None:
         print(f"engine start-up {startup:.1f} s" + (" (compile=True: includes compiling)" if args.compile else ""))
         run_engine(llm, prompts[:2], [8, 8], temperature, args.device)  # warm-up, as bench.py
         rows = []
-        full = run_engine(llm, prompts, max_tokens, temperature, args.device)
+        trace: list | None = [] if args.trace else None
+        full = run_engine(llm, prompts, max_tokens, temperature, args.device, trace)
+        if trace:
+            print(step_table(trace))
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
         ttft = engine_ttft(llm, ttft_prompts, ttft_max_tokens, temperature)
         pool_tokens = llm.num_kv_cache_tokens if hasattr(llm, "num_kv_cache_tokens") else None
