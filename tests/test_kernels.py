@@ -274,3 +274,19 @@ def test_triton_add_rmsnorm_matches_the_model(gt, dtype, rows, hidden):
     ulp = 2 * UNIT_ROUNDOFF[dtype]
     bound = (2 * ulp + (hidden + 4) * FP32_U) * y_ref.double().abs()
     assert ((y.double() - y_ref.double()).abs() <= bound).all()
+
+
+@triton_test
+@pytest.mark.parametrize("M", [1, 3])
+def test_triton_gemv_custom_op(gt, M):
+    """torch.ops.qwen3.gemv: the kernel's result exactly, and torch.library.opcheck (schema, fake impl's shapes and
+    dtypes against the real output, dynamo and aot_autograd tracing) on float and int8 weights."""
+    device = TRITON_DEVICE
+    x = torch.randn(M, 96, generator=generator(M)).to(device)
+    q, s = random_int8(40, 96, seed=M)
+    w = torch.randn(40, 96, generator=generator(M + 1)).to(device)
+    for weight, scale in ((w, None), (q.to(device), s.to(device))):
+        assert torch.equal(torch.ops.qwen3.gemv(x, weight, scale), gt.gemv(x, weight, scale))
+        torch.library.opcheck(torch.ops.qwen3.gemv.default, (x, weight, scale))
+    with pytest.raises(ValueError, match="x must be 2-D"):
+        torch.ops.qwen3.gemv(x[None], w, None)

@@ -20,6 +20,9 @@ the memory bandwidth it reaches; cuBLAS keeps too few bytes in flight on the sma
 residual stream is) with Qwen3's RMSNorm of h (statistics in fp32, the normalised row rounded to the dtype,
 then multiplied by the weight), one program per row: (normed, h) in one read and two writes.
 
+`torch.ops.qwen3.gemv(x (M, K), weight, scale)` is `gemv` as a custom op with a fake impl (`gemv_op`): opaque to
+torch.compile, captured by CUDA graphs like any launch; gemv_linear.py puts it behind the model's projections.
+
 Each kernel has a PyTorch reference beside it (`gemv_reference`, `add_rmsnorm_reference`, the latter with the
 model's own RMSNorm); tests/test_kernels.py compares them, on CUDA or under TRITON_INTERPRET=1 on the CPU.
 This module imports triton at its top; nothing in qwen3 imports it at import time.
@@ -148,7 +151,8 @@ def gemv(
     """y (..., N) = (x (..., K) @ weight (N, K)^T) * scale (N,), in x's dtype, accumulated in fp32.
 
     weight is in x's dtype (bf16, fp16, fp32; scale optional) or int8 (scale required, any float dtype).
-    `config` overrides the launch shape (`gemv_config`).
+    `config` overrides the launch shape (`gemv_config`). The output and the split-K partials are allocated per
+    call (from the caching allocator, so also inside CUDA graph capture); a 2-D x gives y itself, not a view.
     """
     if x.dtype not in FLOAT_DTYPES:
         raise ValueError(f"x: expected one of {FLOAT_DTYPES}, found {x.dtype}")
@@ -170,7 +174,7 @@ def gemv(
     M = x2d.shape[0]
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
-        return y.view(*x.shape[:-1], N)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], N)
     if config is None:
         num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
         config = gemv_config(M, N, K, weight.element_size(), num_sms)
@@ -188,7 +192,7 @@ def gemv(
         _splitk_reduce_kernel[(triton.cdiv(M * N, block),)](
             out, s, y, M, N, config.split_k, HAS_SCALE=scale is not None, BLOCK=block, num_warps=4
         )
-    return y.view(*x.shape[:-1], N)
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], N)
 
 
 def gemv_reference(x: Tensor, weight: Tensor, scale: Tensor | None = None) -> Tensor:
@@ -197,6 +201,24 @@ def gemv_reference(x: Tensor, weight: Tensor, scale: Tensor | None = None) -> Te
     if scale is not None:
         y = y * scale.float()
     return y.to(x.dtype)
+
+
+@torch.library.custom_op("qwen3::gemv", mutates_args=())
+def gemv_op(x: Tensor, weight: Tensor, scale: Tensor | None) -> Tensor:
+    """`gemv` as the custom op torch.ops.qwen3.gemv, x (M, K) -> y (M, N): one opaque node for dynamo and inductor
+    (its fake impl gives only the output's shape), so a compiled forward calls the same kernels as eager, and a
+    CUDA graph captures its launches like any other op's."""
+    if x.dim() != 2:
+        raise ValueError(f"qwen3::gemv: x must be 2-D (rows, in_features), found shape {tuple(x.shape)}")
+    return gemv(x, weight, scale)
+
+
+@gemv_op.register_fake
+def _(x: Tensor, weight: Tensor, scale: Tensor | None) -> Tensor:
+    if x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != x.shape[1]:
+        raise ValueError(f"qwen3::gemv: expected x (M, K) and weight (N, K), found {tuple(x.shape)} and "
+                         f"{tuple(weight.shape)}")  # fmt: skip
+    return x.new_empty(x.shape[0], weight.shape[0])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
