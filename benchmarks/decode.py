@@ -9,6 +9,9 @@ At batch 1 every weight is read once per token, so the ceiling is bandwidth / by
     python benchmarks/decode.py --cpu                 # CPU int8 kernels: fp32 vs int8 (PyTorch's kernels, then
                                                       # qwen3's) vs transformers fp32, 2 threads, one run
     python benchmarks/decode.py --gemv                # CUDA: Triton GEMV vs cuBLAS on Qwen3-0.6B's projections
+    python benchmarks/decode.py --engine-gemv         # CUDA: the engine at batch 1 with and without use_gemv,
+                                                      # bf16 and int8, and the logits of both paths
+    python benchmarks/decode.py --engine-gemv --device cpu   # its dry run: a tiny model, the kernel interpreted
 
 --cpu times qwen3 fp32, qwen3 int8 with PyTorch's int8pack kernel (Int8Linear's "auto" before the CPU kernel:
 x rounded to bf16), qwen3 int8 with qwen3's own CPU kernel (qwen3/kernels/int8_cpu.py, "auto" now; it is
@@ -23,11 +26,21 @@ matrix (what int8 replaces) and against the eager dequantising path (Int8Linear'
 the bytes each call must move (weights, scales, x, y). The last table adds up one decode step's GEMVs
 (28 layers with fused q/k/v and gate/up, plus the LM head). Options: --gemv-rows, --gemv-sweep (also try a
 few launch shapes per matrix and print the fastest).
+
+--engine-gemv (a few minutes on an H200) runs the engine at batch 1 (LLM, CUDA graphs; what chat and generate use)
+on the random-init 0.6B twice per weight type, bf16 and int8 weight-only: the plain model (cuBLAS) and the same
+model after `use_gemv` (qwen3/kernels/gemv_linear.py: the Triton split-K GEMV for <= --gemv-max-rows rows; the
+two share every weight tensor, so both engines stay alive and take turns, 3 rounds, best kept). Then the logits:
+prefill of the 32-token prompt and 8 decode steps fed the same tokens, plus one 16-row forward (the kernel's
+tl.dot path), plain and GEMV, each against an fp32 copy of the same weights; "ok" when the GEMV path is no
+further from fp32 than twice the plain path is. With --device cpu it is a dry run of the same code on a tiny
+random model, the kernel run by Triton's interpreter (TRITON_INTERPRET=1; needs the test extra).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import itertools
 import platform
@@ -38,7 +51,7 @@ from pathlib import Path
 import torch
 
 import qwen3
-from qwen3.generate import generate_tokens, prefill
+from qwen3.generate import decode_one, generate_tokens, prefill
 from qwen3.model import KVCache
 
 H200_COPY_BANDWIDTH = 4.27e12  # bytes/s, device-to-device copy measured on the lent H200 (KINDS.md)
@@ -391,6 +404,180 @@ def print_gemv_row(M, name, K, N, weights, label, seconds, err, launch, nbytes, 
           f"| {launch} |", flush=True)  # fmt: skip
 
 
+def shared_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A second module tree over the same weight tensors (no memory): the two engines of --engine-gemv."""
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def decode_logits(model, prompt: torch.Tensor, steps: int, tokens: list | None = None) -> tuple[torch.Tensor, list]:
+    """Logits (1 + steps, V), in fp32 or more, of the prompt's prefill and `steps` decode steps (one row each:
+    the GEMV's M = 1 path), fed `tokens` (default: this model's own greedy tokens); and the tokens fed."""
+    device, T = prompt.device, prompt.shape[1]
+    cache = KVCache(model.config, 1, T + steps + 1, device=device, dtype=model.model.norm.weight.dtype)
+    with torch.inference_mode():
+        up = torch.promote_types(model.model.norm.weight.dtype, torch.float32)
+        rows = [prefill(model, prompt, torch.tensor([T], device=device), cache).to(up)]
+        fed = []
+        for i in range(steps):
+            token = tokens[i] if tokens is not None else rows[-1].argmax(-1)
+            fed.append(token)
+            rows.append(decode_one(model, token, torch.tensor([T + i], device=device), cache).to(up))
+    return torch.cat(rows), fed
+
+
+def gemv_logits_check(plain, gemv, reference, prompt: torch.Tensor, steps: int = 8) -> str:
+    """One line: max |logit difference| of the GEMV model and of the plain model against `reference` (a copy of
+    the same weights in more precision), and against each other, over decode steps and a 16-row forward."""
+    ref_decode, tokens = decode_logits(reference, prompt, steps)
+    with torch.inference_mode():
+        rows16 = prompt[:, :16]
+        ref16 = reference(rows16)[0]
+        results = {}
+        for name, model in (("plain", plain), ("gemv", gemv)):
+            decode = decode_logits(model, prompt, steps, tokens)[0].to(ref_decode.dtype)
+            full = model(rows16)[0].to(ref16.dtype)
+            results[name] = (decode, full)
+    scale = ref_decode.abs().max().item()
+    precision = str(reference.model.norm.weight.dtype).removeprefix("torch.")
+
+    def diff(a: torch.Tensor, b: torch.Tensor) -> float:
+        return (a - b).abs().max().item()
+
+    plain_err = max(diff(results["plain"][0], ref_decode), diff(results["plain"][1], ref16))
+    gemv_err = max(diff(results["gemv"][0], ref_decode), diff(results["gemv"][1], ref16))
+    between = max(diff(results["gemv"][0], results["plain"][0]), diff(results["gemv"][1], results["plain"][1]))
+    same = (results["gemv"][0].argmax(-1) == results["plain"][0].argmax(-1)).float().mean().item()
+    verdict = "ok" if gemv_err <= 2 * plain_err + 1e-6 * scale else f"CHECK: further from {precision} than 2x plain"
+    return (f"logits (prefill + {steps} decode steps, and a 16-row forward; max |logit| {scale:.2f}): max abs diff "
+            f"gemv vs plain {between:.2e}; vs the {precision} copy: gemv {gemv_err:.2e}, plain {plain_err:.2e}; "
+            f"same argmax {same:.0%} of decode steps: {verdict}")  # fmt: skip
+
+
+def tiny_model(device: str) -> qwen3.Qwen3ForCausalLM:
+    """--engine-gemv's dry run: a random 2-layer model in the real one's shape ratios."""
+    torch.manual_seed(0)
+    config = qwen3.Qwen3Config(vocab_size=512, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                               max_position_embeddings=2048)  # fmt: skip
+    model = qwen3.Qwen3ForCausalLM(config)
+    model.init_weights(std=0.1)
+    return model.to(device).eval()
+
+
+def engine_gemv_benchmark(directory: Path | None, device: str, dtype_name: str, new_tokens: int, max_rows: int,
+                          rounds: int = 3) -> list[str]:  # fmt: skip
+    """--engine-gemv: batch-1 tokens/s of the engine, plain and with use_gemv, for float and int8 weights; the
+    logits check of each. Returns the markdown lines; a variant that fails is reported and the next one runs."""
+    import traceback
+
+    from qwen3.engine import LLM
+    from qwen3.kernels.gemv_linear import use_gemv
+    from qwen3.quantize import quantize_int8
+
+    gpu = device.startswith("cuda")
+    dtype = getattr(torch, dtype_name)
+    vocab = 151936 if directory is not None else 512
+    prompt = torch.randint(0, vocab, (1, 32), generator=torch.Generator().manual_seed(0)).to(device)
+    ids = prompt[0].tolist()
+    machine = torch.cuda.get_device_name() if gpu else f"{platform.machine()} CPU, dry run (Triton interpreter)"
+    lines = [f"### Engine at batch 1, cuBLAS vs the Triton GEMV (use_gemv, <= {max_rows} rows), 32-token prompt, "
+             f"{new_tokens} new tokens ({machine}, torch {torch.__version__}, {datetime.date.today()})", "",
+             "| weights | projections | tokens/s | ms/token | vs plain | of bandwidth ceiling | GB/token | "
+             "engine build s |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    notes = []
+    for int8 in (False, True):
+        label = f"{dtype_name} int8 weights" if int8 else dtype_name
+        try:
+            model = qwen3.load_model(directory, device=device, dtype=dtype) if directory else tiny_model(device)
+            model = model.to(dtype)
+            if int8:
+                quantize_int8(model)
+            nbytes = bytes_per_token(model)
+            # the same weights in more precision (fp32; fp64 for an fp32 model), for the logits check
+            reference = copy.deepcopy(model).to(torch.float64 if dtype == torch.float32 else torch.float32)
+            fast = shared_copy(model)
+            swapped = use_gemv(fast, max_rows=max_rows, allow_cpu=not gpu)
+            print(f"[{label}] {swapped} modules on the GEMV path; bytes per token {nbytes / 1e9:.3f} GB", flush=True)
+            check = gemv_logits_check(model, fast, reference, prompt)
+            print(f"[{label}] {check}", flush=True)
+            notes.append(f"{label}: {check}")
+            del reference
+            engines, build = {}, {}
+            plain_name = ("dequantise + cuBLAS" if int8 else "cuBLAS") if gpu else "plain (CPU)"
+            for name, m in ((plain_name, model), ("Triton GEMV", fast)):
+                sync(device)
+                start = time.perf_counter()
+                engines[name] = LLM(m, max_num_seqs=1, max_model_len=1024, kv_cache_tokens=2048,
+                                    enable_prefix_caching=False)  # fmt: skip
+                sync(device)
+                build[name] = time.perf_counter() - start
+            params = qwen3.SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+            outputs = {name: llm.generate([ids], params, use_tqdm=False)[0].token_ids for name, llm in engines.items()}
+            same = next((i for i, (a, b) in enumerate(zip(*outputs.values(), strict=True)) if a != b), new_tokens)
+            notes.append(f"{label}: greedy tokens of the two engines identical for the first {same} of {new_tokens}")
+            print(f"[{label}] {notes[-1]}", flush=True)
+            best = dict.fromkeys(engines, 0.0)
+            for r in range(rounds):
+                for name, llm in engines.items():
+                    sync(device)
+                    start = time.perf_counter()
+                    out = llm.generate([ids], params, use_tqdm=False)[0]
+                    sync(device)
+                    rate = len(out.token_ids) / (time.perf_counter() - start)
+                    best[name] = max(best[name], rate)
+                    print(f"[{label}] round {r + 1}: {name} {rate:.1f} tokens/s", flush=True)
+            for name in engines:
+                ceiling = f"{best[name] * nbytes / H200_COPY_BANDWIDTH:.0%}" if gpu else "-"
+                lines.append(f"| {label} | {name} | {best[name]:.1f} | {1e3 / best[name]:.3f} | "
+                             f"{best[name] / best[plain_name]:.2f}x | {ceiling} | {nbytes / 1e9:.3f} | "
+                             f"{build[name]:.1f} |")  # fmt: skip
+            del engines, model, fast
+        except Exception as error:  # report and go on: the other weight type still runs
+            traceback.print_exc()
+            first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+            lines.append(f"| {label} | failed: {type(error).__name__} {first} | | | | | | |")
+        if gpu:
+            torch.cuda.empty_cache()
+    return [*lines, "", *notes]
+
+
+def engine_gemv_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """--engine-gemv: on CUDA the random-init 0.6B (bf16 by default); on the CPU a dry run (tiny model, fp32,
+    the Triton kernel interpreted, which must be switched on before triton is first imported)."""
+    gpu = args.device.startswith("cuda")
+    if gpu and not torch.cuda.is_available():
+        parser.error("--engine-gemv --device cuda: no CUDA GPU here (--device cpu for the dry run)")
+    if args.gemv_max_rows < 1:
+        parser.error(f"--gemv-max-rows {args.gemv_max_rows}: must be at least 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    directory = None
+    if gpu:
+        directory = args.checkpoint or Path(tempfile.mkdtemp()) / "qwen3-0.6b-random"
+        if not (directory / "model.safetensors").exists():
+            make_checkpoint(directory)
+    else:
+        import os
+        import sys
+
+        if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+            parser.error("--engine-gemv --device cpu: triton was imported before TRITON_INTERPRET=1 could be set")
+        os.environ["TRITON_INTERPRET"] = "1"
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+        from conftest import fix_triton_interpreter_scalars  # Triton 3.6's interpreter vs NumPy 2
+
+        fix_triton_interpreter_scalars()
+    dtype_name = (args.dtypes or ("bfloat16" if gpu else "float32")).split(",")[0]
+    new_tokens = args.new_tokens or (256 if gpu else 8)
+    lines = engine_gemv_benchmark(directory, args.device, dtype_name, new_tokens, args.gemv_max_rows)
+    table = "\n".join(lines)
+    print(table)
+    if args.results:
+        with open(args.results, "a", encoding="utf-8") as f:
+            f.write("\n" + table + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -409,7 +596,14 @@ def main() -> None:
     parser.add_argument("--gemv", action="store_true", help="CUDA: Triton GEMV vs cuBLAS on the 0.6B projections")
     parser.add_argument("--gemv-rows", default="1,16", help="comma list of rows (tokens) for --gemv")
     parser.add_argument("--gemv-sweep", action="store_true", help="--gemv: also try a few launch shapes")
+    parser.add_argument("--engine-gemv", action="store_true",
+                        help="the engine at batch 1 with and without use_gemv, bf16 and int8 (CUDA; --device cpu: "
+                             "a dry run on a tiny model under Triton's interpreter)")  # fmt: skip
+    parser.add_argument("--gemv-max-rows", type=int, default=16, help="--engine-gemv: use_gemv's max_rows")
     args = parser.parse_args()
+    if args.engine_gemv:
+        engine_gemv_main(args, parser)
+        return
     if args.gemv:
         if not torch.cuda.is_available():
             parser.error("--gemv needs a CUDA GPU")

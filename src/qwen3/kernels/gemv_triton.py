@@ -203,7 +203,7 @@ def gemv_reference(x: Tensor, weight: Tensor, scale: Tensor | None = None) -> Te
     return y.to(x.dtype)
 
 
-@torch.library.custom_op("qwen3::gemv", mutates_args=())
+@torch.library.custom_op("qwen3::gemv", mutates_args=(), schema="(Tensor x, Tensor weight, Tensor? scale) -> Tensor")
 def gemv_op(x: Tensor, weight: Tensor, scale: Tensor | None) -> Tensor:
     """`gemv` as the custom op torch.ops.qwen3.gemv, x (M, K) -> y (M, N): one opaque node for dynamo and inductor
     (its fake impl gives only the output's shape), so a compiled forward calls the same kernels as eager, and a
