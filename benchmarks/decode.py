@@ -30,11 +30,12 @@ few launch shapes per matrix and print the fastest).
 --engine-gemv (a few minutes on an H200) runs the engine at batch 1 (LLM, CUDA graphs; what chat and generate use)
 on the random-init 0.6B twice per weight type, bf16 and int8 weight-only: the plain model (cuBLAS) and the same
 model after `use_gemv` (qwen3/kernels/gemv_linear.py: the Triton split-K GEMV for <= --gemv-max-rows rows; the
-two share every weight tensor, so both engines stay alive and take turns, 3 rounds, best kept). Then the logits:
+two share every weight tensor, so both engines stay alive and take turns, 3 rounds, best kept), and the logits:
 prefill of the 32-token prompt and 8 decode steps fed the same tokens, plus one 16-row forward (the kernel's
-tl.dot path), plain and GEMV, each against an fp32 copy of the same weights; "ok" when the GEMV path is no
-further from fp32 than twice the plain path is. With --device cpu it is a dry run of the same code on a tiny
-random model, the kernel run by Triton's interpreter (TRITON_INTERPRET=1; needs the test extra).
+tl.dot path), plain and GEMV, each against a copy of the same weights in fp32 (fp64 for an fp32 model); "ok"
+when the GEMV path is no further from that copy than twice the plain path is. With --device cpu it is a dry
+run of the same code on a tiny random model, the kernel run by Triton's interpreter (TRITON_INTERPRET=1; needs
+the test extra).
 """
 
 from __future__ import annotations
@@ -468,78 +469,97 @@ def tiny_model(device: str) -> qwen3.Qwen3ForCausalLM:
 def engine_gemv_benchmark(directory: Path | None, device: str, dtype_name: str, new_tokens: int, max_rows: int,
                           rounds: int = 3) -> list[str]:  # fmt: skip
     """--engine-gemv: batch-1 tokens/s of the engine, plain and with use_gemv, for float and int8 weights; the
-    logits check of each. Returns the markdown lines; a variant that fails is reported and the next one runs."""
+    logits check of each. Returns the markdown lines; a part that fails is reported and the rest still runs."""
+    gpu = device.startswith("cuda")
+    vocab = 151936 if directory is not None else 512
+    prompt = torch.randint(0, vocab, (1, 32), generator=torch.Generator().manual_seed(0)).to(device)
+    machine = torch.cuda.get_device_name() if gpu else f"{platform.machine()} CPU, dry run (Triton interpreter)"
+    lines = [f"### Engine at batch 1, cuBLAS vs the Triton GEMV (use_gemv, <= {max_rows} rows), 32-token prompt, "
+             f"{new_tokens} new tokens ({machine}, torch {torch.__version__}, {datetime.date.today()})", "",
+             "| weights | projections | tokens/s | ms/token | vs plain | of bandwidth ceiling | GB/token | "
+             "engine build s |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    notes: list[str] = []
+    for int8 in (False, True):
+        label = f"{dtype_name} int8 weights" if int8 else dtype_name
+        try:
+            engine_gemv_variant(directory, device, dtype_name, int8, prompt, new_tokens, max_rows, rounds, lines,
+                                notes)  # fmt: skip
+        except Exception as error:  # report and go on: the other weight type still runs
+            lines.append(f"| {label} | failed: {failure(error)} | | | | | | |")
+        if gpu:
+            torch.cuda.empty_cache()
+    return [*lines, "", *notes]
+
+
+def failure(error: Exception) -> str:
+    """The traceback on stderr; one line for the table."""
     import traceback
 
+    traceback.print_exception(error)
+    first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+    return f"{type(error).__name__} {first}".strip()
+
+
+def engine_gemv_variant(directory: Path | None, device: str, dtype_name: str, int8: bool, prompt: torch.Tensor,
+                        new_tokens: int, max_rows: int, rounds: int, lines: list[str],
+                        notes: list[str]) -> None:  # fmt: skip
+    """One weight type of --engine-gemv: appends its table rows to `lines` and its checks to `notes`."""
     from qwen3.engine import LLM
     from qwen3.kernels.gemv_linear import use_gemv
     from qwen3.quantize import quantize_int8
 
     gpu = device.startswith("cuda")
     dtype = getattr(torch, dtype_name)
-    vocab = 151936 if directory is not None else 512
-    prompt = torch.randint(0, vocab, (1, 32), generator=torch.Generator().manual_seed(0)).to(device)
+    label = f"{dtype_name} int8 weights" if int8 else dtype_name
+    model = qwen3.load_model(directory, device=device, dtype=dtype) if directory else tiny_model(device).to(dtype)
+    if int8:
+        quantize_int8(model)
+    nbytes = bytes_per_token(model)
+    fast = shared_copy(model)  # the same weight tensors, behind the GEMV
+    swapped = use_gemv(fast, max_rows=max_rows, allow_cpu=not gpu)
+    print(f"[{label}] {swapped} modules on the GEMV path; bytes per token {nbytes / 1e9:.3f} GB", flush=True)
+    try:  # the same weights in more precision (fp32; fp64 for an fp32 model), for the logits check
+        reference = copy.deepcopy(model).to(torch.float64 if dtype == torch.float32 else torch.float32)
+        notes.append(f"{label}: {gemv_logits_check(model, fast, reference, prompt)}")
+        del reference
+    except Exception as error:
+        notes.append(f"{label}: logits check failed: {failure(error)}")
+    print(f"[{label}] {notes[-1]}", flush=True)
+
     ids = prompt[0].tolist()
-    machine = torch.cuda.get_device_name() if gpu else f"{platform.machine()} CPU, dry run (Triton interpreter)"
-    lines = [f"### Engine at batch 1, cuBLAS vs the Triton GEMV (use_gemv, <= {max_rows} rows), 32-token prompt, "
-             f"{new_tokens} new tokens ({machine}, torch {torch.__version__}, {datetime.date.today()})", "",
-             "| weights | projections | tokens/s | ms/token | vs plain | of bandwidth ceiling | GB/token | "
-             "engine build s |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    notes = []
-    for int8 in (False, True):
-        label = f"{dtype_name} int8 weights" if int8 else dtype_name
+    params = qwen3.SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    plain_name = ("dequantise + cuBLAS" if int8 else "cuBLAS") if gpu else "plain (CPU)"
+    engines, build, outputs = {}, {}, {}
+    for name, m in ((plain_name, model), ("Triton GEMV", fast)):
         try:
-            model = qwen3.load_model(directory, device=device, dtype=dtype) if directory else tiny_model(device)
-            model = model.to(dtype)
-            if int8:
-                quantize_int8(model)
-            nbytes = bytes_per_token(model)
-            # the same weights in more precision (fp32; fp64 for an fp32 model), for the logits check
-            reference = copy.deepcopy(model).to(torch.float64 if dtype == torch.float32 else torch.float32)
-            fast = shared_copy(model)
-            swapped = use_gemv(fast, max_rows=max_rows, allow_cpu=not gpu)
-            print(f"[{label}] {swapped} modules on the GEMV path; bytes per token {nbytes / 1e9:.3f} GB", flush=True)
-            check = gemv_logits_check(model, fast, reference, prompt)
-            print(f"[{label}] {check}", flush=True)
-            notes.append(f"{label}: {check}")
-            del reference
-            engines, build = {}, {}
-            plain_name = ("dequantise + cuBLAS" if int8 else "cuBLAS") if gpu else "plain (CPU)"
-            for name, m in ((plain_name, model), ("Triton GEMV", fast)):
-                sync(device)
-                start = time.perf_counter()
-                engines[name] = LLM(m, max_num_seqs=1, max_model_len=1024, kv_cache_tokens=2048,
-                                    enable_prefix_caching=False)  # fmt: skip
-                sync(device)
-                build[name] = time.perf_counter() - start
-            params = qwen3.SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
-            outputs = {name: llm.generate([ids], params, use_tqdm=False)[0].token_ids for name, llm in engines.items()}
-            same = next((i for i, (a, b) in enumerate(zip(*outputs.values(), strict=True)) if a != b), new_tokens)
-            notes.append(f"{label}: greedy tokens of the two engines identical for the first {same} of {new_tokens}")
-            print(f"[{label}] {notes[-1]}", flush=True)
-            best = dict.fromkeys(engines, 0.0)
-            for r in range(rounds):
-                for name, llm in engines.items():
-                    sync(device)
-                    start = time.perf_counter()
-                    out = llm.generate([ids], params, use_tqdm=False)[0]
-                    sync(device)
-                    rate = len(out.token_ids) / (time.perf_counter() - start)
-                    best[name] = max(best[name], rate)
-                    print(f"[{label}] round {r + 1}: {name} {rate:.1f} tokens/s", flush=True)
-            for name in engines:
-                ceiling = f"{best[name] * nbytes / H200_COPY_BANDWIDTH:.0%}" if gpu else "-"
-                lines.append(f"| {label} | {name} | {best[name]:.1f} | {1e3 / best[name]:.3f} | "
-                             f"{best[name] / best[plain_name]:.2f}x | {ceiling} | {nbytes / 1e9:.3f} | "
-                             f"{build[name]:.1f} |")  # fmt: skip
-            del engines, model, fast
-        except Exception as error:  # report and go on: the other weight type still runs
-            traceback.print_exc()
-            first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
-            lines.append(f"| {label} | failed: {type(error).__name__} {first} | | | | | | |")
-        if gpu:
-            torch.cuda.empty_cache()
-    return [*lines, "", *notes]
+            sync(device)
+            start = time.perf_counter()
+            llm = LLM(m, max_num_seqs=1, max_model_len=1024, kv_cache_tokens=2048, enable_prefix_caching=False)
+            sync(device)
+            build[name] = time.perf_counter() - start
+            outputs[name] = llm.generate([ids], params, use_tqdm=False)[0].token_ids  # and the warm-up
+            engines[name] = llm
+        except Exception as error:
+            lines.append(f"| {label} | {name}: failed: {failure(error)} | | | | | | |")
+    if len(outputs) == 2:
+        same = next((i for i, (a, b) in enumerate(zip(*outputs.values(), strict=True)) if a != b), new_tokens)
+        notes.append(f"{label}: greedy tokens of the two engines identical for the first {same} of {new_tokens}")
+        print(f"[{label}] {notes[-1]}", flush=True)
+    best = dict.fromkeys(engines, 0.0)
+    for r in range(rounds):  # the engines take turns: a drifting clock or a busy neighbour slows both alike
+        for name, llm in engines.items():
+            sync(device)
+            start = time.perf_counter()
+            out = llm.generate([ids], params, use_tqdm=False)[0]
+            sync(device)
+            rate = len(out.token_ids) / (time.perf_counter() - start)
+            best[name] = max(best[name], rate)
+            print(f"[{label}] round {r + 1}: {name} {rate:.1f} tokens/s", flush=True)
+    for name, rate in best.items():
+        ceiling = f"{rate * nbytes / H200_COPY_BANDWIDTH:.0%}" if gpu else "-"
+        versus = f"{rate / best[plain_name]:.2f}x" if plain_name in best else "-"
+        lines.append(f"| {label} | {name} | {rate:.1f} | {1e3 / rate:.3f} | {versus} | {ceiling} | "
+                     f"{nbytes / 1e9:.3f} | {build[name]:.1f} |")  # fmt: skip
 
 
 def engine_gemv_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
