@@ -21,10 +21,14 @@ one more `Int8Linear.kernel` value, keeps quantize.py free of triton and its CPU
 Call `use_gemv` after `quantize_int8` (quantize_int8 turns a GemvLinear into a plain Int8Linear);
 `remove_gemv(model)` swaps the plain modules back.
 
-torch.compile: the op is opaque (a custom op with a fake impl); the row test uses `statically_known_true`, so a
-symbolic row count (the engine marks the batch dynamic) takes F.linear without adding a guard, and a static count
-of at most `max_rows` takes the op. Inside a CUDA graph the op's launches are captured like any other kernel, and
-its output and split-K partials come from the caching allocator at each call (the graph's pool under capture).
+torch.compile: the op is opaque (torch.library.custom_op with a fake impl). Not a triton_op as the engine's
+paged-attention ops (engine/compiled.py): a triton_op's fake impl is its body, and under TRITON_INTERPRET=1
+wrap_triton hands back the interpreted kernel, which then runs on fake tensors and fails, so the CPU tests could
+not compile through it; inductor would not fuse into the kernel either way. The row test uses
+`statically_known_true`, so a symbolic row count (the engine marks its batch dynamic from 16 sequences) takes the
+usual path without adding a guard, and a static count of at most `max_rows` takes the op. Inside a CUDA graph
+the op's launches are captured like any other kernel, and its output and split-K partials come from the caching
+allocator at each call (the graph's pool under capture).
 This module imports triton (through gemv_triton).
 """
 
