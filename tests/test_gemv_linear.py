@@ -100,6 +100,8 @@ def test_swap_keeps_parameters_names_and_tying():
         assert torch.equal(model(ids), plain)  # on the CPU the modules compute exactly F.linear
     assert use_gemv(model, max_rows=4) == count and model.lm_head.max_rows == 4  # again: new settings, no re-wrap
     assert remove_gemv(model) == count
+    assert use_gemv(model, lm_head=False) == count - 1 and type(model.lm_head) is nn.Linear
+    assert remove_gemv(model) == count - 1
     assert all(type(m) is not GemvLinear for m in model.modules())
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert all(v is before[k] for k, v in model.state_dict(keep_vars=True).items())

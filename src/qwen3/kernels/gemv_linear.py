@@ -111,13 +111,17 @@ class GemvInt8Linear(Int8Linear):
         return super().forward(x)
 
 
-def use_gemv(model: nn.Module, max_rows: int = GEMV_MAX_ROWS, allow_cpu: bool = False) -> int:
+def use_gemv(model: nn.Module, max_rows: int = GEMV_MAX_ROWS, allow_cpu: bool = False, lm_head: bool = True) -> int:
     """Swap, in place, every nn.Linear for a GemvLinear and every Int8Linear for a GemvInt8Linear (exact types
     only), sharing their Parameters; modules swapped before take the new settings. Returns how many modules now
-    take the GEMV path for few rows. max_rows=0 keeps the modules but never takes the GEMV."""
+    take the GEMV path for few rows. max_rows=0 keeps the modules but never takes the GEMV. lm_head=False leaves
+    `model.lm_head` as it is (cuBLAS already streams that one large matrix near the bandwidth limit)."""
     _check_max_rows(max_rows)
     count = 0
+    skip = None if lm_head else getattr(model, "lm_head", None)
     for name, module in list(model.named_modules()):
+        if module is skip and skip is not None:
+            continue
         if isinstance(module, (GemvLinear, GemvInt8Linear)):
             module.max_rows, module.allow_cpu = max_rows, bool(allow_cpu)
         elif type(module) is nn.Linear and name:
