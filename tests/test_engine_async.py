@@ -1,9 +1,12 @@
 """AsyncLLM: streamed pieces add up to LLM.generate's outputs, many coroutines share the loop, abort mid-stream
-frees the blocks, validation errors surface on the first await, and a closed iterator aborts its request."""
+frees the blocks, validation errors surface on the first await, a closed iterator aborts its request, and a consumer
+that falls behind gets the increments waiting for it merged into one."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import time
 
 import pytest
 import torch
@@ -156,3 +159,37 @@ def test_errors_on_first_await_and_duplicate_ids(model):
 
     asyncio.run(main())
     wait_until_idle(llm)
+
+
+def test_a_consumer_that_falls_behind_gets_the_waiting_increments_merged(model, tok):
+    llm = LLM(model, tokenizer=tok, kv_cache_tokens=2048, block_size=8)
+    prompts = random_prompts([7, 12], seed=5)
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=2)
+    expected = llm.generate(prompts, params, use_tqdm=False)
+
+    async def main():
+        engine = AsyncLLM(llm)
+        try:
+            fast = asyncio.create_task(collect(engine, prompts[1], params))
+            slow = []
+            async for out in engine.generate(prompts[0], params):
+                slow.append(out)
+                if len(slow) == 1:
+                    time.sleep(0.5)  # blocks the event loop: the engine runs on, its increments wait
+            return slow, await fast
+        finally:
+            await engine.shutdown()
+
+    slow, fast = asyncio.run(main())
+    assert max(len(o.new_token_ids) for o in slow) > 1 and len(slow) < 24  # merged, not one increment per token
+    for outs, want in zip((slow, fast), expected, strict=True):
+        assert sum((o.new_token_ids for o in outs), []) == want.token_ids
+        assert "".join(o.new_text for o in outs) == want.text
+        assert [o.finished for o in outs] == [False] * (len(outs) - 1) + [True]
+        assert [o.num_output_tokens for o in outs] == list(itertools.accumulate(len(o.new_token_ids) for o in outs))
+        logprobs = [lp for o in outs for lp in o.new_logprobs]
+        assert all(len(o.new_logprobs) == len(o.new_token_ids) for o in outs)
+        assert [lp.token_id for lp in logprobs] == want.token_ids
+        # (the batches differ from generate's, so fp32 sums differ in the last bits)
+        assert [lp.logprob for lp in logprobs] == pytest.approx([lp.logprob for lp in want.logprobs], abs=1e-5)
+    llm.block_manager.check_all_free()

@@ -41,6 +41,18 @@ TOOLS = [
     }
 ]
 
+TOOLS2 = [
+    *TOOLS,
+    {
+        "type": "function",
+        "function": {
+            "name": "get_time",
+            "description": "Time in a zone",
+            "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"]},
+        },
+    },
+]
+
 # (request, reply): the scripted model answers each request (greedy or not) with exactly this text, then EOS.
 REASONING = (
     {"messages": [{"role": "user", "content": "think please"}]},
@@ -66,7 +78,35 @@ XSS = (
     'Look: <img src=x onerror="window.__xss=1"> and <script>window.__xss=2</script> **bold** done',
 )
 CRASH = ({"messages": [{"role": "user", "content": "fail in the middle of your answer"}]}, "Half an answer, then")
-SCRIPTS = [REASONING, NO_THINK, TOOL, MALFORMED, XSS, CRASH]
+TWO_CALLS = (
+    {
+        "messages": [{"role": "user", "content": "The weather in Paris and the time in Tokyo, both please"}],
+        "tools": TOOLS2,
+    },
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": [1, 2, 3], "note": "a long note, '
+    'so that the arguments take many tokens"}}\n</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": '
+    '{"zone": "Asia/Tokyo"}}\n</tool_call>',
+)
+# tool_choice forces a call (prompts of other lengths, so that the scripts do not overlap): the reply is the model's
+# continuation after the prompt's `<tool_call>\n{"name": "`
+# ("required") or `... "arguments": ` (a named function)
+REQUIRED = (
+    {
+        "messages": [{"role": "user", "content": "Use a tool" + ", now" * 95}],
+        "tools": TOOLS2,
+        "tool_choice": "required",
+    },
+    'get_time", "arguments": {"zone": "UTC"}}\n</tool_call>',
+)
+NAMED = (
+    {
+        "messages": [{"role": "user", "content": "Weather for Oslo, through the named tool" + ", please" * 105}],
+        "tools": TOOLS2,
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+    },
+    '{"city": "Oslo"}}\n</tool_call>',
+)
+SCRIPTS = [REASONING, NO_THINK, TOOL, MALFORMED, XSS, CRASH, TWO_CALLS, REQUIRED, NAMED]
 # The scripted model recognises a request by its prompt's length and last token (all a decode step sees), so
 # requests meant to get its unscripted (endless, pseudo-random) continuation use this longer prompt.
 UNSCRIPTED = [{"role": "user", "content": "Tell me a long story about " + "a dragon and a knight, " * 8}]
@@ -147,12 +187,12 @@ async def streamed_completion(client, **request):
 
 
 def test_unscripted_prompt_is_unlike_every_script(tok):
+    from qwen3.server.protocol import ChatCompletionRequest
+    from qwen3.server.serving import ServingContext, render_chat_prompt
+
+    ctx = ServingContext(tok, "scripted", 2048, 4096)
     lengths = {
-        len(
-            tok.apply_chat_template(
-                r["messages"], tools=r.get("tools"), tokenize=True, **r.get("chat_template_kwargs", {})
-            )
-        )
+        len(tok.encode(render_chat_prompt(ctx, ChatCompletionRequest(model="scripted", **r)), allow_special=True))
         for r, _ in SCRIPTS
     }
     assert len(tok.apply_chat_template(UNSCRIPTED, tokenize=True)) not in lengths
@@ -245,6 +285,73 @@ def test_tool_calls_non_stream_and_stream(server):
     # tool_choice "none": the tags stay text
     r = client.chat.completions.create(model="scripted", tool_choice="none", max_tokens=12, **_chat_kwargs(request))
     assert not r.choices[0].message.tool_calls and r.choices[0].finish_reason != "tool_calls"
+
+
+def collect_tool_call_deltas(stream):
+    """The tool_calls deltas of a streamed chat completion, in order, as (index, id, type, name, arguments)."""
+    deltas = []
+    for chunk in stream:
+        for choice in chunk.choices:
+            for call in choice.delta.tool_calls or []:
+                function = call.function
+                deltas.append((call.index, call.id, call.type, function.name, function.arguments))
+    return deltas
+
+
+def test_tool_call_arguments_stream_incrementally(server):
+    client = server.client()
+    request, _ = TWO_CALLS
+    r = client.chat.completions.create(model="scripted", **_chat_kwargs(request))
+    assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
+    calls = [(c.function.name, c.function.arguments) for c in r.choices[0].message.tool_calls]
+    assert calls == [
+        ("get_weather", '{"city": "Paris", "days": [1, 2, 3], "note": "a long note, so that the arguments take many '
+         'tokens"}'),
+        ("get_time", '{"zone": "Asia/Tokyo"}'),
+    ]  # fmt: skip
+    deltas = collect_tool_call_deltas(client.chat.completions.create(model="scripted", stream=True,
+                                                                     **_chat_kwargs(request)))  # fmt: skip
+    for index, (name, arguments) in enumerate(calls):
+        mine = [d for d in deltas if d[0] == index]
+        # OpenAI's shape: the first delta has the id, type and name with empty arguments; the rest only arguments
+        assert mine[0][1].startswith("chatcmpl-tool-") and mine[0][2:] == ("function", name, "")
+        assert all(d[1:4] == (None, None, None) for d in mine[1:])
+        assert "".join(d[4] for d in mine[1:]) == arguments
+    assert len([d for d in deltas if d[0] == 0]) > 3  # the long arguments came in several pieces
+    assert [d[0] for d in deltas] == sorted(d[0] for d in deltas)  # call 1 starts after call 0 ends
+
+
+def test_tool_choice_required_and_named_force_a_call(server, tok):
+    client = server.client()
+    for (request, reply), name, arguments in [(REQUIRED, "get_time", '{"zone": "UTC"}'),
+                                              (NAMED, "get_weather", '{"city": "Oslo"}')]:  # fmt: skip
+        r = client.chat.completions.create(model="scripted", **_chat_kwargs(request))
+        choice = r.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        assert [(c.function.name, c.function.arguments) for c in choice.message.tool_calls] == [(name, arguments)]
+        # the prompt: the template's, the think block closed empty, then the start of the call
+        forced = request["tool_choice"]
+        start = '<tool_call>\n{"name": "'
+        if isinstance(forced, dict):
+            start += f'{name}", "arguments": '
+        template = tok.apply_chat_template(request["messages"], tools=TOOLS2)
+        prompt = tok.encode(template + "<think>\n\n</think>\n\n" + start, allow_special=True)
+        assert r.usage.prompt_tokens == len(prompt)
+        assert r.usage.completion_tokens == len(tok.encode(reply, allow_special=True)) + 1
+        _, content, calls, finish, _ = collect_stream(
+            client.chat.completions.create(model="scripted", stream=True, **_chat_kwargs(request))
+        )
+        assert (content, finish) == ("", ["tool_calls"])
+        assert [(c["name"], c["arguments"]) for c in calls.values()] == [(name, arguments)]
+    msgs = [{"role": "user", "content": "hi"}]
+    for body in [
+        {"tools": TOOLS2, "tool_choice": {"type": "function", "function": {"name": "no_such_tool"}}},
+        {"tool_choice": "required"},
+        {"tools": TOOLS2, "tool_choice": "sometimes"},
+    ]:
+        response = httpx.post(server.url + "/v1/chat/completions", timeout=30,
+                              json={"model": "scripted", "messages": msgs, **body})  # fmt: skip
+        assert response.status_code == 400 and response.json()["error"]["param"] == "tool_choice", response.text
 
 
 def test_malformed_tool_call_comes_back_as_content(server):

@@ -42,7 +42,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .metrics import CONTENT_TYPE, Metrics
-from .parsers import ChatOutputParser, Delta
+from .parsers import ChatOutputParser, ToolCallDelta
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, validation_error
 from .serving import (
     Accumulated,
@@ -94,6 +94,24 @@ class Increment:
         )
 
 
+def _tool_call_deltas(pieces: list[ToolCallDelta]) -> list[dict[str, Any]]:
+    """The `tool_calls` entries of stream deltas, as OpenAI streams them: a call's first with its index, id, type,
+    name and `arguments: ""`, then its arguments text (the pieces of one push joined into one delta)."""
+    deltas: list[dict[str, Any]] = []
+    for piece in pieces:
+        if piece.id is not None:
+            function = {"name": piece.name, "arguments": ""}
+            deltas.append({"index": piece.index, "id": piece.id, "type": "function", "function": function})
+            if not piece.arguments:
+                continue
+        last = deltas[-1] if deltas else None
+        if last is not None and last["index"] == piece.index and "id" not in last:
+            last["function"]["arguments"] += piece.arguments
+        else:
+            deltas.append({"index": piece.index, "function": {"arguments": piece.arguments}})
+    return deltas
+
+
 class _ClientGone(Exception):
     """The client disconnected before its non-streamed response was ready."""
 
@@ -102,11 +120,61 @@ def _error_response(error: APIError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
+def _dumps(data: Any) -> str:
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+
+
 def _sse(data: dict[str, Any]) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    return f"data: {_dumps(data)}\n\n"
 
 
 SSE_DONE = "data: [DONE]\n\n"
+_json_str = json.encoder.encode_basestring  # what json.dumps(ensure_ascii=False) writes for a str, in C
+
+
+class ChunkWriter:
+    """The SSE events of one streamed response, serialised cheaply (this runs for every increment of every stream).
+
+    The envelope (id, object, created, model) is serialised once; an event is that head, one choice's JSON, and
+    the tail. The common choices (text, content, reasoning) are formatted from pre-split strings; anything else
+    goes through `json.dumps`. Each event is byte for byte `_sse(envelope(..., [choice]))`.
+    """
+
+    def __init__(self, ctx: ServingContext, kind: str, request_id: str, created: int) -> None:
+        self.envelope = lambda choices, **extra: envelope(ctx, kind, request_id, created, choices, **extra)
+        head = _dumps(self.envelope([]))
+        assert head.endswith('"choices":[]}')
+        self.head = "data: " + head[:-2]
+
+    def event(self, choice_json: str) -> str:
+        return self.head + choice_json + "]}\n\n"
+
+    def event_with(self, choices: list[dict[str, Any]], **extra: Any) -> str:
+        return _sse(self.envelope(choices, **extra))
+
+
+def _finish_json(finish_reason: str | None) -> str:
+    return "null" if finish_reason is None else _json_str(finish_reason)
+
+
+def completion_choice_json(index: int, text: str, logprobs: Any, finish_reason: str | None) -> str:
+    """`{"index", "text", "logprobs", "finish_reason"}` of a text-completion chunk, as compact JSON."""
+    lp = "null" if logprobs is None else _dumps(logprobs)
+    return f'{{"index":{index},"text":{_json_str(text)},"logprobs":{lp},"finish_reason":{_finish_json(finish_reason)}}}'
+
+
+def chat_choice_json(index: int, delta: dict[str, Any], logprobs: Any, finish_reason: str | None) -> str:
+    """`{"index", "delta", "logprobs", "finish_reason"}` of a chat chunk, as compact JSON."""
+    keys = tuple(delta)
+    if keys == ("content",):
+        body = f'{{"content":{_json_str(delta["content"])}}}'
+    elif keys == ("reasoning_content", "reasoning") and delta["reasoning"] == delta["reasoning_content"]:
+        text = _json_str(delta["reasoning"])
+        body = f'{{"reasoning_content":{text},"reasoning":{text}}}'
+    else:
+        body = _dumps(delta)
+    lp = "null" if logprobs is None else _dumps(logprobs)
+    return f'{{"index":{index},"delta":{body},"logprobs":{lp},"finish_reason":{_finish_json(finish_reason)}}}'
 
 
 class OpenAIServer:
@@ -204,7 +272,15 @@ class OpenAIServer:
                 self.engine.abort(request_id)
 
     async def _merged(self, prepared: Sequence[Prepared], request_id: str) -> AsyncIterator[tuple[int, Any]]:
-        """(choice index, increment) from every choice of every prompt, as they come."""
+        """(choice index, increment) from every choice of every prompt, as they come. The engine merges what a
+        choice's consumer has not taken yet into one increment; with one choice (the usual request) its stream is
+        read here directly, with several a task per choice feeds one queue."""
+        jobs = [(p.index_base + j, p.prompt_ids, params) for p in prepared for j, params in enumerate(p.params)]
+        if len(jobs) == 1:
+            index, ids, params = jobs[0]
+            async for out in self._generate(ids, params, f"{request_id}-{index}"):
+                yield index, out
+            return
         queue: asyncio.Queue = asyncio.Queue()
 
         async def run(index: int, ids: list[int], params: Any) -> None:
@@ -216,7 +292,6 @@ class OpenAIServer:
             finally:
                 queue.put_nowait((index, None, None))
 
-        jobs = [(p.index_base + j, p.prompt_ids, params) for p in prepared for j, params in enumerate(p.params)]
         tasks = [asyncio.create_task(run(*job)) for job in jobs]
         try:
             remaining = len(tasks)
@@ -317,54 +392,44 @@ class OpenAIServer:
     async def _stream_chat(
         self, prepared: Prepared, request_id: str, created: int, logprobs: bool, include_usage: bool
     ) -> AsyncIterator[str]:
-        def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
-            return _sse(envelope(self.ctx, "chat.completion.chunk", request_id, created, choices, **extra))
-
-        def choice(index: int, delta: dict[str, Any], lp: Any = None, finish: str | None = None) -> dict[str, Any]:
-            return {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}
-
+        chunks = ChunkWriter(self.ctx, "chat.completion.chunk", request_id, created)
         n = len(prepared.params)
         parsers = [
-            ChatOutputParser(reasoning_open=prepared.reasoning_open, parse_tools=prepared.parse_tools) for _ in range(n)
-        ]
+            ChatOutputParser(reasoning_open=prepared.reasoning_open, parse_tools=prepared.parse_tools,
+                             prefix=prepared.prefix)
+            for _ in range(n)
+        ]  # fmt: skip
         saw_tool_call = [False] * n
         completion_tokens, cached = 0, 0
         try:
-            yield chunk([choice(j, {"role": "assistant", "content": ""}) for j in range(n)])
+            role = {"role": "assistant", "content": ""}
+            yield chunks.event_with([{"index": j, "delta": role, "logprobs": None, "finish_reason": None}
+                                     for j in range(n)])  # fmt: skip
             async for j, out in self._merged([prepared], request_id):
                 completion_tokens += len(out.new_token_ids)
                 cached = max(cached, out.num_cached_tokens)
                 delta = parsers[j].push(out.new_text)
                 if out.finished:
-                    last = parsers[j].finish()
-                    delta = Delta(
-                        delta.reasoning + last.reasoning,
-                        delta.content + last.content,
-                        delta.tool_calls + last.tool_calls,
-                    )
+                    delta.extend(parsers[j].finish())
                 lp = chat_logprobs(self.ctx.tokenizer, out.new_logprobs) if logprobs else None
                 text: dict[str, Any] = {}
                 if delta.reasoning:
                     text.update(reasoning_content=delta.reasoning, reasoning=delta.reasoning)
                 if delta.content:
                     text["content"] = delta.content
+                events = []  # the events of one increment go out in one write
                 if text or lp is not None:
-                    yield chunk([choice(j, text, lp)])
-                for call in delta.tool_calls:
+                    events.append(chunks.event(chat_choice_json(j, text, lp, None)))
+                for call in _tool_call_deltas(delta.tool_calls):
                     saw_tool_call[j] = True
-                    head = {
-                        "index": call.index,
-                        "id": call.id,
-                        "type": "function",
-                        "function": {"name": call.name, "arguments": ""},
-                    }
-                    yield chunk([choice(j, {"tool_calls": [head]})])
-                    args = {"index": call.index, "function": {"arguments": call.arguments}}
-                    yield chunk([choice(j, {"tool_calls": [args]})])
+                    events.append(chunks.event(chat_choice_json(j, {"tool_calls": [call]}, None, None)))
                 if out.finished:
-                    yield chunk([choice(j, {}, None, chat_finish_reason(out.finish_reason, saw_tool_call[j]))])
+                    finish = chat_finish_reason(out.finish_reason, saw_tool_call[j])
+                    events.append(chunks.event(chat_choice_json(j, {}, None, finish)))
+                if events:
+                    yield "".join(events)
             if include_usage:
-                yield chunk([], usage=usage(len(prepared.prompt_ids), completion_tokens, cached))
+                yield chunks.event_with([], usage=usage(len(prepared.prompt_ids), completion_tokens, cached))
         except Exception as e:  # noqa: BLE001 - reported to the client as an error event
             yield _sse(self._stream_error(e))
         yield SSE_DONE
@@ -372,23 +437,23 @@ class OpenAIServer:
     async def _stream_completion(
         self, prepared: list[Prepared], request_id: str, created: int, include_usage: bool
     ) -> AsyncIterator[str]:
-        def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
-            return _sse(envelope(self.ctx, "text_completion", request_id, created, choices, **extra))
-
+        chunks = ChunkWriter(self.ctx, "text_completion", request_id, created)
         completion_tokens, cached = 0, 0
         offsets: dict[int, int] = {}
         try:
             async for index, out in self._merged(prepared, request_id):
                 completion_tokens += len(out.new_token_ids)
                 cached = max(cached, out.num_cached_tokens)
-                lp = completion_logprobs(self.ctx.tokenizer, out.new_logprobs, offsets.get(index, 0))
-                offsets[index] = offsets.get(index, 0) + len(out.new_text)
+                lp = None
+                if out.new_logprobs is not None:
+                    lp = completion_logprobs(self.ctx.tokenizer, out.new_logprobs, offsets.get(index, 0))
+                    offsets[index] = offsets.get(index, 0) + len(out.new_text)
                 finish = out.finish_reason if out.finished else None
                 if out.new_text or lp is not None or finish is not None:
-                    yield chunk([{"index": index, "text": out.new_text, "logprobs": lp, "finish_reason": finish}])
+                    yield chunks.event(completion_choice_json(index, out.new_text, lp, finish))
             if include_usage:
                 prompt_tokens = sum(len(p.prompt_ids) for p in prepared)
-                yield chunk([], usage=usage(prompt_tokens, completion_tokens, cached))
+                yield chunks.event_with([], usage=usage(prompt_tokens, completion_tokens, cached))
         except Exception as e:  # noqa: BLE001 - reported to the client as an error event
             yield _sse(self._stream_error(e))
         yield SSE_DONE

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+from ..chat import THINK_END, THINK_START, TOOL_CALL_START
 from ..sampling import SamplingParams
 from ..tokenizer import Tokenizer
 from .parsers import Delta, parse_chat_output, tool_calls_json
@@ -65,6 +66,7 @@ class Prepared:
     index_base: int = 0  # choice index of params[0] (completions with several prompts)
     reasoning_open: bool = False  # the prompt ends inside an opened <think> block
     parse_tools: bool = False
+    prefix: str = ""  # the start of the reply written by the prompt (a forced tool call), read by the parser
 
 
 class Finished(Protocol):
@@ -147,17 +149,49 @@ def chat_messages(request: ChatCompletionRequest) -> list[dict[str, Any]]:
     return messages
 
 
-def render_chat_prompt(ctx: ServingContext, request: ChatCompletionRequest) -> str:
-    """The prompt text the model's chat template makes of the request."""
+def forced_tool(request: ChatCompletionRequest) -> str | None:
+    """What `tool_choice` forces: None (`"auto"`, `"none"` or absent), "" (`"required"`: any tool) or the name of
+    the one tool to call; an APIError (param `tool_choice`) if it is malformed or names no tool in `tools`."""
+    choice = request.tool_choice
+    if choice is None or choice in ("auto", "none"):
+        return None
+    if choice == "required":
+        name = ""
+    elif (
+        isinstance(choice, dict)
+        and choice.get("type") == "function"
+        and isinstance(choice.get("function"), dict)
+        and isinstance(choice["function"].get("name"), str)
+    ):
+        name = choice["function"]["name"]
+    else:
+        raise APIError(
+            'tool_choice: must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}',
+            param="tool_choice",
+        )
+    if not request.tools:
+        raise APIError("tool_choice: a tool call is required but the request has no tools", param="tool_choice")
+    if name and name not in [tool.function.name for tool in request.tools]:
+        raise APIError(f"tool_choice: no function named {name!r} in tools", param="tool_choice")
+    return name
+
+
+def chat_prompt(ctx: ServingContext, request: ChatCompletionRequest) -> tuple[str, str]:
+    """(prompt, prefix): the chat template's prompt, and the start of the reply that the prompt writes for the
+    model when `tool_choice` forces a call (`<tool_call>\n{"name": "` for "required", up to `"arguments": ` for a
+    named function; "" otherwise). The engine's prompt is `prompt + prefix`; the output parser reads `prefix` as
+    the start of the output. A forced call closes the think block empty first (`<think>\n\n</think>\n\n`, what
+    Qwen3's template writes for enable_thinking=false): a call is due, not reasoning."""
     kwargs = dict(request.chat_template_kwargs or {})
     for name in _CHAT_TEMPLATE_RESERVED:
         if name in kwargs:
             raise APIError(f"chat_template_kwargs.{name}: cannot be set here", param="chat_template_kwargs")
+    forced = forced_tool(request)
     tools = None
     if request.tools and request.tool_choice != "none":
         tools = [tool.model_dump(exclude_none=True) for tool in request.tools]
     try:
-        return ctx.tokenizer.apply_chat_template(
+        prompt = ctx.tokenizer.apply_chat_template(
             chat_messages(request), tools=tools, add_generation_prompt=True, **kwargs
         )
     except APIError:
@@ -166,6 +200,22 @@ def render_chat_prompt(ctx: ServingContext, request: ChatCompletionRequest) -> s
         raise APIError(
             f"messages: the chat template failed: {str(e).splitlines()[0] if str(e) else e!r}", param="messages"
         ) from e
+    if forced is None:
+        return prompt, ""
+    if prompt.rstrip().endswith(THINK_START):  # the template opened the block: close it
+        prompt = prompt.rstrip() + "\n\n" + THINK_END + "\n\n"
+    elif not prompt.rstrip().endswith(THINK_END):
+        prompt += f"{THINK_START}\n\n{THINK_END}\n\n"
+    prefix = TOOL_CALL_START + '\n{"name": "'
+    if forced:
+        prefix = TOOL_CALL_START + '\n{"name": ' + json.dumps(forced, ensure_ascii=False) + ', "arguments": '
+    return prompt, prefix
+
+
+def render_chat_prompt(ctx: ServingContext, request: ChatCompletionRequest) -> str:
+    """The whole prompt the engine gets for the request (the template's, and a forced call's start)."""
+    prompt, prefix = chat_prompt(ctx, request)
+    return prompt + prefix
 
 
 def _check_length(ctx: ServingContext, prompt_len: int, max_tokens: int | None, param: str) -> int:
@@ -233,16 +283,17 @@ def prepare_chat(ctx: ServingContext, request: ChatCompletionRequest) -> Prepare
     check_model(ctx, request.model)
     if request.top_logprobs is not None and not request.logprobs:
         raise APIError("top_logprobs: needs logprobs set to true", param="top_logprobs")
-    prompt = render_chat_prompt(ctx, request)
-    ids = ctx.tokenizer.encode(prompt, allow_special=True)
+    prompt, prefix = chat_prompt(ctx, request)
+    ids = ctx.tokenizer.encode(prompt + prefix, allow_special=True)
     max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
     max_tokens = _check_length(ctx, len(ids), max_tokens, "messages")
     logprobs = (request.top_logprobs or 0) if request.logprobs else None
     return Prepared(
         ids,
         sampling_params(ctx, request, max_tokens, logprobs),
-        reasoning_open=prompt.rstrip().endswith("<think>"),
+        reasoning_open=prompt.rstrip().endswith(THINK_START),
         parse_tools=bool(request.tools) and request.tool_choice != "none",
+        prefix=prefix,
     )
 
 
@@ -352,7 +403,8 @@ def chat_response(
     """The body of a non-streamed chat completion."""
     choices = []
     for j, out in enumerate(outputs):
-        parsed = parse_chat_output(out.text, reasoning_open=prepared.reasoning_open, parse_tools=prepared.parse_tools)
+        parsed = parse_chat_output(out.text, reasoning_open=prepared.reasoning_open, parse_tools=prepared.parse_tools,
+                                   prefix=prepared.prefix)  # fmt: skip
         choices.append(
             {
                 "index": j,
