@@ -12,7 +12,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 else
   export PYTHONPATH=$PWD/src
 fi
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false THROUGHPUT_FLAGS=${THROUGHPUT_FLAGS:-}
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false THROUGHPUT_FLAGS=${THROUGHPUT_FLAGS:-} TAG=${TAG:-}
 OUT=${OUT:-out/h200}
 mkdir -p "$OUT"
 parts=${*:-tests kernels throughput serve decode startup profile}
@@ -31,21 +31,25 @@ run() {  # run <seconds> <name> <command...>: one part, its output in the log an
 }
 
 if [[ " $parts " == *" tests "* ]]; then
-  run 200 tests python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_engine.py \
-    tests/test_engine_compile.py tests/test_kernels.py -k "cuda or gpu or triton or graph or kernel or compile" -rs
+  run 240 tests python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_engine.py \
+    tests/test_engine_compile.py tests/test_kernels.py tests/test_gemv_linear.py tests/test_triton_sampling.py \
+    -k "cuda or gpu or triton or graph or kernel or compile or fp8 or gemv" -rs
 fi
 if [[ " $parts " == *" kernels "* ]]; then
   run 130 kernels python3 benchmarks/kernels.py
 fi
 if [[ " $parts " == *" throughput "* ]]; then
-  run 280 throughput python3 benchmarks/throughput.py $THROUGHPUT_FLAGS --results "$OUT/results.md"
+  run 280 "throughput$TAG" python3 benchmarks/throughput.py $THROUGHPUT_FLAGS --results "$OUT/results.md"
 fi
 if [[ " $parts " == *" compiled "* ]]; then
-  run 280 compiled python3 benchmarks/throughput.py --compile --trace --skip-transformers --skip-padded \
-    --results "$OUT/results.md"
+  run 280 "compiled$TAG" python3 benchmarks/throughput.py --compile --trace --skip-transformers --skip-padded \
+    $THROUGHPUT_FLAGS --results "$OUT/results.md"
 fi
 if [[ " $parts " == *" gemv "* ]]; then
   run 120 gemv python3 benchmarks/decode.py --gemv
+fi
+if [[ " $parts " == *" engine-gemv "* ]]; then
+  run 200 engine-gemv python3 benchmarks/decode.py --engine-gemv --results "$OUT/results.md"
 fi
 if [[ " $parts " == *" serve "* ]]; then
   run 240 serve python3 benchmarks/serve.py --max-seconds 40

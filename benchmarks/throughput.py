@@ -197,6 +197,8 @@ def main() -> None:
     p.add_argument("--skip-transformers", action="store_true")
     p.add_argument("--skip-padded", action="store_true")
     p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                   help="the engine's key/value cache: the model's dtype, or fp8 (e4m3, half the bytes of bf16)")
     p.add_argument("--trace", action="store_true",
                    help="time every step of the main run; print where the time went and a fit of a decode step")
     p.add_argument("--results", type=Path, help="append the table to this markdown file")
@@ -228,7 +230,8 @@ def main() -> None:
         model = qwen3.load_model(source, device=args.device, dtype=dtype)
         torch.cuda.reset_peak_memory_stats() if cuda else None
         start = time.perf_counter()
-        llm = LLM(model, max_num_seqs=args.max_num_seqs, max_model_len=max_model_len, compile=args.compile)
+        llm = LLM(model, max_num_seqs=args.max_num_seqs, max_model_len=max_model_len, compile=args.compile,
+                  kv_cache_dtype=args.kv_cache_dtype)
         startup = time.perf_counter() - start
         print(f"engine start-up {startup:.1f} s" + (" (compile=True: includes compiling)" if args.compile else ""))
         run_engine(llm, prompts[:2], [8, 8], temperature, args.device)  # warm-up, as bench.py
@@ -266,7 +269,8 @@ def main() -> None:
     lines = [
         f"### Throughput, nano-vllm protocol ({datetime.date.today()}, {device_name}, torch {torch.__version__})",
         "",
-        f"`python benchmarks/throughput.py --device {args.device}{' --compile' if args.compile else ''}`; {name}; "
+        f"`python benchmarks/throughput.py --device {args.device}{' --compile' if args.compile else ''}"
+        f"{' --kv-cache-dtype fp8' if args.kv_cache_dtype == 'fp8' else ''}`; {name}; "
         f"prompts and max_tokens "
         f"U({lo}, {hi}), temperature 0.6, ignore_eos, max_model_len {max_model_len}; engine start-up {startup:.1f} s.",
         "",

@@ -531,3 +531,82 @@ def test_llm_from_a_checkpoint_directory(fake_snapshot, tok):
         assert out.text == tok.decode(ids)
         assert out.token_ids == reference(llm.model, out.prompt_token_ids, 6)[: len(out.token_ids)]
     llm.block_manager.check_all_free()
+
+
+# ---------------------------------------------------------------------------------------------------
+# fp8 key/value cache
+
+
+class Fp8RoundedAttention:
+    """No cache: each layer's keys and values rounded through float8_e4m3fn, then the model's dense formula.
+    What an fp8 pool must compute, built without the engine."""
+
+    def attend(self, layer, q, k, v, positions, math):
+        rounded = [x.to(torch.float8_e4m3fn).to(q.dtype) for x in (k, v)]
+        return math(q, *rounded, None)
+
+
+def fp8_pool_logits(model, prompt, kernels, device):
+    """Logits of `prompt` through PagedAttention on a float8_e4m3fn pool: two prompt chunks (the second reads the
+    first's keys back from fp8), then the last token as a decode step (split over the context)."""
+    bs, cfg = 4, model.config
+    pool = KVPool(cfg.num_hidden_layers, 16, bs, model.num_kv_heads, cfg.head_dim, torch.float8_e4m3fn, device)
+    table = torch.tensor([[9, 2, 14, 5, 0, 11]], dtype=torch.int32, device=device)
+    logits = []
+    n = len(prompt)
+    for start, end in ((0, 13), (13, n - 1), (n - 1, n)):
+        slots = torch.tensor([table[0, t // bs] * bs + t % bs for t in range(start, end)], dtype=torch.int32,
+                             device=device)  # fmt: skip
+        backend = PagedAttention(
+            pool, kernels, slots, table, torch.tensor([end], dtype=torch.int32, device=device),
+            torch.tensor([0, end - start], dtype=torch.int32, device=device), end - start, end,
+            decode=end - start == 1, num_splits=2,
+        )  # fmt: skip
+        ids = torch.tensor([prompt[start:end]], device=device)
+        with torch.no_grad():
+            logits.append(model(ids, torch.arange(start, end, device=device)[None], backend))
+    return torch.cat(logits, 1)
+
+
+def test_fp8_pool_gives_the_logits_of_attention_over_fp8_rounded_keys_and_values(model):
+    """The reference kernels on an fp8 pool equal the dense formula over keys/values rounded through fp8, and
+    differ from the unrounded model by far more than that agreement."""
+    prompt = random_prompts([21], seed=4)[0]
+    got = fp8_pool_logits(model, prompt, REFERENCE, "cpu")
+    with torch.no_grad():
+        rounded = model(torch.tensor([prompt]), cache=Fp8RoundedAttention())
+        plain = model(torch.tensor([prompt]))
+    torch.testing.assert_close(got, rounded, rtol=1e-5, atol=1e-5)
+    assert (got - plain).abs().max() > 100 * (got - rounded).abs().max()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the Triton kernels on an fp8 pool)")
+def test_fp8_pool_triton_kernels_equal_the_reference_kernels(model):
+    import copy
+
+    gpu = copy.deepcopy(model).cuda()
+    prompt = random_prompts([21], seed=5)[0]
+    got = fp8_pool_logits(gpu, prompt, triton_ops(), "cuda")
+    want = fp8_pool_logits(gpu, prompt, REFERENCE, "cuda")
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_fp8_kv_cache_engine_equals_greedy_decoding_over_fp8_rounded_attention(model):
+    llm = engine(model, kv_cache_dtype="fp8", max_num_batched_tokens=24)  # chunked prompts read the fp8 prefix
+    assert llm.pool.kv.dtype == torch.float8_e4m3fn
+    prompts = random_prompts([5, 17, 30])
+    outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True), use_tqdm=False)
+    for prompt, out in zip(prompts, outputs, strict=True):
+        ids = list(prompt)
+        with torch.inference_mode():
+            for _ in range(12):
+                ids.append(int(model(torch.tensor([ids]), cache=Fp8RoundedAttention())[0, -1].argmax()))
+        assert out.token_ids == ids[len(prompt):]
+    llm.block_manager.check_all_free()
+
+
+def test_fp8_kv_cache_stores_one_byte_per_value_and_bad_names_are_refused(model):
+    auto, fp8 = engine(model, kv_cache_tokens=None), engine(model, kv_cache_tokens=None, kv_cache_dtype="fp8")
+    assert auto.pool.kv.element_size() == 4 and fp8.pool.kv.element_size() == 1
+    with pytest.raises(ValueError, match="kv_cache_dtype='int4' must be one of auto, fp8"):
+        engine(model, kv_cache_dtype="int4")

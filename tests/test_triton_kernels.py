@@ -275,3 +275,14 @@ def test_decode_num_splits_is_a_power_of_two_in_range():
             n = tk.decode_num_splits(num_seqs, 8, max_seq_len)
             assert 1 <= n <= 64 and n & (n - 1) == 0
     assert tk.decode_num_splits(1, 8, 4096) > 1 and tk.decode_num_splits(256, 8, 4096) == 1
+
+
+@kernel_test
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_warm_up_runs_every_configuration_and_leaves_the_cache_alone(dtype):
+    gen = torch.Generator().manual_seed(7)
+    k_cache = torch.randn(4, 16, 2, 32, generator=gen).to(dtype).to(DEVICE)
+    v_cache = torch.randn(4, 16, 2, 32, generator=gen).to(dtype).to(DEVICE)
+    before = (k_cache.clone(), v_cache.clone())
+    tk.warm_up(k_cache, v_cache, group=2, dtype=dtype)
+    assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1])

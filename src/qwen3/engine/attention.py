@@ -111,10 +111,12 @@ class DenseLayout:
         """Packed q (N, nh, D) -> (N, nh, D) through the dense formula `math` on the padded batch."""
         S, Q = self.query_index.shape
         # (S, nkv, L, D); slots past a sequence's end may be unwritten memory (NaN): zeroed, then masked out
-        keys = k_cache.view(-1, *k_cache.shape[2:])[self.key_slots].transpose(1, 2).where(self.key_valid, 0)
-        values = v_cache.view(-1, *v_cache.shape[2:])[self.key_slots].transpose(1, 2).where(self.key_valid, 0)
+        # (an fp8 cache is widened to q's dtype first, as the Triton kernels do in registers)
+        keys = k_cache.view(-1, *k_cache.shape[2:])[self.key_slots].to(q.dtype).transpose(1, 2)
+        values = v_cache.view(-1, *v_cache.shape[2:])[self.key_slots].to(q.dtype).transpose(1, 2)
+        keys, values = keys.where(self.key_valid, 0), values.where(self.key_valid, 0)
         queries = q[self.query_index].transpose(1, 2)  # (S, nh, Q, D)
-        out = math(queries, keys.to(q.dtype), values.to(q.dtype), self.mask)  # (S, nh, Q, D)
+        out = math(queries, keys, values, self.mask)  # (S, nh, Q, D)
         out = out.masked_fill(self.empty[:, None, None, None], 0)
         return out.transpose(1, 2).reshape(S * Q, *q.shape[1:])[self.packed]  # (N, nh, D)
 
@@ -156,7 +158,7 @@ REFERENCE = SimpleNamespace(
 
 def triton_ops() -> SimpleNamespace:
     """The Triton kernels (triton_kernels.py); ImportError where triton is missing."""
-    from . import triton_kernels
+    from . import triton_kernels, triton_sampling
 
     return SimpleNamespace(
         name="triton",
@@ -164,6 +166,8 @@ def triton_ops() -> SimpleNamespace:
         paged_attention=triton_kernels.paged_attention,
         paged_decode_attention=triton_kernels.paged_decode_attention,
         decode_num_splits=triton_kernels.decode_num_splits,
+        warm_up=triton_kernels.warm_up,
+        sample=triton_sampling.sample,
     )
 
 

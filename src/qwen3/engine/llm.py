@@ -40,6 +40,7 @@ from .sequence import Sequence, Status, TokenLogprob
 
 DEFAULT_BLOCK_SIZE = {"cuda": 16, "cpu": 16}  # vLLM's 16; CUDA: chosen by measurement pending (the lead, H200)
 DEFAULT_BATCHED_TOKENS = {"cuda": 16384, "cpu": 2048}
+KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn}  # "auto": the model's dtype; fp8 halves the bytes
 CPU_RAM_SHARE = 0.25  # the CPU pool's default takes at most this share of the available memory
 PENDING = -1  # the placeholder of a sampled token that has not reached the host yet
 
@@ -111,13 +112,14 @@ def blocks_from_gpu_memory(model: Qwen3ForCausalLM, max_tokens: int, max_num_seq
 
 
 def propose_num_blocks(model: Qwen3ForCausalLM, kv_cache_tokens: int | None, block_size: int, max_num_seqs: int,
-                       max_model_len: int, max_num_batched_tokens: int, utilization: float, ranks: int = 1) -> int:
+                       max_model_len: int, max_num_batched_tokens: int, utilization: float, ranks: int = 1,
+                       kv_dtype: torch.dtype | None = None) -> int:  # fmt: skip
     """The pool's size in blocks for this process's model (its own KV heads under tensor parallelism): fixed by
     kv_cache_tokens, else measured on CUDA (a warm-up forward: every tensor-parallel rank runs it), else
     max_num_seqs x max_model_len tokens capped at a share of the RAM (split between the ranks of one machine)."""
     config, weight = model.config, model.model.norm.weight
     block_bytes = KVPool.bytes_per_block(config.num_hidden_layers, block_size, model.num_kv_heads, config.head_dim,
-                                         weight.dtype)  # fmt: skip
+                                         kv_dtype or weight.dtype)  # fmt: skip
     if kv_cache_tokens is not None:
         return -(-kv_cache_tokens // block_size)
     if weight.device.type == "cuda":
@@ -151,6 +153,7 @@ class LLM:
         quantize: str | None = None,
         tensor_parallel_size: int = 1,
         compile: bool = False,
+        kv_cache_dtype: str = "auto",
     ) -> None:
         for name, value in (("max_num_seqs", max_num_seqs), ("max_model_len", max_model_len),
                             ("kv_cache_tokens", kv_cache_tokens), ("max_num_batched_tokens", max_num_batched_tokens),
@@ -159,6 +162,10 @@ class LLM:
                 raise ValueError(f"LLM: {name}={value!r} must be a positive integer")
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"LLM: gpu_memory_utilization={gpu_memory_utilization!r} must be in (0, 1]")
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"LLM: kv_cache_dtype={kv_cache_dtype!r} must be one of {', '.join(KV_CACHE_DTYPES)}")
+        if kv_cache_dtype != "auto" and tensor_parallel_size != 1:
+            raise ValueError(f"LLM: kv_cache_dtype={kv_cache_dtype!r} is not supported with tensor parallelism yet")
         if quantize not in (None, "int8"):
             raise ValueError(f"LLM: quantize={quantize!r} must be None or 'int8'")
         if not isinstance(compile, bool) or (compile and (enforce_eager or tensor_parallel_size != 1)):
@@ -183,6 +190,7 @@ class LLM:
         model_ = self.model
         weight = model_.model.norm.weight
         self.device, self.dtype = weight.device, weight.dtype
+        self.kv_dtype = KV_CACHE_DTYPES[kv_cache_dtype] or self.dtype  # the pool's element type
         config = model_.config
         limit = config.max_position_embeddings
         if max_model_len is not None and max_model_len > limit:
@@ -198,12 +206,12 @@ class LLM:
                              f"with the {self.kernels.name} kernels")
 
         nkv, layers = model_.num_kv_heads, config.num_hidden_layers
-        block_bytes = KVPool.bytes_per_block(layers, block_size, nkv, config.head_dim, self.dtype)
+        block_bytes = KVPool.bytes_per_block(layers, block_size, nkv, config.head_dim, self.kv_dtype)
         if self.tp is not None:  # the workers size their pools (and warm up) with rank 0's numbers
             self.tp.send_sizes(max_model_len, block_size, max_num_batched_tokens)
         num_blocks = propose_num_blocks(model_, kv_cache_tokens, block_size, max_num_seqs, max_model_len,
                                         max_num_batched_tokens, gpu_memory_utilization,
-                                        1 if self.tp is None else self.tp.size)  # fmt: skip
+                                        1 if self.tp is None else self.tp.size, self.kv_dtype)  # fmt: skip
         if self.tp is not None:  # every rank proposed its own; all take the smallest
             num_blocks = self.tp.agree(num_blocks)
         if num_blocks < 1:
@@ -216,10 +224,11 @@ class LLM:
             enable_prefix_caching=enable_prefix_caching, enforce_eager=enforce_eager,
             vocab_size=config.vocab_size, eos_token_ids=eos, compile=compile,
         )  # fmt: skip
-        self.pool = KVPool(layers, num_blocks, block_size, nkv, config.head_dim, self.dtype, self.device)
+        self.pool = KVPool(layers, num_blocks, block_size, nkv, config.head_dim, self.kv_dtype, self.device)
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.config, self.block_manager)
-        self.sampler = Sampler(max_num_seqs, config.vocab_size, self.device)
+        self.sampler = Sampler(max_num_seqs, config.vocab_size, self.device,
+                               fused_sample=getattr(self.kernels, "sample", None))
         self.runner = ModelRunner(model_, self.config, self.pool, self.kernels, tp=self.tp)
         self._request_counter = itertools.count()
         self._arrival = itertools.count()

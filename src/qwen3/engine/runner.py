@@ -46,6 +46,9 @@ class ModelRunner:
         self.device = config.device
         self.pin = self.device.type == "cuda"
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        if hasattr(kernels, "warm_up"):  # the Triton kernels: compile them now, not during the first requests
+            config_ = model.config
+            kernels.warm_up(*pool.layer(0), config_.num_attention_heads // config_.num_key_value_heads, config.dtype)
         if self.device.type == "cuda" and not config.enforce_eager and kernels.name != "reference":
             self.capture_graphs()
 

@@ -18,6 +18,7 @@ running sequence that uses penalties, kept on the device and updated after each 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -76,8 +77,13 @@ def _needs_penalty(p: SamplingParams) -> bool:
 
 
 class Sampler:
-    def __init__(self, max_num_seqs: int, vocab_size: int, device: torch.device) -> None:
+    """`fused_sample(logits, temperature, keys) -> ids` (triton_sampling.sample on CUDA) takes the steps where no
+    row asks for penalties, filters or logprobs: the same draws in one pass (see triton_sampling.py)."""
+
+    def __init__(self, max_num_seqs: int, vocab_size: int, device: torch.device,
+                 fused_sample: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None) -> None:  # fmt: skip
         self.vocab_size, self.device = vocab_size, device
+        self.fused_sample = fused_sample
         self.max_rows = max_num_seqs
         self.free_rows = list(range(max_num_seqs - 1, -1, -1))
         self.counts: Tensor | None = None  # (max_num_seqs, V) int32, allocated when a request first needs it
@@ -117,6 +123,9 @@ class Sampler:
         params = [s.params for s in seqs]
         S, V = logits.shape
         device = logits.device
+        if self.fused_sample is not None and not any(_needs_penalty(p) or _filters(p) or p.logprobs is not None
+                                                     for p in params):  # fmt: skip
+            return self._fused(logits, seqs), None, None
         raw = logits.float()
         logits = raw
 
@@ -163,6 +172,25 @@ class Sampler:
         top = torch.topk(logprobs, k, dim=-1) if k > 0 else None
         top_pairs = None if top is None else torch.stack((top.indices.float(), top.values), -1)
         return next_ids, chosen, top_pairs
+
+
+    def _fused(self, logits: Tensor, seqs: list[Sequence]) -> Tensor:
+        """Temperature and greedy rows through fused_sample: seeded rows keyed as in the plain path, the others
+        from torch's generator."""
+        params = [seq.params for seq in seqs]
+        temperature = on_device([0.0 if p.greedy else p.temperature for p in params], torch.float32, self.device)
+        seeded = [p.seed is not None and not p.greedy for p in params]
+        keys = torch.randint(0, 1 << 32, (len(seqs),), dtype=torch.int64, device=self.device)
+        if any(seeded):
+            host = [row_key(p.seed, seq.num_output_tokens) if s else 0 for p, seq, s in zip(params, seqs, seeded,
+                                                                                            strict=True)]  # fmt: skip
+            keys = torch.where(on_device(seeded, torch.bool, self.device), on_device(host, torch.int64, self.device),
+                               keys)  # fmt: skip
+        return self.fused_sample(logits, temperature, keys)
+
+
+def _filters(p: SamplingParams) -> bool:
+    return not p.greedy and (p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0)
 
 
 def filter_rows(logits: Tensor, params: list[SamplingParams]) -> Tensor:

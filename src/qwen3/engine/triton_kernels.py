@@ -45,6 +45,10 @@ PREFILL_CONFIG = {
 # paged_decode_attention: (BLOCK_N keys per tile, num_warps, num_stages). With num_stages 3 the pipeliner fetches the
 # block-table entries two tiles ahead and K/V one tile ahead, so a tile's address is ready when its load is issued.
 DECODE_CONFIG = {"half": (64, 4, 3), "fp32": (16, 4, 2)}
+# No re-specialising: Triton compiles a kernel anew for each pattern of its integer arguments being 1 or a multiple
+# of 16, unless told not to. The number of sequences in a step and the width of its block tables change from step
+# to step, so without `do_not_specialize` a workload's first steps paid ~0.2 s of compiling each (H200, 2026-12-01:
+# 2 s of a 12.6 s benchmark). What is left to compile (one kernel per tile configuration) is warmed up at start.
 
 
 def _direct(kernel):  # noqa: ANN001, ANN202 - a launch as written (torch.compile's ops pass wrap_triton instead)
@@ -162,7 +166,7 @@ def store_kv_pool(k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor, layer: int
 # paged_attention: varlen prefill / extend / decode over block tables, causal
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt_seq"])  # no re-specialising (above)
 def _paged_prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
@@ -222,7 +226,7 @@ def _paged_prefill_kernel(
         block = tl.load(block_table + k_pos // BLOCK_SIZE, mask=k_valid, other=0).to(tl.int64)
         kv_off = block * stride_c_block + (k_pos % BLOCK_SIZE) * stride_c_off + kv_head * stride_c_head
         k = tl.load(k_cache_ptr + kv_off[None, :] + dims[:, None],
-                    mask=k_valid[None, :] & d_valid[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
+                    mask=k_valid[None, :] & d_valid[:, None], other=0.0).to(q.dtype)  # (BLOCK_D, BLOCK_N); fp8 widened
         s = tl.dot(q, k, input_precision=INPUT_PRECISION) * tl.cast(qk_scale, tl.float32)  # fp64 under inductor
         visible = row_valid[:, None] & k_valid[None, :] & (k_pos[None, :] <= q_pos[:, None])
         s = tl.where(visible, s, float("-inf"))
@@ -231,7 +235,7 @@ def _paged_prefill_kernel(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :],
-                    mask=k_valid[:, None] & d_valid[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
+                    mask=k_valid[:, None] & d_valid[None, :], other=0.0).to(q.dtype)  # (BLOCK_N, BLOCK_D)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
         m_i = m_new
@@ -286,7 +290,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 # paged_decode_attention: one query per sequence, split over the context (flash-decoding)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits", "stride_bt_seq"])
 def _paged_decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, mid_o_ptr, mid_lse_ptr,
     block_tables_ptr, seq_lens_ptr,
@@ -325,7 +329,7 @@ def _paged_decode_split_kernel(
         block = tl.load(block_table + k_pos // BLOCK_SIZE, mask=k_valid, other=0).to(tl.int64)
         kv_off = block * stride_c_block + (k_pos % BLOCK_SIZE) * stride_c_off + kv_head * stride_c_head
         k = tl.load(k_cache_ptr + kv_off[None, :] + dims[:, None],
-                    mask=k_valid[None, :] & d_valid[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
+                    mask=k_valid[None, :] & d_valid[:, None], other=0.0).to(q.dtype)  # (BLOCK_D, BLOCK_N); fp8 widened
         s = tl.dot(q, k, input_precision=INPUT_PRECISION) * tl.cast(qk_scale, tl.float32)  # fp64 under inductor
         s = tl.where(k_valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -333,7 +337,7 @@ def _paged_decode_split_kernel(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :],
-                    mask=k_valid[:, None] & d_valid[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
+                    mask=k_valid[:, None] & d_valid[None, :], other=0.0).to(q.dtype)  # (BLOCK_N, BLOCK_D)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
         m_i = m_new
@@ -350,7 +354,7 @@ def _paged_decode_split_kernel(
         tl.store(mid_lse_ptr + row, lse, mask=g_valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _paged_decode_reduce_kernel(
     mid_o_ptr, mid_lse_ptr, out_ptr,
     num_splits, stride_o_seq, stride_o_head,
@@ -419,6 +423,30 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             num_warps=4,
         )
     return out
+
+
+def warm_up(k_cache: torch.Tensor, v_cache: torch.Tensor, group: int, dtype: torch.dtype) -> None:
+    """Compile every tile configuration of the prefill kernel and both decode variants before the first request
+    (each is a JIT compile of ~0.2 s the first step that needs it would wait for). `group`: query heads per KV
+    head; `dtype`: the queries'. Reads block 0 (every block-table entry is 0), writes nothing to the cache."""
+    device = k_cache.device
+    d, num_heads = k_cache.shape[-1], group * k_cache.shape[2]
+    g_pad = triton.next_power_of_2(group)
+    lengths, previous = [], 0
+    for most, *_ in PREFILL_CONFIG["fp32" if dtype == torch.float32 else "half"]:
+        lengths.append(max(1, (most if most is not None else 2 * previous) // g_pad))
+        previous = most or previous
+    for n in lengths:  # one query length per tile configuration, two sequences of it
+        table = torch.zeros(2, triton.cdiv(n, k_cache.shape[1]), dtype=torch.int32, device=device)
+        q = torch.zeros(2 * n, num_heads, d, dtype=dtype, device=device)
+        seq_lens = torch.full((2,), n, dtype=torch.int32, device=device)
+        starts = torch.tensor([0, n, 2 * n], dtype=torch.int32, device=device)
+        paged_attention(q, k_cache, v_cache, table, seq_lens, starts, 1.0, n, n)
+    q = torch.zeros(2, num_heads, d, dtype=dtype, device=device)
+    table = torch.zeros(2, 1, dtype=torch.int32, device=device)
+    for splits in (1, 2):
+        paged_decode_attention(q, k_cache, v_cache, table, torch.ones(2, dtype=torch.int32, device=device), 1.0,
+                               splits)  # fmt: skip
 
 
 def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int = 132) -> int:

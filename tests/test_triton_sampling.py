@@ -1,0 +1,100 @@
+"""The fused sampling kernel (engine/triton_sampling.py) against a float64 reference with the plain path's noise,
+and the engine's Sampler with and without it.
+
+On CUDA the kernel runs compiled; without CUDA it runs in Triton's interpreter, in a subprocess started with
+TRITON_INTERPRET=1 (it must be set before triton is imported), as in test_triton_kernels.py.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import fix_triton_interpreter_scalars
+
+triton = pytest.importorskip("triton")
+
+CUDA = torch.cuda.is_available()
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if CUDA and not INTERPRETED else "cpu"
+RUN_KERNELS = DEVICE == "cuda" or INTERPRETED
+if INTERPRETED:
+    fix_triton_interpreter_scalars()
+kernel_test = pytest.mark.skipif(not RUN_KERNELS, reason="runs in the TRITON_INTERPRET=1 subprocess (test below)")
+
+
+@pytest.mark.skipif(RUN_KERNELS, reason="the kernel runs in this process")
+def test_sampling_kernel_in_triton_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "not in_triton_interpreter"]
+    done = subprocess.run([*command, __file__], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    summary = done.stdout.strip().splitlines()[-1]
+    assert " passed" in summary and "failed" not in summary and "error" not in summary, done.stdout[-2000:]
+
+
+@kernel_test
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_kernel_draws_what_the_float64_reference_draws(dtype):
+    from qwen3.engine import triton_sampling
+    from qwen3.engine.sampler import row_key
+
+    gen = torch.Generator().manual_seed(3)
+    S, V = 6, 9000  # three chunks of 4,096, the last one ragged
+    logits = (3 * torch.randn(S, V, generator=gen)).to(dtype)
+    temperature = torch.tensor([0.0, 0.6, 1.0, 1.7, 0.0, 0.3])
+    ids, expected = [], []
+    for trial in range(5):
+        keys = torch.tensor([row_key(trial * 100 + i, i) for i in range(S)], dtype=torch.int64)
+        ids.append(triton_sampling.sample(logits.to(DEVICE), temperature.to(DEVICE), keys.to(DEVICE)).cpu())
+        expected.append(triton_sampling.reference(logits, temperature, keys))
+    ids, expected = torch.stack(ids), torch.stack(expected)
+    assert torch.equal(ids, expected)
+    assert torch.equal(ids[:, 0], logits[0].float().argmax().expand(5))  # greedy rows: exact argmax
+    assert len(set(ids[:, 3].tolist())) > 1  # a hot row draws different tokens with different keys
+
+
+@kernel_test
+def test_ties_go_to_the_lowest_column_across_chunks():
+    from qwen3.engine import triton_sampling
+
+    logits = torch.zeros(2, 9000)
+    logits[:, [5000, 100, 8999]] = 7.0  # greedy: the first of three equal maxima, in the second chunk's past
+    out = triton_sampling.sample(logits.to(DEVICE), torch.zeros(2).to(DEVICE), torch.zeros(2, dtype=torch.int64)
+                                 .to(DEVICE))  # fmt: skip
+    assert out.tolist() == [100, 100]
+
+
+@kernel_test
+def test_sampler_uses_the_kernel_for_plain_rows_and_matches_seeded_draws():
+    """A seeded temperature row draws the same token through the kernel as through the plain path, except at
+    float32 near-ties (none with these logits); filtered rows keep the plain path."""
+    from qwen3.engine import triton_sampling
+    from qwen3.engine.sampler import Sampler
+    from qwen3.engine.sequence import Sequence
+    from qwen3.sampling import SamplingParams
+
+    gen = torch.Generator().manual_seed(5)
+    V = 5000
+    logits = (2 * torch.randn(4, V, generator=gen)).to(DEVICE)
+    params = [SamplingParams(temperature=0.8, seed=11), SamplingParams(temperature=1.2, seed=12),
+              SamplingParams(temperature=0.0), SamplingParams(temperature=0.5, seed=13)]  # fmt: skip
+    calls = []
+
+    def counting(*args):
+        calls.append(1)
+        return triton_sampling.sample(*args)
+
+    for step in range(4):
+        seqs = [Sequence(str(i), [1, 2, 3], p, -1) for i, p in enumerate(params)]
+        for seq in seqs:
+            seq.token_ids += [7] * step  # the output index is part of a seeded row's key
+        plain = Sampler(8, V, torch.device(DEVICE))(logits, seqs)[0]
+        fused = Sampler(8, V, torch.device(DEVICE), fused_sample=counting)(logits, seqs)[0]
+        assert torch.equal(plain.cpu(), fused.cpu()), step
+    assert len(calls) == 4
+    filtered = [Sequence("f", [1], SamplingParams(temperature=0.8, top_p=0.9, seed=1), -1)]
+    Sampler(8, V, torch.device(DEVICE), fused_sample=counting)(logits[:1], filtered)
+    assert len(calls) == 4  # top_p: the plain path
