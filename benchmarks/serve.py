@@ -79,7 +79,7 @@ def serve_worker(args: argparse.Namespace) -> int:
 
     llm, name, directory = build_llm(args)
     ctx = ServingContext.for_engine(llm, name, directory)
-    app = create_app(AsyncLLM(llm), ctx, max_num_seqs=args.max_num_seqs)
+    app = create_app(AsyncLLM(llm, stream_interval=args.stream_interval), ctx, max_num_seqs=args.max_num_seqs)
     return run_server(app, "127.0.0.1", 0, banner="benchmark server on {url}")
 
 
@@ -90,7 +90,7 @@ def engine_worker(args: argparse.Namespace) -> int:
 
     llm, _, _ = build_llm(args)
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
-    engine = AsyncLLM(llm)
+    engine = AsyncLLM(llm, stream_interval=args.stream_interval)
     results = {}
 
     async def level(concurrency: int, prompts: list[list[int]]) -> dict:
@@ -254,6 +254,8 @@ def worker_command(args: argparse.Namespace, role: str) -> list[str]:
         str(args.max_num_seqs),
         "--max-seconds",
         str(args.max_seconds),
+        "--stream-interval",
+        str(args.stream_interval),
         "--concurrency",
         *map(str, args.concurrency),
     ]
@@ -307,6 +309,12 @@ def main() -> int:
     p.add_argument("--max-model-len", type=int, help="default: 2048 on CUDA, 256 on CPU")
     p.add_argument("--max-seconds", type=float, default=120.0, help="time limit per level (default 120)")
     p.add_argument("--client-procs", type=int, help="client processes (default 4 on CUDA, 1 on CPU)")
+    p.add_argument(
+        "--stream-interval",
+        type=int,
+        default=1,
+        help="the engine wakes each stream every N tokens, in the server and the baseline (default 1)",
+    )
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args()
     if args.device is None:
@@ -358,6 +366,7 @@ def main() -> int:
     header = (
         f"qwen3 serve, {args.model} on {args.device} ({machine}), {datetime.date.today()}: "
         f"{args.input_len} prompt tokens, {args.output_len} output tokens, greedy, ignore_eos, streamed"
+        + (f", stream interval {args.stream_interval}" if args.stream_interval != 1 else "")
     )
     lines = [
         header,

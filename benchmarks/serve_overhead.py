@@ -105,7 +105,7 @@ def build(args: argparse.Namespace):
     tokenizer = load_tokenizer(DEMO_DIR)
     llm = FakeLLM(tokenizer, args.max_num_seqs, args.step_ms, args.host_ms)
     ctx = ServingContext(tokenizer, "fake", llm.max_model_len, tokenizer.vocab_size)
-    return llm, AsyncLLM(llm), ctx
+    return llm, AsyncLLM(llm, stream_interval=args.stream_interval), ctx
 
 
 def serve_worker(args: argparse.Namespace) -> int:
@@ -198,6 +198,7 @@ def main() -> int:
         help="Python work per engine step, holding the GIL (the scheduler, the detokenizer; default 0)",
     )
     p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--stream-interval", type=int, default=1, help="AsyncLLM's stream_interval (default 1)")
     p.add_argument("--route", choices=["completions", "chat"], default="completions")
     p.add_argument("--max-seconds", type=float, default=120.0)
     args = p.parse_args()
@@ -206,7 +207,8 @@ def main() -> int:
         return serve_worker(args)
 
     command = [sys.executable, __file__, "--serve-worker", "--step-ms", str(args.step_ms), "--host-ms",
-               str(args.host_ms), "--max-num-seqs", str(args.max_num_seqs)]  # fmt: skip
+               str(args.host_ms), "--max-num-seqs", str(args.max_num_seqs), "--stream-interval",
+               str(args.stream_interval)]  # fmt: skip
     server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     try:
         url, deadline = None, time.monotonic() + 120
@@ -228,7 +230,8 @@ def main() -> int:
         if r["tokens"] != expected:
             raise RuntimeError(f"{name}: {r['tokens']} tokens received, {expected} expected")
     print(f"{args.clients} streams x {args.tokens} tokens, /v1/{args.route}, engine step {args.step_ms} ms asleep + "
-          f"{args.host_ms} ms holding the GIL, {os.cpu_count()} CPUs")  # fmt: skip
+          f"{args.host_ms} ms holding the GIL, stream interval {args.stream_interval}, "
+          f"{os.cpu_count()} CPUs")  # fmt: skip
     for name, r in (("HTTP (server process)", http), ("AsyncLLM in-process", engine)):
         print(
             f"  {name:22s} {r['seconds']:6.2f} s  {r['events'] / r['seconds']:9.0f} events/s  "

@@ -13,7 +13,8 @@ import torch
 
 import qwen3
 from conftest import make_reference
-from qwen3.engine import LLM, AsyncLLM
+from qwen3.engine import LLM, AsyncLLM, StreamOutput
+from qwen3.engine.async_llm import _send, _Stream
 from qwen3.sampling import SamplingParams
 
 VOCAB = 320
@@ -193,3 +194,42 @@ def test_a_consumer_that_falls_behind_gets_the_waiting_increments_merged(model, 
         # (the batches differ from generate's, so fp32 sums differ in the last bits)
         assert [lp.logprob for lp in logprobs] == pytest.approx([lp.logprob for lp in want.logprobs], abs=1e-5)
     llm.block_manager.check_all_free()
+
+
+def test_stream_interval_wakes_at_the_first_token_every_n_tokens_and_the_end(model, tok):
+    class Loop:  # records the wake-ups _send schedules
+        def __init__(self):
+            self.woken = []
+
+        def call_soon_threadsafe(self, callback, streams):
+            self.woken.append(len(streams))
+
+    def out(n, finished=False):
+        return StreamOutput("r", [7] * n, "x" * n, finished, "stop" if finished else None, [1], 0, 0, None)
+
+    loop = Loop()
+    stream = _Stream(None, loop)
+    steps = [out(1), out(1), out(1), out(2), out(1), out(1), out(1, finished=True)]
+    for item in steps:
+        _send([(stream, item)], stream_interval=3)
+    # woken at: the first token, when 3 gathered (1+1+2 -> 4), and at the end; every output is pending in order
+    assert loop.woken == [1, 1, 1] and list(stream.pending) == steps
+    with pytest.raises(ValueError, match="stream_interval"):
+        AsyncLLM(LLM(model, kv_cache_tokens=256, block_size=8), stream_interval=0)
+
+    # end to end: the pieces still add up to generate's output
+    llm = LLM(model, tokenizer=tok, kv_cache_tokens=2048, block_size=8)
+    prompt = random_prompts([9], seed=6)[0]
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    want = llm.generate([prompt], params, use_tqdm=False)[0]
+
+    async def main():
+        engine = AsyncLLM(llm, stream_interval=4)
+        try:
+            return await collect(engine, prompt, params)
+        finally:
+            await engine.shutdown()
+
+    outs = asyncio.run(main())
+    assert sum((o.new_token_ids for o in outs), []) == want.token_ids and "".join(o.new_text for o in outs) == want.text
+    assert len(outs) < 20 and outs[-1].finished  # (about 1 + 20 / 4: a consumer that is awake takes what is there)

@@ -6,7 +6,9 @@ request's increment to that request's `pending` deque and wakes the waiting coro
 `call_soon_threadsafe` per event loop (not one per request: each is a self-pipe write and a callback). A coroutine
 that wakes takes everything pending at once and yields it merged as one StreamOutput, so a consumer that falls
 behind the engine gets one increment with several tokens instead of a backlog of one-token increments (as vLLM's
-output aggregation does under load). Aborts are applied between steps, so an aborted request's blocks are free
+output aggregation does under load). With `stream_interval=N` a coroutine is woken only for its first token, every
+N tokens and its end (vLLM's `--stream-interval`): fewer, larger increments, for servers whose event loop shares the
+GIL with this thread under many streams. Aborts are applied between steps, so an aborted request's blocks are free
 before the next step runs.
 """
 
@@ -74,6 +76,7 @@ class _Stream:
         self.seq, self.loop = seq, loop
         self.pending: collections.deque[StreamOutput | BaseException] = collections.deque()
         self.waiter: asyncio.Future | None = None
+        self.unannounced = -1  # (loop thread) tokens handed over since the last wake-up; -1: none yet
 
     def wake(self) -> None:
         """On the stream's event loop: let its coroutine take what is pending."""
@@ -86,11 +89,20 @@ def _wake_all(streams: list[_Stream]) -> None:
         stream.wake()
 
 
-def _send(items: Iterable[tuple[_Stream, StreamOutput | BaseException]]) -> None:
-    """Hand increments over, then wake their coroutines: one callback per event loop."""
+def _send(items: Iterable[tuple[_Stream, StreamOutput | BaseException]], stream_interval: int = 1) -> None:
+    """Hand increments over, then wake their coroutines (one callback per event loop): each at its first token, its
+    end, an error, and otherwise once `stream_interval` tokens have gathered."""
     by_loop: dict[asyncio.AbstractEventLoop, list[_Stream]] = {}
     for stream, item in items:
         stream.pending.append(item)
+        if isinstance(item, StreamOutput) and not item.finished:
+            if stream.unannounced >= 0:
+                stream.unannounced += len(item.new_token_ids)
+                if stream.unannounced < stream_interval:
+                    continue
+            elif not item.new_token_ids:
+                continue
+        stream.unannounced = 0
         by_loop.setdefault(stream.loop, []).append(stream)
     for loop, streams in by_loop.items():
         try:
@@ -113,10 +125,16 @@ def delta(seq: Sequence) -> StreamOutput:
 
 
 class AsyncLLM:
-    """Serve an LLM to many coroutines: `async for out in engine.generate(prompt, params): ...`."""
+    """Serve an LLM to many coroutines: `async for out in engine.generate(prompt, params): ...`.
 
-    def __init__(self, llm: LLM) -> None:
+    `stream_interval`: wake a stream's coroutine every this many tokens (1: every step; see the module docstring).
+    """
+
+    def __init__(self, llm: LLM, stream_interval: int = 1) -> None:
+        if stream_interval < 1:
+            raise ValueError(f"stream_interval: must be >= 1, found {stream_interval}")
         self.llm = llm
+        self.stream_interval = stream_interval
         self.tokenizer = llm.tokenizer
         self.max_model_len = llm.max_model_len
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -251,4 +269,4 @@ class AsyncLLM:
                 if seq.finished:
                     self._end(seq.request_id)
                 ready.append((stream, delta(seq)))
-            _send(ready)
+            _send(ready, self.stream_interval)

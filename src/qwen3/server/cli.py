@@ -54,6 +54,12 @@ def add_subcommands(sub: Any) -> None:
     )
     p.add_argument("--max-waiting", type=int, help="answer 429 when more requests than this would wait")
     p.add_argument(
+        "--stream-interval",
+        type=positive_int,
+        default=1,
+        help="stream every N tokens (default 1: each token; a slow client always gets what gathered in one chunk)",
+    )
+    p.add_argument(
         "--drain-timeout",
         type=float,
         default=30.0,
@@ -115,7 +121,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         llm, ctx = build_engine(args)
         app = create_app(
-            AsyncLLM(llm), ctx, api_keys=args.api_key, max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting
+            AsyncLLM(llm, stream_interval=args.stream_interval),
+            ctx,
+            api_keys=args.api_key,
+            max_num_seqs=args.max_num_seqs,
+            max_waiting=args.max_waiting,
         )
     except BaseException:
         sock.close()
