@@ -101,6 +101,7 @@ def test_tool_call_arguments_stream_as_written():
     # arguments and the rest of the block is dropped (the stream already sent them; the non-streamed text agrees)
     for text, arguments in [
         ('<tool_call>\n{"name": "f", "arguments": {"a": 12', '{"a": 12'),
+        ('<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_c', '{"a": 1}'),
         ('<tool_call>\n{"name": "f", "arguments": {"a": tru', '{"a": '),
         ('<tool_call>\n{"name": "f", "arguments": {"a": 1,, "b": 2}}\n</tool_call>after', '{"a": 1,'),
     ]:
@@ -112,6 +113,13 @@ def test_tool_call_arguments_stream_as_written():
             parsed.content,
             [(0, "f", arguments)],
         )
+    # a whole call without its closing tag: the text after it is content again
+    for text in ['<tool_call>\n{"name": "f", "arguments": {"a": 1}}\nSome text', '<tool_call>\n{"name": "f", '
+                 '"arguments": {"a": 1}}\n</tool_call>\nSome text']:  # fmt: skip
+        parsed = parse_chat_output(text, parse_tools=True)
+        assert [(c.name, c.arguments) for c in parsed.tool_calls] == [("f", '{"a": 1}')]
+        assert parsed.content == "Some text"
+        assert streamed(text, list(range(1, len(text))), parse_tools=True) == ("", "Some text", [(0, "f", '{"a": 1}')])
 
 
 def test_a_prefix_is_read_as_the_start_of_the_output():

@@ -20,11 +20,13 @@ Qwen3's format (vLLM's qwen3 reasoning parser and hermes tool parser read it the
   beginning of a JSON object, and ends where that object closes (the outer `}` and `</tool_call>` are not part of
   it). The fragments join to the arguments exactly as the model wrote them. Once the name is out the call stays a
   call: if the JSON then breaks, or the generation ends inside the block, the arguments end where the valid prefix
-  ended and the rest of the block is dropped (the finish_reason, e.g. "length", tells the client).
+  ended and the rest of the block is dropped (the finish_reason, e.g. "length", tells the client). Text after a
+  whole arguments object other than the call's `}` and `</tool_call>` (a model that forgot the closing tag) ends
+  the call and is content again.
 * A body in another shape (`"arguments"` before `"name"`, arguments as a JSON string) is parsed whole when
   `</tool_call>` arrives and sent as one call (header, then its arguments as JSON text); a block that is not a
   JSON object with a string "name", or that is never closed, is returned as plain content.
-* `prefix` is text the prompt already wrote for the model (a forced tool call: `<tool_call>\n{"name": "`): the
+* `prefix` is text the prompt already wrote for the model (a forced tool call: `<tool_call>\\n{"name": "`): the
   parser reads it as the start of the output.
 """
 
@@ -83,6 +85,7 @@ _WHITESPACE = " \t\n\r"
 _HEX = "0123456789abcdefABCDEF"
 _NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
 _LITERALS = ("true", "false", "null")
+_CALL_CLOSE = re.compile(r"\s*(?:\}\s*)?")  # after the arguments: the call object's closing brace
 
 
 class JSONPrefix:
@@ -357,13 +360,23 @@ class ChatOutputParser:
             if args.safe > self.sent:
                 delta.tool_calls.append(ToolCallDelta(self.num_tool_calls, None, None, buf[self.sent : args.safe]))
                 self.sent = args.safe
-            end = buf.find(TOOL_CALL_END, args.length)
-            if end >= 0 or final:  # the call ends here; what the block holds after the arguments is dropped
-                self.buffer = buf[end + len(TOOL_CALL_END) :] if end >= 0 else ""
-                self.mode, self.arguments = "content", None
-                self.num_tool_calls += 1
-                return True
-            return False
+            if args.done:  # then the outer `}` and `</tool_call>`; other text ends the call and is content again
+                close = _CALL_CLOSE.match(buf, args.length)
+                tail = buf[close.end() :]
+                if not (tail.startswith(TOOL_CALL_END) or final or (tail and not TOOL_CALL_END.startswith(tail))):
+                    return False
+                if tail.startswith(TOOL_CALL_END):
+                    rest = tail[len(TOOL_CALL_END) :]
+                else:  # other text; or at the end nothing, or a cut-off `</tool_c`
+                    rest = "" if TOOL_CALL_END.startswith(tail) else tail
+            else:  # broken JSON (or cut off): the rest of the block is dropped
+                end = buf.find(TOOL_CALL_END, args.length)
+                if end < 0 and not final:
+                    return False
+                rest = buf[end + len(TOOL_CALL_END) :] if end >= 0 else ""
+            self.buffer, self.mode, self.arguments = rest, "content", None
+            self.num_tool_calls += 1
+            return True
         # mode == "block": a body in another shape, parsed whole once </tool_call> arrives
         at = buf.find(TOOL_CALL_END)
         if at < 0:
