@@ -610,3 +610,9 @@ def test_fp8_kv_cache_stores_one_byte_per_value_and_bad_names_are_refused(model)
     assert auto.pool.kv.element_size() == 4 and fp8.pool.kv.element_size() == 1
     with pytest.raises(ValueError, match="kv_cache_dtype='int4' must be one of auto, fp8"):
         engine(model, kv_cache_dtype="int4")
+
+
+def test_fp8_kv_cache_with_compile_or_tensor_parallelism_is_a_clear_error(model):
+    for kwargs in ({"compile": True}, {"tensor_parallel_size": 2}):
+        with pytest.raises(ValueError, match="not supported with tensor parallelism or compile=True"):
+            LLM(model, kv_cache_dtype="fp8", **kwargs)

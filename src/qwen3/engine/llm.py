@@ -164,8 +164,10 @@ class LLM:
             raise ValueError(f"LLM: gpu_memory_utilization={gpu_memory_utilization!r} must be in (0, 1]")
         if kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"LLM: kv_cache_dtype={kv_cache_dtype!r} must be one of {', '.join(KV_CACHE_DTYPES)}")
-        if kv_cache_dtype != "auto" and tensor_parallel_size != 1:
-            raise ValueError(f"LLM: kv_cache_dtype={kv_cache_dtype!r} is not supported with tensor parallelism yet")
+        if kv_cache_dtype != "auto" and (tensor_parallel_size != 1 or compile):
+            # compile=True: inductor (torch 2.11) fails on the fp8 pool's kernels (H200, 2026-12-01: NOTES.md)
+            raise ValueError(f"LLM: kv_cache_dtype={kv_cache_dtype!r} is not supported with tensor parallelism or "
+                             "compile=True yet")
         if quantize not in (None, "int8"):
             raise ValueError(f"LLM: quantize={quantize!r} must be None or 'int8'")
         if not isinstance(compile, bool) or (compile and (enforce_eager or tensor_parallel_size != 1)):
