@@ -96,6 +96,10 @@ class FakeLLM:
         return touched
 
 
+def stream_interval(args: argparse.Namespace) -> int | str:
+    return "auto" if args.stream_interval == "auto" else int(args.stream_interval)
+
+
 def build(args: argparse.Namespace):
     from qwen3 import load_tokenizer
     from qwen3.engine import AsyncLLM
@@ -105,7 +109,7 @@ def build(args: argparse.Namespace):
     tokenizer = load_tokenizer(DEMO_DIR)
     llm = FakeLLM(tokenizer, args.max_num_seqs, args.step_ms, args.host_ms)
     ctx = ServingContext(tokenizer, "fake", llm.max_model_len, tokenizer.vocab_size)
-    return llm, AsyncLLM(llm, stream_interval=args.stream_interval), ctx
+    return llm, AsyncLLM(llm, stream_interval=stream_interval(args)), ctx
 
 
 def serve_worker(args: argparse.Namespace) -> int:
@@ -198,7 +202,7 @@ def main() -> int:
         help="Python work per engine step, holding the GIL (the scheduler, the detokenizer; default 0)",
     )
     p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--stream-interval", type=int, default=1, help="AsyncLLM's stream_interval (default 1)")
+    p.add_argument("--stream-interval", default="1", help="AsyncLLM's stream_interval: N or auto (default 1)")
     p.add_argument("--route", choices=["completions", "chat"], default="completions")
     p.add_argument("--max-seconds", type=float, default=120.0)
     args = p.parse_args()

@@ -14,7 +14,7 @@ import torch
 import qwen3
 from conftest import make_reference
 from qwen3.engine import LLM, AsyncLLM, StreamOutput
-from qwen3.engine.async_llm import _send, _Stream
+from qwen3.engine.async_llm import _send, _Stream, auto_stream_interval
 from qwen3.sampling import SamplingParams
 
 VOCAB = 320
@@ -214,8 +214,11 @@ def test_stream_interval_wakes_at_the_first_token_every_n_tokens_and_the_end(mod
         _send([(stream, item)], stream_interval=3)
     # woken at: the first token, when 3 gathered (1+1+2 -> 4), and at the end; every output is pending in order
     assert loop.woken == [1, 1, 1] and list(stream.pending) == steps
-    with pytest.raises(ValueError, match="stream_interval"):
-        AsyncLLM(LLM(model, kv_cache_tokens=256, block_size=8), stream_interval=0)
+    for bad in (0, "2", 1.5):
+        with pytest.raises(ValueError, match="stream_interval"):
+            AsyncLLM(LLM(model, kv_cache_tokens=256, block_size=8), stream_interval=bad)
+    # "auto": every token up to 64 streams, then as many wake-ups per step as 64 streams would make
+    assert [auto_stream_interval(n) for n in (0, 1, 64, 65, 128, 129, 256)] == [1, 1, 1, 2, 2, 3, 4]
 
     # end to end: the pieces still add up to generate's output
     llm = LLM(model, tokenizer=tok, kv_cache_tokens=2048, block_size=8)
@@ -223,13 +226,15 @@ def test_stream_interval_wakes_at_the_first_token_every_n_tokens_and_the_end(mod
     params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
     want = llm.generate([prompt], params, use_tqdm=False)[0]
 
-    async def main():
-        engine = AsyncLLM(llm, stream_interval=4)
+    async def main(interval):
+        engine = AsyncLLM(llm, stream_interval=interval)
         try:
             return await collect(engine, prompt, params)
         finally:
             await engine.shutdown()
 
-    outs = asyncio.run(main())
-    assert sum((o.new_token_ids for o in outs), []) == want.token_ids and "".join(o.new_text for o in outs) == want.text
+    for interval in ("auto", 4):
+        outs = asyncio.run(main(interval))
+        assert sum((o.new_token_ids for o in outs), []) == want.token_ids
+        assert "".join(o.new_text for o in outs) == want.text
     assert len(outs) < 20 and outs[-1].finished  # (about 1 + 20 / 4: a consumer that is awake takes what is there)

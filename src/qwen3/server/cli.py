@@ -55,9 +55,10 @@ def add_subcommands(sub: Any) -> None:
     p.add_argument("--max-waiting", type=int, help="answer 429 when more requests than this would wait")
     p.add_argument(
         "--stream-interval",
-        type=positive_int,
+        type=stream_interval,
         default=1,
-        help="stream every N tokens (default 1: each token; a slow client always gets what gathered in one chunk)",
+        help="stream every N tokens, or auto (1 up to 64 streams, then streams/64); default 1: each token (a stream "
+        "that falls behind always gets what gathered in one chunk)",
     )
     p.add_argument(
         "--drain-timeout",
@@ -77,6 +78,19 @@ def add_subcommands(sub: Any) -> None:
     p.add_argument("-o", "--output", required=True, type=Path, help="results .jsonl (written atomically)")
     _add_engine_flags(p)
     p.set_defaults(func=cmd_batch)
+
+
+def stream_interval(text: str) -> int | str:
+    """--stream-interval: "auto" or an integer >= 1."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer or auto, found {text}")
+    return value
 
 
 def _missing_extra(e: ImportError) -> int:
