@@ -10,6 +10,9 @@ Routes: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`, `
   (Starlette cancels the response task on `http.disconnect`); a non-streamed one races the generation
   against the disconnect message. Either way the engine iterator is closed and the request aborted, which
   frees its KV blocks at once.
+* Streaming is the per-token hot path: one choice reads its engine stream directly (no task or queue between),
+  `AsyncLLM` hands over everything a lagging stream has not taken as one increment (one chunk), and `ChunkWriter`
+  formats chunks from a pre-serialised envelope (`tests/test_server_fast_paths.py` holds it to `json.dumps`).
 * Admission: with `max_waiting` set, a request that would make more than `max_waiting` requests wait for a
   batch slot (in-flight requests beyond `max_num_seqs`, or what the engine reports waiting) gets 429 with
   `Retry-After`.
