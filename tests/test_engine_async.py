@@ -214,6 +214,14 @@ def test_stream_interval_wakes_at_the_first_token_every_n_tokens_and_the_end(mod
         _send([(stream, item)], stream_interval=3)
     # woken at: the first token, when 3 gathered (1+1+2 -> 4), and at the end; every output is pending in order
     assert loop.woken == [1, 1, 1] and list(stream.pending) == steps
+    # a stream of phase 2 counts 2 tokens as gathered after its first: it wakes at tokens 1, 2, 5, 8
+    loop, woken_at = Loop(), []
+    stream = _Stream(None, loop, phase=2)
+    for k in range(1, 10):
+        _send([(stream, out(1))], stream_interval=3)
+        if len(loop.woken) > len(woken_at):
+            woken_at.append(k)
+    assert woken_at == [1, 2, 5, 8]
     for bad in (0, "2", 1.5):
         with pytest.raises(ValueError, match="stream_interval"):
             AsyncLLM(LLM(model, kv_cache_tokens=256, block_size=8), stream_interval=bad)

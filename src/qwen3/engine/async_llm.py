@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import queue
 import threading
 import uuid
@@ -73,11 +74,12 @@ class _Stream:
     taken by the coroutine (deque appends and pops are atomic); `waiter` is the coroutine's future while it waits
     (touched on its event loop only)."""
 
-    def __init__(self, seq: Sequence, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, seq: Sequence, loop: asyncio.AbstractEventLoop, phase: int = 0) -> None:
         self.seq, self.loop = seq, loop
         self.pending: collections.deque[StreamOutput | BaseException] = collections.deque()
         self.waiter: asyncio.Future | None = None
         self.unannounced = -1  # (loop thread) tokens handed over since the last wake-up; -1: none yet
+        self.phase = phase  # streams started together wake on different steps (stream_interval > 1)
 
     def wake(self) -> None:
         """On the stream's event loop: let its coroutine take what is pending."""
@@ -92,7 +94,9 @@ def _wake_all(streams: list[_Stream]) -> None:
 
 def _send(items: Iterable[tuple[_Stream, StreamOutput | BaseException]], stream_interval: int = 1) -> None:
     """Hand increments over, then wake their coroutines (one callback per event loop): each at its first token, its
-    end, an error, and otherwise once `stream_interval` tokens have gathered."""
+    end, an error, and otherwise once `stream_interval` tokens have gathered. After the first token a stream counts
+    `phase % stream_interval` tokens as gathered already, so that streams which started together (a benchmark's)
+    do not all wake on the same step: bursts would hold the GIL against the step thread."""
     by_loop: dict[asyncio.AbstractEventLoop, list[_Stream]] = {}
     for stream, item in items:
         stream.pending.append(item)
@@ -103,7 +107,7 @@ def _send(items: Iterable[tuple[_Stream, StreamOutput | BaseException]], stream_
                     continue
             elif not item.new_token_ids:
                 continue
-        stream.unannounced = 0
+        stream.unannounced = stream.phase % stream_interval if stream.unannounced < 0 else 0
         by_loop.setdefault(stream.loop, []).append(stream)
     for loop, streams in by_loop.items():
         try:
@@ -153,6 +157,7 @@ class AsyncLLM:
         self._ids: set[str] = set()  # request ids in flight (added from coroutines, removed by the loop)
         self._ids_lock = threading.Lock()
         self._stopping = False
+        self._phases = itertools.count()
         self._thread = threading.Thread(target=self._loop, name="qwen3-engine", daemon=True)
         self._thread.start()
 
@@ -171,7 +176,7 @@ class AsyncLLM:
                 raise ValueError(f"request {request_id!r}: a request with this id is already running")
             self._ids.add(request_id)
         loop = asyncio.get_running_loop()
-        stream = _Stream(seq, loop)
+        stream = _Stream(seq, loop, next(self._phases))
         self._inbox.put(("add", stream))
         self._wake.set()
         finished = False
