@@ -567,6 +567,8 @@ def demo_server(tmp_path_factory):
             "64",
             "--device",
             "cpu",
+            "--stream-interval",  # chunks of 2 tokens: merged increments through the whole HTTP path
+            "2",
         ],
         tmp_path_factory.mktemp("demo"),
     )
@@ -600,6 +602,13 @@ def test_qwen3_serve_demo_32_concurrent_streams_equal_their_solo_answers(demo_se
     for (prompt, k), got in zip(requests, results, strict=True):
         assert got == solo[prompt, k], (prompt, k)
     assert demo_server.wait_idle()["qwen3:kv_cache_usage_perc"] == 0
+    # with --stream-interval 2 a chunk carries several tokens; its logprobs list every one of them
+    stream = client.completions.create(model="demo", prompt="ROMEO:", max_tokens=9, temperature=0, logprobs=1,
+                                       stream=True)  # fmt: skip
+    chunks = [c.choices[0] for c in stream if c.choices]
+    tokens = [t for c in chunks if c.logprobs for t in c.logprobs.tokens]
+    assert "".join(c.text for c in chunks) == "".join(tokens) == solo["ROMEO:", 1][0]
+    assert len(tokens) == 9 and max(len(c.logprobs.tokens) for c in chunks if c.logprobs) >= 2
     # stop strings: the text ends right before the first one, finish_reason "stop"
     text = solo["ROMEO:", 3][0]
     stop = text[len(text) // 2 : len(text) // 2 + 3]
