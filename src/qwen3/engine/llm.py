@@ -70,6 +70,12 @@ class RequestOutput:
     logprobs: list[TokenLogprob] | None
 
 
+def _has_int8_weights(model: Qwen3ForCausalLM) -> bool:
+    from ..quantize import Int8Linear
+
+    return any(isinstance(m, Int8Linear) for m in model.modules())
+
+
 def available_memory_bytes() -> int:
     """The memory the OS can give us now: MemAvailable from /proc/meminfo, else free pages (os.sysconf)."""
     try:
@@ -203,6 +209,12 @@ class LLM:
         max_num_batched_tokens = max_num_batched_tokens or DEFAULT_BATCHED_TOKENS[kind]
         eos = tuple(self.tokenizer.eos_token_ids) if self.tokenizer is not None else self._eos_ids
         self.kernels = kernels_for(self.device)
+        if self.kernels.name == "triton" and self.tp is None and _has_int8_weights(model_):
+            # int8 weights on CUDA: a split-K Triton GEMV reads the int8 bytes at <= 16 rows (1.40x the dequantise
+            # + cuBLAS path at batch 1 on the H200; bf16 gained nothing, so bf16 keeps cuBLAS). RESULTS.md.
+            from ..kernels.gemv_linear import use_gemv
+
+            use_gemv(model_)
         if compile and self.kernels.name != "triton":  # the CPU never compiles: it has no CUDA graphs
             raise ValueError(f"LLM: compile=True needs CUDA and the Triton kernels; the model is on {self.device} "
                              f"with the {self.kernels.name} kernels")
