@@ -8,8 +8,8 @@ that wakes takes everything pending at once and yields it merged as one StreamOu
 behind the engine gets one increment with several tokens instead of a backlog of one-token increments (as vLLM's
 output aggregation does under load). With `stream_interval=N` a coroutine is woken only for its first token, every
 N tokens and its end (vLLM's `--stream-interval`): fewer, larger increments, for servers whose event loop shares the
-GIL with this thread under many streams. `stream_interval="auto"` is 1 up to 64 running streams and then
-ceil(streams / 64), so the event loop handles about as many wake-ups per step as at 64 streams. Aborts are
+GIL with this thread under many streams. `stream_interval="auto"` is 1 up to 64 requests in flight and then
+ceil(requests / 64), so the event loop handles about as many wake-ups per step as at 64 streams. Aborts are
 applied between steps, so an aborted request's blocks are free before the next step runs.
 """
 
@@ -78,7 +78,7 @@ class _Stream:
         self.seq, self.loop = seq, loop
         self.pending: collections.deque[StreamOutput | BaseException] = collections.deque()
         self.waiter: asyncio.Future | None = None
-        self.unannounced = -1  # (loop thread) tokens handed over since the last wake-up; -1: none yet
+        self.unannounced = -1  # (step thread) tokens handed over since the last wake-up; -1: none yet
         self.phase = phase  # streams started together wake on different steps (stream_interval > 1)
 
     def wake(self) -> None:
@@ -120,7 +120,7 @@ AUTO_STREAMS = 64  # up to this many streams, "auto" streams every token
 
 
 def auto_stream_interval(num_streams: int) -> int:
-    """The "auto" stream interval: 1 up to AUTO_STREAMS streams, then ceil(streams / AUTO_STREAMS)."""
+    """The "auto" stream interval: 1 up to AUTO_STREAMS requests in flight, then ceil(requests / AUTO_STREAMS)."""
     return max(1, -(-num_streams // AUTO_STREAMS))
 
 
