@@ -192,3 +192,25 @@ def test_qwen3_0_6b_shape_matches_transformers(tmp_path):
     prompt = ids[:1, :16]
     expected = ref.generate(prompt, max_new_tokens=20, do_sample=False, min_new_tokens=20, pad_token_id=0)
     assert qwen3.generate(ours, prompt, max_new_tokens=20).tolist() == expected[:, 16:].tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 7, 1024), (2, 5, 16, 128)])  # the hidden norms; q_norm/k_norm per head
+def test_rmsnorm_equals_the_written_out_formula_and_transformers(dtype, shape):
+    """RMSNorm runs F.rms_norm; the textbook steps (fp32 mean square and rescale, round, times the weight) give
+    the same bits on the CPU, and transformers' Qwen3RMSNorm the same values."""
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    from qwen3.model import RMSNorm
+
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = (3 * torch.randn(shape, generator=gen)).to(dtype)
+    norm = RMSNorm(shape[-1], eps=1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.5 * torch.randn(shape[-1], generator=gen))
+        x32 = x.float()
+        written_out = norm.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
+        theirs = Qwen3RMSNorm(shape[-1], eps=1e-6).to(dtype)
+        theirs.weight.copy_(norm.weight)
+        assert torch.equal(norm(x), written_out)
+        assert torch.equal(norm(x), theirs(x))
