@@ -141,3 +141,24 @@ def fix_triton_interpreter_scalars() -> None:
 
     patched._qwen3_fixed = True
     interpreter._patch_lang_tensor = patched
+
+
+def run_in_triton_interpreter(target: str, select: str | None = None, passed: int | None = None,
+                              no_skips: bool = False, timeout: int = 600) -> None:  # fmt: skip
+    """Run the pytest `target` (a file, or file::test) in a subprocess with TRITON_INTERPRET=1, which must be set
+    before triton is first imported (so a file's kernel tests cannot run in this process), with `-k select`; assert
+    that it passed (exactly `passed` tests when given), with nothing failed, errored or (no_skips) skipped."""
+    import os
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", target]
+    if select is not None:
+        command += ["-k", select]
+    done = subprocess.run(command, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
+                          timeout=timeout, cwd=Path(__file__).parent.parent)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    summary = done.stdout.strip().splitlines()[-1]
+    assert (f"{passed} passed" if passed is not None else " passed") in summary, done.stdout[-2000:]
+    for word in ("failed", "error") + (("skipped",) if no_skips else ()):
+        assert word not in summary, done.stdout[-2000:]

@@ -8,15 +8,12 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import qwen3
-from conftest import fix_triton_interpreter_scalars, make_reference
+from conftest import fix_triton_interpreter_scalars, make_reference, run_in_triton_interpreter
 from qwen3.engine import LLM
 from qwen3.engine.attention import (
     REFERENCE,
@@ -436,12 +433,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 def test_triton_kernels_in_the_engine_interpreted():
     """The engine on the Triton kernels, run by Triton's interpreter on the CPU (a subprocess: TRITON_INTERPRET
     must be set before triton is imported): strides, dtypes and padding as the engine really passes them."""
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-               f"{__file__}::test_engine_runs_the_triton_kernels"]  # fmt: skip
-    done = subprocess.run(command, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
-                          timeout=600, cwd=Path(__file__).parent.parent)  # fmt: skip
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-    assert "1 passed" in done.stdout.strip().splitlines()[-1], done.stdout[-2000:]
+    run_in_triton_interpreter(f"{__file__}::test_engine_runs_the_triton_kernels", passed=1)
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 subprocess of the test above")

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import qwen3
+from conftest import run_in_triton_interpreter
 from qwen3.engine import LLM
 from qwen3.engine.attention import REFERENCE, KVPool, PagedAttention
 from qwen3.engine.runner import ModelRunner
@@ -269,11 +268,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None or INTERPRETED, reason="needs triton; the parent")
 def test_store_kv_pool_kernel_interpreted():
     """The pool-wide store kernel (the compiled path's store) under Triton's interpreter (CPU, a subprocess)."""
-    test = f"{__file__}::test_store_kv_pool_kernel_equals_the_reference"
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and "1 passed" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+    run_in_triton_interpreter(f"{__file__}::test_store_kv_pool_kernel_equals_the_reference", passed=1, timeout=300)
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 subprocess of the test above")

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import copy
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -25,7 +23,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import qwen3
-from conftest import SMALL, fix_triton_interpreter_scalars, randomize, rel_error
+from conftest import SMALL, fix_triton_interpreter_scalars, randomize, rel_error, run_in_triton_interpreter
 from qwen3.quantize import Int8Linear, quantize_int8, quantize_per_row, set_int8_kernel
 
 pytest.importorskip("triton")
@@ -158,12 +156,7 @@ def interpreter():
 
 @pytest.mark.skipif(RUN_TRITON, reason="the Triton kernels run in this process")
 def test_gemv_linear_triton_in_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "triton and not in_interpreter"]
-    done = subprocess.run([*command, __file__], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-    summary = done.stdout.strip().splitlines()[-1]
-    assert " passed" in summary and "failed" not in summary, summary
+    run_in_triton_interpreter(__file__, select="triton and not in_interpreter")
 
 
 @triton_test

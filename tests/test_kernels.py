@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import importlib
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import fix_triton_interpreter_scalars
+from conftest import fix_triton_interpreter_scalars, run_in_triton_interpreter
 from qwen3.kernels import int8_cpu
 from qwen3.quantize import CPU_GEMV_MAX_ROWS, Int8Linear, quantize_per_row
 
@@ -188,12 +186,7 @@ def gt():
 @pytest.mark.skipif(RUN_TRITON, reason="the Triton kernels run in this process")
 def test_triton_kernels_in_interpreter():
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "triton and not in_interpreter"]
-    done = subprocess.run([*command, __file__], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-    summary = done.stdout.strip().splitlines()[-1]
-    assert " passed" in summary and "failed" not in summary and "skipped" not in summary, summary
+    run_in_triton_interpreter(__file__, select="triton and not in_interpreter", no_skips=True)
 
 
 def gemv_bound(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, exact: torch.Tensor) -> torch.Tensor:

@@ -13,14 +13,12 @@ should not gets NaN in its output.
 import importlib.util
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import fix_triton_interpreter_scalars
+from conftest import fix_triton_interpreter_scalars, run_in_triton_interpreter
 
 triton = pytest.importorskip("triton")
 
@@ -47,12 +45,7 @@ kernel_test = pytest.mark.skipif(not RUN_KERNELS, reason="runs in the TRITON_INT
 
 @pytest.mark.skipif(RUN_KERNELS, reason="the kernels run in this process")
 def test_kernels_in_triton_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "not in_triton_interpreter"]
-    done = subprocess.run([*command, __file__], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-    summary = done.stdout.strip().splitlines()[-1]
-    assert " passed" in summary and "failed" not in summary and "error" not in summary, done.stdout[-2000:]
+    run_in_triton_interpreter(__file__, select="not in_triton_interpreter")
 
 
 # Triton 3.6's interpreter computes bf16 dot products wrongly (on raw bits), so on CPU fp16 stands in for the

@@ -6,13 +6,11 @@ TRITON_INTERPRET=1 (it must be set before triton is imported), as in test_triton
 """
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import fix_triton_interpreter_scalars
+from conftest import fix_triton_interpreter_scalars, run_in_triton_interpreter
 
 triton = pytest.importorskip("triton")
 
@@ -27,12 +25,7 @@ kernel_test = pytest.mark.skipif(not RUN_KERNELS, reason="runs in the TRITON_INT
 
 @pytest.mark.skipif(RUN_KERNELS, reason="the kernel runs in this process")
 def test_sampling_kernel_in_triton_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "not in_triton_interpreter"]
-    done = subprocess.run([*command, __file__], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-    summary = done.stdout.strip().splitlines()[-1]
-    assert " passed" in summary and "failed" not in summary and "error" not in summary, done.stdout[-2000:]
+    run_in_triton_interpreter(__file__, select="not in_triton_interpreter")
 
 
 @kernel_test
