@@ -537,7 +537,8 @@ def engine_gemv_variant(directory: Path | None, device: str, dtype_name: str, in
         try:
             sync(device)
             start = time.perf_counter()
-            llm = LLM(m, max_num_seqs=1, max_model_len=1024, kv_cache_tokens=2048, enable_prefix_caching=False)
+            llm = LLM(m, max_num_seqs=1, max_model_len=1024, kv_cache_tokens=2048, enable_prefix_caching=False,
+                      gemv=False)  # each variant swaps its own modules (or not)
             sync(device)
             build[name] = time.perf_counter() - start
             outputs[name] = llm.generate([ids], params, use_tqdm=False)[0].token_ids  # and the warm-up

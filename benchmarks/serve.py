@@ -44,10 +44,6 @@ QWEN3_TOKENIZER = ROOT / "tests" / "assets" / "qwen3-0.6b"  # the real tokenizer
 # The model (in the server and baseline processes)
 
 
-def stream_interval(args: argparse.Namespace) -> int | str:
-    return "auto" if args.stream_interval == "auto" else int(args.stream_interval)
-
-
 def build_llm(args: argparse.Namespace):
     """(LLM, served name, directory with generation_config.json or None)."""
     import torch
@@ -83,7 +79,7 @@ def serve_worker(args: argparse.Namespace) -> int:
 
     llm, name, directory = build_llm(args)
     ctx = ServingContext.for_engine(llm, name, directory)
-    app = create_app(AsyncLLM(llm, stream_interval=stream_interval(args)), ctx, max_num_seqs=args.max_num_seqs)
+    app = create_app(AsyncLLM(llm, stream_interval=args.stream_interval), ctx, max_num_seqs=args.max_num_seqs)
     return run_server(app, "127.0.0.1", 0, banner="benchmark server on {url}")
 
 
@@ -94,7 +90,7 @@ def engine_worker(args: argparse.Namespace) -> int:
 
     llm, _, _ = build_llm(args)
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
-    engine = AsyncLLM(llm, stream_interval=stream_interval(args))
+    engine = AsyncLLM(llm, stream_interval=args.stream_interval)
     results = {}
 
     async def level(concurrency: int, prompts: list[list[int]]) -> dict:
@@ -296,6 +292,8 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
 
 
 def main() -> int:
+    from qwen3.server.cli import stream_interval  # `qwen3 serve`'s own check of the flag
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--serve-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--engine-worker", action="store_true", help=argparse.SUPPRESS)
@@ -315,7 +313,8 @@ def main() -> int:
     p.add_argument("--client-procs", type=int, help="client processes (default 4 on CUDA, 1 on CPU)")
     p.add_argument(
         "--stream-interval",
-        default="1",
+        type=stream_interval,
+        default=1,
         help="the engine wakes each stream every N tokens, or auto, in the server and the baseline (default 1)",
     )
     p.add_argument("--json", type=Path, help="also write the results here")
@@ -369,7 +368,7 @@ def main() -> int:
     header = (
         f"qwen3 serve, {args.model} on {args.device} ({machine}), {datetime.date.today()}: "
         f"{args.input_len} prompt tokens, {args.output_len} output tokens, greedy, ignore_eos, streamed"
-        + (f", stream interval {args.stream_interval}" if args.stream_interval != "1" else "")
+        + (f", stream interval {args.stream_interval}" if args.stream_interval != 1 else "")
     )
     lines = [
         header,

@@ -85,7 +85,7 @@ def traced_step(llm: LLM, records: list):
     return step
 
 
-def step_table(records: list) -> str:
+def step_table(records: list, kv_bytes: int = 114688) -> str:
     """Where the engine's time went, by kind of step, and a least-squares fit of a decode step's time:
     fixed + per sequence + per key/value token read (the effective bandwidth of the attention)."""
     import numpy as np
@@ -104,10 +104,10 @@ def step_table(records: list) -> str:
     decode = np.array([(1.0, d, c, s) for s, p, d, c in shifted if not p and d >= 16])
     if len(decode) > 10:
         coef, *_ = np.linalg.lstsq(decode[:, :3], decode[:, 3], rcond=None)
-        kv_bytes = 114688  # 0.6B: 28 layers x 2 x 8 heads x 128 x 2 bytes
         lines.append(f"\ndecode steps >= 16 sequences: {1000 * coef[0]:.2f} ms fixed + {1e6 * coef[1]:.1f} us per "
                      f"sequence + {1e9 * coef[2]:.2f} us per 1,000 key/value tokens "
-                     f"(= {kv_bytes / max(coef[2], 1e-12) / 1e12:.2f} TB/s at 112 KiB per token)")  # fmt: skip
+                     f"(= {kv_bytes / max(coef[2], 1e-12) / 1e12:.2f} TB/s at {kv_bytes / 1024:g} KiB per "
+                     "token)")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -239,7 +239,8 @@ def main() -> None:
         trace: list | None = [] if args.trace else None
         full = run_engine(llm, prompts, max_tokens, temperature, args.device, trace)
         if trace:
-            print(step_table(trace))
+            per_token = llm.pool.kv[:, :, 0, 0].numel() * llm.pool.kv.element_size()  # all layers' k and v
+            print(step_table(trace, per_token))
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
         ttft = engine_ttft(llm, ttft_prompts, ttft_max_tokens, temperature)
         pool_tokens = llm.num_kv_cache_tokens if hasattr(llm, "num_kv_cache_tokens") else None

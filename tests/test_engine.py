@@ -608,3 +608,12 @@ def test_fp8_kv_cache_with_compile_or_tensor_parallelism_is_a_clear_error(model)
     for kwargs in ({"compile": True}, {"tensor_parallel_size": 2}):
         with pytest.raises(ValueError, match="not supported with tensor parallelism or compile=True"):
             LLM(model, kv_cache_dtype="fp8", **kwargs)
+
+
+def test_gemv_needs_cuda_and_a_bool(model):
+    with pytest.raises(ValueError, match="gemv=True needs CUDA and the Triton kernels"):
+        LLM(model, gemv=True, kv_cache_tokens=256)
+    with pytest.raises(ValueError, match="gemv='yes' must be None"):
+        LLM(model, gemv="yes", kv_cache_tokens=256)
+    llm = LLM(model, kv_cache_tokens=256)  # the CPU: the default swaps nothing
+    assert all(type(m).__name__ != "GemvLinear" for m in llm.model.modules())

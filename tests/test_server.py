@@ -89,7 +89,7 @@ TWO_CALLS = (
 )
 # tool_choice forces a call (prompts of other lengths, so that the scripts do not overlap): the reply is the model's
 # continuation after the prompt's `<tool_call>\n{"name": "`
-# ("required") or `... "arguments": ` (a named function)
+# ("required") or `... "arguments":` (a named function)
 REQUIRED = (
     {
         "messages": [{"role": "user", "content": "Use a tool" + ", now" * 95}],
@@ -104,7 +104,7 @@ NAMED = (
         "tools": TOOLS2,
         "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
     },
-    '{"city": "Oslo"}}\n</tool_call>',
+    ' {"city": "Oslo"}}\n</tool_call>',
 )
 SCRIPTS = [REASONING, NO_THINK, TOOL, MALFORMED, XSS, CRASH, TWO_CALLS, REQUIRED, NAMED]
 # The scripted model recognises a request by its prompt's length and last token (all a decode step sees), so
@@ -333,7 +333,7 @@ def test_tool_choice_required_and_named_force_a_call(server, tok):
         forced = request["tool_choice"]
         start = '<tool_call>\n{"name": "'
         if isinstance(forced, dict):
-            start += f'{name}", "arguments": '
+            start += f'{name}", "arguments":'
         template = tok.apply_chat_template(request["messages"], tools=TOOLS2)
         prompt = tok.encode(template + "<think>\n\n</think>\n\n" + start, allow_special=True)
         assert r.usage.prompt_tokens == len(prompt)

@@ -24,6 +24,7 @@ WELL_FORMED = [
     '<tool_call>\n{"name": "a", "arguments": {}}\n</tool_call>\n<tool_call>\n{"name": "b", "arguments": '
     '{"x": [1, 2]}}\n</tool_call>',
     "<think>\nmath: 1 < 2 and </thin is not a tag\n</think>\n\n<b>bold?</b> a < b",
+    '<tool_call>\n{"name": "f", "arguments": {"a": 1}, "id": "x"}\n</tool_call>\nAfter.',  # a key after the arguments
 ]
 
 

@@ -91,3 +91,28 @@ def test_sampler_uses_the_kernel_for_plain_rows_and_matches_seeded_draws():
     filtered = [Sequence("f", [1], SamplingParams(temperature=0.8, top_p=0.9, seed=1), -1)]
     Sampler(8, V, torch.device(DEVICE), fused_sample=counting)(logits[:1], filtered)
     assert len(calls) == 4  # top_p: the plain path
+
+
+# A row key and column whose hash is 0xFFFFFFFE, the top of the range (found by search): a 24-bit uniform rounded
+# to exactly 1.0 there, the noise to 0, and that column won whatever its probability.
+EXTREME_KEY, EXTREME_COLUMN = 6795126, 1
+
+
+def test_the_noise_at_the_top_of_the_hash_range_is_positive_and_finite():
+    from qwen3.engine.sampler import seeded_exponential
+
+    noise = seeded_exponential(torch.tensor([EXTREME_KEY]), 8)[0]
+    assert torch.isfinite(noise).all() and (noise > 0).all(), noise
+    assert 0 < noise[EXTREME_COLUMN] < 1e-6  # the smallest Exp(1) value the hash gives, and not 0
+
+
+@kernel_test
+def test_a_near_certain_token_wins_against_the_extreme_noise():
+    from qwen3.engine import triton_sampling
+
+    logits = torch.zeros(1, 8)
+    logits[0, 0] = 30.0  # p(0) ~ 1 - 7 * e**-30
+    keys = torch.tensor([EXTREME_KEY], dtype=torch.int64)
+    out = triton_sampling.sample(logits.to(DEVICE), torch.ones(1).to(DEVICE), keys.to(DEVICE))
+    assert out.tolist() == [0]
+    assert triton_sampling.reference(logits, torch.ones(1), keys).tolist() == [0]

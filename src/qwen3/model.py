@@ -65,7 +65,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # x * rsqrt(mean(x^2) + eps) in fp32, rounded to x's dtype, then times the weight (transformers' order).
-        # F.rms_norm is those steps in one kernel (eight on a GPU, written out; tests/test_parity.py: bit for bit)
+        # F.rms_norm is those steps in one kernel (eight on a GPU, written out; tests/test_parity.py: same bits, CPU)
         return self.weight * F.rms_norm(x, x.shape[-1:], eps=self.eps)
 
 

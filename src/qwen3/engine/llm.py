@@ -160,6 +160,7 @@ class LLM:
         tensor_parallel_size: int = 1,
         compile: bool = False,
         kv_cache_dtype: str = "auto",
+        gemv: bool | None = None,
     ) -> None:
         for name, value in (("max_num_seqs", max_num_seqs), ("max_model_len", max_model_len),
                             ("kv_cache_tokens", kv_cache_tokens), ("max_num_batched_tokens", max_num_batched_tokens),
@@ -209,9 +210,14 @@ class LLM:
         max_num_batched_tokens = max_num_batched_tokens or DEFAULT_BATCHED_TOKENS[kind]
         eos = tuple(self.tokenizer.eos_token_ids) if self.tokenizer is not None else self._eos_ids
         self.kernels = kernels_for(self.device)
-        if self.kernels.name == "triton" and self.tp is None and _has_int8_weights(model_):
-            # int8 weights on CUDA: a split-K Triton GEMV reads the int8 bytes at <= 16 rows (1.40x the dequantise
-            # + cuBLAS path at batch 1 on the H200; bf16 gained nothing, so bf16 keeps cuBLAS). RESULTS.md.
+        if gemv not in (None, True, False):
+            raise ValueError(f"LLM: gemv={gemv!r} must be None (int8 weights on CUDA), True or False")
+        if gemv and (self.kernels.name != "triton" or self.tp is not None):
+            raise ValueError("LLM: gemv=True needs CUDA and the Triton kernels, without tensor parallelism")
+        if gemv or (gemv is None and self.kernels.name == "triton" and self.tp is None and _has_int8_weights(model_)):
+            # The projections of the model (swapped in place, Parameters shared) take a split-K Triton GEMV for
+            # steps of <= 16 rows: for int8 weights it reads the int8 bytes, 1.40x the dequantise + cuBLAS path at
+            # batch 1 on the H200, hence the default; in bf16 it gained nothing (RESULTS.md).
             from ..kernels.gemv_linear import use_gemv
 
             use_gemv(model_)

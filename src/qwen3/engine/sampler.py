@@ -9,7 +9,7 @@ penalties skips the counts, an all-greedy step is just argmax.
 Seeds. A seeded row's noise is a counter-based hash of (seed, output index, vocabulary index): a pure function,
 so the row draws the same noise whatever else shares the batch, whichever row it lands in, and after a
 preemption. The hash is murmur3's 32-bit finaliser applied in int64 arithmetic (values kept below 2**32), giving
-24-bit uniforms u in (0, 1) and Exp(1) noise -log(u). Unseeded rows draw from the global RNG.
+23-bit uniforms u in (0, 1) and Exp(1) noise -log(u). Unseeded rows draw from the global RNG.
 
 Penalty state: a (max_num_seqs, V) table of output-token counts and one of prompt-token flags, one row per
 running sequence that uses penalties, kept on the device and updated after each sampled token.
@@ -59,7 +59,9 @@ def seeded_exponential(keys: Tensor, vocab_size: int) -> Tensor:
     index = torch.arange(vocab_size, device=keys.device, dtype=torch.int64)
     h = _fmix32((keys[:, None] ^ (index[None, :] * 0x27D4EB2F & _MASK32)) & _MASK32)
     h = _fmix32(h ^ 0x165667B1)
-    uniform = ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))  # in (0, 1)
+    # 23 bits, so that k + 0.5 is exact in float32 and u stays inside (0, 1): with 24, the top value rounded to
+    # u = 1.0, noise 0, and that token won the race whatever its probability (once in 2**24 draws)
+    uniform = ((h >> 9).float() + 0.5) * (1.0 / (1 << 23))
     return -torch.log(uniform)
 
 

@@ -48,7 +48,8 @@ DECODE_CONFIG = {"half": (64, 4, 3), "fp32": (16, 4, 2)}
 # No re-specialising: Triton compiles a kernel anew for each pattern of its integer arguments being 1 or a multiple
 # of 16, unless told not to. The number of sequences in a step and the width of its block tables change from step
 # to step, so without `do_not_specialize` a workload's first steps paid ~0.2 s of compiling each (H200, 2026-12-01:
-# 2 s of a 12.6 s benchmark). What is left to compile (one kernel per tile configuration) is warmed up at start.
+# 2 s of a 12.6 s benchmark). What is left to compile is warmed up at start: each prefill tile configuration, and
+# decode with 1 and 2 splits (other split counts compile when the graph buckets are captured, or at first use).
 
 
 def _direct(kernel):  # noqa: ANN001, ANN202 - a launch as written (torch.compile's ops pass wrap_triton instead)

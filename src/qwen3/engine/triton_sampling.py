@@ -46,8 +46,8 @@ def _sample_chunk_kernel(logits_ptr, temperature_ptr, keys_ptr, best_ptr, best_c
     key = tl.load(keys_ptr + row).to(tl.uint32)
     h = _fmix32(key ^ (cols.to(tl.uint32) * 0x27D4EB2F))
     h = _fmix32(h ^ 0x165667B1)
-    uniform = ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)  # in (0, 1), as seeded_exponential
-    noise = -tl.log(uniform)  # Exp(1) >= 3e-8: its log is finite
+    uniform = ((h >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)  # in (2**-24, 1 - 2**-24), as seeded_exponential
+    noise = -tl.log(uniform)  # Exp(1) >= 6e-8: its log is finite
     score = tl.where(t > 0.0, x / tl.where(t > 0.0, t, 1.0) - tl.log(noise), x)
     score = tl.where(valid, score, float("-inf"))
     best = tl.max(score, 0)

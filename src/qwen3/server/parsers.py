@@ -360,7 +360,13 @@ class ChatOutputParser:
             if args.safe > self.sent:
                 delta.tool_calls.append(ToolCallDelta(self.num_tool_calls, None, None, buf[self.sent : args.safe]))
                 self.sent = args.safe
-            if args.done:  # then the outer `}` and `</tool_call>`; other text ends the call and is content again
+            more_keys = args.done and buf[args.length :].lstrip().startswith(",")
+            if more_keys or not args.done:  # more keys after the arguments (an "id", say), or broken JSON (or cut
+                end = buf.find(TOOL_CALL_END, args.length)  # off): the rest of the block is dropped
+                if end < 0 and not final:
+                    return False
+                rest = buf[end + len(TOOL_CALL_END) :] if end >= 0 else ""
+            else:  # then the outer `}` and `</tool_call>`; other text ends the call and is content again
                 close = _CALL_CLOSE.match(buf, args.length)
                 tail = buf[close.end() :]
                 if not (tail.startswith(TOOL_CALL_END) or final or (tail and not TOOL_CALL_END.startswith(tail))):
@@ -369,11 +375,6 @@ class ChatOutputParser:
                     rest = tail[len(TOOL_CALL_END) :]
                 else:  # other text; or at the end nothing, or a cut-off `</tool_c`
                     rest = "" if TOOL_CALL_END.startswith(tail) else tail
-            else:  # broken JSON (or cut off): the rest of the block is dropped
-                end = buf.find(TOOL_CALL_END, args.length)
-                if end < 0 and not final:
-                    return False
-                rest = buf[end + len(TOOL_CALL_END) :] if end >= 0 else ""
             self.buffer, self.mode, self.arguments = rest, "content", None
             self.num_tool_calls += 1
             return True

@@ -208,7 +208,8 @@ def chat_prompt(ctx: ServingContext, request: ChatCompletionRequest) -> tuple[st
         prompt += f"{THINK_START}\n\n{THINK_END}\n\n"
     prefix = TOOL_CALL_START + '\n{"name": "'
     if forced:
-        prefix = TOOL_CALL_START + '\n{"name": ' + json.dumps(forced, ensure_ascii=False) + ', "arguments": '
+        # ends at the colon: the model's own ` {` token follows (a trailing space would be a lone token)
+        prefix = TOOL_CALL_START + '\n{"name": ' + json.dumps(forced, ensure_ascii=False) + ', "arguments":'
     return prompt, prefix
 
 
