@@ -34,6 +34,7 @@ for _name, _value in NO_MULTICAST.items():  # before torch (and NCCL) is importe
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
+import faulthandler  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
@@ -58,6 +59,9 @@ RESULT = "RESULT "  # a child's result line: RESULT {json}
 def child(args: list[str], timeout: float, torchrun: int = 0) -> tuple[dict | None, str]:
     """Run this script (under torchrun with `torchrun` processes if > 0) with `args`; its RESULT json and an
     error note (empty when it worked)."""
+    # A child that is still running 10 s before its limit dumps every thread's stack to stderr (faulthandler), so
+    # that a timeout says where it was stuck; the stderr tail is printed below.
+    args = [*args, "--hang-dump", str(max(timeout - 10.0, 1.0))]
     command = [sys.executable, str(Path(__file__).resolve()), *args]
     if torchrun:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(torchrun),
@@ -72,7 +76,8 @@ def child(args: list[str], timeout: float, torchrun: int = 0) -> tuple[dict | No
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         stdout, stderr = process.communicate()
-        sys.stderr.write(stderr[-3000:])
+        sys.stderr.write(f"--- {' '.join(args[:2])}: timed out; its stdout, then its stderr:\n{stdout[-2000:]}\n"
+                         f"{stderr[-6000:]}\n---\n")  # fmt: skip
         return None, f"timed out after {timeout:.0f} s"
     finally:
         try:
@@ -124,8 +129,14 @@ def engine_run(directory: str, tp: int, device: str, dtype: str, requests: int, 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     vocab = TINY_MODEL["vocab_size"] if tiny else 10000
     started = time.perf_counter()
+
+    def progress(what: str) -> None:  # to stderr, so that a timeout shows how far the child got
+        print(f"[engine TP={tp}] {what} at {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+
+    progress("building the engine")
     llm = LLM(directory, device=device, dtype=getattr(torch, dtype), max_model_len=4096 if not tiny else 1024,
               enforce_eager=eager, tensor_parallel_size=tp, max_num_seqs=256 if not tiny else 16)  # fmt: skip
+    progress(f"engine built ({llm.config.num_blocks} blocks)")
     result: dict = {"tp": tp, "startup_s": time.perf_counter() - started, "num_blocks": llm.config.num_blocks}
     rng = random.Random(5)
     if "logits" in parts:
@@ -146,6 +157,7 @@ def engine_run(directory: str, tp: int, device: str, dtype: str, requests: int, 
         assert len(captured) == 1 and captured[0].shape[0] == len(prompts), [c.shape for c in captured]
         save_file({"logits": captured[0]}, logits_file(directory, tp))
         result["greedy"] = [o.token_ids[0] for o in outs]
+        progress("logits done")
     if "decode" in parts:
         prompt = [rng.randrange(vocab) for _ in range(128 if not tiny else 16)]
         times = {}
@@ -158,6 +170,7 @@ def engine_run(directory: str, tp: int, device: str, dtype: str, requests: int, 
             assert len(out.token_ids) == n
             times[n] = time.perf_counter() - t
         result["decode_tok_s"] = 256 / max(times[288] - times[32], 1e-9)
+        progress("decode done")
     if "engine" in parts:
         lo, hi = (100, 1024) if not tiny else (10, 100)
         prompts, max_tokens = workload(requests, lo, hi, vocab=vocab - 1 if tiny else 10000, seed=0)
@@ -283,6 +296,7 @@ def main() -> None:
     p.add_argument("--results", type=Path, help="append the table to this markdown file")
     # internal: the children
     p.add_argument("--child", choices=["build", "engine", "train"], help=argparse.SUPPRESS)
+    p.add_argument("--hang-dump", type=float, help=argparse.SUPPRESS)
     p.add_argument("--dir", help=argparse.SUPPRESS)
     p.add_argument("--tp", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--parts", default="", help=argparse.SUPPRESS)
@@ -290,6 +304,8 @@ def main() -> None:
     args = p.parse_args()
     requests = args.requests or (8 if args.tiny else 128)
 
+    if args.hang_dump:  # a child: dump every thread's stack if it is still running then (see `child`)
+        faulthandler.dump_traceback_later(args.hang_dump, exit=False)
     if args.child == "build":
         return build_checkpoint(args.dir, args.device, args.dtype, args.tiny)
     if args.child == "engine":
