@@ -109,3 +109,18 @@ def test_qwen3_batch_command(tmp_path):
     assert results[0]["response"]["body"]["usage"]["completion_tokens"] == 5
     assert results[2]["response"]["body"]["choices"][0]["message"]["role"] == "assistant"
     assert "2 succeeded, 1 failed" in run.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--compile"], "LLM: compile=True needs CUDA and the Triton kernels"),
+    (["--kv-cache-dtype", "fp8", "--tp", "2"], "kv_cache_dtype='fp8' is not supported with tensor parallelism"),
+])  # fmt: skip
+def test_engine_flags_reach_the_engine(tmp_path, flags, message):
+    """--compile and --kv-cache-dtype go to qwen3.LLM: the CPU's refusals come back as one line and status 2."""
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("")
+    command = [sys.executable, "-m", "qwen3.cli", "batch", "-i", str(requests), "-o", str(tmp_path / "out.jsonl"),
+               "--model", "demo", "--device", "cpu", *flags]  # fmt: skip
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and message in run.stderr, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr

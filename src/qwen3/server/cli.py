@@ -31,6 +31,11 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=positive_int, default=256, help="requests in one batch at most (256)")
     p.add_argument("--max-model-len", type=positive_int, help="context length (default: the model's)")
     p.add_argument("--kv-cache-tokens", type=positive_int, help="KV-cache size in tokens (default: from memory)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                   help="keys and values in the model's dtype (auto), or fp8 e4m3: twice the tokens in the cache")
+    p.add_argument("--compile", action="store_true",
+                   help="CUDA: decode steps replay a torch.compile'd forward (1.5x the throughput on an H200; about "
+                        "two minutes more to start)")  # fmt: skip
     # dest is not "tp": qwen3.cli restarts commands with an args.tp under torchrun; the engine starts its own workers
     p.add_argument("--tp", dest="tensor_parallel_size", type=positive_int, default=1,
                    help="tensor-parallel size: GPUs (processes) the engine splits the model over")  # fmt: skip
@@ -117,6 +122,8 @@ def build_engine(args: argparse.Namespace) -> tuple[Any, Any]:
         kv_cache_tokens=args.kv_cache_tokens,
         quantize=args.quantize,
         tensor_parallel_size=args.tensor_parallel_size,
+        kv_cache_dtype=args.kv_cache_dtype,
+        compile=args.compile,
     )
     ctx = ServingContext.for_engine(llm, args.served_model_name or args.model, directory)
     return llm, ctx
