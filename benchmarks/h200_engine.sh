@@ -54,6 +54,9 @@ fi
 if [[ " $parts " == *" serve "* ]]; then
   run 240 serve python3 benchmarks/serve.py --max-seconds 40
 fi
+if [[ " $parts " == *" serve-auto "* ]]; then  # the stream interval that wakes streams less often above 64
+  run 240 serve-auto python3 benchmarks/serve.py --max-seconds 40 --stream-interval auto
+fi
 if [[ " $parts " == *" decode "* ]]; then
   run 240 decode python3 benchmarks/decode.py --device cuda --skip-fast-path --results "$OUT/results.md"
 fi
