@@ -291,6 +291,17 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("the benchmark server did not start")
 
 
+def event_loop() -> str:
+    """The loop uvicorn's loop="auto" picks: uvloop where it is installed (the serve extra), else asyncio's."""
+    import importlib.util
+
+    if importlib.util.find_spec("uvloop") is None:
+        return "asyncio (uvloop is not installed)"
+    from importlib.metadata import version
+
+    return f"uvloop {version('uvloop')}"
+
+
 def main() -> int:
     from qwen3.server.cli import stream_interval  # `qwen3 serve`'s own check of the flag
 
@@ -369,6 +380,7 @@ def main() -> int:
         f"qwen3 serve, {args.model} on {args.device} ({machine}), {datetime.date.today()}: "
         f"{args.input_len} prompt tokens, {args.output_len} output tokens, greedy, ignore_eos, streamed"
         + (f", stream interval {args.stream_interval}" if args.stream_interval != 1 else "")
+        + f"; event loop: {event_loop()}"
     )
     lines = [
         header,
