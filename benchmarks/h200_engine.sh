@@ -3,7 +3,7 @@
 # the GPU tests, the kernel micro-benchmarks, engine throughput, the server load test, batch-1 decode.
 # Each part has its own time limit so that one failure cannot eat the others' time. Results land in $OUT.
 #   bash benchmarks/h200_engine.sh [tests] [kernels] [throughput] [serve] [decode] [startup] [profile] [prefill] (default: all)
-# Packages the device image lacks (fastapi, uvicorn, pydantic, prompt_toolkit) travel as wheels in .whl/.
+# Packages the device image lacks (fastapi, uvicorn, uvloop, pydantic, prompt_toolkit) travel as wheels in .whl/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -18,7 +18,7 @@ mkdir -p "$OUT"
 parts=${*:-tests kernels throughput serve decode startup profile}
 log="$OUT/h200.log"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$log"
-python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" | tee -a "$log"
+python3 -c "import torch, transformers, triton, importlib.util as u; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__, 'uvloop', u.find_spec('uvloop') is not None)" | tee -a "$log"
 
 run() {  # run <seconds> <name> <command...>: one part, its output in the log and in $OUT/<name>.log
   local limit=$1 name=$2; shift 2
