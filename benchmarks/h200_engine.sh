@@ -63,6 +63,9 @@ fi
 if [[ " $parts " == *" startup "* ]]; then
   run 150 startup python3 benchmarks/startup.py
 fi
+if [[ " $parts " == *" sampler "* ]]; then
+  run 120 sampler python3 benchmarks/sampler.py
+fi
 if [[ " $parts " == *" prefill "* ]]; then
   run 150 prefill python3 benchmarks/profile_engine.py --prefill --seqs 32 --context 512
 fi

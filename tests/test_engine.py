@@ -26,7 +26,7 @@ from qwen3.engine.attention import (
 )
 from qwen3.engine.block_manager import BlockManager
 from qwen3.engine.runner import ModelRunner
-from qwen3.engine.sampler import filter_rows, seeded_exponential
+from qwen3.engine.sampler import filter_rows, seeded_exponential, top_k_candidates
 from qwen3.engine.sequence import Sequence
 from qwen3.model import KVCache
 from qwen3.sampling import SamplingParams, filter_logits
@@ -280,6 +280,50 @@ def test_per_row_filters_match_filter_logits():
     for i, (k, p, m) in enumerate(rows):
         expected = filter_logits(logits[i : i + 1], k, p, m)[0]
         assert torch.equal(filtered[i].isfinite(), expected.isfinite()), i
+
+
+def test_top_k_candidates_keep_what_filter_rows_keeps():
+    """Rows with top-k: the candidates that survive are exactly the tokens filter_rows keeps, with the same values;
+    a tie at the k-th value keeps every tied token, as filter_rows does."""
+    gen = torch.Generator().manual_seed(17)
+    logits = torch.randn(7, 3000, generator=gen) * 3
+    logits[6, :40] = 30.0  # 40 tokens tied at the top: top-k 20 keeps all 40
+    rows = [(20, 0.95, 0.0), (1, 1.0, 0.0), (50, 1.0, 0.0), (20, 0.5, 0.0), (300, 0.9, 0.05), (5, 1.0, 0.3),
+            (20, 1.0, 0.0)]  # fmt: skip
+    params = [SamplingParams(top_k=k, top_p=p, min_p=m) for k, p, m in rows]
+    values, ids = top_k_candidates(logits.clone(), params)
+    filtered = filter_rows(logits.clone(), params)
+    for i in range(len(rows)):
+        kept = values[i].isfinite()
+        assert sorted(ids[i][kept].tolist()) == filtered[i].isfinite().nonzero()[:, 0].tolist(), i
+        assert torch.equal(values[i][kept], logits[i][ids[i][kept]])
+    assert values[6].isfinite().sum() == 40
+    assert top_k_candidates(logits, [SamplingParams(top_p=0.9)] * 7) is None  # no top-k: the full path
+
+
+def test_sampler_draws_the_same_tokens_from_the_candidates_as_from_the_whole_vocabulary(monkeypatch):
+    """Seeded rows with Qwen3's defaults (top-k 20, top-p 0.95) and others: the candidate path and the
+    full-vocabulary path (top_k_candidates turned off) draw the same token at every step."""
+    import qwen3.engine.sampler as sampler_module
+
+    gen = torch.Generator().manual_seed(19)
+    V = 4000
+    params = [SamplingParams(temperature=0.6, top_k=20, top_p=0.95, seed=s) for s in range(6)]
+    params += [SamplingParams(temperature=1.0, top_k=200, min_p=0.02, seed=9), SamplingParams(temperature=0.0)]
+    draws = {}
+    for candidates in (True, False):
+        if not candidates:
+            monkeypatch.setattr(sampler_module, "TOP_K_CANDIDATES", 0)
+        got = []
+        for step in range(12):
+            logits = torch.randn(len(params), V, generator=torch.Generator().manual_seed(100 + step)) * 4
+            seqs = [Sequence(str(i), [1, 2], p, -1) for i, p in enumerate(params)]
+            for seq in seqs:
+                seq.token_ids += [3] * step  # the output index is part of a seeded row's key
+            got.append(sampler_module.Sampler(8, V, torch.device("cpu"))(logits, seqs)[0].tolist())
+        draws[candidates] = got
+    assert draws[True] == draws[False]
+    assert len({tuple(step[:6]) for step in draws[True]}) > 1  # the draws do vary
 
 
 def test_logprobs(model):

@@ -54,10 +54,12 @@ def _fmix32_int(h: int) -> int:
     return h ^ (h >> 16)
 
 
-def seeded_exponential(keys: Tensor, vocab_size: int) -> Tensor:
-    """Exp(1) noise (S, V) float32 from row keys (S,) int64: a pure function of (key, vocabulary index)."""
-    index = torch.arange(vocab_size, device=keys.device, dtype=torch.int64)
-    h = _fmix32((keys[:, None] ^ (index[None, :] * 0x27D4EB2F & _MASK32)) & _MASK32)
+def seeded_exponential(keys: Tensor, columns: int | Tensor) -> Tensor:
+    """Exp(1) noise float32 from row keys (S,) int64: a pure function of (key, vocabulary index), for every index
+    below `columns` (an int V: (S, V)) or for the indices in `columns` (S, C) int64: (S, C)."""
+    if isinstance(columns, int):
+        columns = torch.arange(columns, device=keys.device, dtype=torch.int64)[None, :]
+    h = _fmix32((keys[:, None] ^ (columns * 0x27D4EB2F & _MASK32)) & _MASK32)
     h = _fmix32(h ^ 0x165667B1)
     # 23 bits, so that k + 0.5 is exact in float32 and u stays inside (0, 1): with 24, the top value rounded to
     # u = 1.0, noise 0, and that token won the race whatever its probability (once in 2**24 draws)
@@ -150,15 +152,24 @@ class Sampler:
             next_ids = logits.argmax(-1)
         else:
             temperature = column([1.0 if p.greedy else p.temperature for p in params])
-            probs = filter_rows(logits / temperature, params).softmax(-1)
+            scaled = logits / temperature
+            candidates = top_k_candidates(scaled, params)
+            if candidates is None:  # the whole vocabulary competes
+                probs, ids = filter_rows(scaled, params).softmax(-1), None
+            else:  # only the top-k candidates (the same draw: every other token has probability 0)
+                values, ids = candidates
+                probs = values.softmax(-1)
             noise = torch.empty_like(probs).exponential_()
             seeded = [i for i, p in enumerate(params) if p.seed is not None and not p.greedy]
             if seeded:  # their rows of noise, replaced by the hash of (seed, output index, vocabulary index)
                 keys = [row_key(params[i].seed, seqs[i].num_output_tokens) for i in seeded]
                 keys_t = on_device(keys, torch.int64, device)
-                noise[on_device(seeded, torch.long, device)] = seeded_exponential(keys_t, V)
+                at = on_device(seeded, torch.long, device)
+                noise[at] = seeded_exponential(keys_t, V if ids is None else ids[at])
             noise.clamp_min_(torch.finfo(noise.dtype).tiny)
             next_ids = (probs / noise).argmax(-1)
+            if ids is not None:
+                next_ids = ids.gather(1, next_ids[:, None])[:, 0]
             if any(greedy):
                 next_ids = torch.where(column(greedy, torch.bool)[:, 0], logits.argmax(-1), next_ids)
 
@@ -189,6 +200,41 @@ class Sampler:
             keys = torch.where(on_device(seeded, torch.bool, self.device), on_device(host, torch.int64, self.device),
                                keys)  # fmt: skip
         return self.fused_sample(logits, temperature, keys)
+
+
+TOP_K_CANDIDATES = 1024  # rows whose top-k is at most this draw among torch.topk's candidates, not a full sort
+TIE_MARGIN = 64  # candidates taken beyond the largest k, so that tokens tied with a row's k-th value stay in
+
+
+def top_k_candidates(logits: Tensor, params: list[SamplingParams]) -> tuple[Tensor, Tensor] | None:
+    """When every sampled row has 0 < top_k <= TOP_K_CANDIDATES (Qwen3's generation config has top_k 20): each
+    row's top-k, then top-p, then min-p (filter_rows' rules) applied to the largest k + TIE_MARGIN logits only,
+    returned as (values (S, C), vocabulary ids (S, C)), removed values -inf; else None.
+
+    Every token outside a row's top k has probability 0 after filter_rows, so drawing among the candidates is the
+    same draw, without sorting 151,936 logits per row (the top-p tail sums and the min-p threshold only involve
+    the kept tokens). The one difference: a row whose k-th value is tied by more than TIE_MARGIN further tokens
+    keeps only TIE_MARGIN of them (filter_rows keeps them all)."""
+    S, V = logits.shape
+    if not all(p.greedy or 0 < p.top_k <= TOP_K_CANDIDATES for p in params):
+        return None
+    k_max = max((p.top_k for p in params if not p.greedy), default=1)
+    values, ids = torch.topk(logits, min(V, k_max + TIE_MARGIN), dim=-1)  # sorted, descending
+    device = logits.device
+    top_k = on_device([min(max(p.top_k, 1), values.shape[1]) for p in params], torch.long, device)
+    kth = values.gather(1, (top_k - 1)[:, None])
+    values = values.masked_fill(values < kth, -math.inf)  # ties with the k-th kept, as filter_rows
+    if any(p.top_p < 1.0 for p in params):
+        probs = values.softmax(-1)
+        tail = probs.flip(-1).cumsum(-1).flip(-1)
+        drop = tail <= 1 - on_device([p.top_p for p in params], torch.float32, device)[:, None]
+        drop[:, 0] = False
+        values = values.masked_fill(drop, -math.inf)
+    if any(p.min_p > 0.0 for p in params):
+        probs = values.softmax(-1)
+        min_p = on_device([p.min_p for p in params], torch.float32, device)[:, None]
+        values = values.masked_fill(probs < min_p * probs[:, :1], -math.inf)
+    return values, ids
 
 
 def _filters(p: SamplingParams) -> bool:
