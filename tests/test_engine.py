@@ -306,7 +306,6 @@ def test_sampler_draws_the_same_tokens_from_the_candidates_as_from_the_whole_voc
     full-vocabulary path (top_k_candidates turned off) draw the same token at every step."""
     import qwen3.engine.sampler as sampler_module
 
-    gen = torch.Generator().manual_seed(19)
     V = 4000
     params = [SamplingParams(temperature=0.6, top_k=20, top_p=0.95, seed=s) for s in range(6)]
     params += [SamplingParams(temperature=1.0, top_k=200, min_p=0.02, seed=9), SamplingParams(temperature=0.0)]
