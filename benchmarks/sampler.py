@@ -14,6 +14,7 @@ import time
 import torch
 
 import qwen3.engine.sampler as sampler_module
+import qwen3.sampling
 from qwen3.engine.attention import kernels_for
 from qwen3.engine.sequence import Sequence
 from qwen3.sampling import SamplingParams
@@ -54,13 +55,13 @@ def main() -> None:
         logits = (3 * torch.randn(rows, VOCAB, generator=gen, device=device)).to(dtype)
         seqs = [Sequence(str(i), [1, 2], defaults, -1) for i in range(rows)]
         sampler = sampler_module.Sampler(max(rows, 1), VOCAB, device, fused_sample=fused)
-        limit = sampler_module.TOP_K_CANDIDATES
+        limit = qwen3.sampling.TOP_K_CANDIDATES
         candidates = per_step_ms(sampler, logits, seqs, args.device)
-        sampler_module.TOP_K_CANDIDATES = 0  # every row takes the whole-vocabulary path
+        qwen3.sampling.TOP_K_CANDIDATES = 0  # every row takes the whole-vocabulary path
         try:
             whole = per_step_ms(sampler, logits, seqs, args.device)
         finally:
-            sampler_module.TOP_K_CANDIDATES = limit
+            qwen3.sampling.TOP_K_CANDIDATES = limit
         temperature = per_step_ms(sampler, logits, [Sequence(str(i), [1, 2], plain, -1) for i in range(rows)],
                                   args.device)  # fmt: skip
         print(f"| {rows} | {candidates:.3f} | {whole:.3f} | {whole / candidates:.1f}x | {temperature:.3f} |")

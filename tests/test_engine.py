@@ -312,7 +312,7 @@ def test_sampler_draws_the_same_tokens_from_the_candidates_as_from_the_whole_voc
     draws = {}
     for candidates in (True, False):
         if not candidates:
-            monkeypatch.setattr(sampler_module, "TOP_K_CANDIDATES", 0)
+            monkeypatch.setattr(qwen3.sampling, "TOP_K_CANDIDATES", 0)
         got = []
         for step in range(12):
             logits = torch.randn(len(params), V, generator=torch.Generator().manual_seed(100 + step)) * 4

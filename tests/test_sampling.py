@@ -25,6 +25,7 @@ from qwen3.sampling import (
     SamplingParams,
     apply_penalties,
     filter_logits,
+    filter_top_k_candidates,
     make_generator,
     sample,
     update_counts,
@@ -270,6 +271,46 @@ def test_same_seed_same_tokens_different_seeds_differ():
 def test_make_generator_is_none_without_seed():
     assert make_generator(SamplingParams(), "cpu") is None
     assert isinstance(make_generator(SamplingParams(seed=3), "cpu"), torch.Generator)
+
+
+@pytest.mark.parametrize("top_k,top_p,min_p", [f for f in FILTERS if 0 < f[0] < 3000] + [(20, 0.95, 0.0),
+                                                                                      (40, 0.8, 0.05)])  # fmt: skip
+@pytest.mark.parametrize("ties", [False, True])
+def test_top_k_candidates_keep_what_filter_logits_keeps(top_k, top_p, min_p, ties):
+    """The candidates that survive are exactly filter_logits' kept tokens with the same values, ties at the k-th
+    value included; so sample()'s draw among them is the same draw. (Where top-p cuts through tokens of equal
+    value, which of them stay depends on the sort's order of equals, in transformers too: there only the count
+    and the values are compared.)"""
+    logits = random_logits((4, 3000), seed=top_k, scale=2.0)
+    if ties:
+        logits[:, 100:140] = logits.max() + 1  # 40 tokens tied at the top
+    values, ids = filter_top_k_candidates(logits, top_k, top_k, top_p if top_p < 1 else None,
+                                          min_p if min_p > 0 else None)  # fmt: skip
+    expected = filter_logits(logits, top_k, top_p, min_p)
+    for row in range(logits.shape[0]):
+        kept = values[row].isfinite()
+        want = expected[row].isfinite().nonzero()[:, 0]
+        if ties and top_p < 1:
+            assert sorted(values[row][kept].tolist()) == sorted(expected[row][want].tolist())
+        else:
+            assert sorted(ids[row][kept].tolist()) == want.tolist()
+            assert torch.equal(values[row][kept], expected[row][ids[row][kept]])
+    if ties:
+        assert (values.isfinite().sum(-1) >= (40 if top_p == 1 and min_p == 0 else 1)).all()
+
+
+def test_sample_takes_the_candidates_with_a_top_k(monkeypatch):
+    import qwen3.sampling as sampling
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("filter_logits sorts the whole vocabulary")
+
+    monkeypatch.setattr(sampling, "filter_logits", refuse)
+    logits = random_logits((3, 500), seed=3, scale=2.0)
+    ids = sample(logits, SamplingParams(temperature=0.6, top_k=20, top_p=0.95, seed=1))
+    assert (logits.topk(20).indices == ids[:, None]).any(-1).all()
+    with pytest.raises(AssertionError, match="sorts the whole vocabulary"):
+        sample(logits, SamplingParams(temperature=0.6, top_p=0.95, seed=1))  # no top-k: the plain filters
 
 
 @pytest.mark.parametrize("top_k,top_p,min_p", FILTERS)

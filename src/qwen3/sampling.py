@@ -20,6 +20,9 @@ The pipeline in ``sample`` is: penalties -> temperature -> top-k -> top-p -> min
   kept); top-p renormalises what top-k left and keeps the smallest set of most likely tokens whose
   mass reaches ``top_p`` (the same ascending-sort cumulative sum as transformers, so the same set);
   min-p keeps tokens whose probability is >= ``min_p`` times the largest.
+* With a top-k of at most TOP_K_CANDIDATES (Qwen3's generation config asks for 20), ``sample`` applies
+  the three filters to each row's k + TIE_MARGIN largest logits only (``filter_top_k_candidates``): every
+  other token is removed by top-k anyway, so the draw is the same, without sorting the vocabulary.
 * The draw is the exponential race: ``argmax(p_i / E_i)`` with ``E_i ~ Exp(1)`` i.i.d. picks token
   ``i`` with probability ``p_i`` exactly (``E_i / p_i`` is Exp(p_i), and the smallest of independent
   exponentials is ``i`` with probability ``p_i / sum p``). The noise is clamped away from 0 so a
@@ -213,6 +216,40 @@ def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0, min_p: flo
     return logits
 
 
+TOP_K_CANDIDATES = 1024  # a top-k at most this filters and draws among each row's largest logits only
+TIE_MARGIN = 64  # candidates taken beyond k, so that tokens tied with the k-th value stay in
+
+
+def filter_top_k_candidates(
+    logits: Tensor,
+    top_k: int | Tensor,
+    k_max: int,
+    top_p: float | Tensor | None = None,
+    min_p: float | Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """filter_logits among each row's k_max + TIE_MARGIN largest logits (k_max >= every row's top_k):
+    (values (B, C) in descending order, removed ones -inf; their vocabulary ids (B, C)).
+
+    After top-k every other token is removed anyway, so a draw among these candidates is the same draw, without
+    sorting the whole vocabulary (Qwen3's generation config asks for top-k 20). The top-p arithmetic is
+    filter_logits' (softmax, ascending cumulative sum) on the same values. The one difference: a k-th value tied
+    by more than TIE_MARGIN further tokens keeps only TIE_MARGIN of them. top_k, top_p, min_p are numbers or
+    (B, 1) tensors (one per row); None skips a stage."""
+    V = logits.shape[-1]
+    values, ids = torch.topk(logits.float(), min(V, k_max + TIE_MARGIN), dim=-1)  # descending
+    last = top_k - 1 if isinstance(top_k, Tensor) else torch.full_like(ids[..., :1], top_k - 1)
+    values = values.masked_fill(values < values.gather(-1, last), -math.inf)  # ties with the k-th kept
+    if top_p is not None:
+        mass = values.flip(-1).softmax(dim=-1).cumsum(dim=-1)  # ascending, as filter_logits
+        drop = mass <= 1 - top_p
+        drop[..., -1] = False  # never the top token
+        values = values.masked_fill(drop.flip(-1), -math.inf)
+    if min_p is not None:
+        probs = values.softmax(dim=-1)
+        values = values.masked_fill(probs < min_p * probs[..., :1], -math.inf)
+    return values, ids
+
+
 def sample(
     logits: Tensor,
     params: SamplingParams,
@@ -224,8 +261,17 @@ def sample(
     logits = apply_penalties(logits, token_counts, params, prompt_mask)
     if params.greedy:
         return logits.argmax(dim=-1)
-    logits = filter_logits(logits / params.temperature, params.top_k, params.top_p, params.min_p)
+    logits = logits / params.temperature
+    ids = None
+    if 0 < params.top_k <= min(TOP_K_CANDIDATES, logits.shape[-1] - 1):  # the same filters and draw, among the
+        # top k only (no sort of the vocabulary)
+        top_p = params.top_p if params.top_p < 1.0 else None
+        min_p = params.min_p if params.min_p > 0.0 else None
+        logits, ids = filter_top_k_candidates(logits, params.top_k, params.top_k, top_p, min_p)
+    else:
+        logits = filter_logits(logits, params.top_k, params.top_p, params.min_p)
     probs = logits.softmax(dim=-1)
     noise = torch.empty_like(probs).exponential_(generator=generator)
     noise.clamp_min_(torch.finfo(noise.dtype).tiny)
-    return (probs / noise).argmax(dim=-1)
+    choice = (probs / noise).argmax(dim=-1)
+    return choice if ids is None else ids.gather(-1, choice[..., None])[..., 0]

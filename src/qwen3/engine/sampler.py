@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .. import sampling
 from ..sampling import SamplingParams
 from .sequence import Sequence, TokenLogprob
 
@@ -202,39 +203,24 @@ class Sampler:
         return self.fused_sample(logits, temperature, keys)
 
 
-TOP_K_CANDIDATES = 1024  # rows whose top-k is at most this draw among torch.topk's candidates, not a full sort
-TIE_MARGIN = 64  # candidates taken beyond the largest k, so that tokens tied with a row's k-th value stay in
-
-
 def top_k_candidates(logits: Tensor, params: list[SamplingParams]) -> tuple[Tensor, Tensor] | None:
-    """When every sampled row has 0 < top_k <= TOP_K_CANDIDATES (Qwen3's generation config has top_k 20): each
-    row's top-k, then top-p, then min-p (filter_rows' rules) applied to the largest k + TIE_MARGIN logits only,
-    returned as (values (S, C), vocabulary ids (S, C)), removed values -inf; else None.
-
-    Every token outside a row's top k has probability 0 after filter_rows, so drawing among the candidates is the
-    same draw, without sorting 151,936 logits per row (the top-p tail sums and the min-p threshold only involve
-    the kept tokens). The one difference: a row whose k-th value is tied by more than TIE_MARGIN further tokens
-    keeps only TIE_MARGIN of them (filter_rows keeps them all)."""
+    """When every sampled row has 0 < top_k <= TOP_K_CANDIDATES (Qwen3's generation config has top_k 20): each row's
+    top-k, then top-p, then min-p among its largest logits (qwen3.sampling.filter_top_k_candidates, per-row values),
+    as (values (S, C), vocabulary ids (S, C)), removed values -inf; else None (filter_rows, the whole vocabulary).
+    Every token outside a row's top k has probability 0 after filter_rows, so this is the same draw."""
     S, V = logits.shape
-    if not all(p.greedy or 0 < p.top_k <= TOP_K_CANDIDATES for p in params):
+    if not all(p.greedy or 0 < p.top_k <= min(sampling.TOP_K_CANDIDATES, V - 1) for p in params):
         return None
     k_max = max((p.top_k for p in params if not p.greedy), default=1)
-    values, ids = torch.topk(logits, min(V, k_max + TIE_MARGIN), dim=-1)  # sorted, descending
     device = logits.device
-    top_k = on_device([min(max(p.top_k, 1), values.shape[1]) for p in params], torch.long, device)
-    kth = values.gather(1, (top_k - 1)[:, None])
-    values = values.masked_fill(values < kth, -math.inf)  # ties with the k-th kept, as filter_rows
-    if any(p.top_p < 1.0 for p in params):
-        probs = values.softmax(-1)
-        tail = probs.flip(-1).cumsum(-1).flip(-1)
-        drop = tail <= 1 - on_device([p.top_p for p in params], torch.float32, device)[:, None]
-        drop[:, 0] = False
-        values = values.masked_fill(drop, -math.inf)
-    if any(p.min_p > 0.0 for p in params):
-        probs = values.softmax(-1)
-        min_p = on_device([p.min_p for p in params], torch.float32, device)[:, None]
-        values = values.masked_fill(probs < min_p * probs[:, :1], -math.inf)
-    return values, ids
+
+    def column(values: list[float], dtype: torch.dtype = torch.float32) -> Tensor:
+        return on_device(values, dtype, device)[:, None]
+
+    top_k = column([min(max(p.top_k, 1), k_max) for p in params], torch.long)  # greedy rows: any k (unused)
+    top_p = column([p.top_p for p in params]) if any(p.top_p < 1.0 for p in params) else None
+    min_p = column([p.min_p for p in params]) if any(p.min_p > 0.0 for p in params) else None
+    return sampling.filter_top_k_candidates(logits, top_k, k_max, top_p, min_p)
 
 
 def _filters(p: SamplingParams) -> bool:
