@@ -26,7 +26,7 @@ from qwen3.engine.attention import (
 )
 from qwen3.engine.block_manager import BlockManager
 from qwen3.engine.runner import ModelRunner
-from qwen3.engine.sampler import filter_rows, seeded_exponential, top_k_candidates
+from qwen3.engine.sampler import filter_candidates, filter_rows, seeded_exponential
 from qwen3.engine.sequence import Sequence
 from qwen3.model import KVCache
 from qwen3.sampling import SamplingParams, filter_logits
@@ -282,28 +282,29 @@ def test_per_row_filters_match_filter_logits():
         assert torch.equal(filtered[i].isfinite(), expected.isfinite()), i
 
 
-def test_top_k_candidates_keep_what_filter_rows_keeps():
-    """Rows with top-k: the candidates that survive are exactly the tokens filter_rows keeps, with the same values;
-    a tie at the k-th value keeps every tied token, as filter_rows does."""
+def test_top_k_candidates_keep_what_filter_logits_keeps():
+    """Rows with top-k: the candidates that survive are exactly the tokens qwen3.sampling.filter_logits keeps on
+    that row, with the same values; a tie at the k-th value keeps every tied token, as filter_logits does."""
     gen = torch.Generator().manual_seed(17)
     logits = torch.randn(7, 3000, generator=gen) * 3
     logits[6, :40] = 30.0  # 40 tokens tied at the top: top-k 20 keeps all 40
     rows = [(20, 0.95, 0.0), (1, 1.0, 0.0), (50, 1.0, 0.0), (20, 0.5, 0.0), (300, 0.9, 0.05), (5, 1.0, 0.3),
             (20, 1.0, 0.0)]  # fmt: skip
     params = [SamplingParams(top_k=k, top_p=p, min_p=m) for k, p, m in rows]
-    values, ids = top_k_candidates(logits.clone(), params)
-    filtered = filter_rows(logits.clone(), params)
-    for i in range(len(rows)):
+    values, ids = filter_candidates(logits.clone(), params)
+    assert values.shape == (7, 300 + 64)  # the largest k + TIE_MARGIN, not the vocabulary
+    for i, (k, p, m) in enumerate(rows):
+        expected = filter_logits(logits[i : i + 1], k, p, m)[0]
         kept = values[i].isfinite()
-        assert sorted(ids[i][kept].tolist()) == filtered[i].isfinite().nonzero()[:, 0].tolist(), i
+        assert sorted(ids[i][kept].tolist()) == expected.isfinite().nonzero()[:, 0].tolist(), i
         assert torch.equal(values[i][kept], logits[i][ids[i][kept]])
     assert values[6].isfinite().sum() == 40
-    assert top_k_candidates(logits, [SamplingParams(top_p=0.9)] * 7) is None  # no top-k: the full path
+    assert filter_candidates(logits, [SamplingParams(top_p=0.9)] * 7)[0].shape == (7, 3000)  # no top-k: all of V
 
 
 def test_sampler_draws_the_same_tokens_from_the_candidates_as_from_the_whole_vocabulary(monkeypatch):
     """Seeded rows with Qwen3's defaults (top-k 20, top-p 0.95) and others: the candidate path and the
-    full-vocabulary path (top_k_candidates turned off) draw the same token at every step."""
+    full-vocabulary path (candidates turned off) draw the same token at every step."""
     import qwen3.engine.sampler as sampler_module
 
     V = 4000

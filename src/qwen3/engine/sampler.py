@@ -153,13 +153,8 @@ class Sampler:
             next_ids = logits.argmax(-1)
         else:
             temperature = column([1.0 if p.greedy else p.temperature for p in params])
-            scaled = logits / temperature
-            candidates = top_k_candidates(scaled, params)
-            if candidates is None:  # the whole vocabulary competes
-                probs, ids = filter_rows(scaled, params).softmax(-1), None
-            else:  # only the top-k candidates (the same draw: every other token has probability 0)
-                values, ids = candidates
-                probs = values.softmax(-1)
+            values, ids = filter_candidates(logits / temperature, params)
+            probs = values.softmax(-1)
             noise = torch.empty_like(probs).exponential_()
             seeded = [i for i, p in enumerate(params) if p.seed is not None and not p.greedy]
             if seeded:  # their rows of noise, replaced by the hash of (seed, output index, vocabulary index)
@@ -187,7 +182,6 @@ class Sampler:
         top_pairs = None if top is None else torch.stack((top.indices.float(), top.values), -1)
         return next_ids, chosen, top_pairs
 
-
     def _fused(self, logits: Tensor, seqs: list[Sequence]) -> Tensor:
         """Temperature and greedy rows through fused_sample: seeded rows keyed as in the plain path, the others
         from torch's generator."""
@@ -203,60 +197,41 @@ class Sampler:
         return self.fused_sample(logits, temperature, keys)
 
 
-def top_k_candidates(logits: Tensor, params: list[SamplingParams]) -> tuple[Tensor, Tensor] | None:
-    """When every sampled row has 0 < top_k <= TOP_K_CANDIDATES (Qwen3's generation config has top_k 20): each row's
-    top-k, then top-p, then min-p among its largest logits (qwen3.sampling.filter_top_k_candidates, per-row values),
-    as (values (S, C), vocabulary ids (S, C)), removed values -inf; else None (filter_rows, the whole vocabulary).
-    Every token outside a row's top k has probability 0 after filter_rows, so this is the same draw."""
+def _filters(p: SamplingParams) -> bool:
+    return not p.greedy and (p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0)
+
+
+def filter_candidates(logits: Tensor, params: list[SamplingParams]) -> tuple[Tensor, Tensor | None]:
+    """Each row's own top-k, then top-p, then min-p (qwen3.sampling's filters, one value per row; removed logits
+    -inf), as (values, their vocabulary ids), through qwen3.sampling.filter_top_k_candidates:
+    - every sampled row with a top-k of 1..TOP_K_CANDIDATES (Qwen3's generation config has 20): among each row's
+      largest k + TIE_MARGIN logits only. Every other token has probability 0 after top-k, so a draw among these
+      is the same draw, without sorting the vocabulary;
+    - otherwise, with a top-k or top-p anywhere: the whole vocabulary, sorted;
+    - min-p alone, or nothing: the logits as they are, in vocabulary order (ids None)."""
     S, V = logits.shape
-    if not all(p.greedy or 0 < p.top_k <= min(sampling.TOP_K_CANDIDATES, V - 1) for p in params):
-        return None
-    k_max = max((p.top_k for p in params if not p.greedy), default=1)
     device = logits.device
 
     def column(values: list[float], dtype: torch.dtype = torch.float32) -> Tensor:
         return on_device(values, dtype, device)[:, None]
 
-    top_k = column([min(max(p.top_k, 1), k_max) for p in params], torch.long)  # greedy rows: any k (unused)
-    top_p = column([p.top_p for p in params]) if any(p.top_p < 1.0 for p in params) else None
+    candidates = all(p.greedy or 0 < p.top_k <= min(sampling.TOP_K_CANDIDATES, V - 1) for p in params)
     min_p = column([p.min_p for p in params]) if any(p.min_p > 0.0 for p in params) else None
+    if not candidates and not any(p.top_k > 0 or p.top_p < 1.0 for p in params):
+        if min_p is not None:
+            probs = logits.softmax(-1)
+            logits = logits.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), -math.inf)
+        return logits, None
+    k_max = max((p.top_k for p in params if not p.greedy), default=1) if candidates else V
+    top_k = column([min(p.top_k, k_max) if p.top_k > 0 else k_max for p in params], torch.long)  # 0: no top-k
+    top_p = column([p.top_p for p in params]) if any(p.top_p < 1.0 for p in params) else None
     return sampling.filter_top_k_candidates(logits, top_k, k_max, top_p, min_p)
 
 
-def _filters(p: SamplingParams) -> bool:
-    return not p.greedy and (p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0)
-
-
 def filter_rows(logits: Tensor, params: list[SamplingParams]) -> Tensor:
-    """Each row's own top-k, then top-p, then min-p (qwen3.sampling.filter_logits per row); removed logits -> -inf.
-    Stages that no row uses are skipped; top-k and top-p share one descending sort."""
-    device = logits.device
-    if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
-        logits = _top_k_top_p(logits, params)
-    if any(p.min_p > 0.0 for p in params):
-        probs = logits.softmax(-1)
-        min_p = on_device([p.min_p for p in params], torch.float32, device)[:, None]
-        logits = logits.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), -math.inf)
-    return logits
-
-
-def _top_k_top_p(logits: Tensor, params: list[SamplingParams]) -> Tensor:
-    """Per-row top-k then top-p (transformers' order and tie rules), through one descending sort."""
-    S, V = logits.shape
-    device = logits.device
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    top_k = on_device([p.top_k if 0 < p.top_k < V else V for p in params], torch.long, device)
-    kth = sorted_logits.gather(1, (top_k - 1)[:, None])  # (S, 1)
-    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, -math.inf)  # ties with the k-th kept
-    # Top-p: drop the low tail whose mass is <= 1 - top_p. In descending order the tail mass at i is the
-    # sum of probabilities from i to the end, a reversed cumulative sum; the top token always stays.
-    probs = sorted_logits.softmax(-1)
-    tail = probs.flip(-1).cumsum(-1).flip(-1)
-    top_p = on_device([p.top_p for p in params], torch.float32, device)[:, None]
-    drop = tail <= 1 - top_p
-    drop[:, 0] = False
-    sorted_logits = sorted_logits.masked_fill(drop, -math.inf)
-    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+    """filter_candidates in vocabulary order: logits (S, V) with each row's removed tokens -inf."""
+    values, ids = filter_candidates(logits, params)
+    return values if ids is None else torch.full_like(logits, -math.inf).scatter_(1, ids, values)
 
 
 def logprobs_for_row(chosen: Tensor, top: Tensor | None, i: int, k: int, token_id: int) -> TokenLogprob:
