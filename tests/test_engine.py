@@ -26,7 +26,7 @@ from qwen3.engine.attention import (
 )
 from qwen3.engine.block_manager import BlockManager
 from qwen3.engine.runner import ModelRunner
-from qwen3.engine.sampler import filter_candidates, filter_rows, seeded_exponential
+from qwen3.engine.sampler import filter_candidates, seeded_exponential
 from qwen3.engine.sequence import Sequence
 from qwen3.model import KVCache
 from qwen3.sampling import SamplingParams, filter_logits
@@ -276,7 +276,9 @@ def test_per_row_filters_match_filter_logits():
     logits = torch.randn(6, 300, generator=gen) * 3
     rows = [(0, 1.0, 0.0), (5, 1.0, 0.0), (0, 0.8, 0.0), (20, 0.95, 0.0), (10, 0.9, 0.05), (0, 1.0, 0.2)]
     params = [SamplingParams(top_k=k, top_p=p, min_p=m) for k, p, m in rows]
-    filtered = filter_rows(logits.clone(), params)
+    values, ids = filter_candidates(logits.clone(), params)  # rows without a top-k: the whole vocabulary
+    assert values.shape == logits.shape
+    filtered = torch.full_like(logits, -math.inf).scatter_(1, ids, values)  # back to vocabulary order
     for i, (k, p, m) in enumerate(rows):
         expected = filter_logits(logits[i : i + 1], k, p, m)[0]
         assert torch.equal(filtered[i].isfinite(), expected.isfinite()), i

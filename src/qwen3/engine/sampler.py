@@ -228,12 +228,6 @@ def filter_candidates(logits: Tensor, params: list[SamplingParams]) -> tuple[Ten
     return sampling.filter_top_k_candidates(logits, top_k, k_max, top_p, min_p)
 
 
-def filter_rows(logits: Tensor, params: list[SamplingParams]) -> Tensor:
-    """filter_candidates in vocabulary order: logits (S, V) with each row's removed tokens -inf."""
-    values, ids = filter_candidates(logits, params)
-    return values if ids is None else torch.full_like(logits, -math.inf).scatter_(1, ids, values)
-
-
 def logprobs_for_row(chosen: Tensor, top: Tensor | None, i: int, k: int, token_id: int) -> TokenLogprob:
     """Row i's TokenLogprob from host copies of the sampler's logprob outputs (top trimmed to the row's k)."""
     pairs = [] if top is None or k == 0 else [(int(a), float(b)) for a, b in top[i, :k].tolist()]
