@@ -169,6 +169,8 @@ class LLM:
                 raise ValueError(f"LLM: {name}={value!r} must be a positive integer")
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"LLM: gpu_memory_utilization={gpu_memory_utilization!r} must be in (0, 1]")
+        if gemv not in (None, True, False):  # before loading anything, as every other argument check
+            raise ValueError(f"LLM: gemv={gemv!r} must be None (int8 weights on CUDA), True or False")
         if kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"LLM: kv_cache_dtype={kv_cache_dtype!r} must be one of {', '.join(KV_CACHE_DTYPES)}")
         if kv_cache_dtype != "auto" and (tensor_parallel_size != 1 or compile):
@@ -210,8 +212,6 @@ class LLM:
         max_num_batched_tokens = max_num_batched_tokens or DEFAULT_BATCHED_TOKENS[kind]
         eos = tuple(self.tokenizer.eos_token_ids) if self.tokenizer is not None else self._eos_ids
         self.kernels = kernels_for(self.device)
-        if gemv not in (None, True, False):
-            raise ValueError(f"LLM: gemv={gemv!r} must be None (int8 weights on CUDA), True or False")
         if gemv and (self.kernels.name != "triton" or self.tp is not None):
             raise ValueError("LLM: gemv=True needs CUDA and the Triton kernels, without tensor parallelism")
         if gemv or (gemv is None and self.kernels.name == "triton" and self.tp is None and _has_int8_weights(model_)):
