@@ -11,7 +11,8 @@ inter-token latency (ITL: the gaps between streamed chunks) at p50/p99, measured
 
 The baseline runs the same requests, at the same concurrency, through `qwen3.AsyncLLM` in one process (the
 engine the server wraps, with no HTTP, JSON or SSE), and once through `LLM.generate` with all of them at once;
-"HTTP/engine" is the server's output tokens/s over the in-process engine's. The server and the baseline run in
+"HTTP/engine" is the server's output tokens/s over the in-process engine's. The server steps its engine in a
+process of its own, as `qwen3 serve` does (`--engine thread`: in a thread of the server, the old way). The server and the baseline run in
 their own processes, one after the other (each takes the GPU's memory for its KV cache). The client runs in
 `--client-procs` processes so that parsing the streams does not become the bottleneck. Every level is bounded
 by `--max-seconds` (unfinished requests are cancelled and counted).
@@ -65,11 +66,20 @@ def build_llm(args: argparse.Namespace):
             max_model_len=args.max_model_len,
         )
         return llm, args.model, None
-    from qwen3.hub import MODEL_FILES, TOKENIZER_FILES, resolve_source
-
-    directory = resolve_source(args.model, sorted(set(MODEL_FILES + TOKENIZER_FILES)))
+    directory = build_llm_directory(args)
     llm = LLM(str(directory), device=device, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len)
     return llm, args.model, directory
+
+
+def build_llm_directory(args: argparse.Namespace):
+    from qwen3.hub import MODEL_FILES, TOKENIZER_FILES, resolve_source
+
+    return resolve_source(args.model, sorted(set(MODEL_FILES + TOKENIZER_FILES)))
+
+
+def llm_only(args: argparse.Namespace):
+    """build_llm's LLM: the factory the engine process calls (AsyncLLM.spawn)."""
+    return build_llm(args)[0]
 
 
 def serve_worker(args: argparse.Namespace) -> int:
@@ -77,9 +87,15 @@ def serve_worker(args: argparse.Namespace) -> int:
     from qwen3.server.app import create_app, run_server
     from qwen3.server.serving import ServingContext
 
-    llm, name, directory = build_llm(args)
-    ctx = ServingContext.for_engine(llm, name, directory)
-    app = create_app(AsyncLLM(llm, stream_interval=args.stream_interval), ctx, max_num_seqs=args.max_num_seqs)
+    if args.engine == "process":  # as `qwen3 serve` runs it
+        engine = AsyncLLM.spawn(llm_only, args, stream_interval=args.stream_interval)
+        directory = None if args.model == "random-0.6b" else build_llm_directory(args)
+        ctx = ServingContext.for_engine(engine, args.model, directory)
+    else:
+        llm, name, directory = build_llm(args)
+        ctx = ServingContext.for_engine(llm, name, directory)
+        engine = AsyncLLM(llm, stream_interval=args.stream_interval)
+    app = create_app(engine, ctx, max_num_seqs=args.max_num_seqs)
     return run_server(app, "127.0.0.1", 0, banner="benchmark server on {url}")
 
 
@@ -256,6 +272,8 @@ def worker_command(args: argparse.Namespace, role: str) -> list[str]:
         str(args.max_seconds),
         "--stream-interval",
         str(args.stream_interval),
+        "--engine",
+        args.engine,
         "--concurrency",
         *map(str, args.concurrency),
     ]
@@ -328,6 +346,12 @@ def main() -> int:
         default=1,
         help="the engine wakes each stream every N tokens, or auto, in the server and the baseline (default 1)",
     )
+    p.add_argument(
+        "--engine",
+        choices=["process", "thread"],
+        default="process",
+        help="the server's engine in a process of its own, as `qwen3 serve` runs it, or in a thread of the server",
+    )
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args()
     if args.device is None:
@@ -380,6 +404,7 @@ def main() -> int:
         f"qwen3 serve, {args.model} on {args.device} ({machine}), {datetime.date.today()}: "
         f"{args.input_len} prompt tokens, {args.output_len} output tokens, greedy, ignore_eos, streamed"
         + (f", stream interval {args.stream_interval}" if args.stream_interval != 1 else "")
+        + f"; engine in {'its own process' if args.engine == 'process' else 'a thread of the server'}"
         + f"; event loop: {event_loop()}"
     )
     lines = [

@@ -4,7 +4,8 @@
     AsyncLLM   the streaming interface (one background step loop; requests from many coroutines)
 """
 
-from .async_llm import AsyncLLM, EngineStats, StreamOutput
+from .async_llm import AsyncLLM
+from .engine_loop import EngineStats, StreamOutput
 from .llm import LLM, RequestOutput, TokenLogprob
 
 __all__ = ["LLM", "AsyncLLM", "EngineStats", "RequestOutput", "StreamOutput", "TokenLogprob"]

@@ -1,16 +1,18 @@
 """qwen3.AsyncLLM: the engine as an asyncio service, for servers.
 
-The step loop runs in one background thread and owns the LLM. Coroutines hand it requests and aborts through a
-thread-safe queue (plus an event that wakes an idle loop). After each step the loop thread appends each touched
-request's increment to that request's `pending` deque and wakes the waiting coroutines with ONE
-`call_soon_threadsafe` per event loop (not one per request: each is a self-pipe write and a callback). A coroutine
-that wakes takes everything pending at once and yields it merged as one StreamOutput, so a consumer that falls
-behind the engine gets one increment with several tokens instead of a backlog of one-token increments (as vLLM's
-output aggregation does under load). With `stream_interval=N` a coroutine is woken only for its first token, every
-N tokens and its end (vLLM's `--stream-interval`): fewer, larger increments, for servers whose event loop shares the
-GIL with this thread under many streams. `stream_interval="auto"` is 1 up to 64 requests in flight and then
-ceil(requests / 64), so the event loop handles about as many wake-ups per step as at 64 streams. Aborts are
-applied between steps, so an aborted request's blocks are free before the next step runs.
+One step loop (engine_loop.py) owns the LLM: in a background thread (`AsyncLLM(llm)`), or in an engine process of
+its own (`AsyncLLM.spawn(qwen3.LLM, ...)`, engine_process.py: what `qwen3 serve` runs, so that the loop's Python
+work does not share the GIL with the HTTP server). Coroutines hand it requests and aborts. After each step the
+loop's side (its thread, or the thread reading the engine process's pipe) appends each touched request's increment
+to that request's `pending` deque and wakes the waiting coroutines with ONE `call_soon_threadsafe` per event loop
+(not one per request: each is a self-pipe write and a callback). A coroutine that wakes takes everything pending
+at once and yields it merged as one StreamOutput, so a consumer that falls behind the engine gets one increment
+with several tokens instead of a backlog of one-token increments (as vLLM's output aggregation does under load).
+With `stream_interval=N` a coroutine is woken only for its first token, every N tokens and its end (vLLM's
+`--stream-interval`): fewer, larger increments, for an event loop that cannot keep up with every step.
+`stream_interval="auto"` is 1 up to 64 requests in flight and then ceil(requests / 64), so the event loop handles
+about as many wake-ups per step as at 64 streams. Aborts are applied between steps, so an aborted request's blocks
+are free before the next step runs.
 """
 
 from __future__ import annotations
@@ -21,39 +23,13 @@ import itertools
 import queue
 import threading
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from collections.abc import Sequence as SequenceABC
-from dataclasses import dataclass
+from typing import Any
 
 from ..sampling import SamplingParams
+from .engine_loop import EngineLoop, EngineStats, Output, StreamOutput, stats_of
 from .llm import LLM
-from .sequence import Sequence, TokenLogprob
-
-
-@dataclass
-class StreamOutput:
-    """What one request gained since its last StreamOutput. `new_text` never splits a character and never shows
-    text that a stop string later cuts; the pieces concatenate to the whole completion."""
-
-    request_id: str
-    new_token_ids: list[int]
-    new_text: str
-    finished: bool
-    finish_reason: str | None  # "stop" | "length" | "abort" | None while running
-    prompt_token_ids: list[int]
-    num_cached_tokens: int
-    num_output_tokens: int  # cumulative
-    new_logprobs: list[TokenLogprob] | None
-
-
-@dataclass
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float  # fraction of the KV blocks held by requests
-    num_preemptions: int
-    prompt_tokens_total: int
-    generation_tokens_total: int
 
 
 def merge(outputs: list[StreamOutput]) -> StreamOutput:
@@ -74,8 +50,8 @@ class _Stream:
     taken by the coroutine (deque appends and pops are atomic); `waiter` is the coroutine's future while it waits
     (touched on its event loop only)."""
 
-    def __init__(self, seq: Sequence, loop: asyncio.AbstractEventLoop, phase: int = 0) -> None:
-        self.seq, self.loop = seq, loop
+    def __init__(self, request_id: str | None, loop: asyncio.AbstractEventLoop, phase: int = 0) -> None:
+        self.request_id, self.loop = request_id, loop
         self.pending: collections.deque[StreamOutput | BaseException] = collections.deque()
         self.waiter: asyncio.Future | None = None
         self.unannounced = -1  # (step thread) tokens handed over since the last wake-up; -1: none yet
@@ -124,61 +100,99 @@ def auto_stream_interval(num_streams: int) -> int:
     return max(1, -(-num_streams // AUTO_STREAMS))
 
 
-def delta(seq: Sequence) -> StreamOutput:
-    """The part of `seq` not yet streamed, and mark it streamed."""
-    tokens = seq.token_ids[seq.num_prompt_tokens + seq.stream_tokens : seq.num_tokens - seq.num_pending]
-    seq.stream_tokens += len(tokens)
-    text, seq.stream_text = seq.stream_text, ""
-    logprobs = None
-    if seq.logprobs is not None:
-        logprobs = seq.logprobs[seq.stream_logprobs :]
-        seq.stream_logprobs = len(seq.logprobs)
-    return StreamOutput(seq.request_id, tokens, text, seq.finished, seq.finish_reason, seq.prompt_token_ids,
-                        seq.num_cached_tokens or 0, seq.stream_tokens, logprobs)  # fmt: skip
+class _ThreadCore:
+    """The EngineLoop in a background thread of this process, fed through a thread-safe queue."""
+
+    def __init__(self, llm: LLM, deliver: Callable[[list[Output]], None]) -> None:
+        self.llm = llm
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        loop = EngineLoop(llm, self._receive, lambda outputs, stats: deliver(outputs) if outputs else None)
+        self._thread = threading.Thread(target=loop.run, name="qwen3-engine", daemon=True)
+        self._thread.start()
+
+    def _receive(self, block: bool) -> list:
+        if block:
+            self._wake.wait()
+        self._wake.clear()
+        items = []
+        while True:
+            try:
+                items.append(self._inbox.get_nowait())
+            except queue.Empty:
+                return items
+
+    def send(self, kind: str, item: Any) -> None:
+        self._inbox.put((kind, item))
+        self._wake.set()
+
+    def stats(self) -> EngineStats:
+        return stats_of(self.llm)
+
+    def join(self) -> None:
+        self._thread.join()
 
 
 class AsyncLLM:
     """Serve an LLM to many coroutines: `async for out in engine.generate(prompt, params): ...`.
 
+    `AsyncLLM(llm)` steps `llm` in a background thread of this process; `AsyncLLM.spawn(factory, ...)` builds the
+    LLM in an engine process of its own (engine_process.py), as `qwen3 serve` does. Both behave the same.
     `stream_interval`: wake a stream's coroutine every this many tokens (1: every step), or "auto" (see the module
     docstring).
     """
 
     def __init__(self, llm: LLM, stream_interval: int | str = 1) -> None:
+        self._setup(stream_interval)
+        self.tokenizer, self.max_model_len, self.vocab_size = llm.tokenizer, llm.max_model_len, llm.config.vocab_size
+        self.llm = llm
+        self._core: Any = _ThreadCore(llm, self._deliver)
+
+    @classmethod
+    def spawn(cls, factory: Callable[..., LLM], *args: Any, stream_interval: int | str = 1, **kwargs: Any
+              ) -> AsyncLLM:  # fmt: skip
+        """An AsyncLLM whose engine, `factory(*args, **kwargs)` (e.g. `qwen3.LLM` and its arguments), is built and
+        stepped in a process of its own (spawned; the factory and its arguments must pickle). Returns once the
+        model is loaded; an error building it is raised here."""
+        from .engine_process import EngineProcess
+
+        self = cls.__new__(cls)
+        self._setup(stream_interval)
+        self._core = core = EngineProcess(factory, args, kwargs, self._deliver, lambda: list(self._streams))
+        self.tokenizer, self.max_model_len, self.vocab_size = core.tokenizer, core.max_model_len, core.vocab_size
+        return self
+
+    def _setup(self, stream_interval: int | str) -> None:
         if stream_interval != "auto" and (not isinstance(stream_interval, int) or stream_interval < 1):
             raise ValueError(f'stream_interval: must be an integer >= 1 or "auto", found {stream_interval!r}')
-        self.llm = llm
         self.stream_interval = stream_interval
-        self.tokenizer = llm.tokenizer
-        self.max_model_len = llm.max_model_len
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._wake = threading.Event()
-        self._streams: dict[str, _Stream] = {}
-        self._ids: set[str] = set()  # request ids in flight (added from coroutines, removed by the loop)
-        self._ids_lock = threading.Lock()
+        self._streams: dict[str, _Stream] = {}  # requests in flight (added by coroutines, removed by the loop)
+        self._streams_lock = threading.Lock()
         self._stopping = False
         self._phases = itertools.count()
-        self._thread = threading.Thread(target=self._loop, name="qwen3-engine", daemon=True)
-        self._thread.start()
 
     # -------------------------------------------------------------------------------------------
     # The coroutine side
 
     async def generate(self, prompt: str | SequenceABC[int], sampling_params: SamplingParams,
                        request_id: str | None = None) -> AsyncIterator[StreamOutput]:  # fmt: skip
-        """Stream one request's increments; the last has finished=True. Closing the iterator early aborts it."""
+        """Stream one request's increments; the last has finished=True. Closing the iterator early aborts it.
+        A request the engine refuses (ValueError naming what is wrong) raises on the first await."""
         if self._stopping:
             raise RuntimeError("AsyncLLM: the engine is shut down")
         request_id = request_id if request_id is not None else uuid.uuid4().hex
-        seq = self.llm.make_sequence(repr(request_id), prompt, sampling_params, request_id, stream=True)
-        with self._ids_lock:
-            if request_id in self._ids:
-                raise ValueError(f"request {request_id!r}: a request with this id is already running")
-            self._ids.add(request_id)
         loop = asyncio.get_running_loop()
-        stream = _Stream(seq, loop, next(self._phases))
-        self._inbox.put(("add", stream))
-        self._wake.set()
+        stream = _Stream(request_id, loop, next(self._phases))
+        with self._streams_lock:
+            if request_id in self._streams:
+                raise ValueError(f"request {request_id!r}: a request with this id is already running")
+            self._streams[request_id] = stream
+        try:
+            self._core.send("add", (request_id, prompt, sampling_params))
+        except BaseException:
+            with self._streams_lock:
+                self._streams.pop(request_id, None)
+            raise
         finished = False
         try:
             while True:
@@ -209,82 +223,34 @@ class AsyncLLM:
 
     def abort(self, request_id: str) -> None:
         """Stop a request; its blocks are freed before the next step and its iterator ends with "abort"."""
-        self._inbox.put(("abort", request_id))
-        self._wake.set()
+        self._core.send("abort", request_id)
 
     def stats(self) -> EngineStats:
-        llm = self.llm
-        return EngineStats(len(llm.scheduler.running), len(llm.scheduler.waiting), llm.block_manager.usage(),
-                           llm.scheduler.num_preemptions, llm.prompt_tokens_total,
-                           llm.generation_tokens_total)  # fmt: skip
+        return self._core.stats()
 
     async def shutdown(self) -> None:
-        """Stop the loop thread (running requests end with "abort")."""
-        self._stopping = True
-        self._inbox.put(("stop", None))
-        self._wake.set()
-        await asyncio.to_thread(self._thread.join)
+        """Stop the engine (running requests end with "abort") and wait for it."""
+        if not self._stopping:
+            self._stopping = True
+            self._core.send("stop", None)
+        await asyncio.to_thread(self._core.join)
 
     # -------------------------------------------------------------------------------------------
-    # The loop thread
+    # The engine side (its thread, or the thread reading the engine process's pipe)
 
-    def _end(self, request_id: str) -> None:
-        self._streams.pop(request_id, None)
-        with self._ids_lock:
-            self._ids.discard(request_id)
-
-    def _abort(self, request_id: str) -> None:
-        stream = self._streams.get(request_id)
-        if stream is None:
-            return
-        self.llm.abort(stream.seq)
-        self._end(request_id)  # before the last output goes out: its consumer may reuse the id at once
-        _send([(stream, delta(stream.seq))])
-
-    def _drain_inbox(self) -> bool:
-        """Apply queued adds and aborts; False once asked to stop."""
-        while True:
-            try:
-                kind, item = self._inbox.get_nowait()
-            except queue.Empty:
-                return True
-            if kind == "add":
-                self._streams[item.seq.request_id] = item
-                self.llm.add(item.seq)
-            elif kind == "abort":
-                self._abort(item)
-            else:
-                for request_id in list(self._streams):
-                    self._abort(request_id)
-                return False
-
-    def _loop(self) -> None:
-        while True:
-            self._wake.clear()
-            if not self._drain_inbox():
-                return
-            if not self.llm.has_work():
-                self._wake.wait()
+    def _deliver(self, outputs: list[Output]) -> None:
+        """Hand one pass's outputs to their streams; a request's last output (or error) ends it first, so that its
+        consumer may reuse the id at once."""
+        ready = []
+        for request_id, item in outputs:
+            stream = self._streams.get(request_id)
+            if stream is None:
                 continue
-            try:
-                touched = self.llm.step()
-            except Exception as error:  # noqa: BLE001 - fail the requests in flight, keep serving new ones
-                failed = []
-                for request_id, stream in list(self._streams.items()):
-                    self.llm.abort(stream.seq)
-                    self._end(request_id)
-                    failed.append((stream, error))
-                _send(failed)
-                continue
-            ready = []
-            for seq in touched:
-                stream = self._streams.get(seq.request_id)
-                if stream is None:
-                    continue
-                if seq.finished:
-                    self._end(seq.request_id)
-                ready.append((stream, delta(seq)))
-            interval = self.stream_interval
-            if interval == "auto":
-                interval = auto_stream_interval(len(self._streams))
-            _send(ready, interval)
+            if isinstance(item, BaseException) or item.finished:
+                with self._streams_lock:
+                    self._streams.pop(request_id, None)
+            ready.append((stream, item))
+        interval = self.stream_interval
+        if interval == "auto":
+            interval = auto_stream_interval(len(self._streams))
+        _send(ready, interval)

@@ -27,8 +27,8 @@ from ..generate import Completion, ContextLengthError
 from ..model import Qwen3ForCausalLM
 from ..sampling import SamplingParams
 from ..tokenizer import Tokenizer
-from .async_llm import StreamOutput, delta
 from .attention import KVPool
+from .engine_loop import StreamOutput, delta
 from .llm import LLM
 from .sequence import Sequence as EngineSequence
 

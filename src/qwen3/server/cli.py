@@ -103,30 +103,25 @@ def _missing_extra(e: ImportError) -> int:
     return 2
 
 
-def build_engine(args: argparse.Namespace) -> tuple[Any, Any]:
-    """The engine (`qwen3.LLM`) for the flags and the ServingContext describing it."""
-    from ..engine import LLM
+def engine_arguments(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
+    """The model directory for the flags, and the keyword arguments of `qwen3.LLM` for them."""
     from ..hub import MODEL_FILES, TOKENIZER_FILES, resolve_source
-    from .serving import ServingContext
 
     directory = resolve_source(args.model, sorted(set(MODEL_FILES + TOKENIZER_FILES)))
     dtype = None if args.dtype == "auto" else args.dtype
     import torch
 
-    llm = LLM(
-        str(directory),
-        device=None if args.device == "auto" else args.device,
-        dtype=None if dtype is None else getattr(torch, dtype),
-        max_num_seqs=args.max_num_seqs,
-        max_model_len=args.max_model_len,
-        kv_cache_tokens=args.kv_cache_tokens,
-        quantize=args.quantize,
-        tensor_parallel_size=args.tensor_parallel_size,
-        kv_cache_dtype=args.kv_cache_dtype,
-        compile=args.compile,
-    )
-    ctx = ServingContext.for_engine(llm, args.served_model_name or args.model, directory)
-    return llm, ctx
+    return directory, {
+        "device": None if args.device == "auto" else args.device,
+        "dtype": None if dtype is None else getattr(torch, dtype),
+        "max_num_seqs": args.max_num_seqs,
+        "max_model_len": args.max_model_len,
+        "kv_cache_tokens": args.kv_cache_tokens,
+        "quantize": args.quantize,
+        "tensor_parallel_size": args.tensor_parallel_size,
+        "kv_cache_dtype": args.kv_cache_dtype,
+        "compile": args.compile,
+    }
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -140,9 +135,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-waiting: must be >= 0, found {args.max_waiting}")
     sock = bind_socket(args.host, args.port)  # a busy port fails now, not after the model has loaded
     try:
-        llm, ctx = build_engine(args)
+        from ..engine import LLM
+        from .serving import ServingContext
+
+        directory, kwargs = engine_arguments(args)
+        # The engine steps in a process of its own, so that its Python work does not share the GIL with the
+        # server's (engine_process.py).
+        engine = AsyncLLM.spawn(LLM, str(directory), stream_interval=args.stream_interval, **kwargs)
+        ctx = ServingContext.for_engine(engine, args.served_model_name or args.model, directory)
         app = create_app(
-            AsyncLLM(llm, stream_interval=args.stream_interval),
+            engine,
             ctx,
             api_keys=args.api_key,
             max_num_seqs=args.max_num_seqs,
@@ -163,7 +165,12 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
     if not args.input.is_file():
         raise FileNotFoundError(f"{args.input}: no such file")
-    llm, ctx = build_engine(args)
+    from ..engine import LLM
+    from .serving import ServingContext
+
+    directory, kwargs = engine_arguments(args)
+    llm = LLM(str(directory), **kwargs)
+    ctx = ServingContext.for_engine(llm, args.served_model_name or args.model, directory)
     ctx.strict_model = False  # a batch file names the model its author used; run it on the one loaded
     counts = run_batch_file(llm, ctx, args.input, args.output)
     print(f"wrote {args.output}: {counts['ok']} succeeded, {counts['failed']} failed", file=sys.stderr)

@@ -41,9 +41,10 @@ class ServingContext:
     @classmethod
     def for_engine(cls, llm: Any, model_name: str, directory: str | Path | None = None) -> ServingContext:
         """The context of a `qwen3.LLM` (or an `AsyncLLM`); `directory` holds its generation_config.json."""
-        llm = getattr(llm, "llm", llm)
-        config = getattr(getattr(llm, "model", None), "config", None)
-        vocab_size = getattr(config, "vocab_size", None) or llm.tokenizer.vocab_size
+        vocab_size = getattr(llm, "vocab_size", None)  # an AsyncLLM's (its LLM may live in another process)
+        if vocab_size is None:
+            config = getattr(getattr(llm, "model", None), "config", None)
+            vocab_size = getattr(config, "vocab_size", None) or llm.tokenizer.vocab_size
         return cls(
             llm.tokenizer, model_name, int(llm.max_model_len), int(vocab_size), cls.read_generation_config(directory)
         )

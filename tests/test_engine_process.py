@@ -1,0 +1,149 @@
+"""AsyncLLM.spawn: the engine in a process of its own behaves as the in-process AsyncLLM. Streams add up to
+LLM.generate's outputs in this process (greedy, seeded, stop strings, logprobs), errors surface on the first await,
+an abort frees the blocks (seen through stats, which come from the engine process), a model that cannot be built
+raises at spawn, and an engine process that dies fails the requests in flight instead of hanging them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import pytest
+import torch
+
+from qwen3.engine import LLM, AsyncLLM
+from qwen3.sampling import SamplingParams
+
+KV_TOKENS = 4096
+
+
+@pytest.fixture(scope="module")
+def local():
+    return LLM("demo", kv_cache_tokens=KV_TOKENS)
+
+
+def random_prompts(lengths, vocab, seed) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lengths]
+
+
+async def collect(engine: AsyncLLM, prompt, params, request_id=None) -> list:
+    return [out async for out in engine.generate(prompt, params, request_id)]
+
+
+async def wait_for(engine: AsyncLLM, condition) -> None:
+    for _ in range(500):
+        if condition(engine.stats()):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"engine stats never met the condition: {engine.stats()}")
+
+
+def test_spawned_streams_equal_generate_in_this_process(local):
+    prompts = random_prompts([5, 17, 9, 30], local.config.vocab_size, seed=11)
+    prompts.append("To be, or not to be")  # a text prompt: tokenized in the engine process
+    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in (12, 5, 20, 9, 16)]
+    params[1] = SamplingParams(temperature=0.8, seed=3, max_tokens=7, ignore_eos=True)
+    params[2] = SamplingParams(temperature=0.0, max_tokens=12, logprobs=2)
+    expected = local.generate(prompts, params, use_tqdm=False)
+    free = expected[3].text
+    stop = free[4:7]
+    params[3] = SamplingParams(temperature=0.0, max_tokens=9, stop=[stop])
+    expected[3] = local.generate([prompts[3]], params[3], use_tqdm=False)[0]
+    assert stop in free and expected[3].finish_reason == "stop"
+
+    async def main():
+        engine = AsyncLLM.spawn(LLM, "demo", kv_cache_tokens=KV_TOKENS)
+        try:
+            assert engine.max_model_len == local.max_model_len and engine.vocab_size == local.config.vocab_size
+            assert engine.tokenizer.encode("hello") == local.tokenizer.encode("hello")
+            streams = await asyncio.gather(*(collect(engine, p, sp) for p, sp in zip(prompts, params, strict=True)))
+            await wait_for(engine, lambda s: s.num_running == 0 and s.kv_cache_usage == 0)
+            return streams, engine.stats()
+        finally:
+            await engine.shutdown()
+
+    streams, stats = asyncio.run(main())
+    for outs, want in zip(streams, expected, strict=True):
+        assert [o.finished for o in outs] == [False] * (len(outs) - 1) + [True]
+        assert sum((o.new_token_ids for o in outs), []) == want.token_ids
+        assert "".join(o.new_text for o in outs) == want.text
+        assert outs[-1].finish_reason == want.finish_reason and outs[-1].num_output_tokens == len(want.token_ids)
+        assert all(o.prompt_token_ids == want.prompt_token_ids for o in outs)
+    logprobs = [lp for o in streams[2] for lp in o.new_logprobs]
+    assert [lp.token_id for lp in logprobs] == expected[2].token_ids
+    assert [lp.logprob for lp in logprobs] == pytest.approx([lp.logprob for lp in expected[2].logprobs], abs=1e-5)
+    assert stats.generation_tokens_total == sum(len(w.token_ids) for w in expected)
+    assert stats.prompt_tokens_total == sum(len(w.prompt_token_ids) for w in expected)
+
+
+def test_spawned_errors_abort_and_shutdown(local):
+    vocab, limit = local.config.vocab_size, local.max_model_len
+    prompt = random_prompts([8], vocab, seed=4)[0]
+
+    async def main():
+        engine = AsyncLLM.spawn(LLM, "demo", kv_cache_tokens=KV_TOKENS)
+        try:
+            with pytest.raises(ValueError, match=f"prompt has {limit} tokens; max_model_len is {limit}"):
+                await collect(engine, [1] * limit, SamplingParams(max_tokens=1))
+            with pytest.raises(ValueError, match=f"token id {vocab} is outside the vocabulary"):
+                await collect(engine, [vocab], SamplingParams(max_tokens=1))
+            # a request that never ends on its own: aborted by id, its blocks come back
+            long = SamplingParams(temperature=0.0, max_tokens=limit - 9, ignore_eos=True)
+            stream = engine.generate(prompt, long, request_id="r")
+            first = await anext(stream)
+            assert first.new_token_ids and not first.finished
+            with pytest.raises(ValueError, match="already running"):
+                await anext(engine.generate(prompt, long, request_id="r"))
+            await wait_for(engine, lambda s: s.num_running == 1 and s.kv_cache_usage > 0)
+            engine.abort("r")
+            rest = [out async for out in stream]
+            assert rest[-1].finished and rest[-1].finish_reason == "abort"
+            await wait_for(engine, lambda s: s.num_running == 0 and s.kv_cache_usage == 0)
+            # the id is free again; closing an iterator early aborts too
+            stream = engine.generate(prompt, long, request_id="r")
+            await anext(stream)
+            await stream.aclose()
+            await wait_for(engine, lambda s: s.num_running == 0 and s.kv_cache_usage == 0)
+            # shutdown ends what is in flight with "abort"
+            stream = engine.generate(prompt, long, request_id="s")
+            await anext(stream)
+            await engine.shutdown()
+            rest = [out async for out in stream]
+            assert rest[-1].finish_reason == "abort"
+            assert not engine._core.process.is_alive() and engine._core.process.exitcode == 0
+            with pytest.raises(RuntimeError, match="shut down"):
+                await anext(engine.generate(prompt, long))
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_spawn_raises_what_building_the_model_raised(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        AsyncLLM.spawn(LLM, str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="stream_interval"):
+        AsyncLLM.spawn(LLM, "demo", stream_interval=0)
+
+
+def test_a_dead_engine_process_fails_its_requests(local):
+    prompt = random_prompts([8], local.config.vocab_size, seed=5)[0]
+    long = SamplingParams(temperature=0.0, max_tokens=local.max_model_len - 9, ignore_eos=True)
+
+    async def main():
+        engine = AsyncLLM.spawn(LLM, "demo", kv_cache_tokens=KV_TOKENS)
+        try:
+            stream = engine.generate(prompt, long)
+            await anext(stream)
+            os.kill(engine._core.process.pid, signal.SIGKILL)
+            with pytest.raises(RuntimeError, match=f"engine process has exited \\(exit code {-signal.SIGKILL}\\)"):
+                async for _ in stream:
+                    pass
+            with pytest.raises(RuntimeError, match="engine process has exited"):
+                await anext(engine.generate(prompt, long))
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(main())
