@@ -87,6 +87,64 @@ def test_compiled_decode_forward_equals_eager_and_writes_the_pool(model):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3  # one per split count, whatever the batch
 
 
+def mixed_step(seed: int, query_lens: list[int], cached: list[int], width: int, num_blocks: int = 96) -> dict:
+    """One prefill/mixed step: sequence s feeds query_lens[s] new tokens after cached[s] tokens already in the
+    pool (random keys and values), its block table `width` wide; a query length of 1 is a decode row."""
+    gen = torch.Generator().manual_seed(seed)
+    S = len(query_lens)
+    tables = torch.randperm(num_blocks, generator=gen)[: S * width].view(S, width).int()
+    lens = torch.tensor([c + q for c, q in zip(cached, query_lens, strict=True)])
+    assert int(lens.max()) <= width * BLOCK
+    positions = torch.cat([torch.arange(c, c + q) for c, q in zip(cached, query_lens, strict=True)])
+    seq = torch.repeat_interleave(torch.arange(S), torch.tensor(query_lens))
+    slots = (tables[seq, positions // BLOCK] * BLOCK + positions % BLOCK).int()
+    starts = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32)
+    pool = KVPool(CONFIG.num_hidden_layers, num_blocks, BLOCK, 2, CONFIG.head_dim, torch.float32, "cpu")
+    pool.kv.copy_(torch.randn(pool.kv.shape, generator=gen))
+    tokens = torch.randint(0, CONFIG.vocab_size, (1, len(positions)), generator=gen)
+    logits_index = torch.randperm(S, generator=gen)[: max(1, S // 2)].sort().values  # sequences that sample
+    return dict(pool=pool, tables=tables, lens=lens.int(), slots=slots, starts=starts, tokens=tokens,
+                positions=positions[None], logits_index=(starts[1:] - 1)[logits_index].long())  # fmt: skip
+
+
+@torch.inference_mode()
+def test_compiled_step_forward_equals_eager_over_chunk_lengths(model):
+    """The forward of the steps no graph replays (prefill chunks after cached prefixes, mixed with decode rows):
+    logits at the sampling rows and the pool after the step equal the eager forward's, and every step, whatever
+    its token count N, sequence count S and table width W (equal to one another or not), runs the one compile."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    forward = compiled.compile_step_forward()
+    bound_q, bound_len = 40, 16 * BLOCK  # what the runner passes: max_num_batched_tokens, max_model_len
+    steps = [  # (query lengths, cached tokens, width): N, S, W
+        ([9, 1, 1, 14], [6, 20, 3, 0], 7),  # N 25, S 4, W 7: a cached prefix, two decode rows
+        ([1, 1, 1], [11, 4, 30], 9),  # N 3 = S: decode rows only
+        ([5, 12], [0, 17], 8),  # N 17, S 2
+        ([3, 2, 1, 1, 2, 3, 1], [0, 9, 40, 2, 5, 0, 13], 11),  # N 13, S 7
+        ([6, 6, 4], [8, 0, 1], 16),  # N = W = 16
+        ([2, 2], [0, 0], 2),  # N = S = W = 2
+    ]
+    for seed, (query_lens, cached, width) in enumerate(steps):
+        state = mixed_step(seed, query_lens, cached, width)
+        eager_pool, n = state["pool"], state["tokens"].shape[1]
+        compiled_pool = KVPool(CONFIG.num_hidden_layers, eager_pool.num_blocks, BLOCK, 2, CONFIG.head_dim,
+                               torch.float32, "cpu")  # fmt: skip
+        compiled_pool.kv.copy_(eager_pool.kv)
+        meta = (state["slots"], state["tables"], state["lens"], state["starts"])
+        eager = PagedAttention(eager_pool, REFERENCE, *meta, max_query_len=max(query_lens),
+                               max_seq_len=int(state["lens"].max()))  # fmt: skip
+        expected = model(state["tokens"], state["positions"], eager, logits_index=state["logits_index"][None])[0]
+        with torch._dynamo.config.patch(compiled.compile_settings()):
+            step = compiled.CompiledPagedAttention(compiled_pool, REFERENCE, *meta, max_query_len=bound_q,
+                                                   max_seq_len=bound_len, ops=compiled.REFERENCE_OPS)  # fmt: skip
+            hidden = forward(model, state["tokens"], state["positions"], step)
+        assert hidden.shape == (1, n, CONFIG.hidden_size)
+        got = model.lm_head(hidden[0, state["logits_index"]])
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(compiled_pool.kv, eager_pool.kv, rtol=1e-5, atol=1e-5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
 class Replayer:
     """A stand-in CUDA graph (as in test_engine.py): 'replay' re-runs the recorded forward."""
 
@@ -101,22 +159,80 @@ class Replayer:
         return None
 
 
-def test_engine_decode_graphs_compiled_on_cpu(model, monkeypatch):
-    """The runner's compiled capture path (config.compile, the internal switch; LLM refuses compile=True on the
-    CPU), driven through generate: greedy tokens equal qwen3.generate's."""
+def record_logits(llm: LLM) -> list:
+    """Wrap llm.runner.run to keep each step's (sequences, tokens, decode?) and logits (a copy) in the list returned."""
+    steps, run = [], llm.runner.run
+
+    def recorded(batch, in_flight=None):
+        logits, sampling = run(batch, in_flight)
+        steps.append(((len(batch.seqs), batch.num_tokens, batch.is_decode), logits.clone()))
+        return logits, sampling
+
+    llm.runner.run = recorded
+    return steps
+
+
+def test_engine_compiled_on_cpu(model, monkeypatch):
+    """The runner with compile=True (config.compile, the internal switch; LLM refuses compile=True on the CPU):
+    decode graphs for buckets 2, 4, 8 (one sequence replays bucket 2) and the compiled forward of every other step,
+    driven through generate with chunked prompts, prefix-cache hits, mixed steps, a step of one sequence and one
+    token (padded) and chunks that sample nothing; then again with no graphs (decode through the compiled step).
+    Every step's logits equal the eager engine's, the pools end equal, greedy tokens equal qwen3.generate's, and
+    there are two compiles in all (the step forward's, the decode graphs')."""
     monkeypatch.setattr(ModelRunner, "_record", staticmethod(lambda forward, memory_pool: Replayer(forward)))
+    kwargs = dict(max_num_seqs=8, kv_cache_tokens=512, block_size=BLOCK, max_num_batched_tokens=24, max_model_len=64)
+    eager = LLM(model, **kwargs)
     torch._dynamo.reset()
-    llm = LLM(model, max_num_seqs=8, kv_cache_tokens=1024, block_size=BLOCK)
-    llm.config.compile = True
-    llm.runner.capture_graphs()
-    assert list(llm.runner.graphs) == [1, 2, 4, 8]
+    torch._dynamo.utils.counters.clear()
+    fused = LLM(model, **kwargs)
+    fused.config.compile = True
+    fused.runner.compile_step_forward()
+    fused.runner.capture_graphs()
+    assert list(fused.runner.graphs) == [2, 4, 8]
+    for llm in (eager, fused):
+        llm.pool.kv.zero_()  # the CPU pool starts uninitialised; the test compares pools at the end
     gen = torch.Generator().manual_seed(5)
-    prompts = [torch.randint(0, CONFIG.vocab_size, (n,), generator=gen).tolist() for n in (3, 11, 6, 17, 9)]
-    params = [SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=2 + 2 * i) for i in range(len(prompts))]
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    for prompt, p, out in zip(prompts, params, outs, strict=True):
-        assert out.token_ids == qwen3.generate(model, [prompt], p.max_tokens)[0].tolist()
-    llm.block_manager.check_all_free()
+    prefix = torch.randint(0, CONFIG.vocab_size, (12,), generator=gen).tolist()  # 3 blocks
+
+    def draw(n):
+        return torch.randint(0, CONFIG.vocab_size, (n,), generator=gen).tolist()
+
+    rounds = [  # (prompts, max_tokens), one generate call each
+        ([prefix + draw(5)], [3]),
+        ([prefix + draw(1)], [4]),  # 12 cached tokens: a decode row from the start, one sequence in bucket 2
+        ([draw(3), prefix + draw(19), draw(40), prefix[:8] + draw(6), draw(9)], [6, 3, 5, 8, 2]),  # chunks, mixed
+        ([draw(50)], [2]),  # two chunks of 24 tokens that sample nothing, then the last 2 tokens
+    ]
+    no_graphs = ([draw(7), prefix + draw(2), draw(30)], [5, 6, 9])  # every decode step through the step forward
+    outs = {}
+    for name, llm in (("eager", eager), ("fused", fused)):
+        steps = record_logits(llm)
+        outs[name] = []
+        for prompts, max_tokens in [*rounds, no_graphs]:
+            if prompts is no_graphs[0]:
+                llm.runner.graphs = {}
+                first_without_graphs = len(steps)
+            params = [SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=n) for n in max_tokens]
+            outs[name] += [(p, n, out.token_ids, out.num_cached_tokens) for p, n, out in
+                           zip(prompts, max_tokens, llm.generate(prompts, params, use_tqdm=False), strict=True)]
+        outs[name + " steps"] = steps
+        llm.block_manager.check_all_free()
+    assert len(outs["eager steps"]) == len(outs["fused steps"]) > 20
+    for (kind, want), (fused_kind, got) in zip(outs["eager steps"], outs["fused steps"], strict=True):
+        assert kind == fused_kind
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fused.pool.kv, eager.pool.kv, rtol=1e-5, atol=1e-5)
+    assert outs["eager"] == outs["fused"]
+    for prompt, n, token_ids, _ in outs["fused"]:
+        assert token_ids == qwen3.generate(model, [prompt], n)[0].tolist()
+    kinds = [kind for kind, _ in outs["fused steps"]]
+    assert (1, 17, False) in kinds  # one sequence's chunk (padded to two sequences)
+    assert (1, 1, True) in kinds[:first_without_graphs]  # a 12-token cache hit + 1: one decode row, in bucket 2
+    assert (1, 1, True) in kinds[first_without_graphs:]  # one decode row through the step forward (padded)
+    assert any(not decode and s > 1 and n > s for s, n, decode in kinds)  # chunks beside decode rows
+    assert any(logits.shape[0] == 0 for _, logits in outs["fused steps"])  # a chunk that samples nothing
+    assert [cached for *_, cached in outs["fused"]][1:4] == [12, 0, 12]  # prefix-cache hits
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

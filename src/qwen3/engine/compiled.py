@@ -1,9 +1,11 @@
-"""`LLM(compile=True)`: the decode CUDA graphs replay a torch.compile'd forward instead of the eager one.
+"""`LLM(compile=True)`: every step runs a torch.compile'd forward: the decode CUDA graphs replay one, and the steps no
+graph replays (prefill, mixed prefill + decode, decode without a bucket) call one.
 
-Why: in an eager decode step some hundreds of tiny elementwise kernels (RMSNorm's casts and reductions, RoPE,
-SiLU x up, residual adds) cost 1-5 us of GPU time each even inside a CUDA graph; inductor fuses those chains.
-The paged attention stays our Triton kernels, registered as custom ops so that dynamo traces the whole forward,
-PagedAttention backend included, into one graph (fullgraph: a graph break is an error at LLM start):
+Why: in an eager step some hundreds of tiny elementwise kernels (RMSNorm's casts and reductions, RoPE, SiLU x up,
+residual adds) cost 1-5 us of GPU time each even inside a CUDA graph, and in a 16,384-token prefill they were 60% of
+the GPU time (H200 profile, benchmarks/NOTES.md); inductor fuses those chains. The paged attention stays our Triton
+kernels, registered as custom ops so that dynamo traces the whole forward, PagedAttention backend included, into one
+graph (fullgraph: a graph break is an error at LLM start):
 
     qwen3::store_kv_pool(k, v, kv, layer, slot_mapping)       mutates the pool kv itself, not a view of it:
                                                              inductor then writes in place (a mutated view of a
@@ -16,12 +18,19 @@ On CUDA they are `torch.library.triton_op`s whose bodies launch the kernels thro
 sees the kernels (and checks which arguments they write). `qwen3::reference_*` are the same three on the
 PyTorch reference kernels (opaque custom ops): the CPU test compiles the forward with them.
 
-Shapes: the batch (token) dimension is marked dynamic, so the graph buckets share one compiled artefact per
-decode split count (`num_splits` is a Python int of the backend, fixed per bucket, and dynamo specialises on
-it). The runner therefore compiles only the buckets of runner.COMPILED_FROM (16) sequences and more, all with
-bucket 16's split count: one compile; the small buckets keep eager graphs and their own split counts. The layer
-loop is unrolled at trace time. Inputs to the kernels are made contiguous first, so the strides the kernels
-were traced with are the strides inductor gives them.
+How many compiles. Dynamo specialises on every Python int the forward reads (a kernel's grid and constexprs need
+plain ints) and on every dimension of size 0 or 1; other dimensions are marked dynamic. So:
+- decode (compile_decode_forward): the batch dimension S is dynamic within a range; `num_splits` is fixed per
+  range. The runner uses two ranges, the small buckets 2-8 (S = 1 replays bucket 2 with a padding row) with the
+  split count of 2 sequences, and the buckets of runner.COMPILED_FROM (16) and more with the split count of 16:
+  two compiles. The small range's upper bound also lets the GEMV projections (kernels/gemv_linear.py) see that
+  S <= 16 without a guard.
+- the other steps (compile_step_forward): tokens N, sequences S and block-table width W all dynamic (the runner
+  pads each to at least 2), and the attention's two Python ints are engine-wide upper bounds instead of the step's
+  values: max_query_len = max_num_batched_tokens (the Triton kernel picks its tile from it: always the largest
+  tile) and max_seq_len = max_model_len (unused by the Triton kernel). One compile, whatever the chunk lengths.
+The layer loop is unrolled at trace time. Inputs to the kernels are made contiguous first, so the strides the
+kernels were traced with are the strides inductor gives them.
 """
 
 from __future__ import annotations
@@ -162,21 +171,50 @@ def _hidden_states(model: Qwen3ForCausalLM, tokens: Tensor, positions: Tensor, b
     return model.hidden_states(tokens, positions, backend)
 
 
-DecodeForward = Callable[[Qwen3ForCausalLM, Tensor, Tensor, CompiledPagedAttention], Tensor]
+def _step_hidden_states(model: Qwen3ForCausalLM, tokens: Tensor, positions: Tensor, backend: PagedAttention
+                        ) -> Tensor:  # fmt: skip
+    return model.hidden_states(tokens, positions, backend)  # a code object of its own: its own compile count
+
+
+DecodeForward = Callable[..., Tensor]
+StepForward = Callable[[Qwen3ForCausalLM, Tensor, Tensor, CompiledPagedAttention], Tensor]
 
 
 def compile_decode_forward(backend: str | Callable = "inductor") -> DecodeForward:
     """A compiled `model.hidden_states(tokens (1, S), positions (1, S), backend)` for decode steps, the batch
-    dimension marked dynamic (S >= 2; S = 1 is compiled on its own). Compiles on first call per split count.
+    dimension marked dynamic (S >= 2; S = 1 would be compiled on its own). Compiles on first call per split count
+    and batch range. `forward(model, tokens, positions, backend, batch_range=None)`: with (lo, hi) the batch is
+    known to lie in lo..hi (a guard), so the trace can decide S <= 16 without guarding on S itself.
     mark_dynamic, not maybe_mark_dynamic: a trace that would fix S is an error at start, not one silent compile
     per graph bucket."""
     compiled = torch.compile(_hidden_states, backend=backend, fullgraph=True)
 
-    def forward(model: Qwen3ForCausalLM, tokens: Tensor, positions: Tensor, backend: CompiledPagedAttention) -> Tensor:
+    def forward(model: Qwen3ForCausalLM, tokens: Tensor, positions: Tensor, backend: CompiledPagedAttention,
+                batch_range: tuple[int, int] | None = None) -> Tensor:  # fmt: skip
         if tokens.shape[1] >= 2:
+            lo, hi = batch_range or (None, None)
             for x, dim in ((tokens, 1), (positions, 1), (backend.slot_mapping, 0), (backend.block_tables, 0),
-                           (backend.seq_lens, 0), (backend.query_start_loc, 0)):  # fmt: skip
-                torch._dynamo.mark_dynamic(x, dim)
+                           (backend.seq_lens, 0)):  # fmt: skip
+                torch._dynamo.mark_dynamic(x, dim, min=lo, max=hi)
+            torch._dynamo.mark_dynamic(backend.query_start_loc, 0)  # S + 1 (read by the prefill op only)
+        return compiled(model, tokens, positions, backend)
+
+    return forward
+
+
+def compile_step_forward(backend: str | Callable = "inductor") -> StepForward:
+    """A compiled `model.hidden_states(tokens (1, N), positions (1, N), backend)` for the steps no graph replays:
+    N tokens of S sequences with block tables W wide, all three dynamic, each at least 2 (the caller pads: a
+    dimension of size 1 would be a compile of its own). The backend's max_query_len and max_seq_len must be the
+    same upper bounds at every call (the runner's: max_num_batched_tokens, max_model_len); then one compile serves
+    every step. Compiles on first call."""
+    compiled = torch.compile(_step_hidden_states, backend=backend, fullgraph=True)
+
+    def forward(model: Qwen3ForCausalLM, tokens: Tensor, positions: Tensor, backend: CompiledPagedAttention
+                ) -> Tensor:  # fmt: skip
+        for x, dim in ((tokens, 1), (positions, 1), (backend.slot_mapping, 0), (backend.block_tables, 0),
+                       (backend.block_tables, 1), (backend.seq_lens, 0), (backend.query_start_loc, 0)):  # fmt: skip
+            torch._dynamo.mark_dynamic(x, dim)
         return compiled(model, tokens, positions, backend)
 
     return forward
@@ -186,7 +224,7 @@ def compile_settings() -> dict[str, object]:
     """torch._dynamo settings for capture (the keys this torch knows): room for one compile per split count, no
     silent fall back to eager when that room runs out, and Python ints kept static (by default a changed int such
     as num_splits becomes symbolic on the next compile, and a kernel's grid and constexprs need plain ints); only
-    the dimensions compile_decode_forward marks are dynamic."""
+    the dimensions compile_decode_forward and compile_step_forward mark are dynamic."""
     wanted = {"recompile_limit": 64, "cache_size_limit": 64, "fail_on_recompile_limit_hit": True,
               "fail_on_cache_limit_hit": True, "specialize_int": True, "automatic_dynamic_shapes": False}  # fmt: skip
     return {key: value for key, value in wanted.items() if hasattr(torch._dynamo.config, key)}

@@ -11,11 +11,18 @@ CUDA graphs (decode only). A decode step of S sequences replays the graph of the
 static input tensors that each replay overwrites; padding rows write nowhere (slot -1) and attend to nothing
 (seq_lens 0). Nothing per-step is baked in: the decode kernel reads seq_lens on the device, and its grid and
 split count depend only on the bucket. Prefill and mixed steps run eagerly. The CPU never uses graphs.
-With LLM(compile=True) each graph records a torch.compile'd forward instead of the eager one (compiled.py).
+
+LLM(compile=True) (compiled.py): every graph records a torch.compile'd forward instead of the eager one, and the
+steps no graph replays call a second compiled forward, compiled at start on a step of max_num_batched_tokens
+tokens. Three compiles: the small buckets (2, 4, 8; a single sequence replays bucket 2 with a padding row) share
+one split count, the buckets from COMPILED_FROM up another, and the other steps are padded to at least 2 tokens, 2
+sequences and 2 block-table columns (a dimension of size 1 would be a compile of its own).
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 from array import array
 from collections.abc import Callable
 from types import SimpleNamespace
@@ -35,7 +42,7 @@ if TYPE_CHECKING:
     from .tensor_parallel import TensorParallel
 
 
-COMPILED_FROM = 16  # LLM(compile=True): decode buckets of at least this many sequences replay the compiled forward
+COMPILED_FROM = 16  # LLM(compile=True): the decode buckets from here up share one compile, the smaller ones another
 
 
 class ModelRunner:
@@ -46,9 +53,12 @@ class ModelRunner:
         self.device = config.device
         self.pin = self.device.type == "cuda"
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.step_forward: Callable | None = None  # compile=True: the compiled forward of the steps not replayed
         if hasattr(kernels, "warm_up"):  # the Triton kernels: compile them now, not during the first requests
             config_ = model.config
             kernels.warm_up(*pool.layer(0), config_.num_attention_heads // config_.num_key_value_heads, config.dtype)
+        if config.compile:
+            self.compile_step_forward()
         if self.device.type == "cuda" and not config.enforce_eager and kernels.name != "reference":
             self.capture_graphs()
 
@@ -90,7 +100,11 @@ class ModelRunner:
                 if tokens[end - 1] < 0:  # a placeholder is always the last token of its sequence
                     holes.append((end - 1, in_flight.rows[seq]))
         S = len(batch.seqs)
+        bucket = next((b for b in self.graphs if b >= S), None) if decode else None  # ascending (see capture)
+        compiled_step = bucket is None and self.step_forward is not None and self.tp is None
         width = max(len(seq.block_table) for seq in batch.seqs)
+        if compiled_step:
+            width = max(width, 2)  # no dimension of size 1 in the compiled step (compiled.py)
         tables = array("i")  # (S, width), row-major, zero-padded: built in C, not element by element
         padding = array("i", [0]) * width
         for seq in batch.seqs:
@@ -102,9 +116,11 @@ class ModelRunner:
                                     max(seq_lens))  # fmt: skip
             data = (tokens, positions, slots, tables, seq_lens, starts, logits_index)
             return self.tp.step(self, header, data, holes, in_flight), sampling
-        bucket = next((b for b in self.graphs if b >= S), None) if decode else None  # ascending (see capture)
         if bucket is not None:
             return self._replay(bucket, tokens, positions, slots, seq_lens, tables, holes, in_flight), sampling
+        if compiled_step:
+            return self._run_compiled_step(tokens, positions, slots, seq_lens, starts, tables, width, logits_index,
+                                           holes, in_flight), sampling  # fmt: skip
 
         backend = PagedAttention(
             self.pool, self.kernels,
@@ -150,6 +166,75 @@ class ModelRunner:
         return tokens, positions, slots, seq_lens, starts, logits_index, sampling
 
     # -------------------------------------------------------------------------------------------
+    # compile=True: the steps no graph replays
+
+    def _compiled_backend(self, slots: Tensor, tables: Tensor, seq_lens: Tensor, starts: Tensor):  # noqa: ANN202
+        """The backend of a compiled step: its max_query_len and max_seq_len are the engine's bounds, the same at
+        every step (each distinct Python int would be a compile of its own)."""
+        from .compiled import CompiledPagedAttention
+
+        return CompiledPagedAttention(
+            self.pool, self.kernels, slots, tables, seq_lens, starts, max_query_len=self.config.max_num_batched_tokens,
+            max_seq_len=self.config.max_model_len, decode=False, ops=self.ops,
+        )  # fmt: skip
+
+    @torch.inference_mode()  # as run: dynamo guards on inference tensors
+    def compile_step_forward(self) -> None:
+        """Compile the forward of the steps no graph replays, on a step as large as the token budget allows
+        (inductor picks its kernels' launch settings at the first call), so no request waits for it. The step
+        writes nowhere (slots -1) and reads block 0. A failure is one clear error, as for the graphs."""
+        from . import compiled
+
+        self.ops = compiled.custom_ops_for(self.kernels)
+        forward = compiled.compile_step_forward()
+        config, bs = self.config, self.config.block_size
+        # N tokens in S sequences, W table columns: distinct sizes (dynamo gives equal sizes one symbol at first)
+        num_tokens = max(config.max_num_batched_tokens, 8)
+        num_seqs = max(3, -(-num_tokens // config.max_model_len))
+        lens = [num_tokens // num_seqs + (i < num_tokens % num_seqs) for i in range(num_seqs)]  # <= max_model_len
+        width = max(2, -(-lens[0] // bs))
+        while width in (num_tokens, num_seqs, num_seqs + 1):
+            width += 1
+        device = self.device
+        positions = torch.cat([torch.arange(n) for n in lens]).to(device)[None]
+        starts = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=device)
+        backend = self._compiled_backend(
+            torch.full((num_tokens,), -1, dtype=torch.int32, device=device),
+            torch.zeros(num_seqs, width, dtype=torch.int32, device=device),
+            torch.tensor(lens, dtype=torch.int32, device=device), starts,
+        )  # fmt: skip
+        tokens = torch.zeros(1, num_tokens, dtype=torch.long, device=device)
+        with torch._dynamo.config.patch(compiled.compile_settings()):
+            try:
+                forward(self.model, tokens, positions, backend)
+            except Exception as error:
+                first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                raise RuntimeError(f"LLM(compile=True): torch.compile failed on the prefill forward "
+                                   f"({type(error).__name__}: {first}); use compile=False") from error  # fmt: skip
+        self.step_forward = forward
+
+    def _run_compiled_step(self, tokens: list[int], positions: list[int], slots: list[int], seq_lens: list[int],
+                           starts: list[int], tables: array, width: int, logits_index: list[int],
+                           holes: list[tuple[int, int]], in_flight: InFlight | None) -> Tensor:  # fmt: skip
+        """A step through the compiled forward; the LM head runs after it, eagerly, on the sampling rows only.
+        Fewer than 2 sequences or tokens: one padding sequence is appended (one token at position 0, written
+        nowhere, no keys: seq_len 0)."""
+        from .compiled import compile_settings
+
+        if len(seq_lens) < 2 or len(tokens) < 2:
+            tokens, positions, slots = tokens + [0], positions + [0], slots + [-1]
+            seq_lens, starts = seq_lens + [0], starts + [starts[-1] + 1]
+            tables = tables + array("i", [0]) * width
+        backend = self._compiled_backend(self.to_device(slots), self.to_device(tables).view(len(seq_lens), width),
+                                         self.to_device(seq_lens), self.to_device(starts))  # fmt: skip
+        ids = self.to_device(tokens, torch.long)
+        self._fill_holes(ids, holes, in_flight)
+        pos = self.to_device(positions, torch.long)
+        with torch._dynamo.config.patch(compile_settings()):
+            hidden = self.step_forward(self.model, ids[None], pos[None], backend)[0]  # (N, H)
+        return self.model.lm_head(hidden[self.to_device(logits_index, torch.long)])  # (S', V)
+
+    # -------------------------------------------------------------------------------------------
     # CUDA graphs
 
     def capture_graphs(self) -> None:
@@ -157,6 +242,21 @@ class ModelRunner:
         hidden states, copied into one static buffer that all buckets share; the LM head runs after the replay,
         on the real rows only (a graph's own output would stay allocated, V wide, for every bucket)."""
         buckets = self.config.graph_buckets()
+        eager = (PagedAttention, self._eager_hidden_states, {})
+        groups = [(buckets, eager, None)]  # (buckets, how they run, the range of their batch) per split count
+        if self.config.compile:  # LLM(compile=True): replay a torch.compile'd forward (compiled.py)
+            from . import compiled
+
+            fused = (compiled.CompiledPagedAttention, compiled.compile_decode_forward(),
+                     {"ops": compiled.custom_ops_for(self.kernels)})  # fmt: skip
+            # Two compiles, one per split count (a Python int of the graph: each distinct count is a compile of its
+            # own, tens of seconds on the H200): the small, latency-bound buckets take the split count of 2
+            # sequences, the rest that of COMPILED_FROM. No bucket 1: dynamo fixes a dimension of size 1, so it
+            # would be a third compile; one sequence replays bucket 2 with a padding row instead.
+            buckets = sorted({max(b, 2) for b in buckets})
+            small = [b for b in buckets if b < COMPILED_FROM]
+            groups = [(group, fused, (group[0], group[-1]))
+                      for group in (small, buckets[len(small):]) if group]  # fmt: skip
         largest, max_blocks = buckets[-1], self.config.max_blocks_per_seq
         device = self.device
         self.g_tokens = torch.zeros(largest, dtype=torch.long, device=device)
@@ -168,39 +268,29 @@ class ModelRunner:
         self.g_hidden = torch.zeros(largest, hidden_size, dtype=self.config.dtype, device=device)  # graph output
         starts = torch.arange(largest + 1, dtype=torch.int32, device=device)
         memory_pool = None
-        eager = (PagedAttention, self._eager_hidden_states, {})
-        compiled_from, compiled_splits = None, 1
-        if self.config.compile:  # LLM(compile=True): replay a torch.compile'd forward (compiled.py)
-            from . import compiled
-
-            ops = {"ops": compiled.custom_ops_for(self.kernels)}
-            fused = (compiled.CompiledPagedAttention, compiled.compile_decode_forward(), ops)
-            # One compile: the buckets from COMPILED_FROM up share one split count (a Python int of the graph, so
-            # each distinct count would be a compile of its own, tens of seconds each); the small, latency-bound
-            # buckets keep their own split counts and eager graphs.
-            compiled_from = min((b for b in buckets if b >= COMPILED_FROM), default=None)
-            if compiled_from is not None:
-                compiled_splits = self._num_splits(compiled_from, self.config.max_model_len)
         with torch.inference_mode():
-            for size in reversed(buckets):
-                use_compiled = compiled_from is not None and size >= compiled_from
-                backend_type, hidden_states, options = fused if use_compiled else eager
-                splits = compiled_splits if use_compiled else self._num_splits(size, self.config.max_model_len)
-                backend = backend_type(
-                    self.pool, self.kernels, self.g_slots[:size], self.g_tables[:size], self.g_seq_lens[:size],
-                    starts[: size + 1], max_query_len=1, max_seq_len=self.config.max_model_len, decode=True,
-                    num_splits=splits, **options,
-                )  # fmt: skip
+            for group, (backend_type, hidden_states, options), batch_range in reversed(groups):
+                # one split count for the whole group (compiled) or each bucket's own (eager)
+                splits = self._num_splits(group[0], self.config.max_model_len) if options else None
+                for size in reversed(group):
+                    backend = backend_type(
+                        self.pool, self.kernels, self.g_slots[:size], self.g_tables[:size], self.g_seq_lens[:size],
+                        starts[: size + 1], max_query_len=1, max_seq_len=self.config.max_model_len, decode=True,
+                        num_splits=splits or self._num_splits(size, self.config.max_model_len), **options,
+                    )  # fmt: skip
+                    run = functools.partial(hidden_states, batch_range=batch_range) if options else hidden_states
 
-                def forward(size: int = size, backend: PagedAttention = backend, run=hidden_states) -> None:
-                    tokens, positions = self.g_tokens[None, :size], self.g_positions[None, :size]
-                    self.g_hidden[:size].copy_(run(self.model, tokens, positions, backend)[0])
+                    def forward(size: int = size, backend: PagedAttention = backend, run=run) -> None:
+                        # (1, size) with strides (size, 1): [None, :size] would keep stride `largest`, and dynamo,
+                        # having seen stride == size in the largest bucket, would compile again for the next
+                        tokens, positions = self.g_tokens[:size][None], self.g_positions[:size][None]
+                        self.g_hidden[:size].copy_(run(self.model, tokens, positions, backend)[0])
 
-                if options:
-                    self.graphs[size] = self._record_compiled(forward, memory_pool, size)
-                else:
-                    self.graphs[size] = self._record(forward, memory_pool)
-                memory_pool = self.graphs[size].pool()
+                    if options:
+                        self.graphs[size] = self._record_compiled(forward, memory_pool, size)
+                    else:
+                        self.graphs[size] = self._record(forward, memory_pool)
+                    memory_pool = self.graphs[size].pool()
         self.graphs = dict(sorted(self.graphs.items()))  # smallest bucket first, for the lookup in run
 
     @staticmethod
