@@ -42,10 +42,10 @@ def model():
     return model
 
 
-def decode_state(num_seqs: int, seed: int) -> dict:
+def decode_state(num_seqs: int, seed: int, num_blocks: int = 64) -> dict:
     """A decode step of num_seqs sequences of random lengths over a pool of random keys and values."""
     gen = torch.Generator().manual_seed(seed)
-    num_blocks, width = 64, 8
+    width = 8
     lens = torch.randint(1, width * BLOCK + 1, (num_seqs,), generator=gen)
     tables = torch.randperm(num_blocks, generator=gen)[: num_seqs * width].view(num_seqs, width).int()
     pos = lens - 1
@@ -241,8 +241,8 @@ def test_compiled_engine_on_cuda_equals_eager_and_generate(model):
     the other steps) and nothing more while it serves prompts of many lengths in chunks of 64 tokens, with
     prefix-cache hits and chunks mixed with decode rows. In fp32 it gives the eager engine's and qwen3.generate's
     greedy tokens; in bf16 (where inductor may skip a rounding that eager does) the top log-probabilities of the
-    first token (a compiled prefill or mixed step) and of the second (a graph replay or a mixed step) match the eager engine's to
-    bf16 precision."""
+    first token (a compiled prefill or mixed step) and of the second (a graph replay or a mixed step) match the
+    eager engine's to bf16 precision."""
     import copy
 
     gen = torch.Generator().manual_seed(9)
@@ -405,6 +405,37 @@ def test_triton_ops_trace_into_one_graph_that_writes_the_pool_in_place(model, ki
     assert [n.kwargs["tensors_to_clone"] for n in kernels] == [[]] * len(kernels)
     copies = [n for n in gm.graph.nodes if n.target is torch.ops.aten.copy_.default]
     assert len(copies) == 1 and copies[0].args[0] is copies[0].args[1]  # the pool, onto itself
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (the GEMV modules import it)")
+@pytest.mark.parametrize("batch_range, takes_gemv", [((2, 8), True), ((16, 32), False), (None, False)])
+def test_the_small_buckets_range_lets_the_gemv_projections_in(model, batch_range, takes_gemv):
+    """The small decode buckets compile with the batch known to lie in 2..8, so the GEMV projections (use_gemv:
+    at most 16 rows) are traced into the graph, the same kernels the eager graphs ran; with the large buckets'
+    range, or none, the batch may exceed 16 and they take F.linear. Traced only (the graph is inspected)."""
+    import copy
+
+    from qwen3.kernels.gemv_linear import use_gemv
+
+    gemv_model = copy.deepcopy(model)
+    use_gemv(gemv_model, allow_cpu=True, lm_head=False)
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return lambda *args: pytest.fail("the captured graph is inspected, never run")
+
+    torch._dynamo.reset()
+    forward = compiled.compile_decode_forward(keep)
+    num_seqs = 5 if batch_range is None else batch_range[0] + 1
+    state = decode_state(num_seqs, 12, num_blocks=8 * num_seqs)
+    step = backend(state, state["pool"], compiled.CompiledPagedAttention, ops=compiled.REFERENCE_OPS)
+    with (torch.inference_mode(), torch._dynamo.config.patch(compiled.compile_settings()),
+          pytest.raises(BaseException, match="inspected, never run")):  # fmt: skip
+        forward(gemv_model, state["tokens"], state["positions"], step, batch_range=batch_range)
+    (gm,) = graphs
+    gemvs = [n for n in gm.graph.nodes if n.target is torch.ops.qwen3.gemv.default]
+    assert len(gemvs) == (7 * CONFIG.num_hidden_layers if takes_gemv else 0)  # q, k, v, o, gate, up, down
 
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
