@@ -10,7 +10,7 @@ CUDA graphs (decode only). A decode step of S sequences replays the graph of the
 1, 2, 4, 8, 16, 32, ...), captured once at start, largest first, into one shared memory pool. The graphs read
 static input tensors that each replay overwrites; padding rows write nowhere (slot -1) and attend to nothing
 (seq_lens 0). Nothing per-step is baked in: the decode kernel reads seq_lens on the device, and its grid and
-split count depend only on the bucket. Prefill and mixed steps run eagerly. The CPU never uses graphs.
+split count depend only on the bucket. Prefill and mixed steps run outside the graphs. The CPU never uses graphs.
 
 LLM(compile=True) (compiled.py): every graph records a torch.compile'd forward instead of the eager one, and the
 steps no graph replays call a second compiled forward, compiled at start on a step of max_num_batched_tokens
