@@ -235,6 +235,25 @@ def test_engine_compiled_on_cpu(model, monkeypatch):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
 
 
+def test_compiled_decode_buckets_take_two_split_counts_and_two_compiles(model, monkeypatch):
+    """compile=True captures buckets 2, 4, 8 (no bucket 1) with the split count of 2 sequences and 16, 32 with that
+    of 16: two compiles, one per range of batch sizes; each graph's backend holds its group's split count."""
+    monkeypatch.setattr(ModelRunner, "_record", staticmethod(lambda forward, memory_pool: Replayer(forward)))
+    llm = LLM(model, max_num_seqs=32, kv_cache_tokens=1024, block_size=BLOCK, max_model_len=64)
+    asked = []
+    monkeypatch.setattr(llm.runner, "_num_splits", lambda num_seqs, max_seq_len: asked.append(num_seqs) or
+                        (5 if num_seqs < 16 else 3))  # fmt: skip
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    llm.config.compile = True
+    llm.runner.capture_graphs()
+    assert list(llm.runner.graphs) == [2, 4, 8, 16, 32]
+    assert sorted(set(asked)) == [2, 16]
+    splits = {size: graph.forward.__defaults__[1].num_splits for size, graph in llm.runner.graphs.items()}
+    assert splits == {2: 5, 4: 5, 8: 5, 16: 3, 32: 3}
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_compiled_engine_on_cuda_equals_eager_and_generate(model):
     """On the GPU: LLM(compile=True) compiles three forwards at start (decode buckets 2-8, decode buckets 16-32,
