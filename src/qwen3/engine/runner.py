@@ -38,6 +38,7 @@ from .scheduler import ScheduledBatch
 from .sequence import Sequence
 
 if TYPE_CHECKING:
+    from .compiled import CompiledPagedAttention
     from .llm import InFlight
     from .tensor_parallel import TensorParallel
 
@@ -168,7 +169,8 @@ class ModelRunner:
     # -------------------------------------------------------------------------------------------
     # compile=True: the steps no graph replays
 
-    def _compiled_backend(self, slots: Tensor, tables: Tensor, seq_lens: Tensor, starts: Tensor):  # noqa: ANN202
+    def _compiled_backend(self, slots: Tensor, tables: Tensor, seq_lens: Tensor, starts: Tensor
+                          ) -> CompiledPagedAttention:  # fmt: skip
         """The backend of a compiled step: its max_query_len and max_seq_len are the engine's bounds, the same at
         every step (each distinct Python int would be a compile of its own)."""
         from .compiled import CompiledPagedAttention
