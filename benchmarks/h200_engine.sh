@@ -2,7 +2,9 @@
 # What one H200 call runs for the engine, the server and the decode kernels (through the device tool), in order:
 # the GPU tests, the kernel micro-benchmarks, engine throughput, the server load test, batch-1 decode.
 # Each part has its own time limit so that one failure cannot eat the others' time. Results land in $OUT.
-#   bash benchmarks/h200_engine.sh [tests] [kernels] [throughput] [serve] [decode] [startup] [profile] [prefill] (default: all)
+#   bash benchmarks/h200_engine.sh [tests] [kernels] [throughput] [compiled] [compiled-engine] [gemv] [engine-gemv]
+#                                  [serve] [serve-auto] [decode] [startup] [sampler] [prefill] [profile]
+#   (default: tests kernels throughput serve decode startup profile)
 # Packages the device image lacks (fastapi, uvicorn, uvloop, pydantic, prompt_toolkit) travel as wheels in .whl/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -31,7 +33,7 @@ run() {  # run <seconds> <name> <command...>: one part, its output in the log an
 }
 
 if [[ " $parts " == *" tests "* ]]; then
-  run 240 tests python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_engine.py \
+  run 330 tests python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_engine.py \
     tests/test_engine_compile.py tests/test_kernels.py tests/test_gemv_linear.py tests/test_triton_sampling.py \
     -k "cuda or gpu or triton or graph or kernel or compile or fp8 or gemv" -rs
 fi
@@ -42,8 +44,11 @@ if [[ " $parts " == *" throughput "* ]]; then
   run 280 "throughput$TAG" python3 benchmarks/throughput.py $THROUGHPUT_FLAGS --results "$OUT/results.md"
 fi
 if [[ " $parts " == *" compiled "* ]]; then
-  run 280 "compiled$TAG" python3 benchmarks/throughput.py --compile --trace --skip-transformers --skip-padded \
+  run 560 "compiled$TAG" python3 benchmarks/throughput.py --compile --trace --skip-transformers --skip-padded \
     $THROUGHPUT_FLAGS --results "$OUT/results.md"
+fi
+if [[ " $parts " == *" compiled-engine "* ]]; then  # compile=True against eager: a prefill step, batch 1 and 8
+  run 400 compiled-engine python3 benchmarks/compiled_engine.py
 fi
 if [[ " $parts " == *" gemv "* ]]; then
   run 120 gemv python3 benchmarks/decode.py --gemv

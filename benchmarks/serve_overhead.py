@@ -26,6 +26,7 @@ import json
 import os
 import re
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -41,6 +42,7 @@ class FakeLLM:
         from types import SimpleNamespace
 
         self.tokenizer, self.max_model_len = tokenizer, max_model_len
+        self.config = SimpleNamespace(vocab_size=tokenizer.vocab_size)
         self.max_num_seqs, self.step_s, self.host_s = max_num_seqs, step_ms / 1000, host_ms / 1000
         self.waiting: list = []
         self.running: list = []
@@ -205,6 +207,7 @@ def main() -> int:
     p.add_argument("--stream-interval", default="1", help="AsyncLLM's stream_interval: N or auto (default 1)")
     p.add_argument("--route", choices=["completions", "chat"], default="completions")
     p.add_argument("--max-seconds", type=float, default=120.0)
+    p.add_argument("--py-spy", type=Path, metavar="FILE", help="record the server process with py-spy (collapsed stacks)")
     args = p.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
     if args.serve_worker:
@@ -223,7 +226,14 @@ def main() -> int:
         if url is None:
             raise RuntimeError("the server did not start")
         cpu = _cpu_seconds(server.pid)
+        spy = None
+        if args.py_spy:  # samples the server while the clients run (attached by pid: it needs ptrace rights)
+            spy = subprocess.Popen(["py-spy", "record", "-r", "250", "--format", "raw", "-o", str(args.py_spy),
+                                    "--pid", str(server.pid), "-d", str(int(args.max_seconds))])  # fmt: skip
         http = asyncio.run(http_clients(url, args))
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)  # py-spy writes its file on Ctrl-C
+            spy.wait(30)
         http["server_cpu"] = _cpu_seconds(server.pid) - cpu
     finally:
         server.terminate()
