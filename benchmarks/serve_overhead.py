@@ -207,7 +207,7 @@ def main() -> int:
     p.add_argument("--stream-interval", default="1", help="AsyncLLM's stream_interval: N or auto (default 1)")
     p.add_argument("--route", choices=["completions", "chat"], default="completions")
     p.add_argument("--max-seconds", type=float, default=120.0)
-    p.add_argument("--py-spy", type=Path, metavar="FILE", help="record the server process with py-spy (collapsed stacks)")
+    p.add_argument("--py-spy", type=Path, metavar="FILE", help="record the server with py-spy (collapsed stacks)")
     args = p.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
     if args.serve_worker:

@@ -25,7 +25,7 @@ class EngineConfig:
     enforce_eager: bool
     vocab_size: int
     eos_token_ids: tuple[int, ...]
-    compile: bool = False  # the decode CUDA graphs replay a torch.compile'd forward (compiled.py)
+    compile: bool = False  # every step runs a torch.compile'd forward, in the decode graphs and outside (compiled.py)
 
     @property
     def max_blocks_per_seq(self) -> int:

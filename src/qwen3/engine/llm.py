@@ -181,7 +181,7 @@ class LLM:
             raise ValueError(f"LLM: quantize={quantize!r} must be None or 'int8'")
         if not isinstance(compile, bool) or (compile and (enforce_eager or tensor_parallel_size != 1)):
             raise ValueError(f"LLM: compile={compile!r} must be a bool, and True only without enforce_eager and "
-                             "tensor parallelism (it compiles the decode CUDA graphs)")
+                             "tensor parallelism (it compiles the CUDA-graph engine's forward)")
 
         self.tp = None  # the tensor-parallel workers (tensor_parallel.py), when tensor_parallel_size > 1
         self._tp_settings = None

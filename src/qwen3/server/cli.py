@@ -34,8 +34,8 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
                    help="keys and values in the model's dtype (auto), or fp8 e4m3: twice the tokens in the cache")
     p.add_argument("--compile", action="store_true",
-                   help="CUDA: decode steps replay a torch.compile'd forward (1.5x the throughput on an H200; about "
-                        "two minutes more to start)")  # fmt: skip
+                   help="CUDA: every step runs a torch.compile'd forward (1.6x the throughput on an H200; about "
+                        "four minutes more to start)")  # fmt: skip
     # dest is not "tp": qwen3.cli restarts commands with an args.tp under torchrun; the engine starts its own workers
     p.add_argument("--tp", dest="tensor_parallel_size", type=positive_int, default=1,
                    help="tensor-parallel size: GPUs (processes) the engine splits the model over")  # fmt: skip
