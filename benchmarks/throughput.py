@@ -206,6 +206,8 @@ def main() -> None:
                    help="LLM(compile=True): decode graphs replay a compiled forward (start-up includes compiling)")
     args = p.parse_args()
     cuda = args.device.startswith("cuda")
+    if args.compile and not cuda:
+        p.error("--compile needs CUDA (LLM(compile=True) compiles the CUDA-graph engine)")
     temperature = 0.6
     if cuda:  # nano-vllm's numbers
         num, peers, lo, hi, max_model_len, dtype = 256, 64, 100, 1024, 4096, torch.bfloat16
