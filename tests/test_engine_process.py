@@ -143,7 +143,26 @@ def test_a_dead_engine_process_fails_its_requests(local):
                     pass
             with pytest.raises(RuntimeError, match="engine process has exited"):
                 await anext(engine.generate(prompt, long))
+            assert engine.dead == f"the engine process has exited (exit code {-signal.SIGKILL})"
         finally:
             await engine.shutdown()
 
     asyncio.run(main())
+
+
+def test_health_is_503_once_the_engine_process_is_gone():
+    from fastapi.testclient import TestClient
+
+    from qwen3.server.app import create_app
+    from qwen3.server.serving import ServingContext
+
+    engine = AsyncLLM.spawn(LLM, "demo", kv_cache_tokens=KV_TOKENS)
+    assert engine.dead is None
+    with TestClient(create_app(engine, ServingContext.for_engine(engine, "demo"))) as client:
+        assert client.get("/health").json() == {"status": "ok"}
+        os.kill(engine._core.process.pid, signal.SIGKILL)
+        engine._core._reader.join(30)
+        response = client.get("/health")
+        assert response.status_code == 503
+        error = response.json()["error"]
+        assert error["code"] == "engine_dead" and f"exit code {-signal.SIGKILL}" in error["message"]

@@ -228,6 +228,11 @@ class AsyncLLM:
     def stats(self) -> EngineStats:
         return self._core.stats()
 
+    @property
+    def dead(self) -> str | None:
+        """Why the engine can take no more requests (its process has exited), or None while it runs."""
+        return getattr(self._core, "dead", None)
+
     async def shutdown(self) -> None:
         """Stop the engine (running requests end with "abort") and wait for it."""
         if not self._stopping:

@@ -537,7 +537,11 @@ def create_app(
     app.add_api_route("/v1/models", server.models, methods=["GET"])
 
     @app.get("/health")
-    async def health() -> dict[str, str]:
+    async def health() -> Any:
+        dead = getattr(engine, "dead", None)  # an engine process that has exited: nothing can be served
+        if dead:
+            return _error_response(APIError(f"The engine is not running: {dead}", status=503, type="server_error",
+                                            code="engine_dead"))  # fmt: skip
         return {"status": "ok"}
 
     @app.get("/metrics")
