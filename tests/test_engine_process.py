@@ -166,3 +166,22 @@ def test_health_is_503_once_the_engine_process_is_gone():
         assert response.status_code == 503
         error = response.json()["error"]
         assert error["code"] == "engine_dead" and f"exit code {-signal.SIGKILL}" in error["message"]
+
+
+def test_spawned_engine_with_tensor_parallel_workers():
+    """The engine process is not a daemon, so a tensor-parallel engine can start its worker processes from it."""
+    single = LLM("demo", device="cpu", kv_cache_tokens=KV_TOKENS)
+    prompt = random_prompts([12], single.config.vocab_size, seed=6)[0]
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    want = single.generate([prompt], params, use_tqdm=False)[0]
+
+    async def main():
+        engine = AsyncLLM.spawn(LLM, "demo", device="cpu", kv_cache_tokens=KV_TOKENS, tensor_parallel_size=2)
+        try:
+            return await collect(engine, prompt, params)
+        finally:
+            await engine.shutdown()
+
+    outs = asyncio.run(main())
+    assert sum((o.new_token_ids for o in outs), []) == want.token_ids
+    assert "".join(o.new_text for o in outs) == want.text
