@@ -166,6 +166,9 @@ def test_health_is_503_once_the_engine_process_is_gone():
         assert response.status_code == 503
         error = response.json()["error"]
         assert error["code"] == "engine_dead" and f"exit code {-signal.SIGKILL}" in error["message"]
+        # requests get the same 503, not a 500 with a traceback in the log each
+        response = client.post("/v1/completions", json={"model": "demo", "prompt": "ROMEO:", "max_tokens": 4})
+        assert response.status_code == 503 and response.json()["error"]["code"] == "engine_dead"
 
 
 def test_spawned_engine_with_tensor_parallel_workers():
@@ -185,3 +188,51 @@ def test_spawned_engine_with_tensor_parallel_workers():
     outs = asyncio.run(main())
     assert sum((o.new_token_ids for o in outs), []) == want.token_ids
     assert "".join(o.new_text for o in outs) == want.text
+
+
+@pytest.mark.parametrize("spawned", [False, True])
+def test_a_late_abort_does_not_touch_a_newer_request_with_the_same_id(local, spawned):
+    """A consumer that never read its request's last output closes the iterator after the id was reused: the old
+    iterator's abort must not reach the new request."""
+    prompt = random_prompts([6], local.config.vocab_size, seed=7)[0]
+    short = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    longer = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+
+    async def main():
+        engine = AsyncLLM.spawn(LLM, "demo", kv_cache_tokens=KV_TOKENS) if spawned else AsyncLLM(local)
+        try:
+            old = engine.generate(prompt, short, request_id="x")
+            assert not (await anext(old)).finished  # its first tokens; the rest and the end are never read
+            await wait_for(engine, lambda s: s.num_running == 0)
+            new = engine.generate(prompt, longer, request_id="x")
+            first = await anext(new)
+            await old.aclose()  # the late close of the old iterator
+            outs = [first] + [out async for out in new]
+            return outs
+        finally:
+            await engine.shutdown()
+
+    outs = asyncio.run(main())
+    assert outs[-1].finish_reason == "length" and sum(len(o.new_token_ids) for o in outs) == 200
+
+
+def test_a_failing_engine_thread_fails_its_requests_and_refuses_new_ones(monkeypatch):
+    llm = LLM("demo", kv_cache_tokens=KV_TOKENS)
+    prompt = random_prompts([6], llm.config.vocab_size, seed=8)[0]
+
+    def broken(*args, **kwargs):
+        raise TypeError("a bug outside the step")
+
+    async def main():
+        engine = AsyncLLM(llm)
+        try:
+            monkeypatch.setattr(llm, "make_sequence", broken)
+            with pytest.raises(RuntimeError, match="engine loop failed \\(TypeError: a bug outside the step\\)"):
+                await anext(engine.generate(prompt, SamplingParams(max_tokens=3)))
+            assert engine.dead.startswith("the engine loop failed")
+            with pytest.raises(RuntimeError, match="engine loop failed"):
+                await anext(engine.generate(prompt, SamplingParams(max_tokens=3)))
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(main())

@@ -115,7 +115,7 @@ UNSCRIPTED = [{"role": "user", "content": "Tell me a long story about " + "a dra
 class Server:
     """A server process and its URL; stopped (and its output shown on failure) at teardown."""
 
-    def __init__(self, command: list[str], tmp: Path, timeout: float = 120) -> None:
+    def __init__(self, command: list[str], tmp: Path, timeout: float = 120, new_session: bool = False) -> None:
         self.log = tmp / "server.log"
         self.proc = subprocess.Popen(
             command,
@@ -123,6 +123,7 @@ class Server:
             stderr=open(self.log, "w"),
             text=True,
             cwd=HERE.parent,
+            start_new_session=new_session,  # its own process group, as systemd or a terminal gives it
             # small models on a shared CPU: one intra-op thread each, no oversubscription
             env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
         )
@@ -622,3 +623,32 @@ def test_qwen3_serve_demo_32_concurrent_streams_equal_their_solo_answers(demo_se
     # chat through the page's route works on the demo model too
     r = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "Speak"}], max_tokens=5)
     assert r.usage.completion_tokens <= 5 and r.choices[0].message.role == "assistant"
+
+
+def test_sigterm_to_the_whole_process_group_drains(tmp_path):
+    """systemd, `timeout` and `kill -TERM -PGID` signal every process of the group, the engine process too: it
+    must leave the stopping to the server, which finishes the stream in flight, stops the engine and exits 0."""
+    command = [sys.executable, "-m", "qwen3.cli", "serve", "--model", "demo", "--port", "0", "--device", "cpu"]
+    s = Server(command, tmp_path, new_session=True)
+    try:
+        body = {"model": "demo", "prompt": "ROMEO:", "max_tokens": 60, "temperature": 0, "ignore_eos": True,
+                "stream": True}  # fmt: skip
+        with httpx.Client(timeout=60) as http, http.stream("POST", s.url + "/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            next(lines)
+            os.killpg(s.proc.pid, signal.SIGTERM)
+            rest = [line for line in lines if line]
+        events = [json.loads(line[6:]) for line in rest if line.startswith("data: {")]
+        assert rest[-1] == "data: [DONE]" and events[-1]["choices"][0]["finish_reason"] == "length"
+        assert s.proc.wait(60) == 0
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # the engine process is gone with the server
+            try:
+                os.killpg(s.proc.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("a process of the server's group is still running")
+    finally:
+        s.stop()

@@ -103,13 +103,23 @@ def auto_stream_interval(num_streams: int) -> int:
 class _ThreadCore:
     """The EngineLoop in a background thread of this process, fed through a thread-safe queue."""
 
-    def __init__(self, llm: LLM, deliver: Callable[[list[Output]], None]) -> None:
+    def __init__(self, llm: LLM, deliver: Callable[[list[Output]], None], in_flight: Callable[[], list[str]]
+                 ) -> None:  # fmt: skip
         self.llm = llm
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
+        self._deliver, self._in_flight = deliver, in_flight
+        self.dead: str | None = None  # why the loop has stopped, if it failed
         loop = EngineLoop(llm, self._receive, lambda outputs, stats: deliver(outputs) if outputs else None)
-        self._thread = threading.Thread(target=loop.run, name="qwen3-engine", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(loop,), name="qwen3-engine", daemon=True)
         self._thread.start()
+
+    def _run(self, loop: EngineLoop) -> None:
+        try:
+            loop.run()
+        except BaseException as error:  # noqa: BLE001 - a bug outside a step: fail what waits, refuse new requests
+            self.dead = f"the engine loop failed ({type(error).__name__}: {error})"
+            self._deliver([(request_id, RuntimeError(f"AsyncLLM: {self.dead}")) for request_id in self._in_flight()])
 
     def _receive(self, block: bool) -> list:
         if block:
@@ -123,6 +133,8 @@ class _ThreadCore:
                 return items
 
     def send(self, kind: str, item: Any) -> None:
+        if self.dead is not None and kind == "add":
+            raise RuntimeError(f"AsyncLLM: {self.dead}")
         self._inbox.put((kind, item))
         self._wake.set()
 
@@ -146,14 +158,15 @@ class AsyncLLM:
         self._setup(stream_interval)
         self.tokenizer, self.max_model_len, self.vocab_size = llm.tokenizer, llm.max_model_len, llm.config.vocab_size
         self.llm = llm
-        self._core: Any = _ThreadCore(llm, self._deliver)
+        self._core: Any = _ThreadCore(llm, self._deliver, lambda: list(self._streams))
 
     @classmethod
     def spawn(cls, factory: Callable[..., LLM], *args: Any, stream_interval: int | str = 1, **kwargs: Any
               ) -> AsyncLLM:  # fmt: skip
         """An AsyncLLM whose engine, `factory(*args, **kwargs)` (e.g. `qwen3.LLM` and its arguments), is built and
-        stepped in a process of its own (spawned; the factory and its arguments must pickle). Returns once the
-        model is loaded; an error building it is raised here."""
+        stepped in a process of its own (spawned; the factory and its arguments must pickle, and a script that
+        calls this needs the `if __name__ == "__main__":` guard, as always with spawn). Returns once the model is
+        loaded; an error building it is raised here."""
         from .engine_process import EngineProcess
 
         self = cls.__new__(cls)
@@ -218,7 +231,8 @@ class AsyncLLM:
                 if finished:
                     return
         finally:
-            if not finished:
+            # Unfinished: abort it, unless its end was delivered already and the id may belong to a newer request.
+            if not finished and self._streams.get(request_id) is stream:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
@@ -230,8 +244,8 @@ class AsyncLLM:
 
     @property
     def dead(self) -> str | None:
-        """Why the engine can take no more requests (its process has exited), or None while it runs."""
-        return getattr(self._core, "dead", None)
+        """Why the engine can take no more requests (its process has exited, its loop failed), or None."""
+        return self._core.dead
 
     async def shutdown(self) -> None:
         """Stop the engine (running requests end with "abort") and wait for it."""

@@ -69,14 +69,22 @@ def _pack(outputs: list[Output], announced: set[str]) -> list[tuple]:
 
 def engine_main(conn: Connection, factory: Callable[..., Any], args: tuple, kwargs: dict) -> None:
     """The engine process: build the LLM, report, then run the loop on the pipe."""
+    # The serving process decides when the engine stops: a Ctrl-C, or a SIGTERM sent to the whole process group
+    # (systemd, `timeout`, `kill -TERM -PGID`), must not end it while the server drains. A handler that does
+    # nothing, not SIG_IGN: ignored signals stay ignored across exec, in the tensor-parallel workers too.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
         llm = factory(*args, **kwargs)
     except BaseException as error:  # noqa: BLE001 - reported to the serving process, which raises it
         conn.send(("error", _portable(error)))
         return
-    conn.send(("ready", {"tokenizer": llm.tokenizer, "max_model_len": llm.max_model_len,
-                         "vocab_size": llm.config.vocab_size}))  # fmt: skip
+    try:
+        conn.send(("ready", {"tokenizer": llm.tokenizer, "max_model_len": llm.max_model_len,
+                             "vocab_size": llm.config.vocab_size}))  # fmt: skip
+    except (BrokenPipeError, OSError):  # the serving process is gone already
+        llm.shutdown()
+        return
     announced: set[str] = set()
 
     def receive(block: bool) -> list:
@@ -118,14 +126,19 @@ class EngineProcess:
         self.dead: str | None = None  # why the engine process is gone, once it is
         atexit.register(self.close)  # runs before multiprocessing's own exit hook joins the process
         try:
-            message = self._conn.recv() if self._conn.poll(STARTUP_TIMEOUT_S) else ("error", None)
+            message = self._conn.recv() if self._conn.poll(STARTUP_TIMEOUT_S) else ("timeout", None)
         except (EOFError, OSError):
             message = ("error", None)
+        except BaseException:  # Ctrl-C while the model loads: the loading process cannot read "stop", end it now
+            self._kill()
+            raise
         if message[0] != "ready":
-            self.close()
+            self._kill()
             error = message[1]
             if isinstance(error, BaseException):
                 raise error
+            if message[0] == "timeout":
+                raise RuntimeError(f"the engine process did not load the model within {STARTUP_TIMEOUT_S:.0f} s")
             code = self.process.exitcode
             raise RuntimeError(f"the engine process exited while loading the model (exit code {code})")
         info = message[1]
@@ -171,9 +184,10 @@ class EngineProcess:
                 outputs.append((request_id, StreamOutput(request_id, tokens, text, finished, reason, prompt, cached,
                                                          count, logprobs)))  # fmt: skip
             self._deliver(outputs)
-        self.process.join(STOP_TIMEOUT_S)
+        self.process.join(2.0)  # for its exit code; the requests in flight must not wait longer than that
         code = self.process.exitcode
-        self.dead = f"the engine process has exited (exit code {code})"
+        self.dead = f"the engine process has exited (exit code {code})" if code is not None else (
+            "the engine process closed its pipe")
         # A clean stop has ended every request already; after a crash these fail.
         self._deliver([(request_id, RuntimeError(f"AsyncLLM: {self.dead}")) for request_id in self._in_flight()])
 
@@ -182,7 +196,7 @@ class EngineProcess:
         self.close()
 
     def close(self) -> None:
-        """Make sure the engine process is gone: ask it to stop, then terminate it if it does not."""
+        """Make sure the engine process is gone: ask it to stop, then kill it if it does not (it ignores SIGTERM)."""
         atexit.unregister(self.close)
         if self.process.is_alive():
             try:
@@ -191,7 +205,11 @@ class EngineProcess:
             except (BrokenPipeError, OSError, AttributeError):
                 pass
             self.process.join(STOP_TIMEOUT_S)
-            if self.process.is_alive():
-                self.process.terminate()
-                self.process.join(5.0)
+        self._kill()
+
+    def _kill(self) -> None:
+        atexit.unregister(self.close)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(5.0)
         self._conn.close()

@@ -216,6 +216,9 @@ class OpenAIServer:
             )
 
     def admit(self, num_requests: int) -> None:
+        dead = getattr(self.engine, "dead", None)  # its process has exited: 503, as /health says, not a 500 each
+        if dead:
+            raise APIError(f"The engine is not running: {dead}", status=503, type="server_error", code="engine_dead")
         if self.max_waiting is None:
             return
         waiting = max(self.in_flight + num_requests - self.max_num_seqs, self.engine.stats().num_waiting)

@@ -8,6 +8,7 @@ the `serve` extra; without it, `qwen3 serve` says which extra to install.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from pathlib import Path
 from typing import Any
@@ -142,6 +143,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # The engine steps in a process of its own, so that its Python work does not share the GIL with the
         # server's (engine_process.py).
         engine = AsyncLLM.spawn(LLM, str(directory), stream_interval=args.stream_interval, **kwargs)
+    except BaseException:
+        sock.close()
+        raise
+    try:
         ctx = ServingContext.for_engine(engine, args.served_model_name or args.model, directory)
         app = create_app(
             engine,
@@ -152,6 +157,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     except BaseException:
         sock.close()
+        asyncio.run(engine.shutdown())
         raise
     banner = f"qwen3 serve: {ctx.model_name} on {{url}} (chat page at /, OpenAI API at /v1)"
     return run_server(app, sock=sock, drain_timeout=args.drain_timeout, banner=banner)
