@@ -13,8 +13,9 @@ At batch 1 every weight is read once per token, so the ceiling is bandwidth / by
                                                       # bf16 and int8, and the logits of both paths
     python benchmarks/decode.py --engine-gemv --device cpu   # its dry run: a tiny model, the kernel interpreted
 
---cpu times qwen3 fp32, qwen3 int8 with PyTorch's int8pack kernel (Int8Linear's "auto" before the CPU kernel:
-x rounded to bf16), qwen3 int8 with qwen3's own CPU kernel (qwen3/kernels/int8_cpu.py, "auto" now; it is
+--cpu times qwen3 fp32 (PyTorch's GEMV, then qwen3's CPU kernel through use_cpu_gemv, as generate and chat run
+it on the CPU), qwen3 int8 with PyTorch's int8pack kernel (Int8Linear's "auto" before the CPU kernel:
+x rounded to bf16), qwen3 int8 with qwen3's own CPU kernel (qwen3/kernels/cpu_gemv.py, "auto" now; it is
 built first if needed), and transformers fp32, on the same random-init checkpoint in one process.
 
 --gemv (about a minute on an H200) times one GEMV / small-M matmul of every Qwen3-0.6B projection shape, as a
@@ -219,15 +220,18 @@ def cpu_int8_kernels(directory: Path, prompt: torch.Tensor, new_tokens: int, rou
 
     from transformers import Qwen3ForCausalLM
 
-    from qwen3.kernels import int8_cpu
+    from qwen3.kernels import cpu_gemv
+    from qwen3.kernels.cpu_linear import use_cpu_gemv
     from qwen3.quantize import quantize_int8
 
     fp32 = qwen3.load_model(directory, dtype=torch.float32)
+    fp32_kernel = qwen3.load_model(directory, dtype=torch.float32)
+    use_cpu_gemv(fp32_kernel)  # what qwen3 generate and chat do on the CPU
     int8 = quantize_int8(qwen3.load_model(directory, dtype=torch.float32))
     ref = Qwen3ForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-    isa = int8_cpu.cpu_isa()
-    if not int8_cpu.available():
-        print(f"qwen3's int8 CPU kernel is not available here (instruction set: {isa})")
+    isa = cpu_gemv.cpu_isa()
+    if not cpu_gemv.available():
+        print(f"qwen3's CPU kernel is not available here (instruction set: {isa})")
     hf_args = dict(do_sample=False, pad_token_id=0)
 
     def qwen3_run(model, kernel_on: bool):
@@ -256,7 +260,9 @@ def cpu_int8_kernels(directory: Path, prompt: torch.Tensor, new_tokens: int, rou
         ("qwen3", "float32 eager", qwen3_run(fp32, True), bytes_per_token(fp32)),
         ("qwen3", "float32 int8 weights, PyTorch int8pack kernel", qwen3_run(int8, False), bytes_per_token(int8)),
     ]
-    if int8_cpu.available():
+    if cpu_gemv.available():
+        variants.insert(1, ("qwen3", f"float32 weights, qwen3 CPU kernel ({isa})", qwen3_run(fp32_kernel, True),
+                            bytes_per_token(fp32)))  # fmt: skip
         variants.append(("qwen3", f"float32 int8 weights, qwen3 CPU kernel ({isa})", qwen3_run(int8, True),
                          bytes_per_token(int8)))  # fmt: skip
     variants.append(("transformers", "float32 dynamic cache", hf_run, bytes_per_token(fp32)))

@@ -1,6 +1,6 @@
 """qwen3.kernels against their references.
 
-CPU int8 GEMV (int8_cpu): against a float64 computation on random shapes (in_features not a multiple of 16,
+CPU int8 GEMV (cpu_gemv): against a float64 computation on random shapes (in_features not a multiple of 16,
 odd out_features, 1-8 rows, fp32 and bf16 x), in every instruction-set variant this CPU runs; Int8Linear's
 "auto" takes it for few rows, and where it cannot be built (simulated) falls back to PyTorch's kernels with
 the same results as before. The kernel is built once per test session (a few seconds; cached on disk).
@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import fix_triton_interpreter_scalars, run_in_triton_interpreter
-from qwen3.kernels import int8_cpu
+from qwen3.kernels import cpu_gemv
 from qwen3.quantize import CPU_GEMV_MAX_ROWS, Int8Linear, quantize_per_row
 
 FP32_U = 2.0**-24
@@ -32,12 +32,12 @@ def generator(seed: int) -> torch.Generator:
 @pytest.fixture(scope="module")
 def isas() -> list[str]:
     """The kernel variants this machine builds and runs (AVX-512 CPUs run the AVX2 one too)."""
-    best = int8_cpu.cpu_isa()
-    if best is None or int8_cpu.compiler() is None:
+    best = cpu_gemv.cpu_isa()
+    if best is None or cpu_gemv.compiler() is None:
         pytest.skip("no x86 CPU with AVX2, or no C++ compiler")
     variants = ["avx512", "avx2"] if best == "avx512" else ["avx2"]
     for isa in variants:
-        assert int8_cpu.library(isa) is not None, f"the {isa} kernel did not build"
+        assert cpu_gemv.library(isa) is not None, f"the {isa} kernel did not build"
     return variants
 
 
@@ -69,7 +69,7 @@ def test_int8_gemv_matches_float64_reference(isas, in_features, out_features, dt
     for rows in range(1, 9):
         x = torch.randn(rows, in_features, generator=generator(rows)).to(dtype)
         for isa in isas:
-            y = int8_cpu.int8_gemv(x, q, s, isa=isa)
+            y = cpu_gemv.int8_gemv(x, q, s, isa=isa)
             assert y.dtype == dtype and y.shape == (rows, out_features)
             check_against_float64(y, x, q, s)
 
@@ -77,31 +77,31 @@ def test_int8_gemv_matches_float64_reference(isas, in_features, out_features, dt
 def test_int8_gemv_keeps_leading_dimensions_and_mixed_scale_dtype(isas):
     q, s = random_int8(45, 70, seed=1, scale_dtype=torch.bfloat16)
     x = torch.randn(2, 3, 70, generator=generator(2))  # fp32 x, bf16 scales
-    y = int8_cpu.int8_gemv(x, q, s)
+    y = cpu_gemv.int8_gemv(x, q, s)
     assert y.shape == (2, 3, 45) and y.dtype == torch.float32
     check_against_float64(y, x, q, s)
     x_view = torch.randn(70, 6, generator=generator(3)).T[:4]  # not contiguous
-    check_against_float64(int8_cpu.int8_gemv(x_view, q, s), x_view, q, s)
+    check_against_float64(cpu_gemv.int8_gemv(x_view, q, s), x_view, q, s)
 
 
 def test_int8_gemv_rejects_bad_operands(isas):
     q, s = random_int8(8, 32, seed=4)
     with pytest.raises(ValueError, match="x: expected"):
-        int8_cpu.int8_gemv(torch.randn(1, 31), q, s)
+        cpu_gemv.int8_gemv(torch.randn(1, 31), q, s)
     with pytest.raises(ValueError, match="x: expected"):
-        int8_cpu.int8_gemv(torch.randn(1, 32).half(), q, s)
+        cpu_gemv.int8_gemv(torch.randn(1, 32).half(), q, s)
     with pytest.raises(ValueError, match="q: expected"):
-        int8_cpu.int8_gemv(torch.randn(1, 32), q.T.contiguous().T, s)
+        cpu_gemv.int8_gemv(torch.randn(1, 32), q.T.contiguous().T, s)
     with pytest.raises(ValueError, match="s: expected"):
-        int8_cpu.int8_gemv(torch.randn(1, 32), q, s[:7])
+        cpu_gemv.int8_gemv(torch.randn(1, 32), q, s[:7])
 
 
 def test_build_is_cached_and_announced(isas, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    path = int8_cpu.build(isas[-1])
+    path = cpu_gemv.build(isas[-1])
     assert path.parent == tmp_path and path.exists()
-    assert capsys.readouterr().err.strip() == int8_cpu.BUILD_NOTICE
-    assert int8_cpu.build(isas[-1]) == path  # the second process finds it
+    assert capsys.readouterr().err.strip() == cpu_gemv.BUILD_NOTICE
+    assert cpu_gemv.build(isas[-1]) == path  # the second process finds it
     assert capsys.readouterr().err == ""
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no partial files left
 
@@ -119,10 +119,10 @@ def test_auto_takes_the_cpu_kernel_for_few_rows(isas, dtype):
     few = torch.randn(2, 3, 80, generator=generator(6)).to(dtype)
     many = torch.randn(1, CPU_GEMV_MAX_ROWS + 1, 80, generator=generator(7)).to(dtype)
     with torch.no_grad():
-        assert torch.equal(module(few), int8_cpu.int8_gemv(few, module.weight, module.weight_scale))
+        assert torch.equal(module(few), cpu_gemv.int8_gemv(few, module.weight, module.weight_scale))
         check_against_float64(module(few), few, module.weight, module.weight_scale)
         module.kernel = "cpu_gemv"  # explicit: any number of rows
-        assert torch.equal(module(many), int8_cpu.int8_gemv(many, module.weight, module.weight_scale))
+        assert torch.equal(module(many), cpu_gemv.int8_gemv(many, module.weight, module.weight_scale))
         module.kernel = "auto"
         assert torch.equal(module(many), module.forward_plain(many))  # prefill: as before
     x = few.clone().requires_grad_()
@@ -135,17 +135,17 @@ def test_fallback_where_the_kernel_cannot_be_built(monkeypatch, capsys, dtype):
     """No compiler (simulated): one line on stderr, and auto computes what it computed before the kernel."""
 
     def no_compiler(isa: str):
-        raise int8_cpu.KernelBuildError("no C++ compiler found (set CXX or install g++)")
+        raise cpu_gemv.KernelBuildError("no C++ compiler found (set CXX or install g++)")
 
-    monkeypatch.setattr(int8_cpu, "_libraries", {})
-    monkeypatch.setattr(int8_cpu, "build", no_compiler)
+    monkeypatch.setattr(cpu_gemv, "_libraries", {})
+    monkeypatch.setattr(cpu_gemv, "build", no_compiler)
     module = int8_linear(64, 24, dtype, seed=8)
     x = torch.randn(1, 2, 64, generator=generator(9)).to(dtype)
     with torch.no_grad():
         y = module(x)
-        if int8_cpu.cpu_isa() is not None:
-            assert "int8 CPU kernel unavailable (no C++ compiler found" in capsys.readouterr().err
-        assert not int8_cpu.available()
+        if cpu_gemv.cpu_isa() is not None:
+            assert "CPU GEMV kernel unavailable (no C++ compiler found" in capsys.readouterr().err
+        assert not cpu_gemv.available()
         expected = module.forward_int8pack(x.bfloat16()).to(dtype)  # the previous rule: int8pack in bf16
         assert torch.equal(y, expected)
         with pytest.raises(RuntimeError, match="not available"):
@@ -155,7 +155,7 @@ def test_fallback_where_the_kernel_cannot_be_built(monkeypatch, capsys, dtype):
 
 def test_environment_switch_turns_the_kernel_off(monkeypatch):
     monkeypatch.setenv("QWEN3_CPU_KERNEL", "0")
-    assert int8_cpu.library() is None and not int8_cpu.available()
+    assert cpu_gemv.library() is None and not cpu_gemv.available()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -283,3 +283,80 @@ def test_triton_gemv_custom_op(gt, M):
         torch.library.opcheck(torch.ops.qwen3.gemv.default, (x, weight, scale))
     with pytest.raises(ValueError, match="x must be 2-D"):
         torch.ops.qwen3.gemv(x[None], w, None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# float32 weights: float_gemv and CpuGemvLinear (cpu_linear.py)
+
+
+def check_float_against_float64(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+    x64, w64 = x.double().reshape(-1, w.shape[1]), w.double()
+    exact = x64 @ w64.T
+    bound = (w.shape[1] + 2) * FP32_U * (x64.abs() @ w64.abs().T)  # float32 accumulation in any order
+    if y.dtype == torch.bfloat16:
+        bound = bound + BF16_U * (exact.abs() + bound)
+    error = (y.double().reshape(exact.shape) - exact).abs()
+    assert (error <= bound).all(), f"max error {error.max():.3e}"
+
+
+def test_float_gemv_against_float64(isas):
+    gen = generator(21)
+    for isa in isas:
+        for _ in range(6):
+            out_features = int(torch.randint(1, 70, (1,), generator=gen))  # not a multiple of the 4-row tiles
+            in_features = int(torch.randint(1, 300, (1,), generator=gen))  # nor of 16 (masked remainder)
+            rows = int(torch.randint(1, 7, (1,), generator=gen))  # more than one pass of x rows
+            w = torch.randn(out_features, in_features, generator=gen)
+            for dtype in (torch.float32, torch.bfloat16):
+                x = torch.randn(rows, in_features, generator=gen).to(dtype)
+                y = cpu_gemv.float_gemv(x, w, isa=isa)
+                assert y.dtype == dtype and y.shape == (rows, out_features)
+                check_float_against_float64(y, x.float() if dtype == torch.bfloat16 else x, w)
+    w = torch.randn(8, 32)
+    with pytest.raises(ValueError, match="x: expected float32 or bfloat16"):
+        cpu_gemv.float_gemv(torch.randn(1, 31), w)
+    with pytest.raises(ValueError, match="w: expected a contiguous float32"):
+        cpu_gemv.float_gemv(torch.randn(1, 32), w.T.contiguous().T)
+    with pytest.raises(ValueError, match="w: expected a contiguous float32"):
+        cpu_gemv.float_gemv(torch.randn(1, 32), w.bfloat16())
+
+
+def test_cpu_gemv_linear_swaps_keep_parameters_and_outputs(isas, tmp_path):
+    import qwen3
+    from conftest import make_reference
+    from qwen3.kernels.cpu_linear import CpuGemvLinear, use_cpu_gemv
+
+    make_reference(tmp_path, seed=22)
+    model = qwen3.load_model(tmp_path).float()
+    plain = qwen3.load_model(tmp_path).float()
+    before = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    swapped = use_cpu_gemv(model)
+    linears = sum(type(m) is torch.nn.Linear for m in plain.modules())
+    assert swapped == linears and not any(type(m) is torch.nn.Linear for m in model.modules())
+    assert {k: v.data_ptr() for k, v in model.state_dict().items()} == before  # the same tensors, same names
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tying kept
+    gen = generator(23)
+    prompt = torch.randint(0, model.config.vocab_size, (1, 9), generator=gen)
+    with torch.no_grad():
+        # prefill (9 rows) takes F.linear: identical; one-row decode steps take the kernel: float32-close
+        assert torch.equal(model(prompt), plain(prompt))
+        one = torch.randn(1, 1, model.config.hidden_size, generator=gen)
+        layer = model.model.layers[0].mlp.gate_proj
+        assert isinstance(layer, CpuGemvLinear)
+        check_float_against_float64(layer(one), one, layer.weight)
+    fast = qwen3.generate(model, prompt, max_new_tokens=12, temperature=0.0)
+    reference = qwen3.generate(plain, prompt, max_new_tokens=12, temperature=0.0)
+    assert torch.equal(fast, reference)  # greedy tokens identical (random-init logits: no near-ties here)
+    x = torch.randn(1, 1, model.config.hidden_size, requires_grad=True)
+    layer(x).sum().backward()  # a gradient to carry: F.linear
+    assert x.grad is not None
+
+
+def test_use_cpu_gemv_swaps_nothing_without_the_kernel(monkeypatch):
+    from qwen3.kernels.cpu_linear import use_cpu_gemv
+
+    monkeypatch.setenv("QWEN3_CPU_KERNEL", "0")
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    assert use_cpu_gemv(model) == 0 and type(model[0]) is torch.nn.Linear
+    with pytest.raises(ValueError, match="max_rows"):
+        use_cpu_gemv(model, max_rows=0)

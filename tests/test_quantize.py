@@ -26,7 +26,7 @@ from torch import nn
 import qwen3
 from conftest import SMALL as CONFTEST_SMALL
 from qwen3.config import ConfigError
-from qwen3.kernels import int8_cpu
+from qwen3.kernels import cpu_gemv
 from qwen3.quantize import (
     INT8PACK_MAX_ROWS,
     MODULES_LINEAR,
@@ -180,7 +180,7 @@ def test_int8pack_agrees_with_plain(dtype, rows, in_features, out_features):
 @pytest.mark.parametrize("in_features", [7, 65])
 def test_odd_in_features_take_the_plain_path(dtype, in_features, monkeypatch):
     """The bf16 kernel has no remainder loop (garbage at K=65, a segfault at K=7): never called there."""
-    monkeypatch.setattr(int8_cpu, "available", lambda: False)  # PyTorch's kernels (tests/test_kernels.py: qwen3's)
+    monkeypatch.setattr(cpu_gemv, "available", lambda: False)  # PyTorch's kernels (tests/test_kernels.py: qwen3's)
     module = random_int8_linear(in_features, 33, dtype, seed=3)
     x = torch.randn(1, in_features, generator=generator(3)).to(dtype)
     assert torch.equal(module(x), module.forward_plain(x))
@@ -189,7 +189,7 @@ def test_odd_in_features_take_the_plain_path(dtype, in_features, monkeypatch):
 
 
 def test_auto_kernel_choice(monkeypatch):
-    monkeypatch.setattr(int8_cpu, "available", lambda: False)  # PyTorch's kernels (tests/test_kernels.py: qwen3's)
+    monkeypatch.setattr(cpu_gemv, "available", lambda: False)  # PyTorch's kernels (tests/test_kernels.py: qwen3's)
     module = random_int8_linear(64, 48, torch.bfloat16, seed=4)
     few = torch.randn(2, 1, 64, generator=generator(4)).bfloat16()  # decode: int8pack
     many = torch.randn(1, INT8PACK_MAX_ROWS + 1, 64, generator=generator(5)).bfloat16()  # prefill: plain

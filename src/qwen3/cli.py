@@ -166,6 +166,15 @@ def use_engine(args: argparse.Namespace, model: Qwen3ForCausalLM) -> bool:
     return model.lm_head.weight.device.type == "cuda" and not plain
 
 
+def use_cpu_kernels(args: argparse.Namespace, model: Qwen3ForCausalLM) -> None:
+    """The plain path on the CPU: float32 projections take qwen3's CPU GEMV at decode (kernels/cpu_linear.py; int8
+    weights have theirs already). Not with --tp (parallel linears) or --compile (inductor's own code)."""
+    if model.lm_head.weight.device.type == "cpu" and args.tp == 1 and not args.compile:
+        from .kernels.cpu_linear import use_cpu_gemv
+
+        use_cpu_gemv(model)
+
+
 def sampling_from_args(args: argparse.Namespace, directory: Path) -> SamplingParams:
     """The sampling flags over the model's generation_config.json defaults."""
     overrides = sampling_overrides(args)
@@ -211,6 +220,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                      f"{len(prompt_ids) + max_new} exceeds the model's context of {context} tokens")
         run = partial(complete, single_llm(model, tok, len(prompt_ids) + max_new), prompt_ids)  # a pool this size
     else:
+        use_cpu_kernels(args, model)
         run = partial(generate_text, model, tok, prompt, compile=args.compile, speculative=args.speculative)
     if args.json:
         completion = run(max_new, sampling, stops)
@@ -248,9 +258,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
     directory = resolve_model(args)
     sampling = sampling_from_args(args, directory)
     model, tok, _ = load(args, directory)
+    engine = use_engine(args, model)
+    if not engine:
+        use_cpu_kernels(args, model)
     return run_chat(model, tok, sampling, name=args.model, max_new_tokens=args.max_new_tokens,
                     thinking=not args.no_think, system=args.system, compile=args.compile,
-                    engine=use_engine(args, model), max_model_len=args.max_model_len)  # fmt: skip
+                    engine=engine, max_model_len=args.max_model_len)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------

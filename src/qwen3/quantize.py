@@ -36,7 +36,7 @@ Three ways to compute an Int8Linear, chosen by its `kernel` attribute ("auto", "
   aligned operands (x is copied if it is a misaligned view; a misaligned weight falls back to plain).
   bf16 on 2 cores, (1024 x 3072): 0.15 ms for one row against 0.99 ms plain (and 0.38 ms for the bf16
   float matmul); the kernel loses to the plain path above ~32-64 rows (prefill), hence INT8PACK_MAX_ROWS.
-- cpu_gemv: qwen3's own x86 kernel (qwen3/kernels/int8_cpu.py: AVX-512 or AVX2, software prefetch, fp32
+- cpu_gemv: qwen3's own x86 kernel (qwen3/kernels/cpu_gemv.py: AVX-512 or AVX2, software prefetch, fp32
   arithmetic on fp32 or bf16 x, any in_features), built with the system compiler on first use. It streams
   the weights faster than int8pack (benchmarks/NOTES.md) and does not round fp32 x to bf16.
 "auto" takes cpu_gemv for eager CPU float32 / bfloat16 inputs of at most CPU_GEMV_MAX_ROWS rows where it
@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ConfigError
-from .kernels import int8_cpu
+from .kernels import cpu_gemv
 from .model import Qwen3ForCausalLM
 
 QUANT_METHOD = "qwen3_int8"
@@ -185,20 +185,20 @@ class Int8Linear(nn.Module):
         """qwen3's x86 int8 kernel (fp32 arithmetic); RuntimeError where it is not available."""
         if torch.is_grad_enabled() and x.requires_grad:
             raise ValueError("cpu_gemv kernel: it has no backward")
-        return int8_cpu.int8_gemv(x, self.weight, self.weight_scale)
+        return cpu_gemv.int8_gemv(x, self.weight, self.weight_scale)
 
     def _cpu_gemv_pays(self, x: Tensor) -> bool:
         """auto's first choice: few eager CPU rows of fp32 / bf16 where the kernel could be built."""
         return (
             not torch.compiler.is_compiling()
             and x.device.type == "cpu"
-            and x.dtype in int8_cpu.DTYPE_CODES
-            and self.weight_scale.dtype in int8_cpu.DTYPE_CODES
+            and x.dtype in cpu_gemv.DTYPE_CODES
+            and self.weight_scale.dtype in cpu_gemv.DTYPE_CODES
             and self.weight.device.type == "cpu"
             and self.weight.is_contiguous()
             and 0 < x.numel() <= CPU_GEMV_MAX_ROWS * self.in_features
             and not (torch.is_grad_enabled() and x.requires_grad)
-            and int8_cpu.available()
+            and cpu_gemv.available()
         )
 
     def _int8pack_unusable(self, x: Tensor) -> str | None:
