@@ -130,14 +130,15 @@ def time_to_first_token(model, prompt, device) -> float:
     return time.perf_counter() - start
 
 
-def time_engine(model, prompt, new_tokens, device) -> tuple[float, float, float, float]:
+def time_engine(model, prompt, new_tokens, device, compile: bool = False) -> tuple[float, float, float, float]:
     """The engine at batch 1 (what `qwen3 chat` and `qwen3 generate` use on CUDA): (tokens/s over the new tokens,
     seconds to build the engine (graph capture included), time to first token of a 512-token prompt, and the
     relative logit difference of its greedy tokens against qwen3.generate as the fraction of 64 tokens shared)."""
     from qwen3.engine import LLM
 
     start = time.perf_counter()
-    llm = LLM(model, max_num_seqs=1, max_model_len=1024, kv_cache_tokens=2048, enable_prefix_caching=False)
+    llm = LLM(model, max_num_seqs=1, max_model_len=1024, kv_cache_tokens=2048, enable_prefix_caching=False,
+              compile=compile)
     sync(device)
     build = time.perf_counter() - start
     params = qwen3.SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
@@ -622,6 +623,8 @@ def main() -> None:
     parser.add_argument("--skip-compile-peer", action="store_true")
     parser.add_argument("--skip-fast-path", action="store_true",
                         help="GPU: skip the compile-based qwen3.generate rows (the engine row stays)")  # fmt: skip
+    parser.add_argument("--engine-compile", action="store_true",
+                        help="GPU: also the engine at batch 1 with LLM(compile=True) (minutes to compile)")  # fmt: skip
     parser.add_argument("--results", type=Path, help="append the table to this markdown file")
     parser.add_argument("--checkpoint", type=Path, help="reuse a saved random 0.6B checkpoint")
     parser.add_argument("--speculative-model", default="demo", help="trained model for the speculative test")
@@ -682,6 +685,12 @@ def main() -> None:
             print(rows[-1], flush=True)
             print(f"engine at batch 1: time to first token of a 512-token prompt {ttft * 1e3:.1f} ms; greedy tokens "
                   f"shared with qwen3.generate before the first difference: {same:.0%} of 64")  # fmt: skip
+            if args.engine_compile:
+                tps, build, ttft, same = time_engine(model, prompt, new_tokens, device, compile=True)
+                rows.append(("qwen3", f"{name} engine, batch 1, compile=True", tps, build, nbytes))
+                print(rows[-1], flush=True)
+                print(f"compiled engine at batch 1: time to first token of a 512-token prompt {ttft * 1e3:.1f} ms; "
+                      f"greedy tokens shared with qwen3.generate: {same:.0%} of 64")  # fmt: skip
         try:
             from qwen3.quantize import quantize_int8
 

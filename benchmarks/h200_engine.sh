@@ -3,7 +3,7 @@
 # the GPU tests, the kernel micro-benchmarks, engine throughput, the server load test, batch-1 decode.
 # Each part has its own time limit so that one failure cannot eat the others' time. Results land in $OUT.
 #   bash benchmarks/h200_engine.sh [tests] [kernels] [throughput] [compiled] [compiled-engine] [gemv] [engine-gemv]
-#                                  [serve] [serve-auto] [decode] [startup] [sampler] [prefill] [profile]
+#                                  [serve] [serve-auto] [decode] [decode-compiled] [startup] [sampler] [prefill] [profile]
 #   (default: tests kernels throughput serve decode startup profile)
 # Packages the device image lacks (fastapi, uvicorn, uvloop, pydantic, prompt_toolkit) travel as wheels in .whl/.
 set -uo pipefail
@@ -64,6 +64,10 @@ if [[ " $parts " == *" serve-auto "* ]]; then  # the stream interval that wakes 
 fi
 if [[ " $parts " == *" decode "* ]]; then
   run 240 decode python3 benchmarks/decode.py --device cuda --skip-fast-path --results "$OUT/results.md"
+fi
+if [[ " $parts " == *" decode-compiled "* ]]; then  # batch 1 through LLM(compile=True) too (minutes of compiling)
+  run 560 decode-compiled python3 benchmarks/decode.py --device cuda --skip-fast-path --skip-peer --engine-compile \
+    --results "$OUT/results.md"
 fi
 if [[ " $parts " == *" startup "* ]]; then
   run 150 startup python3 benchmarks/startup.py
