@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -148,48 +149,48 @@ def int8_gemv(x: Tensor, q: Tensor, s: Tensor, isa: str | None = None) -> Tensor
     x float32 or bfloat16 on the CPU; q int8 (N, K) contiguous; s (N,) float32 or bfloat16. Made for a few
     rows of x (decode); any number works. Raises RuntimeError where the kernel is not available.
     """
-    lib = library(isa)
-    if lib is None:
-        raise RuntimeError(UNAVAILABLE)
+    lib = _library_or_raise(isa)
     N, K = q.shape
     if q.dtype != torch.int8 or not q.is_contiguous() or q.device.type != "cpu":
         raise ValueError(f"q: expected a contiguous int8 CPU matrix, found {q.dtype} on {q.device}")
-    if x.dtype not in DTYPE_CODES or x.device.type != "cpu" or x.shape[-1] != K:
-        raise ValueError(f"x: expected float32 or bfloat16 (..., {K}) on the CPU, found {x.dtype} "
-                         f"{tuple(x.shape)} on {x.device}")  # fmt: skip
+    _check_x(x, K)
     if s.dtype not in DTYPE_CODES or s.shape != (N,) or s.device.type != "cpu":
         raise ValueError(f"s: expected float32 or bfloat16 ({N},) on the CPU, found {s.dtype} {tuple(s.shape)}")
-    x2d = x.reshape(-1, K).contiguous()  # (M, K)
     s = s.contiguous()
-    y = torch.empty(x2d.shape[0], N, dtype=x.dtype)
-    if y.numel():
-        status = lib.qwen3_int8_gemv(
-            x2d.data_ptr(), DTYPE_CODES[x.dtype], x2d.shape[0], K,
-            q.data_ptr(), s.data_ptr(), DTYPE_CODES[s.dtype], N,
-            y.data_ptr(), torch.get_num_threads(),
-        )  # fmt: skip
-        if status:
-            raise MemoryError("CPU GEMV kernel: could not allocate its scratch buffer")
-    return y.view(*x.shape[:-1], N)
+    return _run(x, N, lambda x2d, y, threads: lib.qwen3_int8_gemv(
+        x2d.data_ptr(), DTYPE_CODES[x.dtype], x2d.shape[0], K, q.data_ptr(), s.data_ptr(), DTYPE_CODES[s.dtype], N,
+        y.data_ptr(), threads))  # fmt: skip
 
 
 def float_gemv(x: Tensor, w: Tensor, isa: str | None = None) -> Tensor:
     """y (..., N) = x (..., K) w^T for float32 weights w (N, K), contiguous, on the CPU; x float32 or bfloat16,
     computed in float32, returned in x's dtype. Raises RuntimeError where the kernel is not available."""
-    lib = library(isa)
-    if lib is None:
-        raise RuntimeError(UNAVAILABLE)
+    lib = _library_or_raise(isa)
     N, K = w.shape
     if w.dtype != torch.float32 or not w.is_contiguous() or w.device.type != "cpu":
         raise ValueError(f"w: expected a contiguous float32 CPU matrix, found {w.dtype} on {w.device}")
+    _check_x(x, K)
+    return _run(x, N, lambda x2d, y, threads: lib.qwen3_float_gemv(
+        x2d.data_ptr(), DTYPE_CODES[x.dtype], x2d.shape[0], K, w.data_ptr(), N, y.data_ptr(), threads))  # fmt: skip
+
+
+def _library_or_raise(isa: str | None) -> ctypes.CDLL:
+    lib = library(isa)
+    if lib is None:
+        raise RuntimeError(UNAVAILABLE)
+    return lib
+
+
+def _check_x(x: Tensor, K: int) -> None:
     if x.dtype not in DTYPE_CODES or x.device.type != "cpu" or x.shape[-1] != K:
         raise ValueError(f"x: expected float32 or bfloat16 (..., {K}) on the CPU, found {x.dtype} "
                          f"{tuple(x.shape)} on {x.device}")  # fmt: skip
-    x2d = x.reshape(-1, K).contiguous()  # (M, K)
+
+
+def _run(x: Tensor, N: int, call: Callable[[Tensor, Tensor, int], int]) -> Tensor:
+    """y (..., N) in x's dtype from `call(x2d, y, threads)`, one of the library's functions on x as (M, K)."""
+    x2d = x.reshape(-1, x.shape[-1]).contiguous()  # (M, K)
     y = torch.empty(x2d.shape[0], N, dtype=x.dtype)
-    if y.numel():
-        status = lib.qwen3_float_gemv(x2d.data_ptr(), DTYPE_CODES[x.dtype], x2d.shape[0], K, w.data_ptr(), N,
-                                      y.data_ptr(), torch.get_num_threads())  # fmt: skip
-        if status:
-            raise MemoryError("CPU GEMV kernel: could not allocate its scratch buffer")
+    if y.numel() and call(x2d, y, torch.get_num_threads()):
+        raise MemoryError("CPU GEMV kernel: could not allocate its scratch buffer")
     return y.view(*x.shape[:-1], N)
