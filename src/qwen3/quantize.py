@@ -311,8 +311,7 @@ def _swap_modules(
         model.model.embed_tokens = make_embedding(model.model.embed_tokens)
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and not (tied and include_embedding and module is model.lm_head):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, make_linear(module))
+            model.set_submodule(name, make_linear(module))
     if tied and include_embedding:
         model.lm_head = Int8Linear.tied_to(model.model.embed_tokens)
     # else, if tied: the LM head now has its own int8 copy, and tied_lm_head(model) says so

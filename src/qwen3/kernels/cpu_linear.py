@@ -63,7 +63,6 @@ def use_cpu_gemv(model: nn.Module, max_rows: int = FLOAT_MAX_ROWS) -> int:
     for name, module in list(model.named_modules()):
         if type(module) is nn.Linear and name and module.weight.device.type == "cpu":
             if module.weight.dtype == torch.float32:
-                parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent), child, CpuGemvLinear(module, max_rows))
+                model.set_submodule(name, CpuGemvLinear(module, max_rows))
                 count += 1
     return count

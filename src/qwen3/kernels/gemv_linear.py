@@ -125,9 +125,9 @@ def use_gemv(model: nn.Module, max_rows: int = GEMV_MAX_ROWS, allow_cpu: bool = 
         if isinstance(module, (GemvLinear, GemvInt8Linear)):
             module.max_rows, module.allow_cpu = max_rows, bool(allow_cpu)
         elif type(module) is nn.Linear and name:
-            _replace(model, name, GemvLinear(module, max_rows, allow_cpu))
+            model.set_submodule(name, GemvLinear(module, max_rows, allow_cpu))
         elif type(module) is Int8Linear and name:
-            _replace(model, name, GemvInt8Linear(module, max_rows, allow_cpu))
+            model.set_submodule(name, GemvInt8Linear(module, max_rows, allow_cpu))
         else:
             continue
         count += 1
@@ -147,11 +147,6 @@ def remove_gemv(model: nn.Module) -> int:
             plain.weight, plain.weight_scale, plain.kernel = module.weight, module.weight_scale, module.kernel
         else:
             continue
-        _replace(model, name, plain.train(module.training))
+        model.set_submodule(name, plain.train(module.training))
         count += 1
     return count
-
-
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, module)
