@@ -162,3 +162,18 @@ def run_in_triton_interpreter(target: str, select: str | None = None, passed: in
     assert (f"{passed} passed" if passed is not None else " passed") in summary, done.stdout[-2000:]
     for word in ("failed", "error") + (("skipped",) if no_skips else ()):
         assert word not in summary, done.stdout[-2000:]
+
+
+async def collect(engine, prompt, params, request_id=None) -> list:
+    """Every increment an AsyncLLM streams for one request."""
+    return [out async for out in engine.generate(prompt, params, request_id)]
+
+
+def assert_streams_add_up(streams: list[list], expected: list) -> None:
+    """Each request's increments (AsyncLLM) concatenate to LLM.generate's output for it: tokens, text, the end."""
+    for outs, want in zip(streams, expected, strict=True):
+        assert [o.finished for o in outs] == [False] * (len(outs) - 1) + [True]
+        assert sum((o.new_token_ids for o in outs), []) == want.token_ids
+        assert "".join(o.new_text for o in outs) == want.text
+        assert outs[-1].finish_reason == want.finish_reason and outs[-1].num_output_tokens == len(want.token_ids)
+        assert all(o.prompt_token_ids == want.prompt_token_ids for o in outs)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import qwen3
-from conftest import make_reference
+from conftest import assert_streams_add_up, collect, make_reference
 from qwen3.engine import LLM, AsyncLLM, StreamOutput
 from qwen3.engine.async_llm import _send, _Stream, auto_stream_interval
 from qwen3.sampling import SamplingParams
@@ -30,10 +30,6 @@ def model(tmp_path_factory):
 def random_prompts(lengths, seed=0) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in lengths]
-
-
-async def collect(engine: AsyncLLM, prompt, params, request_id=None) -> list:
-    return [out async for out in engine.generate(prompt, params, request_id)]
 
 
 def wait_until_idle(llm: LLM) -> None:
@@ -61,12 +57,7 @@ def test_streams_concatenate_to_generate(model, tok):
             await engine.shutdown()
 
     streams, stats = asyncio.run(main())
-    for outs, want in zip(streams, expected, strict=True):
-        assert [o.finished for o in outs] == [False] * (len(outs) - 1) + [True]
-        assert sum((o.new_token_ids for o in outs), []) == want.token_ids
-        assert "".join(o.new_text for o in outs) == want.text
-        assert outs[-1].finish_reason == want.finish_reason and outs[-1].num_output_tokens == len(want.token_ids)
-        assert all(o.prompt_token_ids == want.prompt_token_ids for o in outs)
+    assert_streams_add_up(streams, expected)
     assert stats.generation_tokens_total >= 2 * sum(p.max_tokens for p in params)  # generate ran them once too
     llm.block_manager.check_all_free()
 

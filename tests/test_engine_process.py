@@ -12,6 +12,7 @@ import signal
 import pytest
 import torch
 
+from conftest import assert_streams_add_up, collect
 from qwen3.engine import LLM, AsyncLLM
 from qwen3.sampling import SamplingParams
 
@@ -26,10 +27,6 @@ def local():
 def random_prompts(lengths, vocab, seed) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lengths]
-
-
-async def collect(engine: AsyncLLM, prompt, params, request_id=None) -> list:
-    return [out async for out in engine.generate(prompt, params, request_id)]
 
 
 async def wait_for(engine: AsyncLLM, condition) -> None:
@@ -65,12 +62,7 @@ def test_spawned_streams_equal_generate_in_this_process(local):
             await engine.shutdown()
 
     streams, stats = asyncio.run(main())
-    for outs, want in zip(streams, expected, strict=True):
-        assert [o.finished for o in outs] == [False] * (len(outs) - 1) + [True]
-        assert sum((o.new_token_ids for o in outs), []) == want.token_ids
-        assert "".join(o.new_text for o in outs) == want.text
-        assert outs[-1].finish_reason == want.finish_reason and outs[-1].num_output_tokens == len(want.token_ids)
-        assert all(o.prompt_token_ids == want.prompt_token_ids for o in outs)
+    assert_streams_add_up(streams, expected)
     logprobs = [lp for o in streams[2] for lp in o.new_logprobs]
     assert [lp.token_id for lp in logprobs] == expected[2].token_ids
     assert [lp.logprob for lp in logprobs] == pytest.approx([lp.logprob for lp in expected[2].logprobs], abs=1e-5)
