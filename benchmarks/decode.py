@@ -130,7 +130,8 @@ def time_to_first_token(model, prompt, device) -> float:
     return time.perf_counter() - start
 
 
-def time_engine(model, prompt, new_tokens, device, compile: bool = False) -> tuple[float, float, float, float]:
+def time_engine(model, prompt, new_tokens, device, compile: bool = False, gemv: bool | None = None
+                ) -> tuple[float, float, float, float]:  # fmt: skip
     """The engine at batch 1 (what `qwen3 chat` and `qwen3 generate` use on CUDA): (tokens/s over the new tokens,
     seconds to build the engine (graph capture included), time to first token of a 512-token prompt, and the
     relative logit difference of its greedy tokens against qwen3.generate as the fraction of 64 tokens shared)."""
@@ -138,7 +139,7 @@ def time_engine(model, prompt, new_tokens, device, compile: bool = False) -> tup
 
     start = time.perf_counter()
     llm = LLM(model, max_num_seqs=1, max_model_len=1024, kv_cache_tokens=2048, enable_prefix_caching=False,
-              compile=compile)
+              compile=compile, gemv=gemv)
     sync(device)
     build = time.perf_counter() - start
     params = qwen3.SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
@@ -164,6 +165,10 @@ def time_engine(model, prompt, new_tokens, device, compile: bool = False) -> tup
     plain_ids = qwen3.generate(model, prompt, max_new_tokens=64)[0].tolist()
     same = next((i for i, (a, b) in enumerate(zip(plain_ids, engine_ids, strict=True)) if a != b), 64)
     del llm
+    if gemv:
+        from qwen3.kernels.gemv_linear import remove_gemv
+
+        remove_gemv(model)
     return best, build, ttft, same / 64
 
 
@@ -691,6 +696,11 @@ def main() -> None:
                 print(rows[-1], flush=True)
                 print(f"compiled engine at batch 1: time to first token of a 512-token prompt {ttft * 1e3:.1f} ms; "
                       f"greedy tokens shared with qwen3.generate: {same:.0%} of 64")  # fmt: skip
+                tps, build, ttft, same = time_engine(model, prompt, new_tokens, device, compile=True, gemv=True)
+                rows.append(("qwen3", f"{name} engine, batch 1, compile=True, Triton GEMV", tps, build, nbytes))
+                print(rows[-1], flush=True)
+                print(f"compiled engine + GEMV at batch 1: time to first token of a 512-token prompt {ttft * 1e3:.1f} "
+                      f"ms; greedy tokens shared with qwen3.generate: {same:.0%} of 64")  # fmt: skip
         try:
             from qwen3.quantize import quantize_int8
 

@@ -6,5 +6,5 @@ cd "$(dirname "$0")/.."
 mkdir -p .whl
 python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
-  -d .whl fastapi uvicorn httptools uvloop prometheus-client prompt_toolkit opentelemetry-api
+  -d .whl fastapi uvicorn httptools uvloop prometheus-client prompt_toolkit opentelemetry-api py-spy
 ls .whl

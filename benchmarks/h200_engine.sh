@@ -3,7 +3,7 @@
 # the GPU tests, the kernel micro-benchmarks, engine throughput, the server load test, batch-1 decode.
 # Each part has its own time limit so that one failure cannot eat the others' time. Results land in $OUT.
 #   bash benchmarks/h200_engine.sh [tests] [kernels] [throughput] [compiled] [compiled-engine] [gemv] [engine-gemv]
-#                                  [serve] [serve-auto] [decode] [decode-compiled] [startup] [sampler] [prefill] [profile]
+#                                  [serve] [serve-compiled] [serve-spy] [serve-auto] [decode] [decode-compiled] [startup] [sampler] [prefill] [profile] [profile-compiled] [profile-gemv]
 #   (default: tests kernels throughput serve decode startup profile)
 # Packages the device image lacks (fastapi, uvicorn, uvloop, pydantic, prompt_toolkit) travel as wheels in .whl/.
 set -uo pipefail
@@ -14,6 +14,10 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 else
   export PYTHONPATH=$PWD/src
 fi
+# What torch.compile builds (inductor's FX graphs, Triton binaries) goes to .compile_cache/, which comes back in
+# $OUT/compile_cache.tar when small enough: carried to the next call, it saves that call's compiling.
+if [[ -f .compile_cache.tar ]]; then tar -xf .compile_cache.tar; fi
+export TORCHINDUCTOR_CACHE_DIR=$PWD/.compile_cache/inductor
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false THROUGHPUT_FLAGS=${THROUGHPUT_FLAGS:-} TAG=${TAG:-}
 OUT=${OUT:-out/h200}
 mkdir -p "$OUT"
@@ -59,6 +63,13 @@ fi
 if [[ " $parts " == *" serve "* ]]; then
   run 240 serve python3 benchmarks/serve.py --max-seconds 40
 fi
+if [[ " $parts " == *" serve-compiled "* ]]; then  # the server and the baseline with LLM(compile=True)
+  run 560 serve-compiled python3 benchmarks/serve.py --max-seconds 40 --compile
+fi
+if [[ " $parts " == *" serve-spy "* ]]; then  # py-spy over the server, the engine process and the clients
+  run 240 serve-spy /tmp/site/bin/py-spy record --subprocesses --nonblocking -r 50 -f raw -o "$OUT/serve_spy.txt" -- \
+    python3 benchmarks/serve.py --max-seconds 30 --concurrency 64 256
+fi
 if [[ " $parts " == *" serve-auto "* ]]; then  # the stream interval that wakes streams less often above 64
   run 240 serve-auto python3 benchmarks/serve.py --max-seconds 40 --stream-interval auto
 fi
@@ -80,4 +91,13 @@ if [[ " $parts " == *" prefill "* ]]; then
 fi
 if [[ " $parts " == *" profile "* ]]; then
   run 150 profile python3 benchmarks/profile_engine.py
+fi
+if [[ " $parts " == *" profile-compiled "* ]]; then  # one compiled engine: kernel tables at 256, 64, 8 and 1
+  run 420 profile-compiled python3 benchmarks/profile_engine.py --compile --then 64,8,1
+fi
+if [[ " $parts " == *" profile-gemv "* ]]; then  # compiled small buckets with the Triton GEMV: batch 8 and 1
+  run 300 profile-gemv python3 benchmarks/profile_engine.py --compile --gemv --seqs 8 --then 1
+fi
+if [[ -d .compile_cache ]]; then
+  tar -cf "$OUT/compile_cache.tar" .compile_cache && du -sh "$OUT/compile_cache.tar" | tee -a "$log"
 fi

@@ -1,7 +1,7 @@
 """Where an engine step's time goes, on a steady decode batch: host phases (scheduler, runner packing, forward
 launch, sampler, read-back) timed with the device synchronised around each, then torch.profiler's top kernels.
 
-    python benchmarks/profile_engine.py [--seqs 256] [--context 800] [--steps 30] [--compile]
+    python benchmarks/profile_engine.py [--seqs 256] [--context 800] [--steps 30] [--compile] [--then 64,8,1]
     python benchmarks/profile_engine.py --prefill [--seqs 32] [--context 512]   # the first steps: prompts only
 
 Random-init Qwen3-0.6B in bf16 on CUDA (the demo model on the CPU). Prints two tables; nothing is written.
@@ -30,6 +30,9 @@ def main() -> None:
     p.add_argument("--prefill", action="store_true",
                    help="profile the prompt steps (the whole prefill of --seqs prompts) instead of steady decode")
     p.add_argument("--compile", action="store_true", help="LLM(compile=True): the decode graphs run a compiled forward")
+    p.add_argument("--gemv", action="store_true", help="LLM(gemv=True): the Triton GEMV behind the projections")
+    p.add_argument("--then", default="", help="comma list of smaller batches to profile next, on the same engine "
+                   "(aborting sequences down to each): one start-up, the fixed cost of a step at several sizes")
     args = p.parse_args()
     cuda = torch.cuda.is_available()
     if cuda:
@@ -41,8 +44,10 @@ def main() -> None:
         model = qwen3.load_model("demo")
         args.context = min(args.context, 200)
     start = time.perf_counter()
-    llm = LLM(model, max_num_seqs=args.seqs, max_model_len=4096 if cuda else 1024, compile=args.compile)
-    print(f"engine start-up {time.perf_counter() - start:.1f} s" + (" (compile=True)" if args.compile else ""))
+    llm = LLM(model, max_num_seqs=args.seqs, max_model_len=4096 if cuda else 1024, compile=args.compile,
+              gemv=args.gemv or None)
+    print(f"engine start-up {time.perf_counter() - start:.1f} s" + (" (compile=True)" if args.compile else "")
+          + (" (gemv=True)" if args.gemv else ""))
     rng = random.Random(0)
     vocab = min(10000, model.config.vocab_size - 1)
     prompts = [[rng.randint(0, vocab) for _ in range(args.context)] for _ in range(args.seqs)]
@@ -107,6 +112,23 @@ def main() -> None:
     key = "cuda_time_total" if cuda else "cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60))
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
+    for batch in [int(b) for b in args.then.split(",") if b]:
+        for seq in list(llm.scheduler.running)[batch:]:
+            llm.abort(seq)
+        for _ in range(5):
+            llm.step()
+        sync()
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            llm.step()
+        sync()
+        print(f"\n## {len(llm.scheduler.running)} sequences: whole step (as the engine runs) "
+              f"{1000 * (time.perf_counter() - start) / args.steps:.3f} ms")
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(10):
+                llm.step()
+            sync()
+        print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60))
 
 
 def profile_prefill(llm: LLM, cuda: bool) -> None:

@@ -66,10 +66,12 @@ def build_llm(args: argparse.Namespace):
             tokenizer=load_tokenizer(QWEN3_TOKENIZER),
             max_num_seqs=args.max_num_seqs,
             max_model_len=args.max_model_len,
+            compile=args.compile,
         )
         return llm, args.model, None
     directory = build_llm_directory(args)
-    llm = LLM(str(directory), device=device, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len)
+    llm = LLM(str(directory), device=device, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+              compile=args.compile)
     return llm, args.model, directory
 
 
@@ -285,6 +287,8 @@ def worker_command(args: argparse.Namespace, role: str) -> list[str]:
     ]
     if args.max_model_len:
         command += ["--max-model-len", str(args.max_model_len)]
+    if args.compile:
+        command.append("--compile")
     if args.requests:
         command += ["--requests", str(args.requests)]
     return command
@@ -358,6 +362,8 @@ def main() -> int:
         default="process",
         help="the server's engine in a process of its own, as `qwen3 serve` runs it, or in a thread of the server",
     )
+    p.add_argument("--compile", action="store_true",
+                   help="CUDA: LLM(compile=True) in the server and the baseline, as `qwen3 serve --compile`")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args()
     if args.device is None:
@@ -410,6 +416,7 @@ def main() -> int:
         f"qwen3 serve, {args.model} on {args.device} ({machine}), {datetime.date.today()}: "
         f"{args.input_len} prompt tokens, {args.output_len} output tokens, greedy, ignore_eos, streamed"
         + (f", stream interval {args.stream_interval}" if args.stream_interval != 1 else "")
+        + (", compile=True" if args.compile else "")
         + f"; engine in {'its own process' if args.engine == 'process' else 'a thread of the server'}"
         + f"; event loop: {event_loop()}"
     )
