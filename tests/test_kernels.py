@@ -225,6 +225,86 @@ def test_triton_gemv_matches_float64_reference(gt, M, N, K, dtype, weight_dtype)
     assert ((reference.double() - exact).abs() <= gemv_bound(x, w, s, exact)).all()
 
 
+class Launches:
+    """Counts the launches of a Triton kernel (stands in for it in the module: `kernel[grid](...)`)."""
+
+    def __init__(self, kernel) -> None:  # noqa: ANN001
+        self.kernel, self.count = kernel, 0
+
+    def __getitem__(self, grid):  # noqa: ANN001, ANN204
+        self.count += 1
+        return self.kernel[grid]
+
+
+@triton_test
+@pytest.mark.parametrize("dtype, weight_dtype", GEMV_DTYPES)
+def test_triton_gemv_one_launch_is_bit_identical_to_two(gt, monkeypatch, dtype, weight_dtype):
+    """With counters the split programs reduce in the GEMV's own launch (the reduce kernel never runs): y equal
+    bit for bit to the two-kernel path's, within the fp32 bound of float64, the counters all zero after every
+    call (the same buffer twice in a row), on random shapes (N, K not multiples of the blocks), forced splits,
+    one split, and the default launch shape."""
+    gemv_launches = Launches(gt._gemv_kernel)
+    reduce_launches = Launches(gt._splitk_reduce_kernel)
+    monkeypatch.setattr(gt, "_gemv_kernel", gemv_launches)
+    monkeypatch.setattr(gt, "_splitk_reduce_kernel", reduce_launches)
+    device, gen = TRITON_DEVICE, generator(31)
+    for trial in range(4):
+        M = int(torch.randint(1, 17, (1,), generator=gen))
+        N = int(torch.randint(1, 80, (1,), generator=gen))
+        K = int(torch.randint(100, 400, (1,), generator=gen))
+        x = torch.randn(M, K, generator=gen).to(dtype).to(device)
+        if weight_dtype == torch.int8:
+            q, s = random_int8(N, K, seed=trial, scale_dtype=torch.bfloat16)
+            w, s = q.to(device), s.to(device)
+        else:
+            w, s = (torch.randn(N, K, generator=gen) / K**0.5).to(dtype).to(device), None
+        exact = x.double() @ w.double().T * (s.double() if s is not None else 1.0)
+        block_n = (16, 32)[trial % 2]
+        split_k = int(torch.randint(2, 6, (1,), generator=gen))
+        configs = [gt.gemv_config(M, N, K, w.element_size(), 2, block_n=block_n, block_k=32, split_k=split_k),
+                   gt.gemv_config(M, N, K, w.element_size(), 2, block_n=block_n, block_k=64, split_k=1), None]
+        assert configs[0].split_k > 1 and configs[1].split_k == 1
+        for config in configs:
+            launched = config or gt.gemv_config(M, N, K, w.element_size(), num_sms=4)  # gemv's default on the CPU
+            counters = torch.zeros(gt.gemv_tiles(M, N, launched), dtype=torch.int32, device=device)
+            launches = gemv_launches.count, reduce_launches.count
+            two = gt.gemv(x, w, s, config=config)
+            split = reduce_launches.count > launches[1]
+            assert split == (launched.split_k > 1)
+            for _ in range(2):
+                one = gt.gemv(x, w, s, config=config, counters=counters)
+                assert torch.equal(one, two), (M, N, K, config)
+                assert not counters.any(), "counters left non-zero"
+            assert gemv_launches.count - launches[0] == 3 and reduce_launches.count - launches[1] == int(split)
+            assert ((one.double() - exact).abs() <= gemv_bound(x, w, s, exact)).all()
+            reference = gt.gemv_reference(x, w, s)
+            assert ((reference.double() - exact).abs() <= gemv_bound(x, w, s, exact)).all()
+
+
+def test_triton_gemv_rejects_bad_counters(gt):
+    device = TRITON_DEVICE
+    x, w = torch.randn(3, 256, device=device), torch.randn(70, 256, device=device)
+    config = gt.gemv_config(3, 70, 256, 4, num_sms=2, block_k=64, split_k=2)
+    assert gt.gemv_tiles(3, 70, config) == 3  # one 16-row block times three 32-row blocks of the weight
+    with pytest.raises(ValueError, match="counters: 2 elements, fewer than the 3 output tiles"):
+        gt.gemv(x, w, config=config, counters=torch.zeros(2, dtype=torch.int32, device=device))
+    with pytest.raises(ValueError, match="counters: expected a contiguous int32 tensor"):
+        gt.gemv(x, w, config=config, counters=torch.zeros(3, dtype=torch.int64, device=device))
+    with pytest.raises(ValueError, match="counters: expected a contiguous int32 tensor"):
+        gt.gemv(x, w, config=config, counters=torch.zeros(6, dtype=torch.int32, device=device)[::2])
+
+
+def test_triton_gemv_max_tiles_fits_every_default_launch(gt):
+    """A module's counters (gemv_max_tiles for its max_rows) fit the launch gemv_config picks for any row count
+    up to max_rows, whatever the K, dtype and SM count."""
+    for max_rows in (1, 2, 16, 17, 40):
+        for N in (1, 31, 32, 33, 1000):
+            for K, weight_bytes, num_sms in ((64, 2, 132), (3072, 1, 132), (1024, 4, 4)):
+                tiles = [gt.gemv_tiles(M, N, gt.gemv_config(M, N, K, weight_bytes, num_sms))
+                         for M in range(1, max_rows + 1)]  # fmt: skip
+                assert max(tiles) == gt.gemv_max_tiles(max_rows, N)
+
+
 def test_triton_gemv_config_splits_k_to_fill_the_gpu(gt):
     # Qwen3-0.6B's o projection at batch 1 on 132 SMs: 32 row blocks, so K is split to reach ~4 programs per SM
     config = gt.gemv_config(1, 1024, 2048, 2, num_sms=132)
@@ -273,14 +353,20 @@ def test_triton_add_rmsnorm_matches_the_model(gt, dtype, rows, hidden):
 @pytest.mark.parametrize("M", [1, 3])
 def test_triton_gemv_custom_op(gt, M):
     """torch.ops.qwen3.gemv: the kernel's result exactly, and torch.library.opcheck (schema, fake impl's shapes and
-    dtypes against the real output, dynamo and aot_autograd tracing) on float and int8 weights."""
+    dtypes against the real output, dynamo and aot_autograd tracing) on float and int8 weights, without and with
+    counters (K = 512: the default launch splits K; the op leaves the counters as it found them, all zero)."""
     device = TRITON_DEVICE
-    x = torch.randn(M, 96, generator=generator(M)).to(device)
-    q, s = random_int8(40, 96, seed=M)
-    w = torch.randn(40, 96, generator=generator(M + 1)).to(device)
+    x = torch.randn(M, 512, generator=generator(M)).to(device)
+    q, s = random_int8(40, 512, seed=M)
+    w = torch.randn(40, 512, generator=generator(M + 1)).to(device)
+    counters = torch.zeros(gt.gemv_max_tiles(M, 40), dtype=torch.int32, device=device)
     for weight, scale in ((w, None), (q.to(device), s.to(device))):
         assert torch.equal(torch.ops.qwen3.gemv(x, weight, scale), gt.gemv(x, weight, scale))
-        torch.library.opcheck(torch.ops.qwen3.gemv.default, (x, weight, scale))
+        assert torch.equal(torch.ops.qwen3.gemv(x, weight, scale, counters), gt.gemv(x, weight, scale))
+        assert not counters.any()
+        for args in ((x, weight, scale), (x, weight, scale, counters)):
+            torch.library.opcheck(torch.ops.qwen3.gemv.default, args)
+        assert not counters.any()
     with pytest.raises(ValueError, match="x must be 2-D"):
         torch.ops.qwen3.gemv(x[None], w, None)
 

@@ -9,7 +9,15 @@ the memory bandwidth it reaches; cuBLAS keeps too few bytes in flight on the sma
   per step over its slice of K (rows are contiguous in memory, so the loads are 16-byte vectors), and the
   number of K splits is chosen so that the grid covers every SM several times (`gemv_config`);
 - with one split the program scales and stores y itself; with several, each writes an fp32 partial
-  (SPLIT_K, M, N) and a second kernel sums the partials, applies the scale and casts (deterministic: no atomics);
+  (SPLIT_K, M, N), and the partials are summed in split order k = 0, 1, ..., then scaled and cast: by a second
+  kernel, or, given `counters`, by the last program of each output tile to arrive, in the same launch (the
+  "last program reduces" fix-up of split-K GEMMs). At decode a second launch costs as much as the sum (2 us of
+  latency in a CUDA graph, against 3.7 us for the GEMV itself on the H200), hence the one-launch path. The
+  protocol: each split program stores its partial, a barrier orders the program's stores before its atomic
+  add (acq_rel, GPU scope) on the tile's int32 counter, and the program that reads SPLIT_K - 1 reads all
+  partials (bypassing L1) in split order, stores y and sets the counter back to 0. The sum is therefore
+  bit-identical to the two-kernel path's and independent of arrival order, and the counters are all zero
+  between calls, so one buffer serves every call of a module and CUDA graph replays;
 - M = 1 runs on CUDA cores: each thread keeps its share of a (BLOCK_N, BLOCK_K) fp32 sum of products and
   the sum over K is taken once, after the loop; M > 1 pads the rows to 16 and uses tl.dot (tensor cores;
   fp32 x uses exact fp32 products, input_precision "ieee");
@@ -20,8 +28,9 @@ the memory bandwidth it reaches; cuBLAS keeps too few bytes in flight on the sma
 residual stream is) with Qwen3's RMSNorm of h (statistics in fp32, the normalised row rounded to the dtype,
 then multiplied by the weight), one program per row: (normed, h) in one read and two writes.
 
-`torch.ops.qwen3.gemv(x (M, K), weight, scale)` is `gemv` as a custom op with a fake impl (`gemv_op`): opaque to
-torch.compile, captured by CUDA graphs like any launch; gemv_linear.py puts it behind the model's projections.
+`torch.ops.qwen3.gemv(x (M, K), weight, scale, counters=None)` is `gemv` as a custom op with a fake impl
+(`gemv_op`): opaque to torch.compile, captured by CUDA graphs like any launch; gemv_linear.py puts it behind the
+model's projections, each module with counters of its own (`gemv_max_tiles`).
 
 Each kernel has a PyTorch reference beside it (`gemv_reference`, `add_rmsnorm_reference`, the latter with the
 model's own RMSNorm); tests/test_kernels.py compares them, on CUDA or under TRITON_INTERPRET=1 on the CPU.
@@ -39,6 +48,7 @@ from torch import Tensor
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 BLOCK_M_DOT = 16  # tl.dot needs at least 16 rows: M > 1 is padded to it
+BLOCK_N = 32  # rows of the weight per program (gemv_config's default)
 PROGRAMS_PER_SM = 4  # split K until the grid has about this many programs per SM
 
 
@@ -70,7 +80,7 @@ def gemv_config(
     """The launch shape: a tile of block_n rows x block_k columns moves 8-16 KB per step; K is split until
     the grid has PROGRAMS_PER_SM programs per SM (or each split is one step)."""
     block_m = 1 if M == 1 else BLOCK_M_DOT
-    block_n = block_n or 32
+    block_n = block_n or BLOCK_N
     if block_k is None:
         block_k = (512 // weight_bytes) if M == 1 else 128  # 512 bytes of each row per step (M = 1)
     if num_warps is None:  # M = 1 keeps a (block_n, block_k) fp32 sum in registers: 64 per thread
@@ -87,13 +97,23 @@ def gemv_config(
 
 
 @triton.jit
+def _scale_and_store(acc, s_ptr, y_ptr, offs_m, offs_n, M, N, HAS_SCALE: tl.constexpr):
+    """y[m block, n block] = acc (fp32) times the row scale, cast to y's dtype."""
+    if HAS_SCALE:
+        acc = acc * tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _gemv_kernel(
-    x_ptr, w_ptr, s_ptr, out_ptr,
+    x_ptr, w_ptr, s_ptr, y_ptr, partial_ptr, counter_ptr,
     M, N, K, stride_xm, stride_wn, k_per_split,
-    HAS_SCALE: tl.constexpr, SPLIT: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_SCALE: tl.constexpr, SPLIT: tl.constexpr, LAST_REDUCES: tl.constexpr, SPLIT_K: tl.constexpr,
+    USE_DOT: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """out = x[m block] @ w[n block, k split]^T: scaled y if SPLIT is False, else the fp32 partial of split k."""
+    """x[m block] @ w[n block, k split]^T: the scaled y if SPLIT is False, else the fp32 partial of split k, and
+    with LAST_REDUCES the last split program of the tile to arrive sums the SPLIT_K partials into y."""
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -119,14 +139,24 @@ def _gemv_kernel(
             x = tl.load(x_rows + offs_k[None, :], mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
             acc2d += w.to(tl.float32) * x.to(tl.float32)  # (BLOCK_N, BLOCK_K) * (1, BLOCK_K)
         acc = tl.sum(acc2d, axis=1)[None, :]  # (1, BLOCK_N)
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    if SPLIT:
-        partial = out_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :]
-        tl.store(partial, acc, mask=mask)
+    if not SPLIT:
+        _scale_and_store(acc, s_ptr, y_ptr, offs_m, offs_n, M, N, HAS_SCALE)
     else:
-        if HAS_SCALE:
-            acc = acc * tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        tile = offs_m[:, None] * N + offs_n[None, :]  # (BLOCK_M, BLOCK_N) offsets in one (M, N) partial
+        tl.store(partial_ptr + pid_k * M * N + tile, acc, mask=mask)
+        if LAST_REDUCES:
+            # every thread's partial stores happen before the release below; the acquire of the last arrival
+            # then sees every split's partial (read past L1: .cg)
+            tl.debug_barrier()
+            counter = counter_ptr + pid_m * tl.num_programs(0) + pid_n
+            arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+            if arrived == SPLIT_K - 1:
+                total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for k in tl.static_range(SPLIT_K):  # unrolled, loads in flight together; summed in split order
+                    total += tl.load(partial_ptr + k * M * N + tile, mask=mask, other=0.0, cache_modifier=".cg")
+                _scale_and_store(total, s_ptr, y_ptr, offs_m, offs_n, M, N, HAS_SCALE)
+                tl.store(counter, 0)  # all SPLIT_K programs have arrived: zero again for the next call
 
 
 @triton.jit
@@ -142,17 +172,32 @@ def _splitk_reduce_kernel(partial_ptr, s_ptr, y_ptr, M, N, split_k, HAS_SCALE: t
     tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+def gemv_tiles(M: int, N: int, config: GemvConfig) -> int:
+    """How many output tiles (block_m x block_n blocks of y) a launch with `config` has: the counters it needs."""
+    return triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n)
+
+
+def gemv_max_tiles(max_rows: int, N: int) -> int:
+    """The most output tiles `gemv_config`'s default launch shapes have for at most `max_rows` rows of y (M, N):
+    a counters size that fits every call of a module (block_n 32; block_m 1 at M = 1, else 16)."""
+    return triton.cdiv(N, BLOCK_N) * max(1, triton.cdiv(max_rows, BLOCK_M_DOT))
+
+
 def gemv(
     x: Tensor,
     weight: Tensor,
     scale: Tensor | None = None,
     config: GemvConfig | None = None,
+    counters: Tensor | None = None,
 ) -> Tensor:
     """y (..., N) = (x (..., K) @ weight (N, K)^T) * scale (N,), in x's dtype, accumulated in fp32.
 
     weight is in x's dtype (bf16, fp16, fp32; scale optional) or int8 (scale required, any float dtype).
-    `config` overrides the launch shape (`gemv_config`). The output and the split-K partials are allocated per
-    call (from the caching allocator, so also inside CUDA graph capture); a 2-D x gives y itself, not a view.
+    `config` overrides the launch shape (`gemv_config`). `counters`, an all-zero int32 tensor of at least
+    `gemv_tiles` elements on x's device, makes a split-K launch reduce in its last program (one launch; the
+    counters are all zero again after it); without it a second kernel sums the partials. The output and the
+    split-K partials are allocated per call (from the caching allocator, so also inside CUDA graph capture); a
+    2-D x gives y itself, not a view.
     """
     if x.dtype not in FLOAT_DTYPES:
         raise ValueError(f"x: expected one of {FLOAT_DTYPES}, found {x.dtype}")
@@ -178,19 +223,29 @@ def gemv(
     if config is None:
         num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
         config = gemv_config(M, N, K, weight.element_size(), num_sms)
+    if counters is not None:
+        tiles = gemv_tiles(M, N, config)
+        if counters.dtype != torch.int32 or counters.device != x.device or not counters.is_contiguous():
+            raise ValueError(f"counters: expected a contiguous int32 tensor on {x.device}, found {counters.dtype} "
+                             f"on {counters.device}")  # fmt: skip
+        if counters.numel() < tiles:
+            raise ValueError(f"counters: {counters.numel()} elements, fewer than the {tiles} output tiles of "
+                             f"({M}, {N}) in blocks of ({config.block_m}, {config.block_n})")  # fmt: skip
     split = config.split_k > 1
-    out = torch.empty(config.split_k, M, N, dtype=torch.float32, device=x.device) if split else y
+    last_reduces = split and counters is not None
+    partial = torch.empty(config.split_k, M, N, dtype=torch.float32, device=x.device) if split else y
     grid = (triton.cdiv(N, config.block_n), config.split_k, triton.cdiv(M, config.block_m))
     s = scale if scale is not None else y  # a placeholder pointer when there is no scale
     _gemv_kernel[grid](
-        x2d, weight, s, out, M, N, K, x2d.stride(0), weight.stride(0), config.k_per_split,
-        HAS_SCALE=scale is not None, SPLIT=split, USE_DOT=config.block_m > 1, IEEE=x.dtype == torch.float32,
+        x2d, weight, s, y, partial, counters if last_reduces else y, M, N, K, x2d.stride(0), weight.stride(0),
+        config.k_per_split, HAS_SCALE=scale is not None, SPLIT=split, LAST_REDUCES=last_reduces,
+        SPLIT_K=config.split_k if last_reduces else 1, USE_DOT=config.block_m > 1, IEEE=x.dtype == torch.float32,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps,
     )  # fmt: skip
-    if split:
+    if split and not last_reduces:
         block = 1024
         _splitk_reduce_kernel[(triton.cdiv(M * N, block),)](
-            out, s, y, M, N, config.split_k, HAS_SCALE=scale is not None, BLOCK=block, num_warps=4
+            partial, s, y, M, N, config.split_k, HAS_SCALE=scale is not None, BLOCK=block, num_warps=4
         )
     return y if x.dim() == 2 else y.view(*x.shape[:-1], N)
 
@@ -203,18 +258,23 @@ def gemv_reference(x: Tensor, weight: Tensor, scale: Tensor | None = None) -> Te
     return y.to(x.dtype)
 
 
-@torch.library.custom_op("qwen3::gemv", mutates_args=(), schema="(Tensor x, Tensor weight, Tensor? scale) -> Tensor")
-def gemv_op(x: Tensor, weight: Tensor, scale: Tensor | None) -> Tensor:
+# The op is declared as mutating nothing although the kernel writes `counters`: every call leaves them all zero, as
+# it found them, and nothing else reads them (each GemvLinear owns its own), so no caller can observe a write, and
+# dynamo, functionalization and inductor may treat the op as pure (no copies, no reordering hazard on one stream).
+@torch.library.custom_op(
+    "qwen3::gemv", mutates_args=(), schema="(Tensor x, Tensor weight, Tensor? scale, Tensor? counters=None) -> Tensor"
+)
+def gemv_op(x: Tensor, weight: Tensor, scale: Tensor | None, counters: Tensor | None = None) -> Tensor:
     """`gemv` as the custom op torch.ops.qwen3.gemv, x (M, K) -> y (M, N): one opaque node for dynamo and inductor
     (its fake impl gives only the output's shape), so a compiled forward calls the same kernels as eager, and a
-    CUDA graph captures its launches like any other op's."""
+    CUDA graph captures its launches like any other op's (with counters: one launch)."""
     if x.dim() != 2:
         raise ValueError(f"qwen3::gemv: x must be 2-D (rows, in_features), found shape {tuple(x.shape)}")
-    return gemv(x, weight, scale)
+    return gemv(x, weight, scale, counters=counters)
 
 
 @gemv_op.register_fake
-def _(x: Tensor, weight: Tensor, scale: Tensor | None) -> Tensor:
+def _(x: Tensor, weight: Tensor, scale: Tensor | None, counters: Tensor | None = None) -> Tensor:
     if x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != x.shape[1]:
         raise ValueError(f"qwen3::gemv: expected x (M, K) and weight (N, K), found {tuple(x.shape)} and "
                          f"{tuple(weight.shape)}")  # fmt: skip
