@@ -28,13 +28,15 @@ from qwen3.quantize import Int8Linear, quantize_int8, quantize_per_row, set_int8
 
 pytest.importorskip("triton")
 
-from qwen3.kernels.gemv_linear import (  # noqa: E402 - triton first
+from qwen3.kernels import gemv_triton  # noqa: E402 - triton first
+from qwen3.kernels.gemv_linear import (  # noqa: E402
     GEMV_MAX_ROWS,
     GemvInt8Linear,
     GemvLinear,
     remove_gemv,
     use_gemv,
 )
+from qwen3.kernels.gemv_triton import gemv_max_tiles  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # set before triton is first imported
@@ -96,11 +98,19 @@ def test_swap_keeps_parameters_names_and_tying():
     assert not any(m.training for m in model.modules())  # eval mode kept
     with torch.no_grad():
         assert torch.equal(model(ids), plain)  # on the CPU the modules compute exactly F.linear
+    swapped = [m for m in model.modules() if isinstance(m, GemvLinear)]
+    for m in swapped:  # the split-K counters: zero, int32, on the weight's device, sized for max_rows
+        assert m.counters.dtype == torch.int32 and m.counters.device == m.weight.device and not m.counters.any()
+        assert m.counters.numel() == gemv_max_tiles(GEMV_MAX_ROWS, m.out_features)
     assert use_gemv(model, max_rows=4) == count and model.lm_head.max_rows == 4  # again: new settings, no re-wrap
+    assert use_gemv(model, max_rows=40) == count  # more rows than 16: the counters grow to fit
+    assert all(m.counters.numel() == gemv_max_tiles(40, m.out_features) for m in swapped)
+    assert list(model.state_dict()) == list(before)  # not saved
     assert remove_gemv(model) == count
     assert use_gemv(model, lm_head=False) == count - 1 and type(model.lm_head) is nn.Linear
     assert remove_gemv(model) == count - 1
     assert all(type(m) is not GemvLinear for m in model.modules())
+    assert not any(name.endswith("counters") for name, _ in model.named_buffers())  # gone with the modules
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert all(v is before[k] for k, v in model.state_dict(keep_vars=True).items())
 
@@ -179,6 +189,55 @@ def test_triton_swapped_model_equals_the_plain_model(interpreter):
         assert rel_error(fast, slow) < 1e-5
     prompt = random_ids(7, seed=9).to(DEVICE)
     assert torch.equal(qwen3.generate(model, prompt, max_new_tokens=5), qwen3.generate(plain, prompt, 5))
+
+
+class ReduceLaunches:
+    """Counts the launches of the split-K reduce kernel (the GEMV's second kernel)."""
+
+    def __init__(self) -> None:
+        self.kernel, self.count = gemv_triton._splitk_reduce_kernel, 0
+
+    def __getitem__(self, grid):  # noqa: ANN001, ANN204
+        self.count += 1
+        return self.kernel[grid]
+
+
+@triton_test
+@pytest.mark.parametrize("int8", [False, True])
+def test_triton_modules_take_one_launch_and_leave_their_counters_zero(interpreter, monkeypatch, int8):
+    """K = 1024 (split, int8 too): the modules' counters make each call one launch, the output bit-identical to the
+    two-kernel gemv and within fp32 rounding of nn.Linear (or Int8Linear's plain path), the counters zero after
+    each call."""
+    gen = torch.Generator().manual_seed(11 + int8)
+    linear = nn.Linear(1024, 40, bias=not int8)
+    linear.weight.data = torch.randn(40, 1024, generator=gen) / 1024**0.5
+    if linear.bias is not None:
+        linear.bias.data = torch.randn(40, generator=gen)
+    if int8:
+        plain = Int8Linear(1024, 40)
+        plain.weight.data, plain.weight_scale.data = quantize_per_row(linear.weight.data)
+        plain = plain.to(DEVICE)
+        fast, scale = GemvInt8Linear(plain, allow_cpu=ALLOW_CPU), plain.weight_scale
+    else:
+        plain = linear.to(DEVICE)
+        fast, scale = GemvLinear(plain, allow_cpu=ALLOW_CPU), None
+    launches = ReduceLaunches()
+    monkeypatch.setattr(gemv_triton, "_splitk_reduce_kernel", launches)
+    for rows in (1, 5, 1):
+        x = torch.randn(rows, 1024, generator=gen).to(DEVICE)
+        with torch.no_grad(), OpCalls() as calls:
+            y = fast(x)
+            want = plain.forward_plain(x) if int8 else plain(x)
+        assert calls.gemv == 1 and launches.count == 0 and not fast.counters.any()
+        two = gemv_triton.gemv(x, fast.weight, scale)  # the two-kernel path
+        assert launches.count == 1
+        launches.count = 0
+        assert torch.equal(y, two if int8 else two + fast.bias)
+        exact = x.double() @ fast.weight.double().T
+        exact = exact * scale.double() if int8 else exact + fast.bias.double()
+        bound = projection_bound(x, fast.weight, scale) + 2 * FP32_U * exact.abs()  # scale or bias: one rounding
+        assert ((y.double() - exact).abs() <= bound).all()
+        assert ((want.double() - exact).abs() <= bound).all()
 
 
 @triton_test

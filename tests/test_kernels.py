@@ -261,10 +261,10 @@ def test_triton_gemv_one_launch_is_bit_identical_to_two(gt, monkeypatch, dtype, 
         exact = x.double() @ w.double().T * (s.double() if s is not None else 1.0)
         block_n = (16, 32)[trial % 2]
         split_k = int(torch.randint(2, 6, (1,), generator=gen))
-        configs = [gt.gemv_config(M, N, K, w.element_size(), 2, block_n=block_n, block_k=32, split_k=split_k),
-                   gt.gemv_config(M, N, K, w.element_size(), 2, block_n=block_n, block_k=64, split_k=1), None]
-        assert configs[0].split_k > 1 and configs[1].split_k == 1
-        for config in configs:
+        forced = gt.gemv_config(M, N, K, w.element_size(), 2, block_n=block_n, block_k=32, split_k=split_k)
+        one_split = gt.gemv_config(M, N, K, w.element_size(), 2, block_n=block_n, block_k=64, split_k=1)
+        assert forced.split_k > 1 and one_split.split_k == 1
+        for config in (forced, one_split, None):
             launched = config or gt.gemv_config(M, N, K, w.element_size(), num_sms=4)  # gemv's default on the CPU
             counters = torch.zeros(gt.gemv_tiles(M, N, launched), dtype=torch.int32, device=device)
             launches = gemv_launches.count, reduce_launches.count

@@ -29,6 +29,14 @@ not compile through it; inductor would not fuse into the kernel either way. The 
 usual path without adding a guard, and a static count of at most `max_rows` takes the op. Inside a CUDA graph
 the op's launches are captured like any other kernel, and its output and split-K partials come from the caching
 allocator at each call (the graph's pool under capture).
+
+One launch per projection: each module owns the int32 counters with which the last split-K program of an
+output tile sums the partials in the GEMV's own launch (gemv_triton.py). They are a non-persistent buffer
+(state_dict unchanged; `.to()` moves them), created zero on the weight's device and sized for every launch
+shape of up to `max_rows` rows (setting `max_rows` grows them); every call leaves them zero, so CUDA graphs
+replay them as captured. Counters on another device than the input (a module built on the meta device whose
+weight was assigned later) are left out: the GEMV then takes two launches, with the same result.
+
 This module imports triton (through gemv_triton).
 """
 
@@ -42,7 +50,7 @@ from torch import Tensor, nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..quantize import Int8Linear
-from .gemv_triton import FLOAT_DTYPES, gemv_op
+from .gemv_triton import FLOAT_DTYPES, gemv_max_tiles, gemv_op
 
 GEMV_MAX_ROWS = 16  # the kernel is made for M <= 16 (rows padded to 16 for tl.dot); prefill takes cuBLAS
 
@@ -59,9 +67,13 @@ def takes_gemv(x: Tensor, weight: Tensor, max_rows: int, allow_cpu: bool = False
     return statically_known_true(math.prod(x.shape[:-1]) <= max_rows)
 
 
-def gemv_linear(x: Tensor, weight: Tensor, scale: Tensor | None = None) -> Tensor:
-    """y (..., N) = (x (..., K) @ weight (N, K)^T) * scale through torch.ops.qwen3.gemv (x flattened to 2-D)."""
-    y = gemv_op(x.reshape(-1, x.shape[-1]), weight, scale)  # (M, N)
+def gemv_linear(x: Tensor, weight: Tensor, scale: Tensor | None = None, counters: Tensor | None = None) -> Tensor:
+    """y (..., N) = (x (..., K) @ weight (N, K)^T) * scale through torch.ops.qwen3.gemv (x flattened to 2-D);
+    counters (zeroed int32 scratch, `gemv_max_tiles` of the rows) make it one launch. Counters on another device
+    than x (a module built on the meta device whose weight was assigned later) are left out: two launches."""
+    if counters is not None and counters.device != x.device:
+        counters = None
+    y = gemv_op(x.reshape(-1, x.shape[-1]), weight, scale, counters)  # (M, N)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -71,14 +83,36 @@ def _check_max_rows(max_rows: int) -> int:
     return max_rows
 
 
-class GemvLinear(nn.Linear):
+class _GemvCounters:
+    """The split-K counters of a GEMV module: a non-persistent int32 buffer (state_dict unchanged), all zero
+    between calls, sized for every launch `gemv_config` picks for at most `max_rows` rows; setting `max_rows`
+    grows it when needed."""
+
+    weight: Tensor
+    out_features: int
+
+    @property
+    def max_rows(self) -> int:
+        return self._max_rows
+
+    @max_rows.setter
+    def max_rows(self, max_rows: int) -> None:
+        self._max_rows = _check_max_rows(max_rows)
+        tiles = gemv_max_tiles(max(1, max_rows), self.out_features)
+        counters = getattr(self, "counters", None)
+        if counters is None or counters.numel() < tiles:
+            device = self.weight.device if counters is None else counters.device
+            self.register_buffer("counters", torch.zeros(tiles, dtype=torch.int32, device=device), persistent=False)
+
+
+class GemvLinear(_GemvCounters, nn.Linear):
     """An nn.Linear holding another one's Parameters (no copy) whose forward takes the Triton GEMV for at most
     `max_rows` rows on CUDA (or on any device with `allow_cpu`) and F.linear otherwise."""
 
     def __init__(self, linear: nn.Linear, max_rows: int = GEMV_MAX_ROWS, allow_cpu: bool = False) -> None:
         super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
         self.weight, self.bias = linear.weight, linear.bias  # the same Parameters: tying and names kept
-        self.max_rows, self.allow_cpu = _check_max_rows(max_rows), bool(allow_cpu)
+        self.max_rows, self.allow_cpu = max_rows, bool(allow_cpu)  # max_rows sizes the counters
         self.train(linear.training)
 
     def extra_repr(self) -> str:
@@ -86,12 +120,12 @@ class GemvLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         if takes_gemv(x, self.weight, self.max_rows, self.allow_cpu):
-            y = gemv_linear(x, self.weight)
+            y = gemv_linear(x, self.weight, counters=self.counters)
             return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight, self.bias)
 
 
-class GemvInt8Linear(Int8Linear):
+class GemvInt8Linear(_GemvCounters, Int8Linear):
     """An Int8Linear holding another one's int8 weight and scales (no copy) whose forward takes the Triton GEMV's
     int8 path for at most `max_rows` rows on CUDA (or with `allow_cpu`) and Int8Linear's own otherwise."""
 
@@ -99,7 +133,7 @@ class GemvInt8Linear(Int8Linear):
         super().__init__(linear.in_features, linear.out_features, device="meta", dtype=linear.weight_scale.dtype)
         self.weight, self.weight_scale = linear.weight, linear.weight_scale  # tied to an Int8Embedding: kept
         self.kernel = linear.kernel
-        self.max_rows, self.allow_cpu = _check_max_rows(max_rows), bool(allow_cpu)
+        self.max_rows, self.allow_cpu = max_rows, bool(allow_cpu)  # max_rows sizes the counters
         self.train(linear.training)
 
     def extra_repr(self) -> str:
@@ -107,7 +141,7 @@ class GemvInt8Linear(Int8Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         if takes_gemv(x, self.weight, self.max_rows, self.allow_cpu):
-            return gemv_linear(x, self.weight, self.weight_scale)
+            return gemv_linear(x, self.weight, self.weight_scale, self.counters)
         return super().forward(x)
 
 
