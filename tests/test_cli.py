@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -470,6 +471,26 @@ def test_generate_on_the_engine_equals_generate_text(capsys, extra):
         assert plain_json["finish_reason"] == "stop"
 
 
+def test_compile_builds_the_engine_with_compiled_steps_and_the_gemv(capsys, monkeypatch):
+    """--compile on the engine path (CUDA) asks single_llm for LLM(compile=True, gemv=True), in generate and in chat;
+    here on the CPU the options are recorded, then dropped (both need CUDA), and the text is the plain path's."""
+    import qwen3.engine.stream as stream_module
+
+    original, seen = stream_module.single_llm, []
+
+    def recording(model, tok, max_model_len, **options):
+        seen.append(options)
+        return original(model, tok, max_model_len)
+
+    monkeypatch.setattr(stream_module, "single_llm", recording)
+    argv = ["generate", "--model", "demo", "--temperature", "0", "--max-new-tokens", "12", "ROMEO:"]
+    assert run_path(capsys, True, *argv, "--compile") == run_path(capsys, False, *argv)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\n/exit\n"))
+    chat = ["chat", "--model", "demo", "--temperature", "0", "--max-new-tokens", "4", "--compile"]
+    assert run_path(capsys, True, *chat)[0] == 0
+    assert seen == [{"compile": True, "gemv": True}] * 2
+
+
 def test_generate_on_the_engine_stops_at_eos_like_generate_text(demo_with_eos, capsys):
     argv = ["generate", "--model", str(demo_with_eos), "--temperature", "0", "--max-new-tokens", "20", "--json",
             "ROMEO:"]  # fmt: skip
@@ -489,7 +510,7 @@ def test_generate_on_the_engine_refuses_what_does_not_fit_like_generate_text(cap
 def test_the_engine_is_the_default_decode_path_on_cuda_only():
     from types import SimpleNamespace
 
-    from qwen3.cli import build_parser, use_engine
+    from qwen3.cli import build_parser, engine_options, use_engine
 
     def on(device: str):
         return SimpleNamespace(lm_head=SimpleNamespace(weight=SimpleNamespace(device=torch.device(device))))
@@ -500,7 +521,10 @@ def test_the_engine_is_the_default_decode_path_on_cuda_only():
     for command in (["generate", "x"], ["chat"]):
         assert engine("cuda", *command) and engine("cuda:1", *command)
         assert not engine("cpu", *command) and not engine("mps", *command)
-        assert not engine("cuda", *command, "--compile") and not engine("cuda", *command, "--tp", "2")
+        assert not engine("cuda", *command, "--tp", "2")
+        assert engine("cuda", *command, "--compile") and not engine("cpu", *command, "--compile")
+        assert engine_options(build_parser().parse_args([*command, "--compile"])) == {"compile": True, "gemv": True}
+        assert engine_options(build_parser().parse_args(command)) == {}
     assert not engine("cuda", "generate", "--speculative", "4", "x")
 
 

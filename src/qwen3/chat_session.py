@@ -30,7 +30,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from .chat import THINK_START, parse_completion
 from .generate import generate_text
@@ -288,16 +288,18 @@ def run_chat(
     compile: bool = False,
     engine: bool = False,
     max_model_len: int | None = None,
+    engine_options: dict[str, Any] | None = None,
 ) -> int:
     """`qwen3 chat` after loading: the banner, then the loop on standard input and output. `engine`: answer with
-    one engine LLM for the session (its KV pool holds `max_model_len` tokens, default the model's context)."""
+    one engine LLM for the session (its KV pool holds `max_model_len` tokens, default the model's context), built
+    with `engine_options` (LLM's keyword arguments)."""
     if tok.chat_template is None:
         raise ValueError(f"{name}: the tokenizer has no chat template, which chat needs (qwen3 generate does not)")
     llm = None
     if engine:
         from .engine.stream import single_llm
 
-        llm = single_llm(model, tok, max_model_len or model.config.max_position_embeddings)
+        llm = single_llm(model, tok, max_model_len or model.config.max_position_embeddings, **(engine_options or {}))
     color = capable_terminal()
     print(f"qwen3 chat: {name} on {model.lm_head.weight.device} ({CHAT_HELP})", flush=True)
     session = ChatSession(
