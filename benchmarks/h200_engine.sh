@@ -15,8 +15,8 @@ else
   export PYTHONPATH=$PWD/src
 fi
 # What torch.compile builds (inductor's FX graphs, Triton binaries) goes to .compile_cache/, which comes back in
-# $OUT/compile_cache.tgz when small enough: carried to the next call, it saves that call's compiling.
-if [[ -f .compile_cache.tgz ]]; then tar -xzf .compile_cache.tgz; fi
+# $OUT/compile_cache.tar when small enough: carried to the next call, it saves that call's compiling.
+if [[ -f .compile_cache.tar ]]; then tar -xf .compile_cache.tar; fi
 export TORCHINDUCTOR_CACHE_DIR=$PWD/.compile_cache/inductor
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false THROUGHPUT_FLAGS=${THROUGHPUT_FLAGS:-} TAG=${TAG:-}
 OUT=${OUT:-out/h200}
@@ -102,5 +102,5 @@ if [[ " $parts " == *" profile-gemv "* ]]; then  # compiled small buckets with t
   run 300 profile-gemv python3 benchmarks/profile_engine.py --compile --gemv --seqs 8 --then 1
 fi
 if [[ -d .compile_cache ]]; then
-  tar -czf "$OUT/compile_cache.tgz" .compile_cache && du -sh "$OUT/compile_cache.tgz" | tee -a "$log"
+  tar -cf "$OUT/compile_cache.tar" .compile_cache && du -sh "$OUT/compile_cache.tar" | tee -a "$log"
 fi

@@ -67,12 +67,11 @@ def build_llm(args: argparse.Namespace):
             max_num_seqs=args.max_num_seqs,
             max_model_len=args.max_model_len,
             compile=args.compile,
-            prefill_delay_steps=args.prefill_delay_steps,
         )
         return llm, args.model, None
     directory = build_llm_directory(args)
     llm = LLM(str(directory), device=device, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-              compile=args.compile, prefill_delay_steps=args.prefill_delay_steps)
+              compile=args.compile)
     return llm, args.model, directory
 
 
@@ -290,7 +289,6 @@ def worker_command(args: argparse.Namespace, role: str) -> list[str]:
         command += ["--max-model-len", str(args.max_model_len)]
     if args.compile:
         command.append("--compile")
-    command += ["--prefill-delay-steps", str(args.prefill_delay_steps)]
     if args.requests:
         command += ["--requests", str(args.requests)]
     return command
@@ -366,9 +364,6 @@ def main() -> int:
     )
     p.add_argument("--compile", action="store_true",
                    help="CUDA: LLM(compile=True) in the server and the baseline, as `qwen3 serve --compile`")
-    p.add_argument("--prefill-delay-steps", type=int, default=0,
-                   help="LLM(prefill_delay_steps=N) in the server and the baseline, as `qwen3 serve "
-                   "--prefill-delay-steps N` (default 0)")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args()
     if args.device is None:
@@ -422,7 +417,6 @@ def main() -> int:
         f"{args.input_len} prompt tokens, {args.output_len} output tokens, greedy, ignore_eos, streamed"
         + (f", stream interval {args.stream_interval}" if args.stream_interval != 1 else "")
         + (", compile=True" if args.compile else "")
-        + (f", prefill delay {args.prefill_delay_steps} steps" if args.prefill_delay_steps else "")
         + f"; engine in {'its own process' if args.engine == 'process' else 'a thread of the server'}"
         + f"; event loop: {event_loop()}"
     )

@@ -181,52 +181,6 @@ def test_max_num_seqs_limits_the_running_set(model):
     check_outputs(llm, model, prompts, SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=5))
 
 
-def test_prefill_delay_groups_arrivals_and_keeps_outputs(model):
-    """prefill_delay_steps=K: a request arriving while others decode waits until K steps passed (or the waiting
-    prompts fill the token budget), then the waiting ones join in one step; with nothing running, at once. The
-    tokens are those of generate alone, whatever step each request joined at."""
-    params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=12)
-    first, *late = random_prompts([9, 5, 7, 6], seed=31)
-    llm = engine(model, prefill_delay_steps=3)
-    seqs = [llm.make_sequence(0, first, params, "0", stream=False)]
-    llm.add(seqs[0])
-    llm.step()
-    assert llm.scheduler.running == seqs  # nothing ran: no wait
-    llm.step()  # now decoding
-    for i, prompt in enumerate(late[:2], 1):  # two arrivals, one step apart
-        seqs.append(llm.make_sequence(i, prompt, params, str(i), stream=False))
-        llm.add(seqs[-1])
-        llm.step()
-    assert llm.scheduler.waiting == seqs[1:] and llm.scheduler.deferred_steps == 2
-    llm.step()  # the third step of waiting
-    assert llm.scheduler.waiting == seqs[1:]
-    llm.step()  # K steps have passed: both join in this one
-    assert not llm.scheduler.waiting and llm.scheduler.deferred_steps == 0
-    assert llm.last_step_tokens[0] == len(late[0]) + len(late[1])
-    # a waiting prompt that fills the step's budget joins at once
-    small = engine(model, prefill_delay_steps=50, max_num_batched_tokens=8)
-    small.add(small.make_sequence(0, first, params, "0", stream=False))
-    small.step()
-    while small.scheduler.running[0].num_computed_tokens < len(first):  # 9 tokens in chunks of 8
-        small.step()
-    assert small.scheduler.running and not small.scheduler.waiting
-    small.add(small.make_sequence(1, late[0], params, "1", stream=False))  # 5 tokens: fits the budget, so it waits
-    small.step()
-    assert small.scheduler.waiting and small.scheduler.deferred_steps == 1
-    small.add(small.make_sequence(2, late[2], params, "2", stream=False))  # 5 + 6 >= 8: a full step's worth
-    small.step()
-    assert not small.scheduler.waiting
-    while llm.has_work():
-        llm.step()
-    for seq, prompt in zip(seqs, [first, *late[:2]], strict=True):
-        assert seq.output_token_ids == reference(model, prompt, 12)
-    llm.block_manager.check_all_free()
-    check_outputs(engine(model, prefill_delay_steps=2, max_num_seqs=2), model, random_prompts([4, 11, 8, 3], seed=32),
-                  params)  # fmt: skip
-    with pytest.raises(ValueError, match="prefill_delay_steps=-1 must be a non-negative integer"):
-        engine(model, prefill_delay_steps=-1)
-
-
 def test_prefix_cache_hit_on_a_resent_prefix(model):
     shared = random_prompts([37], seed=5)[0]
     first = [shared + tail for tail in random_prompts([3, 6], seed=6)]

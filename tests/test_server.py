@@ -570,8 +570,6 @@ def demo_server(tmp_path_factory):
             "cpu",
             "--stream-interval",  # chunks of 2 tokens: merged increments through the whole HTTP path
             "2",
-            "--prefill-delay-steps",  # arrivals wait for each other; the answers must not change
-            "3",
         ],
         tmp_path_factory.mktemp("demo"),
     )

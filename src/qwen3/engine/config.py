@@ -25,7 +25,6 @@ class EngineConfig:
     enforce_eager: bool
     vocab_size: int
     eos_token_ids: tuple[int, ...]
-    prefill_delay_steps: int = 0  # steps a request may wait so that prompts join in groups (scheduler.py)
     compile: bool = False  # every step runs a torch.compile'd forward, in the decode graphs and outside (compiled.py)
 
     @property

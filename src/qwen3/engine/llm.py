@@ -161,7 +161,6 @@ class LLM:
         compile: bool = False,
         kv_cache_dtype: str = "auto",
         gemv: bool | None = None,
-        prefill_delay_steps: int = 0,
     ) -> None:
         for name, value in (("max_num_seqs", max_num_seqs), ("max_model_len", max_model_len),
                             ("kv_cache_tokens", kv_cache_tokens), ("max_num_batched_tokens", max_num_batched_tokens),
@@ -170,8 +169,6 @@ class LLM:
                 raise ValueError(f"LLM: {name}={value!r} must be a positive integer")
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"LLM: gpu_memory_utilization={gpu_memory_utilization!r} must be in (0, 1]")
-        if isinstance(prefill_delay_steps, bool) or not isinstance(prefill_delay_steps, int) or prefill_delay_steps < 0:
-            raise ValueError(f"LLM: prefill_delay_steps={prefill_delay_steps!r} must be a non-negative integer")
         if gemv not in (None, True, False):  # before loading anything, as every other argument check
             raise ValueError(f"LLM: gemv={gemv!r} must be None (int8 weights on CUDA), True or False")
         if kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -245,7 +242,7 @@ class LLM:
             device=self.device, dtype=self.dtype, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
             max_num_batched_tokens=max_num_batched_tokens, block_size=block_size, num_blocks=num_blocks,
             enable_prefix_caching=enable_prefix_caching, enforce_eager=enforce_eager,
-            vocab_size=config.vocab_size, eos_token_ids=eos, prefill_delay_steps=prefill_delay_steps, compile=compile,
+            vocab_size=config.vocab_size, eos_token_ids=eos, compile=compile,
         )  # fmt: skip
         self.pool = KVPool(layers, num_blocks, block_size, nkv, config.head_dim, self.kv_dtype, self.device)
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)

@@ -7,12 +7,6 @@ sampled last step), many for a prompt. So one rule covers prefill, decode and th
 2. running sequences in the middle of their prompt get the next chunk, oldest first, as far as the budget goes;
 3. waiting requests are admitted first-come first-served while budget, sequence slots and blocks last; each
    first takes what the prefix cache holds, then a chunk of the rest.
-With `prefill_delay_steps` = K > 0, a request that arrives while every running sequence decodes may wait up to K
-steps, so that prompts join the batch in groups rather than one per step (Hugging Face TGI's `max_waiting_tokens`
-does the same). Why: a step of decodes alone replays a CUDA graph, while a step that mixes in a prompt runs the
-forward outside any graph, which costs far more host time; under a steady stream of requests (a server at high
-concurrency) nearly every step would otherwise be such a mixed step. The wait ends early when the waiting prompts
-fill a step's token budget, and there is none when nothing runs.
 When a running sequence needs a block and none is free, the newest running sequence is preempted: its blocks
 are freed and it goes back to the waiting queue, to be recomputed later (mostly from the prefix cache, since
 freed blocks keep their content). A step that preempted admits nobody new.
@@ -57,7 +51,6 @@ class Scheduler:
         self.waiting: list[Sequence] = []  # sorted by arrival
         self.running: list[Sequence] = []  # sorted by arrival
         self.num_preemptions = 0
-        self.deferred_steps = 0  # consecutive steps that kept waiting requests out (prefill_delay_steps)
 
     def add(self, seq: Sequence) -> None:
         bisect.insort(self.waiting, seq, key=lambda s: s.arrival)
@@ -104,10 +97,7 @@ class Scheduler:
                 batch[seq] = n
                 budget -= n
 
-        defer = bool(self.waiting) and self._defer_admission(batch, budget)
-        self.deferred_steps = self.deferred_steps + 1 if defer else 0
-        while (self.waiting and not defer and not preempted and budget > 0
-               and len(self.running) < self.config.max_num_seqs):  # fmt: skip
+        while self.waiting and not preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             hits = bm.cached_prefix(seq)
             seq.num_computed_tokens = len(hits) * bm.block_size
@@ -126,18 +116,3 @@ class Scheduler:
             budget -= n
         decodes = sum(1 for seq, n in batch.items() if n == 1 and seq.num_tokens - seq.num_computed_tokens == 1)
         return ScheduledBatch(list(batch), list(batch.values()), preempted, decodes)
-
-    def _defer_admission(self, batch: dict[Sequence, int], budget: int) -> bool:
-        """Whether this step keeps the waiting requests out (prefill_delay_steps, module docstring): only while
-        every scheduled sequence decodes, for at most K steps in a row, and while their prompts fit in the budget."""
-        delay = self.config.prefill_delay_steps
-        if delay == 0 or self.deferred_steps >= delay or not batch or len(self.running) >= self.config.max_num_seqs:
-            return False
-        if any(n != 1 for n in batch.values()):  # a prompt chunk runs anyway: the step is a mixed one already
-            return False
-        waiting_tokens = 0
-        for seq in self.waiting:
-            waiting_tokens += seq.num_tokens - seq.num_computed_tokens
-            if waiting_tokens >= budget:
-                return False
-        return True

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..train.cli import non_negative_int, positive_int
+from ..train.cli import positive_int
 
 DEFAULT_MODEL = "Qwen/Qwen3-0.6B"
 
@@ -65,14 +65,6 @@ def add_subcommands(sub: Any) -> None:
         default=1,
         help="stream every N tokens, or auto (1 up to 64 streams, then streams/64); default 1: each token (a stream "
         "that falls behind always gets what gathered in one chunk)",
-    )
-    p.add_argument(
-        "--prefill-delay-steps",
-        type=non_negative_int,
-        default=0,
-        help="a request arriving while others decode may wait up to N engine steps, so that prompts join in groups: "
-        "fewer steps outside the CUDA graphs, more tokens/s at high concurrency, up to N steps more time to first "
-        "token (default 0: join at the next step)",
     )
     p.add_argument(
         "--drain-timeout",
@@ -130,7 +122,6 @@ def engine_arguments(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
         "tensor_parallel_size": args.tensor_parallel_size,
         "kv_cache_dtype": args.kv_cache_dtype,
         "compile": args.compile,
-        "prefill_delay_steps": getattr(args, "prefill_delay_steps", 0),  # serve's flag (batch has all prompts at once)
     }
 
 

@@ -53,13 +53,6 @@ def positive_int(text: str) -> int:
     return value
 
 
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, found {text}")
-    return value
-
-
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     model = p.add_argument_group("model (exactly one of --preset, --config, --model)")
     model.add_argument("--preset", help="train from scratch with an official shape: 0.6B, 1.7B, 4B, 8B, 14B, 32B")
