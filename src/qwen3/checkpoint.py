@@ -8,6 +8,12 @@ against the model the config describes, and every float tensor must be finite; a
 unexpected, mis-shaped or NaN/inf is an error naming the tensor and the file. A per-tensor slicer says
 which part of each tensor to read (all of it here; a rank's rows or columns under tensor parallelism).
 Nothing is ever unpickled.
+
+Names: files hold Hugging Face's names; the model fuses q/k/v and gate/up into one matrix each
+(model.FUSED_PROJECTIONS). `fused_parts(model)` derives, from that table and the model's sizes, which
+Hugging Face tensors make up each fused tensor (weight, and weight_scale when int8); reading checks and reads
+the parts under their own names (so an error names the file's tensor) and concatenates them along the rows
+(`fuse_state`), and saving splits them again (`unfuse_state`, views: no copy).
 """
 
 from __future__ import annotations
@@ -16,17 +22,19 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 from tqdm.auto import tqdm
 
 from .config import Qwen3Config
 from .device import resolve_device
 from .files import atomic_path, write_text_atomic
 from .hub import MODEL_FILES, resolve_source
-from .model import Qwen3ForCausalLM
+from .model import FUSED_PROJECTIONS, Qwen3ForCausalLM
 from .quantize import prepare_int8_modules, quantization_config, retie_lm_head, tied_lm_head
 
 SINGLE_FILE = "model.safetensors"
@@ -43,6 +51,11 @@ DTYPES = {
 # (a tuple of slices) applied to the stored tensor, as `tensor[index]`.
 Index = tuple[slice, ...] | None
 Slicer = Callable[[str, tuple[int, ...]], Index]
+Value = TypeVar("Value")
+
+
+# {state-dict name of a fused tensor: [(Hugging Face name of each part, its rows)]}, in row order
+FusedParts = dict[str, list[tuple[str, int]]]
 
 
 class CheckpointError(ValueError):
@@ -78,9 +91,10 @@ def load_model(
     directory = resolve_source(source, MODEL_FILES)
     config = Qwen3Config.from_json(directory / "config.json")
     model = build_meta_model(config, attention)
-    expected = {name: (tuple(t.shape), t.dtype) for name, t in model.state_dict().items()}
+    parts = fused_parts(model)
+    expected = unfuse_state({name: (tuple(t.shape), t.dtype) for name, t in model.state_dict().items()}, parts)
     state = read_checkpoint(directory, expected, config.tie_word_embeddings, device, dtype, progress=progress)
-    model.load_state_dict(state, strict=True, assign=True)
+    model.load_state_dict(fuse_state(state, parts), strict=True, assign=True)
     if config.tie_word_embeddings:
         retie_lm_head(model)  # assign=True replaced the shared Parameters; make them one again
     model.init_buffers(device)
@@ -96,6 +110,48 @@ def build_meta_model(config: Qwen3Config, attention: str = "sdpa") -> Qwen3ForCa
         if quantization is not None:
             prepare_int8_modules(model, quantization)  # int8 weights + float scales (quantize.py)
     return model
+
+
+def fused_parts(model: nn.Module) -> FusedParts:
+    """Which Hugging Face tensors make up each fused tensor of `model`'s state dict, and their rows: e.g.
+    "model.layers.0.self_attn.qkv_proj.weight" -> [("model.layers.0.self_attn.q_proj.weight", nh D), (k, nkv D),
+    (v, nkv D)]; an int8 model's weight_scale likewise. Derived from model.FUSED_PROJECTIONS and the modules'
+    `split_sizes` (so a tensor-parallel rank's model gives its own rows)."""
+    parts: FusedParts = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        module_name, _, leaf = name.rpartition(".")
+        for fused, hf_names in FUSED_PROJECTIONS.items():
+            if module_name.endswith("." + fused):
+                prefix = module_name.removesuffix(fused)  # "model.layers.0."
+                sizes = model.get_submodule(module_name.rpartition(".")[0]).split_sizes(tensor.shape[0])
+                parts[name] = [(f"{prefix}{part}.{leaf}", rows) for part, rows in zip(hf_names, sizes, strict=True)]
+    return parts
+
+
+def unfuse_state(state: dict[str, Value], parts: FusedParts) -> dict[str, Value]:
+    """`state` under Hugging Face's names: each fused entry split into its parts, in place of it. Values are
+    tensors (split along the rows, as views) or (shape, dtype) pairs (shapes split likewise)."""
+    out: dict[str, Value] = {}
+    for name, value in state.items():
+        if name not in parts:
+            out[name] = value
+            continue
+        sizes = [rows for _, rows in parts[name]]
+        if isinstance(value, torch.Tensor):
+            pieces = value.split(sizes, dim=0)
+        else:
+            shape, dtype = value
+            pieces = [((rows, *shape[1:]), dtype) for rows in sizes]
+        out.update(zip((part for part, _ in parts[name]), pieces, strict=True))
+    return out
+
+
+def fuse_state(state: dict[str, torch.Tensor], parts: FusedParts) -> dict[str, torch.Tensor]:
+    """The inverse of unfuse_state for tensors: each fused tensor concatenated (along the rows) from its parts,
+    which leave `state` as they are used (so at most one fused tensor exists twice at any time)."""
+    for name, part_list in parts.items():
+        state[name] = torch.cat([state.pop(part) for part, _ in part_list], dim=0)
+    return state
 
 
 def read_checkpoint(
@@ -227,6 +283,7 @@ def save_model(
     config = model.config
     tied = tied_lm_head(model)  # the modules, not the config: quantize_int8 may have untied the head
     state = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
+    state = unfuse_state(state, fused_parts(model))  # Hugging Face's names and shapes
     if tied:  # HF convention: the tied copy (and its int8 scales) is not stored
         state = {name: t for name, t in state.items() if not name.startswith("lm_head.")}
 

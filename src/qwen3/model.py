@@ -1,6 +1,9 @@
 """Qwen3, written out in one file: RMSNorm, rotary embedding, grouped-query attention with QK-norm,
 SwiGLU MLP, pre-norm decoder block, and the causal language model on top.
 
+q/k/v and gate/up are fused projections (one matrix each; FUSED_PROJECTIONS says how they map to the separate
+matrices of Hugging Face checkpoints, which keep their names on disk).
+
 Shape legend used in the comments:
     B  batch size                   T  tokens in this forward (a prompt or chunk of it; 1 when decoding)
     S  key/value slots (T without a cache, the cache's max_length with one)
@@ -283,6 +286,19 @@ class KVCache:
 # ---------------------------------------------------------------------------------------------------
 
 
+# Fused projections. Hugging Face checkpoints store q_proj, k_proj, v_proj (and gate_proj, up_proj) as separate
+# matrices that all read the same input. Here each group is one nn.Linear whose output rows are the parts'
+# rows stacked in this order: one matmul instead of three (or two). At batch-1 decode every projection is one
+# launch reading its matrix, so fusing saves 3 launches per layer and gives the kernel larger matrices; in a
+# batch it saves 3 of the 7 GEMMs per layer. The state dict holds the fused names; this table is the one place
+# that says how they map to the Hugging Face names, and every reader and writer of checkpoints (checkpoint.py,
+# parallel.py, train/lora.py) derives the mapping from it, so files keep the original names.
+FUSED_PROJECTIONS: dict[str, tuple[str, ...]] = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
+
+
 class Attention(nn.Module):
     """Grouped-query attention: nh query heads share nkv key/value heads; q and k are RMS-normalised
     per head (QK-norm) before the rotary embedding."""
@@ -291,13 +307,18 @@ class Attention(nn.Module):
         super().__init__()
         nh, nkv, d, h = config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.hidden_size
         self.head_dim = d
-        self.q_proj = nn.Linear(h, nh * d, bias=False)
-        self.k_proj = nn.Linear(h, nkv * d, bias=False)
-        self.v_proj = nn.Linear(h, nkv * d, bias=False)
+        self.num_key_value_groups = config.num_key_value_groups  # nh / nkv: query heads per KV head
+        self.qkv_proj = nn.Linear(h, (nh + 2 * nkv) * d, bias=False)  # rows: q (nh D), then k (nkv D), v (nkv D)
         self.o_proj = nn.Linear(nh * d, h, bias=False)
         # QK-norm keeps q.k bounded whatever the size of the activations (nn.Identity in the qk_norm experiment)
         self.q_norm = make_norm(config, d) if config.qk_norm else nn.Identity()
         self.k_norm = make_norm(config, d) if config.qk_norm else nn.Identity()
+
+    def split_sizes(self, rows: int) -> list[int]:
+        """The q, k, v rows of a qkv projection of `rows` rows: nh D, nkv D, nkv D. From the size, not the
+        config: a tensor-parallel rank holds nh/tp query and nkv/tp KV heads, in the same nh:nkv ratio."""
+        kv = rows // (self.num_key_value_groups + 2)  # nkv D
+        return [self.num_key_value_groups * kv, kv, kv]
 
     def forward(
         self,
@@ -309,10 +330,12 @@ class Attention(nn.Module):
         layer: int,
     ) -> Tensor:
         B, T, _ = x.shape
-        # -1: the head counts come from the projections, which hold this rank's heads under tensor parallelism
-        q = self.q_proj(x).view(B, T, -1, self.head_dim)  # (B, T, nh, D)
-        k = self.k_proj(x).view(B, T, -1, self.head_dim)  # (B, T, nkv, D)
-        v = self.v_proj(x).view(B, T, -1, self.head_dim)
+        qkv = self.qkv_proj(x)  # (B, T, (nh + 2 nkv) D)
+        q, k, v = qkv.split(self.split_sizes(qkv.shape[-1]), dim=-1)
+        # -1: the head counts come from the projection, which holds this rank's heads under tensor parallelism
+        q = q.view(B, T, -1, self.head_dim)  # (B, T, nh, D)
+        k = k.view(B, T, -1, self.head_dim)  # (B, T, nkv, D)
+        v = v.view(B, T, -1, self.head_dim)
         q = self.q_norm(q).transpose(1, 2)  # (B, nh, T, D)
         k = self.k_norm(k).transpose(1, 2)  # (B, nkv, T, D)
         v = v.transpose(1, 2)
@@ -326,12 +349,16 @@ class MLP(nn.Module):
 
     def __init__(self, config: Qwen3Config) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)  # gate, then up
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
+    def split_sizes(self, rows: int) -> list[int]:
+        """The gate and up rows of a gate_up projection of `rows` rows: I each (I/tp on a tensor-parallel rank)."""
+        return [rows // 2, rows // 2]
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # (B, T, H) -> (B, T, I) -> (B, T, H)
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, T, H) -> (B, T, 2 I) -> 2 x (B, T, I)
+        return self.down_proj(F.silu(gate) * up)  # (B, T, I) -> (B, T, H)
 
 
 class GeluMLP(nn.Module):
@@ -409,8 +436,9 @@ class Qwen3ForCausalLM(nn.Module):
 
     @property
     def num_kv_heads(self) -> int:
-        """KV heads held by this model's layers, read off the k projection (fewer on a tensor-parallel rank)."""
-        return self.model.layers[0].self_attn.k_proj.out_features // self.config.head_dim
+        """KV heads held by this model's layers, read off the qkv projection (fewer on a tensor-parallel rank)."""
+        attention = self.model.layers[0].self_attn
+        return attention.split_sizes(attention.qkv_proj.out_features)[1] // self.config.head_dim
 
     def tie_weights(self) -> None:
         """Share one (V, H) matrix between the input embedding and the output projection."""
