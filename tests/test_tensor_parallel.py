@@ -31,6 +31,7 @@ import qwen3
 import qwen3.checkpoint
 import qwen3.parallel
 from conftest import copy_tokenizer_files, make_reference, rel_error
+from qwen3.checkpoint import fused_parts, unfuse_state
 from qwen3.cli import main
 from qwen3.config import Qwen3Config
 from qwen3.model import KVCache
@@ -410,7 +411,9 @@ def worker(workdir: Path, names: list[str]) -> None:
         RecordingSafeOpen.reads = []
         model = qwen3.parallel.load_model_tp(workdir / name)
         set_int8_kernel(model, "plain")  # as single_process_model
-        out = {"reads": RecordingSafeOpen.reads, "state": {k: v.clone() for k, v in model.state_dict().items()}}
+        # under the files' names: the rank's q, k, v (gate, up) rows, cut out of its fused qkv (gate_up) matrix
+        state = unfuse_state(model.state_dict(), fused_parts(model))
+        out = {"reads": RecordingSafeOpen.reads, "state": {k: v.clone() for k, v in state.items()}}
         out["module_types"] = {k: type(m).__name__ for k, m in model.named_modules()}
         with torch.no_grad():
             out["ids"], out["ids_one_row"] = model(inputs["ids"]), model(inputs["ids_one_row"])
@@ -421,8 +424,9 @@ def worker(workdir: Path, names: list[str]) -> None:
             compiled = torch.compile(model, fullgraph=True, dynamic=False, backend="aot_eager")
             with torch.no_grad():
                 out["compiled"] = compiled(inputs["ids"])
-        out["cache_heads"] = (model.model.layers[0].self_attn.q_proj.out_features // model.config.head_dim,
-                              model.num_kv_heads)  # fmt: skip
+        attention = model.model.layers[0].self_attn
+        q_rows = attention.split_sizes(attention.qkv_proj.out_features)[0]
+        out["cache_heads"] = (q_rows // model.config.head_dim, model.num_kv_heads)
         out["kv_cache_shape"] = tuple(KVCache.for_model(model, 3, 20).k.shape)
         torch.save(out, workdir / f"{name}-rank{world.rank}.pt")
     try:

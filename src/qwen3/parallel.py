@@ -2,14 +2,17 @@
 matrix, and the same model code runs on every rank, on its slices.
 
 The plan, for tp ranks (TP_PLAN below, plus the LM head); rank r owns:
-- q_proj, k_proj, v_proj, column-parallel, split by heads: the rows of query heads [r nh/tp, (r+1) nh/tp) and
-  of KV heads [r nkv/tp, (r+1) nkv/tp). Query head h reads KV head h // (nh/nkv), so the rank's query heads
-  read exactly the rank's KV heads: attention runs on whole heads with no communication, and the KV cache
-  holds only the rank's KV heads (`KVCache.for_model` reads their number off the k projection).
+- qkv_proj (q, k, v fused: model.FUSED_PROJECTIONS), column-parallel, split by heads: the rows of query heads
+  [r nh/tp, (r+1) nh/tp), then of KV heads [r nkv/tp, (r+1) nkv/tp) of k, then of v; that is, the concatenation
+  of each part's own column-parallel block, which is how it is read from the checkpoint (the parts are separate
+  tensors there). Query head h reads KV head h // (nh/nkv), so the rank's query heads read exactly the rank's
+  KV heads: attention runs on whole heads with no communication, and the KV cache holds only the rank's KV
+  heads (`KVCache.for_model` reads their number off the qkv projection).
 - o_proj, row-parallel: the columns that multiply its heads' outputs. Its product is a partial sum of the
   attention output; one all-reduce completes it.
-- gate_proj, up_proj column-parallel and down_proj row-parallel: SwiGLU is elementwise over the I features,
-  so each rank computes its I/tp features whole; one all-reduce after down_proj.
+- gate_up_proj column-parallel (the rank's I/tp gate rows, then the same up rows) and down_proj row-parallel:
+  SwiGLU is elementwise over the I features, so each rank computes its I/tp features whole; one all-reduce
+  after down_proj.
 - lm_head, vocabulary-parallel: the rows of tokens [r V/tp, (r+1) V/tp); an all-gather along the vocabulary
   gives every rank the full logits. Why not replicated: a decode step reads every weight once, and a
   replicated head (V x H, 1.2 GB in bf16 for Qwen3-8B) would add (1 - 1/tp) V H to every rank's reads per
@@ -57,23 +60,33 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .checkpoint import Index, Slicer, build_meta_model, parse_dtype, read_checkpoint
+from .checkpoint import (
+    Index,
+    Slicer,
+    build_meta_model,
+    fuse_state,
+    fused_parts,
+    parse_dtype,
+    read_checkpoint,
+    unfuse_state,
+)
 from .config import Qwen3Config
 from .device import resolve_device
 from .hub import MODEL_FILES, resolve_source
-from .model import Qwen3ForCausalLM
+from .model import FUSED_PROJECTIONS, Qwen3ForCausalLM
 from .quantize import Int8Linear, tied_lm_head
 
 # How each linear layer of a decoder layer is split: "colwise" splits the weight's rows (output features),
 # "rowwise" its columns (input features) and all-reduces the output. Everything not listed is replicated.
+# A fused projection's parts (separate tensors in the checkpoint) are each split like it (CHECKPOINT_PLAN).
 TP_PLAN: dict[str, str] = {
-    "self_attn.q_proj": "colwise",
-    "self_attn.k_proj": "colwise",
-    "self_attn.v_proj": "colwise",
+    "self_attn.qkv_proj": "colwise",
     "self_attn.o_proj": "rowwise",
-    "mlp.gate_proj": "colwise",
-    "mlp.up_proj": "colwise",
+    "mlp.gate_up_proj": "colwise",
     "mlp.down_proj": "rowwise",
+}
+CHECKPOINT_PLAN: dict[str, str] = {
+    part: style for path, style in TP_PLAN.items() for part in FUSED_PROJECTIONS.get(path, (path,))
 }
 LM_HEAD = "lm_head"  # vocabulary-parallel: split like "colwise", then all-gathered
 SPLIT_DIM = {"colwise": 0, "rowwise": 1, "vocab": 0}  # the weight dimension each style splits
@@ -288,12 +301,12 @@ def _apply_tp_plan(model: Qwen3ForCausalLM, group: dist.ProcessGroup) -> None:
 
 
 def split_style(name: str) -> str | None:
-    """How the state-dict tensor `name` (a weight, or an int8 weight's scales) is split across ranks:
-    "colwise", "rowwise", "vocab" or None (replicated)."""
+    """How the checkpoint tensor `name` (a weight, or an int8 weight's scales, under Hugging Face's names) is
+    split across ranks: "colwise", "rowwise", "vocab" or None (replicated)."""
     module = name.removesuffix(".weight").removesuffix(".weight_scale")
     if module == LM_HEAD:
         return "vocab"
-    for path, style in TP_PLAN.items():
+    for path, style in CHECKPOINT_PLAN.items():
         if module.startswith("model.layers.") and module.endswith("." + path):
             return style
     return None
@@ -344,11 +357,14 @@ def load_model_tp(
     config = Qwen3Config.from_json(directory / "config.json")
     shard_config(config, tp)  # the divisibility checks, before anything is read
     model = build_meta_model(config, attention)
-    expected = {name: (tuple(t.shape), t.dtype) for name, t in model.state_dict().items()}  # the files' shapes
+    parts = fused_parts(model)
+    # the files' names and shapes
+    expected = unfuse_state({name: (tuple(t.shape), t.dtype) for name, t in model.state_dict().items()}, parts)
     tied = tied_lm_head(model)
     _apply_tp_plan(model, group)
     local_shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     state = read_checkpoint(directory, expected, tied, device, dtype, slicer=rank_slicer(rank, tp))
+    state = fuse_state(state, parts)  # each fused tensor: the concatenation of its parts' rank blocks
     for name, tensor in state.items():  # the plan and the slicing must agree; a mismatch is a bug here
         assert tuple(tensor.shape) == local_shapes[name], (name, tuple(tensor.shape), local_shapes[name])
     model.load_state_dict(state, strict=True, assign=True)
