@@ -19,6 +19,7 @@ _EXPORTS = {
     "TrainError": "data",
     "bits_per_byte": "data",
     "LoRAConfig": "lora",
+    "FusedLoRALinear": "lora",
     "LoRALinear": "lora",
     "apply_lora": "lora",
     "load_adapter": "lora",
@@ -44,6 +45,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "CausalLMLoss",
+    "FusedLoRALinear",
     "LoRAConfig",
     "LoRALinear",
     "TrainConfig",

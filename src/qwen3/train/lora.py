@@ -2,20 +2,25 @@
 
 `apply_lora` swaps each targeted `nn.Linear` (q/k/v/o_proj, gate/up/down_proj) for a `LoRALinear` in place.
 The new module holds the *same* weight Parameter under the same attribute name, so the model's state dict
-keys do not change (`model.layers.0.self_attn.q_proj.weight` still loads from the base checkpoint), plus
+keys do not change (`model.layers.0.self_attn.o_proj.weight` still loads from the base checkpoint), plus
 two small matrices:
 
     y = x W^T + (alpha / r) * dropout(x) A^T B^T        A: (r, in), B: (out, r)
+
+Targets keep Hugging Face's names, also for the parts of the model's fused projections (model.FUSED_PROJECTIONS:
+q/k/v_proj are rows of qkv_proj, gate/up_proj of gate_up_proj). A fused projection with targeted parts becomes a
+`FusedLoRALinear`: one adapter per targeted part, a submodule named after it (`qkv_proj.q_proj.lora_A.weight`),
+adding its B A x to that part's output rows only, which is exactly PEFT's adapter on the separate q_proj.
 
 A starts random (PEFT's Kaiming-uniform), B at zero, so training starts exactly at the base model. The
 base weights are frozen; only A and B get gradients and are saved.
 
 On disk an adapter is what PEFT writes: `adapter_config.json` (peft_type LORA, r, lora_alpha,
 target_modules, ...) and `adapter_model.safetensors` with keys like
-`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`, so `PeftModel.from_pretrained` on
-transformers' Qwen3ForCausalLM reads it, and adapters PEFT trained on Qwen3 load here (plain LoRA only:
-no DoRA, per-layer rank patterns or regex targets). `merge_lora` folds W + (alpha / r) B A back into
-plain Linears, giving an ordinary checkpoint.
+`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` (`peft_name` maps our names to these),
+so `PeftModel.from_pretrained` on transformers' Qwen3ForCausalLM reads it, and adapters PEFT trained on
+Qwen3 load here (plain LoRA only: no DoRA, per-layer rank patterns or regex targets). `merge_lora` folds
+W + (alpha / r) B A back into plain Linears (a fused one: each part's rows), giving an ordinary checkpoint.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from ..config import ConfigError
 from ..files import atomic_path, write_text_atomic
 from ..hub import MODEL_FILES, TOKENIZER_FILES, ModelNotFoundError, resolve_source
 from ..hub import copy_tokenizer_files as hub_copy_tokenizer_files
-from ..model import Qwen3ForCausalLM
+from ..model import FUSED_PROJECTIONS, Qwen3ForCausalLM
 from .data import TrainError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -129,55 +134,152 @@ class LoRAConfig:
             raise fail(str(e)) from e
 
 
-class LoRALinear(nn.Module):
-    """y = F.linear(x, weight, bias) + scaling * lora_B(lora_A(dropout(x))); `weight` is the base Linear's."""
+class LoRAAdapter(nn.Module):
+    """scaling * lora_B(lora_A(dropout(x))): the low-rank update of one projection's output, (.., in) -> (.., out).
+    A starts random (PEFT's Kaiming-uniform), B at zero."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight  # the same Parameter: state-dict key and base checkpoint unchanged
-        self.bias = base.bias
-        device = base.weight.device if base.weight.device.type != "meta" else None
-        self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=device, dtype=base.weight.dtype)
-        self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=device, dtype=base.weight.dtype)
+        self.lora_A = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(rank, out_features, bias=False, device=device, dtype=dtype)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling = alpha / (math.sqrt(rank) if use_rslora else rank)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's default initialisation
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight, self.bias) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        return self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+
+    def delta_weight(self, dtype: torch.dtype) -> Tensor:
+        """scaling * B A (out, in), in `dtype`."""
+        return self.scaling * (self.lora_B.weight.to(dtype) @ self.lora_A.weight.to(dtype))
+
+
+def _base_placement(base: nn.Linear) -> dict[str, Any]:
+    """Device and dtype for adapters of `base` (a meta-device base: the default device)."""
+    return {"device": base.weight.device if base.weight.device.type != "meta" else None, "dtype": base.weight.dtype}
+
+
+class LoRALinear(LoRAAdapter):
+    """y = F.linear(x, weight, bias) + scaling * lora_B(lora_A(dropout(x))); `weight` is the base Linear's."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
+        super().__init__(base.in_features, base.out_features, rank, alpha, dropout, use_rslora, **_base_placement(base))
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight  # the same Parameter: state-dict key and base checkpoint unchanged
+        self.bias = base.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias) + super().forward(x)
 
     def merged_weight(self) -> Tensor:
         """W + scaling * B A, computed in fp32 at least."""
         dtype = torch.promote_types(self.weight.dtype, torch.float32)
-        delta = self.lora_B.weight.to(dtype) @ self.lora_A.weight.to(dtype)
-        return (self.weight.to(dtype) + self.scaling * delta).to(self.weight.dtype)
+        return (self.weight.to(dtype) + self.delta_weight(dtype)).to(self.weight.dtype)
+
+
+class FusedLoRALinear(nn.Module):
+    """A fused projection (qkv_proj, gate_up_proj) with adapters on some of its parts: y = x W^T, then the rows of
+    each targeted part p get + scaling B_p A_p dropout(x). `parts` lists every part (its Hugging Face name, e.g.
+    "q_proj", and its rows) in row order; each adapter is the submodule named after its part."""
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        parts: list[tuple[str, int]],
+        targets: tuple[str, ...],
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+    ):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight  # the same Parameter: state-dict key and base checkpoint unchanged
+        self.bias = base.bias
+        self.parts = parts
+        for name, rows in parts:
+            if name in targets:
+                adapter = LoRAAdapter(self.in_features, rows, rank, alpha, dropout, use_rslora, **_base_placement(base))
+                self.add_module(name, adapter)
+
+    def adapters(self) -> list[LoRAAdapter | None]:
+        """Each part's adapter, or None where the part has none, in row order."""
+        return [getattr(self, name) if name in self._modules else None for name, _ in self.parts]
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.linear(x, self.weight, self.bias)  # (.., out): every part's rows
+        pieces = y.split([rows for _, rows in self.parts], dim=-1)
+        return torch.cat([p if a is None else p + a(x) for p, a in zip(pieces, self.adapters(), strict=True)], -1)
+
+    def merged_weight(self) -> Tensor:
+        """W + each part's scaling * B A on that part's rows, computed in fp32 at least."""
+        dtype = torch.promote_types(self.weight.dtype, torch.float32)
+        deltas = [
+            a.delta_weight(dtype) if a is not None else self.weight.new_zeros(rows, self.in_features, dtype=dtype)
+            for (_, rows), a in zip(self.parts, self.adapters(), strict=True)
+        ]
+        return (self.weight.to(dtype) + torch.cat(deltas, dim=0)).to(self.weight.dtype)
 
 
 def apply_lora(model: Qwen3ForCausalLM, config: LoRAConfig) -> list[str]:
-    """Put LoRALinear in place of every targeted projection and freeze everything else.
+    """Put LoRALinear in place of every targeted projection (FusedLoRALinear for a fused one with targeted
+    parts) and freeze everything else.
 
-    Returns the names of the wrapped modules; only their lora_A / lora_B weights require grad."""
+    Returns the (Hugging Face) names of the adapted projections; only their lora_A / lora_B weights require grad."""
     for p in model.parameters():
         p.requires_grad_(False)
     wrapped = []
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
-            if child_name in config.targets and isinstance(child, nn.Linear):
+            path = f"{name}.{child_name}" if name else child_name
+            if not isinstance(child, nn.Linear):
+                continue
+            fused = next((f for f in FUSED_PROJECTIONS if path.endswith("." + f)), None)
+            if fused is not None:
+                names = [part.rpartition(".")[2] for part in FUSED_PROJECTIONS[fused]]  # "q_proj", ...
+                targeted = [part for part in names if part in config.targets]
+                if not targeted:
+                    continue
+                parts = list(zip(names, module.split_sizes(child.out_features), strict=True))
+                adapted = FusedLoRALinear(
+                    child, parts, config.targets, config.rank, config.alpha, config.dropout, config.use_rslora
+                )
+                setattr(module, child_name, adapted)
+                wrapped += [f"{name}.{part}" for part in targeted]
+            elif child_name in config.targets:
                 setattr(
                     module, child_name, LoRALinear(child, config.rank, config.alpha, config.dropout, config.use_rslora)
                 )
-                wrapped.append(f"{name}.{child_name}" if name else child_name)
+                wrapped.append(path)
     if not wrapped:
         raise TrainError(f"--lora-targets: no module of the model is named {', '.join(config.targets)}")
     return wrapped
 
 
+def peft_name(name: str) -> str:
+    """PEFT's key for the adapter tensor `name` of our state dict: `base_model.model.` + the name, with a fused
+    projection's part in the fused module's place (`self_attn.qkv_proj.q_proj.lora_A` -> `self_attn.q_proj.lora_A`)."""
+    for fused, parts in FUSED_PROJECTIONS.items():
+        for part in parts:
+            name = name.replace(f".{fused}.{part.rpartition('.')[2]}.", f".{part}.")
+    return PEFT_PREFIX + name
+
+
 def lora_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The adapter tensors of a model's state dict, under PEFT's names (`base_model.model.<our name>`)."""
+    """The adapter tensors of a model's state dict, under PEFT's names (`peft_name`)."""
     return {
-        PEFT_PREFIX + name: t.detach().contiguous()
+        peft_name(name): t.detach().contiguous()
         for name, t in state.items()
         if ".lora_A." in name or ".lora_B." in name
     }
@@ -215,8 +317,8 @@ def load_adapter(model: Qwen3ForCausalLM, directory: str | os.PathLike) -> LoRAC
     path = Path(directory) / ADAPTER_WEIGHTS
     if not path.is_file():
         raise TrainError(f"--adapter: no {ADAPTER_WEIGHTS} in {directory}")
-    expected = lora_state_dict(model.state_dict())
     params = dict(model.named_parameters())
+    expected = {peft_name(name): name for name in params if ".lora_A." in name or ".lora_B." in name}
     seen = set()
     try:
         handle = safe_open(path, framework="pt", device="cpu")
@@ -228,7 +330,7 @@ def load_adapter(model: Qwen3ForCausalLM, directory: str | os.PathLike) -> LoRAC
             if name not in expected:
                 raise TrainError(f"{path}: unexpected tensor {key!r} (not a LoRA weight of this model and config)")
             tensor = f.get_tensor(key)
-            target = params[name.removeprefix(PEFT_PREFIX)]
+            target = params[expected[name]]
             if tensor.shape != target.shape:
                 raise TrainError(
                     f"{path}: tensor {key!r} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}"
@@ -242,10 +344,11 @@ def load_adapter(model: Qwen3ForCausalLM, directory: str | os.PathLike) -> LoRAC
 
 
 def merge_lora(model: Qwen3ForCausalLM) -> Qwen3ForCausalLM:
-    """Replace every LoRALinear by a plain Linear holding W + scaling * B A; the result has no adapters."""
+    """Replace every LoRALinear (FusedLoRALinear) by a plain Linear holding W + scaling * B A (on each adapted
+    part's rows); the result has no adapters."""
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
-            if isinstance(child, LoRALinear):
+            if isinstance(child, (LoRALinear, FusedLoRALinear)):
                 linear = nn.Linear(
                     child.in_features,
                     child.out_features,
