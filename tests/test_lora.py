@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import qwen3
 from conftest import rel_error
+from qwen3.checkpoint import fused_parts, unfuse_state
 from qwen3.train import LoRAConfig, TrainError, apply_lora, load_adapter, merge_lora, train
 from qwen3.train.cli import main as cli_main
 from qwen3.train.lora import LoRALinear, lora_state_dict, save_adapter
@@ -19,6 +20,8 @@ from qwen3.train.loss import CausalLMLoss
 from qwen3.train.trainer import weight_decay_names
 from test_train import TINY_MODEL, build_tiny_tokenizer, eval_losses, save_tiny_model, tiny_run
 
+PARTS = {name.rpartition(".")[2]: name for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+         "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}  # fmt: skip
 IDS = torch.randint(0, 300, (2, 19), generator=torch.Generator().manual_seed(0))
 
 
@@ -105,18 +108,50 @@ def test_lora_training_lowers_the_loss_and_saves_a_peft_adapter(tmp_path, tiny_t
     assert all(torch.equal(model.state_dict()[k], v) for k, v in base_state.items())  # base weights untouched
 
 
-def test_peft_reads_our_adapter_with_equal_logits(tmp_path, base):
+# every projection; parts of the fused qkv_proj / gate_up_proj alone (an adapter on their rows only); a mix
+PART_TARGETS = [LoRAConfig().targets, ("q_proj",), ("v_proj",), ("gate_proj",), ("k_proj", "up_proj", "o_proj")]
+
+
+@pytest.mark.parametrize("targets", PART_TARGETS, ids="-".join)
+def test_peft_reads_our_adapter_with_equal_logits(tmp_path, base, targets):
     peft = pytest.importorskip("peft")
     from transformers import Qwen3ForCausalLM as HFModel
 
     model = qwen3.load_model(base)
-    config = LoRAConfig(rank=4, alpha=12)
+    config = LoRAConfig(rank=4, alpha=12, targets=targets)
     apply_lora(model, config)
     randomize_adapters(model, seed=1)
     save_adapter(lora_state_dict(model.state_dict()), config, tmp_path / "adapter", base_model=str(base))
     hf = peft.PeftModel.from_pretrained(HFModel.from_pretrained(base, dtype=torch.float32), tmp_path / "adapter")
     with torch.no_grad():
         assert rel_error(model(IDS), hf.eval()(IDS).logits) < 1e-5
+
+
+@pytest.mark.parametrize("targets", PART_TARGETS[1:], ids="-".join)
+def test_we_read_a_peft_adapter_with_equal_logits_and_merge_it_into_the_right_rows(tmp_path, base, targets):
+    peft = pytest.importorskip("peft")
+    from transformers import Qwen3ForCausalLM as HFModel
+
+    hf = HFModel.from_pretrained(base, dtype=torch.float32)
+    torch.manual_seed(3)
+    hf = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(targets)))
+    randomize_adapters(hf, seed=4)
+    hf.save_pretrained(tmp_path / "adapter")
+    model = qwen3.load_model(base)
+    load_adapter(model, tmp_path / "adapter")
+    with torch.no_grad():
+        expected = hf.eval()(IDS).logits
+        assert rel_error(model(IDS), expected) < 1e-5
+        merged = merge_lora(model)
+        assert rel_error(merged(IDS), expected) < 1e-5
+    # merged under Hugging Face's names: the adapted parts' rows changed, every other row as in the base
+    base_state = qwen3.load_model(base).state_dict()
+    hf_merged = hf.merge_and_unload().state_dict()
+    for name, tensor in unfuse_state(merged.state_dict(), fused_parts(merged)).items():
+        assert rel_error(tensor, hf_merged[name]) < 1e-6, name
+    changed = {n for n, t in unfuse_state(merged.state_dict(), fused_parts(merged)).items()
+               if not torch.equal(t, unfuse_state(base_state, fused_parts(merged))[n])}  # fmt: skip
+    assert changed == {f"model.layers.{i}.{m}.weight" for i in range(2) for m in map(PARTS.get, targets)}
 
 
 def test_merge_lora_cli_writes_a_plain_checkpoint(tmp_path, base, capsys):
