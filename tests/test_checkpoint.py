@@ -285,3 +285,64 @@ def test_saved_files_get_the_umask_mode(tmp_path, umask, shard_bytes):
     files = list((tmp_path / "out").iterdir())
     assert len(files) >= 3
     assert {f.name: f.stat().st_mode & 0o777 for f in files} == {f.name: 0o666 & ~umask for f in files}
+
+
+# ---- fused projections: the model holds qkv_proj / gate_up_proj, files keep Hugging Face's names ----
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tied", [True, False])
+def test_save_writes_transformers_tensors_bit_identical_both_ways(tmp_path, tied, dtype):
+    """HF save -> our load -> our save -> HF load -> HF save: the same names, shapes, dtypes and bits throughout."""
+    from transformers import Qwen3ForCausalLM as HFModel
+
+    make_reference(tmp_path / "ref", seed=11, dtype=dtype, tie_word_embeddings=tied)
+    theirs = load_file(tmp_path / "ref" / "model.safetensors")
+    ours_model = qwen3.load_model(tmp_path / "ref", dtype=dtype)
+    qwen3.save_model(ours_model, tmp_path / "ours")
+    ours = load_file(tmp_path / "ours" / "model.safetensors")
+    assert ours.keys() == theirs.keys()
+    assert all(ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]) for k in theirs)
+    HFModel.from_pretrained(tmp_path / "ours", dtype=dtype).save_pretrained(tmp_path / "again")
+    again = load_file(tmp_path / "again" / "model.safetensors")
+    assert again.keys() == theirs.keys()
+    assert all(again[k].dtype == theirs[k].dtype and torch.equal(again[k], theirs[k]) for k in theirs)
+
+
+def test_fused_parts_come_from_the_one_table_and_give_transformers_names(tmp_path):
+    from transformers import Qwen3ForCausalLM as HFModel
+
+    from conftest import SMALL, hf_config
+    from qwen3.checkpoint import fused_parts, unfuse_state
+    from qwen3.model import FUSED_PROJECTIONS
+
+    config = qwen3.Qwen3Config(**SMALL)
+    with torch.device("meta"):
+        ours = qwen3.Qwen3ForCausalLM(config)
+        theirs = HFModel(hf_config())
+    state = {k: (tuple(t.shape), t.dtype) for k, t in ours.state_dict().items()}
+    parts = fused_parts(ours)
+    layers = config.num_hidden_layers
+    assert len(parts) == len(FUSED_PROJECTIONS) * layers  # every fused tensor, in every layer
+    expected = {k: (tuple(t.shape), t.dtype) for k, t in theirs.state_dict().items()}
+    assert unfuse_state(state, parts) == expected  # the names and shapes transformers uses, nothing else
+    nh, nkv, D, features = (config.num_attention_heads, config.num_key_value_heads, config.head_dim,
+                            config.intermediate_size)  # fmt: skip
+    assert [rows for _, rows in parts["model.layers.0.self_attn.qkv_proj.weight"]] == [nh * D, nkv * D, nkv * D]
+    assert [rows for _, rows in parts["model.layers.0.mlp.gate_up_proj.weight"]] == [features, features]
+
+
+def test_missing_and_misshaped_parts_of_a_fused_tensor_name_the_file_tensor(tmp_path):
+    make_reference(tmp_path, seed=12)
+    edit_weights(tmp_path / "model.safetensors", lambda t: t.pop("model.layers.0.self_attn.v_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"missing tensors .*model\.layers\.0\.self_attn\.v_proj\.weight$"):
+        qwen3.load_model(tmp_path)
+    make_reference(tmp_path, seed=12)
+
+    def grow(t):
+        k = t["model.layers.1.self_attn.k_proj.weight"]
+        t["model.layers.1.self_attn.k_proj.weight"] = torch.cat([k, k])
+
+    edit_weights(tmp_path / "model.safetensors", grow)
+    with pytest.raises(CheckpointError, match=r"'model\.layers\.1\.self_attn\.k_proj\.weight' in .*model\.safetensors"):
+        qwen3.load_model(tmp_path)
