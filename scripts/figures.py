@@ -554,10 +554,10 @@ def swiglu_gates(ctx: Context) -> Figure:
         gate, act, product = [], [], []
         for name, mlp in mlps.items():
             x = records[name][0]
-            g = mlp.gate_proj(x)
+            g, u = mlp.gate_up_proj(x).chunk(2, dim=-1)  # gate_proj(x), up_proj(x): the fused projection's halves
             gate.append(g.flatten())
             act.append(F.silu(g).flatten())
-            product.append((F.silu(g) * mlp.up_proj(x)).flatten())
+            product.append((F.silu(g) * u).flatten())
     gate, act, product = (torch.cat(t).numpy() for t in (gate, act, product))
 
     def near_zero(values: np.ndarray) -> float:

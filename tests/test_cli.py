@@ -176,7 +176,7 @@ def test_quantize_command_and_int8_generation(fake_snapshot, tmp_path, capsys):
     assert config["quantization_config"]["quant_method"] == "qwen3_int8"
     assert (out_dir / "tokenizer.json").exists()
     model = qwen3.load_model(out_dir)
-    assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.int8
+    assert model.model.layers[0].mlp.gate_up_proj.weight.dtype == torch.int8
     code, from_file, _ = run(capsys, "generate", "--model", str(out_dir), "--temperature", "0",
                              "--max-new-tokens", "8", "--dtype", "bfloat16", "Hello")  # fmt: skip
     assert code == 0
@@ -333,7 +333,7 @@ def test_quantize_replaces_a_non_empty_out_only_with_overwrite(fake_snapshot, tm
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"]
     )  # the other model's shard is gone, not mixed in
-    assert qwen3.load_model(out).model.layers[0].mlp.up_proj.weight.dtype == torch.int8
+    assert qwen3.load_model(out).model.layers[0].mlp.gate_up_proj.weight.dtype == torch.int8
     assert sorted(p.name for p in tmp_path.iterdir()) == ["int8"]  # no temporary directory left
     (out / "notes.txt").write_text("mine")
     code, _, err = run(capsys, "quantize", "--model", str(fake_snapshot), "--out", str(out), "--overwrite")

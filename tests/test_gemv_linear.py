@@ -46,7 +46,7 @@ ALLOW_CPU = DEVICE == "cpu"  # the interpreter runs the kernel on CPU tensors
 FP32_U = 2.0**-24
 triton_test = pytest.mark.skipif(not RUN_TRITON, reason="runs in the TRITON_INTERPRET=1 subprocess (test below)")
 needs_cuda = pytest.mark.skipif(not CUDA or INTERPRETED, reason="needs CUDA")
-PROJECTIONS = 7  # q, k, v, o, gate, up, down per layer
+PROJECTIONS = 4  # qkv (fused), o, gate_up (fused), down per layer
 
 
 def small_model(seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu") -> qwen3.Qwen3ForCausalLM:

@@ -427,7 +427,7 @@ def test_cpu_gemv_linear_swaps_keep_parameters_and_outputs(isas, tmp_path):
         # prefill (9 rows) takes F.linear: identical; one-row decode steps take the kernel: float32-close
         assert torch.equal(model(prompt), plain(prompt))
         one = torch.randn(1, 1, model.config.hidden_size, generator=gen)
-        layer = model.model.layers[0].mlp.gate_proj
+        layer = model.model.layers[0].mlp.gate_up_proj
         assert isinstance(layer, CpuGemvLinear)
         check_float_against_float64(layer(one), one, layer.weight)
     fast = qwen3.generate(model, prompt, max_new_tokens=12, temperature=0.0)

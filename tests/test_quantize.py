@@ -21,10 +21,12 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
 
 import qwen3
 from conftest import SMALL as CONFTEST_SMALL
+from qwen3.checkpoint import fused_parts, unfuse_state
 from qwen3.config import ConfigError
 from qwen3.kernels import cpu_gemv
 from qwen3.quantize import (
@@ -51,7 +53,7 @@ FP32_U = 2.0**-24
 # conftest's small config: nh * D = 96 and hidden 64, so every in_features (64, 96) is a multiple of 16
 # and the int8pack kernel can run; the tie is chosen per test.
 SMALL = {k: v for k, v in CONFTEST_SMALL.items() if k != "tie_word_embeddings"}
-LINEARS_PER_LAYER = 7  # q, k, v, o, gate, up, down
+LINEARS_PER_LAYER = 4  # qkv (fused), o, gate_up (fused), down
 
 
 def generator(seed: int) -> torch.Generator:
@@ -452,10 +454,16 @@ def test_roundtrip_int8_checkpoint(tmp_path, tied, include_embedding):
     assert stored["model.layers.0.self_attn.q_proj.weight"] == "I8"
     assert stored["model.layers.0.self_attn.q_proj.weight_scale"] == "F32"
     assert stored["model.embed_tokens.weight"] == ("I8" if include_embedding else "F32")
-    expected_keys = set(quantized.state_dict())
+    expected_keys = set(unfuse_state(quantized.state_dict(), fused_parts(quantized)))  # Hugging Face's names
     if tied_lm_head(quantized):  # the tied LM head is not stored, scales included
         expected_keys -= {"lm_head.weight", "lm_head.weight_scale"}
     assert set(stored) == expected_keys
+    # per-row scales: the fused matrix's int8 rows and scales are those of each separate matrix, quantized alone
+    separate = unfuse_state(small_model(7, tied=tied).state_dict(), fused_parts(small_model(7, tied=tied)))
+    saved = load_file(tmp_path / "model.safetensors")
+    for name in ("model.layers.1.self_attn.k_proj", "model.layers.2.mlp.up_proj"):
+        q, scale = quantize_per_row(separate[name + ".weight"])
+        assert torch.equal(saved[name + ".weight"], q) and torch.equal(saved[name + ".weight_scale"], scale)
 
     loaded = qwen3.load_model(tmp_path)
     assert module_types(loaded) == module_types(quantized)

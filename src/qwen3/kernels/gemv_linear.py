@@ -2,7 +2,7 @@
 
 At batch 1 a decode step multiplies one row (M = 1) by every weight matrix, and cuBLAS reads Qwen3-0.6B's small
 matrices at about a sixth of the bandwidth (benchmarks/NOTES.md); `gemv_triton.gemv` splits K over all SMs.
-`use_gemv(model, max_rows=16)` replaces, in place, every `nn.Linear` (q/k/v/o, gate/up/down, the LM head) by a
+`use_gemv(model, max_rows=16)` replaces, in place, every `nn.Linear` (qkv, o, gate_up, down, the LM head) by a
 `GemvLinear` and every `Int8Linear` by a `GemvInt8Linear`. On CUDA, an input of at most `max_rows` rows (the
 product of its leading dimensions) goes through `torch.ops.qwen3.gemv` (int8 weights through the kernel's int8
 path: half the bytes of bf16, the scale applied once to the fp32 sum); more rows (prefill) take the module's
