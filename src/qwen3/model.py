@@ -410,7 +410,8 @@ class Qwen3Model(nn.Module):
 
 
 class Qwen3ForCausalLM(nn.Module):
-    """The language model. Parameter names are exactly those of Hugging Face checkpoints."""
+    """The language model. Parameter names are those of Hugging Face checkpoints, but for the fused projections
+    (FUSED_PROJECTIONS: qkv_proj and gate_up_proj; checkpoint.py reads and writes them under the original names)."""
 
     def __init__(self, config: Qwen3Config, attention: str = "sdpa") -> None:
         super().__init__()
