@@ -49,7 +49,9 @@ model did.
 tests/test_quantize.py checks both paths against a float64 reference and against each other.
 
 Checkpoints keep Hugging Face names: `...weight` holds int8 and `...weight_scale` the scales, and
-config.json carries `quantization_config` (see `quantization_config`). To load one, build the model on
+config.json carries `quantization_config` (see `quantization_config`). The scales are per row, so a fused
+projection (qkv_proj, gate_up_proj) quantizes to exactly the int8 rows and scales of its separate parts, and
+is saved under their names like a float one (checkpoint.fused_parts). To load one, build the model on
 the meta device, call `prepare_int8_modules(model, quantization_config)`, then
 `load_state_dict(state, assign=True)` and, for a tied model, `retie_lm_head(model)`.
 """
