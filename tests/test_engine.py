@@ -181,6 +181,20 @@ def test_max_num_seqs_limits_the_running_set(model):
     check_outputs(llm, model, prompts, SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=5))
 
 
+def test_num_running_counts_a_request_until_its_last_token_is_read_back(model):
+    """A request that reaches max_tokens leaves the scheduler when its last token is sampled, and finishes when the
+    token is read back, a step later: num_running (the stats' count) holds it until then."""
+    llm = engine(model)
+    seq = llm.make_sequence(0, random_prompts([5], seed=33)[0], SamplingParams(temperature=0.0, max_tokens=2), "0",
+                            stream=False)  # fmt: skip
+    llm.add(seq)
+    counts = []
+    while llm.has_work():
+        llm.step()
+        counts.append((len(llm.scheduler.running), llm.num_running, seq.finished))
+    assert counts == [(1, 1, False), (0, 1, False), (0, 0, True)]
+
+
 def test_prefix_cache_hit_on_a_resent_prefix(model):
     shared = random_prompts([37], seed=5)[0]
     first = [shared + tail for tail in random_prompts([3, 6], seed=6)]

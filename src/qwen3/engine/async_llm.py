@@ -103,14 +103,14 @@ def auto_stream_interval(num_streams: int) -> int:
 class _ThreadCore:
     """The EngineLoop in a background thread of this process, fed through a thread-safe queue."""
 
-    def __init__(self, llm: LLM, deliver: Callable[[list[Output]], None], in_flight: Callable[[], list[str]]
-                 ) -> None:  # fmt: skip
+    def __init__(self, llm: LLM, deliver: Callable[[list[Output], EngineStats | None], None],
+                 in_flight: Callable[[], list[str]]) -> None:  # fmt: skip
         self.llm = llm
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._deliver, self._in_flight = deliver, in_flight
         self.dead: str | None = None  # why the loop has stopped, if it failed
-        loop = EngineLoop(llm, self._receive, lambda outputs, stats: deliver(outputs) if outputs else None)
+        loop = EngineLoop(llm, self._receive, deliver)
         self._thread = threading.Thread(target=self._run, args=(loop,), name="qwen3-engine", daemon=True)
         self._thread.start()
 
@@ -119,7 +119,8 @@ class _ThreadCore:
             loop.run()
         except BaseException as error:  # noqa: BLE001 - a bug outside a step: fail what waits, refuse new requests
             self.dead = f"the engine loop failed ({type(error).__name__}: {error})"
-            self._deliver([(request_id, RuntimeError(f"AsyncLLM: {self.dead}")) for request_id in self._in_flight()])
+            self._deliver([(request_id, RuntimeError(f"AsyncLLM: {self.dead}")) for request_id in self._in_flight()],
+                          None)  # fmt: skip
 
     def _receive(self, block: bool) -> list:
         if block:
@@ -138,9 +139,6 @@ class _ThreadCore:
         self._inbox.put((kind, item))
         self._wake.set()
 
-    def stats(self) -> EngineStats:
-        return stats_of(self.llm)
-
     def join(self) -> None:
         self._thread.join()
 
@@ -158,6 +156,7 @@ class AsyncLLM:
         self._setup(stream_interval)
         self.tokenizer, self.max_model_len, self.vocab_size = llm.tokenizer, llm.max_model_len, llm.config.vocab_size
         self.llm = llm
+        self._stats = stats_of(llm)
         self._core: Any = _ThreadCore(llm, self._deliver, lambda: list(self._streams))
 
     @classmethod
@@ -171,6 +170,7 @@ class AsyncLLM:
 
         self = cls.__new__(cls)
         self._setup(stream_interval)
+        self._stats = EngineStats(0, 0, 0.0, 0, 0, 0)
         self._core = core = EngineProcess(factory, args, kwargs, self._deliver, lambda: list(self._streams))
         self.tokenizer, self.max_model_len, self.vocab_size = core.tokenizer, core.max_model_len, core.vocab_size
         return self
@@ -240,7 +240,8 @@ class AsyncLLM:
         self._core.send("abort", request_id)
 
     def stats(self) -> EngineStats:
-        return self._core.stats()
+        """The engine's counts as of its loop's last pass (a step or an abort ago at most)."""
+        return self._stats
 
     @property
     def dead(self) -> str | None:
@@ -257,9 +258,11 @@ class AsyncLLM:
     # -------------------------------------------------------------------------------------------
     # The engine side (its thread, or the thread reading the engine process's pipe)
 
-    def _deliver(self, outputs: list[Output]) -> None:
-        """Hand one pass's outputs to their streams; a request's last output (or error) ends it first, so that its
-        consumer may reuse the id at once."""
+    def _deliver(self, outputs: list[Output], stats: EngineStats | None) -> None:
+        """Hand one pass's outputs (and the stats after it) to their streams; a request's last output (or error)
+        ends it first, so that its consumer may reuse the id at once. The order matters: streams that ended leave
+        first, then the stats are replaced, then the consumers wake. So stats never show a request gone whose
+        stream still holds its id, and a consumer woken by its last output sees the stats that counted it."""
         ready = []
         for request_id, item in outputs:
             stream = self._streams.get(request_id)
@@ -269,6 +272,8 @@ class AsyncLLM:
                 with self._streams_lock:
                     self._streams.pop(request_id, None)
             ready.append((stream, item))
+        if stats is not None:
+            self._stats = stats
         interval = self.stream_interval
         if interval == "auto":
             interval = auto_stream_interval(len(self._streams))

@@ -62,7 +62,7 @@ def delta(seq: Sequence) -> StreamOutput:
 
 
 def stats_of(llm: LLM) -> EngineStats:
-    return EngineStats(len(llm.scheduler.running), len(llm.scheduler.waiting), llm.block_manager.usage(),
+    return EngineStats(llm.num_running, len(llm.scheduler.waiting), llm.block_manager.usage(),
                        llm.scheduler.num_preemptions, llm.prompt_tokens_total, llm.generation_tokens_total)  # fmt: skip
 
 

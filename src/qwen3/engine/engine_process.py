@@ -113,7 +113,8 @@ class EngineProcess:
     """The serving side of the engine process: sends requests, and a reader thread delivers what comes back."""
 
     def __init__(self, factory: Callable[..., Any], args: tuple, kwargs: dict,
-                 deliver: Callable[[list[Output]], None], in_flight: Callable[[], list[str]]) -> None:  # fmt: skip
+                 deliver: Callable[[list[Output], EngineStats | None], None], in_flight: Callable[[], list[str]]
+                 ) -> None:  # fmt: skip
         context = multiprocessing.get_context("spawn")
         self._conn, child = context.Pipe()
         # Not a daemon: an engine with tensor parallelism starts worker processes of its own.
@@ -121,7 +122,6 @@ class EngineProcess:
         self.process.start()
         child.close()
         self._send_lock = threading.Lock()
-        self._stats = EngineStats(0, 0, 0.0, 0, 0, 0)
         self._prompts: dict[str, list[int]] = {}
         self.dead: str | None = None  # why the engine process is gone, once it is
         atexit.register(self.close)  # runs before multiprocessing's own exit hook joins the process
@@ -160,16 +160,13 @@ class EngineProcess:
             if kind == "add":
                 raise RuntimeError("AsyncLLM: the engine process has exited") from None
 
-    def stats(self) -> EngineStats:
-        return self._stats
-
     def _read(self) -> None:
         while True:
             try:
                 message = self._conn.recv()
             except (EOFError, OSError):
                 break
-            _, packed, self._stats = message
+            _, packed, stats = message
             outputs: list[Output] = []
             for item in packed:
                 request_id = item[0]
@@ -183,13 +180,13 @@ class EngineProcess:
                 prompt = self._prompts.pop(request_id, []) if finished else self._prompts.get(request_id, [])
                 outputs.append((request_id, StreamOutput(request_id, tokens, text, finished, reason, prompt, cached,
                                                          count, logprobs)))  # fmt: skip
-            self._deliver(outputs)
+            self._deliver(outputs, stats)
         self.process.join(2.0)  # for its exit code; the requests in flight must not wait longer than that
         code = self.process.exitcode
         self.dead = f"the engine process has exited (exit code {code})" if code is not None else (
             "the engine process closed its pipe")
         # A clean stop has ended every request already; after a crash these fail.
-        self._deliver([(request_id, RuntimeError(f"AsyncLLM: {self.dead}")) for request_id in self._in_flight()])
+        self._deliver([(request_id, RuntimeError(f"AsyncLLM: {self.dead}")) for request_id in self._in_flight()], None)
 
     def join(self) -> None:
         self._reader.join(STOP_TIMEOUT_S)

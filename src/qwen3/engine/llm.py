@@ -370,6 +370,15 @@ class LLM:
         self.scheduler.remove(seq)
         self.sampler.release(seq)
 
+    @property
+    def num_running(self) -> int:
+        """Requests being generated: the scheduler's running sequences, plus those whose last token is still on its
+        way to the host (a sequence that reaches max_tokens leaves the scheduler when that token is sampled, and
+        finishes one step later, when it is read back)."""
+        in_flight = self._in_flight
+        finishing = 0 if in_flight is None else sum(1 for s in in_flight.seqs if s.length_capped and not s.finished)
+        return len(self.scheduler.running) + finishing
+
     def has_work(self) -> bool:
         """Requests waiting or running, or sampled tokens not yet read back."""
         return self.scheduler.has_work() or self._in_flight is not None
