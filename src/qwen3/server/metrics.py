@@ -1,8 +1,8 @@
 """Prometheus metrics for `GET /metrics`, with vLLM's names under the `qwen3:` prefix.
 
 The engine's state (running and waiting requests, KV-cache use, token totals) is read from
-`AsyncLLM.stats()` when the page is scraped (with the engine in its own process: as of the engine's last pass, a
-step or an abort ago at most); the latency histograms are observed
+`AsyncLLM.stats()` when the page is scraped (as of the engine loop's last pass, a step or an abort ago at most);
+the latency histograms are observed
 by the server as tokens stream out. Each app has its own registry (no process-global state).
 
 The histograms are observed for every streamed increment, so they are plain counters (a bisect and an add, about
