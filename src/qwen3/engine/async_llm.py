@@ -105,7 +105,6 @@ class _ThreadCore:
 
     def __init__(self, llm: LLM, deliver: Callable[[list[Output], EngineStats | None], None],
                  in_flight: Callable[[], list[str]]) -> None:  # fmt: skip
-        self.llm = llm
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._deliver, self._in_flight = deliver, in_flight

@@ -119,6 +119,14 @@ class _ClientGone(Exception):
     """The client disconnected before its non-streamed response was ready."""
 
 
+def engine_dead_error(engine: Any) -> APIError | None:
+    """503 `engine_dead` when the engine can serve nothing (its process has exited, its loop failed), else None."""
+    dead = getattr(engine, "dead", None)
+    if not dead:
+        return None
+    return APIError(f"The engine is not running: {dead}", status=503, type="server_error", code="engine_dead")
+
+
 def _error_response(error: APIError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
@@ -216,9 +224,9 @@ class OpenAIServer:
             )
 
     def admit(self, num_requests: int) -> None:
-        dead = getattr(self.engine, "dead", None)  # its process has exited: 503, as /health says, not a 500 each
-        if dead:
-            raise APIError(f"The engine is not running: {dead}", status=503, type="server_error", code="engine_dead")
+        error = engine_dead_error(self.engine)  # 503, as /health says, not a 500 per request
+        if error is not None:
+            raise error
         if self.max_waiting is None:
             return
         waiting = max(self.in_flight + num_requests - self.max_num_seqs, self.engine.stats().num_waiting)
@@ -541,11 +549,8 @@ def create_app(
 
     @app.get("/health")
     async def health() -> Any:
-        dead = getattr(engine, "dead", None)  # an engine process that has exited: nothing can be served
-        if dead:
-            return _error_response(APIError(f"The engine is not running: {dead}", status=503, type="server_error",
-                                            code="engine_dead"))  # fmt: skip
-        return {"status": "ok"}
+        error = engine_dead_error(engine)
+        return {"status": "ok"} if error is None else _error_response(error)
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -2,8 +2,8 @@
 
 The engine's state (running and waiting requests, KV-cache use, token totals) is read from
 `AsyncLLM.stats()` when the page is scraped (as of the engine loop's last pass, a step or an abort ago at most);
-the latency histograms are observed
-by the server as tokens stream out. Each app has its own registry (no process-global state).
+the latency histograms are observed by the server as tokens stream out. Each app has its own registry (no
+process-global state).
 
 The histograms are observed for every streamed increment, so they are plain counters (a bisect and an add, about
 0.3 us) rather than prometheus_client's `Histogram` (a lock and a linear search over the buckets, about 3.5 us):
