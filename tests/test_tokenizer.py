@@ -6,11 +6,14 @@ import json
 import random
 import shutil
 import unicodedata
+from pathlib import Path
 
 import pytest
+import tokenizers
 
+import qwen3
 from qwen3.hub import ModelNotFoundError
-from qwen3.tokenizer import Tokenizer, load_tokenizer, valid_text
+from qwen3.tokenizer import StreamDecoder, Tokenizer, load_tokenizer, valid_text
 
 ALPHABET = (
     "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
@@ -260,11 +263,16 @@ def test_tokenizer_json_alone(tmp_path, tokenizer_files, hf):
 
 
 def stream(tok: Tokenizer, ids: list[int], **kwargs) -> list[str]:
-    decoder = tok.stream_decoder(**kwargs)
+    decoder = StreamDecoder(tok, **kwargs)
     return [decoder.push(i) for i in ids] + [decoder.flush()]
 
 
-def test_stream_concatenation_equals_decode(tok, hf):
+# Every streaming test runs both paths: the byte table (Qwen's decoder is byte-level) and the plain window path.
+both_paths = pytest.mark.parametrize("byte_pieces", [True, False], ids=["table", "window"])
+
+
+@both_paths
+def test_stream_concatenation_equals_decode(tok, hf, byte_pieces):
     rng = random.Random(2)
     specials = [tok.im_end_id, tok.endoftext_id, tok.think_start_id]
     for text in TEXTS:
@@ -272,29 +280,32 @@ def test_stream_concatenation_equals_decode(tok, hf):
         if ids and rng.random() < 0.5:  # splice control tokens in, possibly inside a multi-byte character
             ids.insert(rng.randrange(len(ids) + 1), rng.choice(specials))
         for skip in (False, True):
-            chunks = stream(tok, ids, skip_special_tokens=skip)
+            chunks = stream(tok, ids, skip_special_tokens=skip, byte_pieces=byte_pieces)
             assert "".join(chunks) == hf.decode(ids, skip_special_tokens=skip), text
             if "\ufffd" not in hf.decode(ids, skip_special_tokens=skip):
                 assert not any("\ufffd" in chunk for chunk in chunks), (text, chunks)
 
 
-def test_stream_emits_split_characters_whole(tok, hf):
+@both_paths
+def test_stream_emits_split_characters_whole(tok, hf, byte_pieces):
     split = [c for c in "鿰𠀀𠀁㐀🦜👍🏽" if len(hf.encode(c)) > 1]
     assert split, "expected characters that byte-level BPE splits across tokens"
     for char in split:
         ids = hf.encode(char)
         assert all("\ufffd" in hf.decode([i]) for i in ids[:1]), "the first token is a partial character"
-        chunks = stream(tok, hf.encode(f"a{char}b"))
+        chunks = stream(tok, hf.encode(f"a{char}b"), byte_pieces=byte_pieces)
         assert any(char in chunk for chunk in chunks), chunks  # whole, in one chunk
         assert all("\ufffd" not in chunk for chunk in chunks)
         assert "".join(chunks) == f"a{char}b"
     # A single split character: nothing until its last byte, then the whole character.
     ids = hf.encode("鿰")
-    assert stream(tok, ids) == [""] * (len(ids) - 1) + ["鿰", ""]
+    assert stream(tok, ids, byte_pieces=byte_pieces) == [""] * (len(ids) - 1) + ["鿰", ""]
 
 
-def test_stream_random_ids(tok, hf):
-    # Arbitrary ids (invalid UTF-8, fragments, specials): the stream still adds up to decode(all).
+@both_paths
+def test_stream_random_ids(tok, hf, byte_pieces):
+    # Arbitrary ids (invalid UTF-8, fragments, specials, ids past the tokenizer's vocabulary as the model's padded
+    # embedding can sample them): the stream still adds up to decode(all).
     rng = random.Random(3)
     added = sorted(hf.added_tokens_decoder)
     fragments = hf.encode("鿰𠀀👨‍👩‍👧‍👦\ufffd")
@@ -304,11 +315,12 @@ def test_stream_random_ids(tok, hf):
             if rng.random() < 0.5
             else rng.choice(added)
             if rng.random() < 0.1
-            else rng.randrange(151643)
+            else rng.randrange(151936)
             for _ in range(rng.randint(1, 40))
         ]
         for skip in (False, True):
-            assert "".join(stream(tok, ids, skip_special_tokens=skip)) == hf.decode(ids, skip_special_tokens=skip)
+            text = "".join(stream(tok, ids, skip_special_tokens=skip, byte_pieces=byte_pieces))
+            assert text == hf.decode(ids, skip_special_tokens=skip)
 
 
 def test_stream_cost_stays_constant_per_token(tok, hf):
@@ -319,7 +331,7 @@ def test_stream_cost_stays_constant_per_token(tok, hf):
     rng = random.Random(4)
     fragments = [i for i in hf.encode("鿰𠀀") if "\ufffd" in hf.decode([i])]
     for ids in ([replacement[0]] * 2000, [rng.choice(fragments + replacement) for _ in range(2000)]):
-        decoder = tok.stream_decoder()
+        decoder = StreamDecoder(tok, byte_pieces=False)  # the window path (the table path never decodes a window)
         decoded = 0
         plain_decode = decoder._decode
 
@@ -332,3 +344,22 @@ def test_stream_cost_stays_constant_per_token(tok, hf):
         text = "".join(decoder.push(i) for i in ids) + decoder.flush()
         assert text == hf.decode(ids)
         assert decoded < 100 * len(ids)
+
+
+def test_byte_pieces_only_for_byte_level_decoders(tok):
+    # The demo model's tokenizer is byte-level too: streams of random ids add up to its decode on both paths.
+    demo = load_tokenizer(Path(qwen3.__file__).parent / "demo")
+    assert demo.byte_pieces is not None and tok.byte_pieces is not None
+    rng = random.Random(5)
+    for _ in range(100):
+        ids = [rng.randrange(demo.vocab_size + 10) for _ in range(rng.randint(1, 30))]
+        assert "".join(stream(demo, ids)) == "".join(stream(demo, ids, byte_pieces=False)) == demo.decode(ids)
+    # A decoder that is not byte-level (WordPiece): no table; its streams take the window path.
+    vocab = {"[UNK]": 0, "hello": 1, "##lo": 2, "world": 3, "!": 4, "<|endoftext|>": 5, "<|im_start|>": 6,
+             "<|im_end|>": 7}  # fmt: skip
+    backend = tokenizers.Tokenizer(tokenizers.models.WordPiece(vocab, unk_token="[UNK]"))
+    backend.decoder = tokenizers.decoders.WordPiece()
+    other = Tokenizer(backend)
+    assert other.byte_pieces is None
+    ids = [1, 2, 3, 4, 1]
+    assert stream(other, ids) == stream(other, ids, byte_pieces=False) == ["hello", "##lo", "world", "!", "hello", ""]

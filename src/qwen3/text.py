@@ -51,30 +51,46 @@ class TextStream:
         self.stop_token_ids = frozenset(int(i) for i in stop_token_ids)
         self._decoder = tokenizer.stream_decoder(skip_special_tokens=skip_special_tokens)
         self._longest_stop = max((len(s) for s in self.stop), default=0)
-        self.text = ""  # everything decoded so far (cut before a stop string once one is found)
+        self._parts: list[str] = []  # the text so far, in pieces (joined when read: appending stays O(1) per token)
         self.shown = 0  # characters of `text` already returned
         self.finish_reason: str | None = None
+
+    @property
+    def text(self) -> str:
+        """Everything decoded so far (cut before a stop string once one is found)."""
+        if len(self._parts) != 1:
+            self._parts[:] = ["".join(self._parts)]
+        return self._parts[0]
+
+    @text.setter
+    def text(self, value: str) -> None:
+        self._parts[:] = [value]
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
     def push(self, token_id: int) -> str:
-        if self.finished:
+        if self.finish_reason is not None:
             return ""
         token_id = int(token_id)
         if token_id in self.eos_token_ids or token_id in self.stop_token_ids:
             self.finish_reason = "eos" if token_id in self.eos_token_ids else "stop"
             return self._release(flush=True)
-        self.text += self._decoder.push(token_id)
-        if self.stop:
-            # A new stop string can only end in the new text, so it starts at most len(stop) - 1 characters earlier.
-            start = max(0, self.shown - self._longest_stop)
-            hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
-            if hits:
-                self.text = self.text[: min(hits)]
-                self.finish_reason = "stop"
-                return self._take(len(self.text))
+        piece = self._decoder.push(token_id)
+        if not self.stop:  # nothing to hold back: the piece is final (a server's common case, once per token)
+            if piece:
+                self._parts.append(piece)
+                self.shown += len(piece)
+            return piece
+        self.text += piece
+        # A new stop string can only end in the new text, so it starts at most len(stop) - 1 characters earlier.
+        start = max(0, self.shown - self._longest_stop)
+        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+            self.finish_reason = "stop"
+            return self._take(len(self.text))
         return self._take(safe_prefix_length(self.text, self.stop))
 
     def finish(self) -> str:

@@ -132,7 +132,7 @@ class BlockManager:
                 self.free[block] = None
                 if self.hash_of[block] is None:  # nothing worth keeping: hand it out first
                     self.free.move_to_end(block, last=False)
-        seq.block_table.clear()
+        del seq.block_table[:]
         seq.block_hashes.clear()
         seq.num_computed_tokens = 0
 

@@ -332,14 +332,15 @@ class LLM:
                 prompt = prompt.tolist()
             if not isinstance(prompt, SequenceABC):
                 raise ValueError(f"{where}: a prompt is a string or a list of token ids")
-            if any(isinstance(i, bool) or not isinstance(i, numbers.Integral) for i in prompt):
-                raise ValueError(f"{where}: token ids must be integers")
-            ids, prompt = [int(i) for i in prompt], None
+            if not set(map(type, prompt)) <= {int}:  # (checked per element only when not all are plain ints)
+                if any(isinstance(i, bool) or not isinstance(i, numbers.Integral) for i in prompt):
+                    raise ValueError(f"{where}: token ids must be integers")
+            ids, prompt = list(map(int, prompt)), None
         vocab = self.config.vocab_size
         if not ids:
             raise ValueError(f"{where}: the prompt is empty (it needs at least one token)")
-        bad = next((i for i in ids if not 0 <= i < vocab), None)
-        if bad is not None:
+        if min(ids) < 0 or max(ids) >= vocab:
+            bad = next(i for i in ids if not 0 <= i < vocab)
             raise ValueError(f"{where}: token id {bad} is outside the vocabulary (0..{vocab - 1})")
         if len(ids) > self.max_model_len - 1:
             raise ValueError(

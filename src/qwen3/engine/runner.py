@@ -336,12 +336,20 @@ class ModelRunner:
                 tables: array, holes: list[tuple[int, int]], in_flight: InFlight | None) -> Tensor:  # fmt: skip
         S = len(tokens)
         width = len(tables) // S
-        pad = bucket - S
-        self.g_tokens[:bucket].copy_(self.to_device(tokens + [0] * pad, torch.long), non_blocking=True)
-        self._fill_holes(self.g_tokens, holes, in_flight)
-        self.g_positions[:bucket].copy_(self.to_device(positions + [0] * pad, torch.long), non_blocking=True)
-        self.g_slots[:bucket].copy_(self.to_device(slots + [-1] * pad), non_blocking=True)
-        self.g_seq_lens[:bucket].copy_(self.to_device(seq_lens + [0] * pad), non_blocking=True)
+        zeros = [0] * (bucket - S)
+        # One host list, one copy to the device (each copy costs host time): the four per-row inputs padded to the
+        # bucket, then where the placeholders are and their rows in the previous step's samples.
+        host = tokens + zeros + positions + zeros + slots + [-1] * (bucket - S) + seq_lens + zeros
+        host += [i for i, _ in holes] + [row for _, row in holes]
+        staged = self.to_device(host, torch.long)
+        rows = staged[: 4 * bucket].view(4, bucket)
+        self.g_tokens[:bucket].copy_(rows[0], non_blocking=True)
+        if holes:
+            at, source = staged[4 * bucket :].view(2, len(holes))
+            self.g_tokens[at] = in_flight.next_ids[source]
+        self.g_positions[:bucket].copy_(rows[1], non_blocking=True)
+        self.g_slots[:bucket].copy_(rows[2], non_blocking=True)  # (int64 -> int32)
+        self.g_seq_lens[:bucket].copy_(rows[3], non_blocking=True)
         self.g_tables[:S, :width].copy_(self.to_device(tables).view(S, width), non_blocking=True)
         self.graphs[bucket].replay()
         return self.model.lm_head(self.g_hidden[:S])  # (S, V), eagerly: only the real rows

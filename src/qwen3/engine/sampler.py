@@ -128,9 +128,11 @@ class Sampler:
         params = [s.params for s in seqs]
         S, V = logits.shape
         device = logits.device
-        if self.fused_sample is not None and not any(_needs_penalty(p) or _filters(p) or p.logprobs is not None
-                                                     for p in params):  # fmt: skip
-            return self._fused(logits, seqs), None, None
+        if not any(_needs_penalty(p) or _filters(p) or p.logprobs is not None for p in params):
+            if all(p.greedy for p in params):  # argmax, as below, without the float32 copy and the host columns
+                return logits.argmax(-1), None, None
+            if self.fused_sample is not None:
+                return self._fused(logits, seqs), None, None
         raw = logits.float()
         logits = raw
 

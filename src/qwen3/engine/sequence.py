@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from array import array
 from dataclasses import dataclass
 
 from ..sampling import SamplingParams
@@ -41,7 +42,7 @@ class Sequence:
         self.params = params
         self.arrival = arrival  # FCFS order, and preemption picks the newest
         self.status = Status.WAITING
-        self.block_table: list[int] = []
+        self.block_table = array("i")  # block ids; an array, so the runner copies tables without converting ints
         self.block_hashes: list[bytes] = []  # chained hashes of the full blocks registered so far
         self.num_computed_tokens = 0
         self.num_cached_tokens: int | None = None  # prefix-cache hit at the first admission
