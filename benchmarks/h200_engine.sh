@@ -2,7 +2,7 @@
 # What one H200 call runs for the engine, the server and the decode kernels (through the device tool), in order:
 # the GPU tests, the kernel micro-benchmarks, engine throughput, the server load test, batch-1 decode.
 # Each part has its own time limit so that one failure cannot eat the others' time. Results land in $OUT.
-#   bash benchmarks/h200_engine.sh [tests] [tests-gemv] [engine-loop] [kernels] [throughput] [compiled] [compiled-engine] [gemv] [engine-gemv]
+#   bash benchmarks/h200_engine.sh [tests] [tests-gemv] [tests-engine] [engine-loop] [engine-loop-compiled] [kernels] [throughput] [compiled] [compiled-engine] [gemv] [engine-gemv]
 #                                  [serve] [serve-compiled] [serve-spy] [serve-spy-compiled] [serve-auto] [decode] [decode-compiled] [startup] [sampler] [prefill] [profile] [profile-compiled] [profile-gemv]
 #   (default: tests kernels throughput serve decode startup profile)
 # Packages the device image lacks (fastapi, uvicorn, uvloop, pydantic, prompt_toolkit) travel as wheels in .whl/.
@@ -43,6 +43,14 @@ if [[ " $parts " == *" tests "* ]]; then
 fi
 if [[ " $parts " == *" tests-gemv "* ]]; then  # the GEMV kernels and modules on CUDA (the split-K fix-up's ordering)
   run 150 tests-gemv python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_gemv_linear.py -rs
+fi
+if [[ " $parts " == *" tests-engine "* ]]; then  # the engine's CUDA graph and kernel tests (a few minutes less than tests)
+  run 200 tests-engine python3 -m pytest -q -p no:cacheprovider tests/test_engine.py tests/test_engine_stream.py \
+    tests/test_triton_sampling.py -k "cuda or gpu or triton or graph or kernel" -rs
+fi
+if [[ " $parts " == *" engine-loop-compiled "* ]]; then  # only the compiled run of the part below
+  PATH=/tmp/site/bin:$PATH run 330 engine-loop-compiled python3 benchmarks/engine_loop.py --compile \
+    --py-spy "$OUT/engine_loop_spy.txt"
 fi
 if [[ " $parts " == *" engine-loop "* ]]; then  # the streaming loop against LLM.generate, eager then compiled + py-spy
   run 150 engine-loop python3 benchmarks/engine_loop.py
