@@ -3,7 +3,7 @@
 # the GPU tests, the kernel micro-benchmarks, engine throughput, the server load test, batch-1 decode.
 # Each part has its own time limit so that one failure cannot eat the others' time. Results land in $OUT.
 #   bash benchmarks/h200_engine.sh [tests] [tests-gemv] [tests-engine] [engine-loop] [engine-loop-compiled] [kernels] [throughput] [compiled] [compiled-engine] [gemv] [engine-gemv]
-#                                  [serve] [serve-compiled] [serve-spy] [serve-spy-compiled] [serve-auto] [decode] [decode-compiled] [startup] [sampler] [prefill] [profile] [profile-compiled] [profile-gemv]
+#                                  [serve] [serve-compiled] [serve-multi] [serve-spy] [serve-spy-compiled] [serve-auto] [decode] [decode-compiled] [startup] [sampler] [prefill] [profile] [profile-compiled] [profile-gemv]
 #   (default: tests kernels throughput serve decode startup profile)
 # Packages the device image lacks (fastapi, uvicorn, uvloop, pydantic, prompt_toolkit) travel as wheels in .whl/.
 set -uo pipefail
@@ -81,6 +81,9 @@ if [[ " $parts " == *" serve "* ]]; then
 fi
 if [[ " $parts " == *" serve-compiled "* ]]; then  # the server and the baseline with LLM(compile=True)
   run 560 serve-compiled python3 benchmarks/serve.py --max-seconds 40 --compile
+fi
+if [[ " $parts " == *" serve-multi "* ]]; then  # compiled, 4 HTTP processes over the engine process, 8 client processes
+  run 560 serve-multi python3 benchmarks/serve.py --max-seconds 40 --compile --api-server-count 4 --client-procs 8
 fi
 if [[ " $parts " == *" serve-spy "* ]]; then  # py-spy over the server, the engine process and the clients
   run 240 serve-spy /tmp/site/bin/py-spy record --subprocesses --nonblocking -r 50 -f raw -o "$OUT/serve_spy.txt" -- \

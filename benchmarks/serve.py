@@ -91,6 +91,15 @@ def serve_worker(args: argparse.Namespace) -> int:
     from qwen3.server.app import create_app, run_server
     from qwen3.server.serving import ServingContext
 
+    if args.api_server_count > 1:  # as `qwen3 serve --api-server-count N` runs it
+        from qwen3.server.app import bind_socket
+        from qwen3.server.front_ends import FrontEnd, serve_front_ends
+
+        directory = None if args.model == "random-0.6b" else build_llm_directory(args)
+        options = FrontEnd(args.model, directory, max_num_seqs=args.max_num_seqs,
+                           stream_interval=args.stream_interval)  # fmt: skip
+        return serve_front_ends(args.api_server_count, llm_only, (args,), {}, bind_socket("127.0.0.1", 0), options,
+                                "benchmark server on {url}")  # fmt: skip
     if args.engine == "process":  # as `qwen3 serve` runs it
         engine = AsyncLLM.spawn(llm_only, args, stream_interval=args.stream_interval)
         directory = None if args.model == "random-0.6b" else build_llm_directory(args)
@@ -282,6 +291,8 @@ def worker_command(args: argparse.Namespace, role: str) -> list[str]:
         str(args.stream_interval),
         "--engine",
         args.engine,
+        "--api-server-count",
+        str(args.api_server_count),
         "--concurrency",
         *map(str, args.concurrency),
     ]
@@ -362,6 +373,8 @@ def main() -> int:
         default="process",
         help="the server's engine in a process of its own, as `qwen3 serve` runs it, or in a thread of the server",
     )
+    p.add_argument("--api-server-count", type=int, default=1, metavar="N",
+                   help="HTTP processes in front of the engine process, as `qwen3 serve --api-server-count N`")
     p.add_argument("--compile", action="store_true",
                    help="CUDA: LLM(compile=True) in the server and the baseline, as `qwen3 serve --compile`")
     p.add_argument("--json", type=Path, help="also write the results here")
@@ -418,6 +431,7 @@ def main() -> int:
         + (f", stream interval {args.stream_interval}" if args.stream_interval != 1 else "")
         + (", compile=True" if args.compile else "")
         + f"; engine in {'its own process' if args.engine == 'process' else 'a thread of the server'}"
+        + (f", {args.api_server_count} HTTP processes" if args.api_server_count > 1 else "")
         + f"; event loop: {event_loop()}"
     )
     lines = [

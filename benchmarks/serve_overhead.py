@@ -73,6 +73,10 @@ class FakeLLM:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
     def step(self) -> list:
         from qwen3.engine.sequence import Status
 

@@ -228,3 +228,80 @@ def test_a_failing_engine_thread_fails_its_requests_and_refuses_new_ones(monkeyp
             await engine.shutdown()
 
     asyncio.run(main())
+
+
+def test_one_engine_process_serves_several_pipes(local):
+    """`start_engine(..., clients=2)` + `AsyncLLM.connect`, as `qwen3 serve --api-server-count 2` runs them: each
+    pipe gets its own requests' outputs, equal to LLM.generate's; stats are the whole engine's on both; a pipe that
+    detaches (its requests end with "abort") leaves the other serving; the engine exits after the last one."""
+    from qwen3.engine.engine_process import start_engine
+
+    prompts = random_prompts([6, 21, 11, 3, 15, 8], local.config.vocab_size, seed=12)
+    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in (9, 4, 14, 7, 11, 5)]
+    expected = local.generate(prompts, params, use_tqdm=False)
+    process, conns = start_engine(LLM, ("demo",), {"kv_cache_tokens": KV_TOKENS}, clients=2)
+
+    async def main():
+        a, b = AsyncLLM.connect(conns[0]), AsyncLLM.connect(conns[1])
+        try:
+            assert a.max_model_len == b.max_model_len == local.max_model_len
+            # Interleaved: the even requests through a, the odd ones through b, all in flight together.
+            pairs = enumerate(zip(prompts, params, strict=True))
+            streams = await asyncio.gather(*(collect(a if i % 2 == 0 else b, p, sp) for i, (p, sp) in pairs))
+            await wait_for(a, lambda s: s.num_running == 0 and s.generation_tokens_total == sum(params_tokens))
+            await wait_for(b, lambda s: s.generation_tokens_total == sum(params_tokens))  # b sees the same engine
+            # a detaches while a request of its own still runs: that one ends with "abort", b keeps serving
+            endless = SamplingParams(temperature=0.0, max_tokens=500, ignore_eos=True)
+            outputs = []
+
+            async def read_endless():
+                async for out in a.generate(prompts[0], endless):
+                    outputs.append(out)
+
+            reader = asyncio.ensure_future(read_endless())
+            await wait_for(a, lambda s: s.num_running == 1)
+            await a.shutdown()
+            await reader
+            assert outputs[-1].finished and outputs[-1].finish_reason == "abort"
+            late = await collect(b, prompts[1], params[1])
+            return streams, late
+        finally:
+            await a.shutdown()
+            await b.shutdown()
+
+    params_tokens = [sp.max_tokens for sp in params]
+    streams, late = asyncio.run(main())
+    assert_streams_add_up(streams, expected)
+    assert_streams_add_up([late], [expected[1]])
+    process.join(30)
+    assert process.exitcode == 0  # it exited by itself once both pipes had detached
+
+
+def test_a_pipe_that_closes_mid_request_frees_its_blocks(local):
+    """An HTTP process that dies (its pipe closes without "stop"): its requests are aborted and their blocks freed;
+    the other pipe is served on, and the engine exits when that one detaches too."""
+    from qwen3.engine.engine_process import start_engine
+
+    process, (gone, kept) = start_engine(LLM, ("demo",), {"kv_cache_tokens": KV_TOKENS}, clients=2)
+    assert gone.recv()[0] == "ready"
+    endless = SamplingParams(temperature=0.0, max_tokens=2000, ignore_eos=True)
+    gone.send(("add", ("doomed", [5, 6, 7], endless)))
+    while (message := gone.recv())[0] == "out" and not message[1]:
+        pass  # passes with stats only, until the first token
+    assert message[1][0][0] == "doomed"
+    gone.close()
+
+    async def main():
+        engine = AsyncLLM.connect(kept)
+        try:
+            # (stats reach this pipe too: the doomed request ran, then nothing runs and no block is held)
+            await wait_for(engine, lambda s: s.generation_tokens_total > 0 and s.num_running == 0
+                           and s.kv_cache_usage == 0)  # fmt: skip
+            return await collect(engine, [5, 6, 7], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+        finally:
+            await engine.shutdown()
+
+    stream = asyncio.run(main())
+    assert stream[-1].finished and sum(len(o.new_token_ids) for o in stream) == 4
+    process.join(30)
+    assert process.exitcode == 0

@@ -652,3 +652,59 @@ def test_sigterm_to_the_whole_process_group_drains(tmp_path):
             raise AssertionError("a process of the server's group is still running")
     finally:
         s.stop()
+
+
+def test_qwen3_serve_with_two_http_processes(tmp_path):
+    """`--api-server-count 2`: two HTTP processes on one socket over one engine process. Concurrent streams equal
+    their solo answers, /metrics counts every request whichever process served it, a bad flag is a clear error,
+    and SIGTERM to the whole group drains the stream in flight and leaves no process behind."""
+    bad = subprocess.run([sys.executable, "-m", "qwen3.cli", "serve", "--model", "demo", "--api-server-count", "0"],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert bad.returncode != 0 and "--api-server-count: must be at least 1, found 0" in bad.stderr
+    command = [sys.executable, "-m", "qwen3.cli", "serve", "--model", "demo", "--port", "0", "--device", "cpu",
+               "--api-server-count", "2"]  # fmt: skip
+    s = Server(command, tmp_path, new_session=True)
+    try:
+        prompts = [f"{name}:" for name in ("ROMEO", "JULIET", "HAMLET", "OPHELIA")]
+        requests = [(p, 4 + 3 * k) for p in prompts for k in range(4)]
+        client = s.client()
+        solo = {}
+        for prompt, max_tokens in requests:
+            r = client.completions.create(model="demo", prompt=prompt, max_tokens=max_tokens, temperature=0)
+            solo[prompt, max_tokens] = (r.choices[0].text, r.usage.completion_tokens)
+
+        async def one(prompt, max_tokens):  # a client (and a connection) each: the kernel spreads them out
+            async with openai.AsyncOpenAI(base_url=s.url + "/v1", api_key="none", timeout=120, max_retries=0) as c:
+                text, _, usage = await streamed_completion(c, model="demo", prompt=prompt, max_tokens=max_tokens)
+                return text, usage.completion_tokens
+
+        async def main():
+            return await asyncio.gather(*(one(p, m) for p, m in requests))
+
+        results = asyncio.run(asyncio.wait_for(main(), 180))
+        assert results == [solo[key] for key in requests]
+        idle = s.wait_idle()
+        assert idle["qwen3:e2e_request_latency_seconds_count"] == 2 * len(requests)
+        assert idle["qwen3:generation_tokens_total"] == 2 * sum(m for _, m in requests)
+
+        body = {"model": "demo", "prompt": "ROMEO:", "max_tokens": 60, "temperature": 0, "ignore_eos": True,
+                "stream": True}  # fmt: skip
+        with httpx.Client(timeout=60) as http, http.stream("POST", s.url + "/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            next(lines)
+            os.killpg(s.proc.pid, signal.SIGTERM)
+            rest = [line for line in lines if line]
+        events = [json.loads(line[6:]) for line in rest if line.startswith("data: {")]
+        assert rest[-1] == "data: [DONE]" and events[-1]["choices"][0]["finish_reason"] == "length"
+        assert s.proc.wait(60) == 0
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # the HTTP processes and the engine process are gone with it
+            try:
+                os.killpg(s.proc.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("a process of the server's group is still running")
+    finally:
+        s.stop()

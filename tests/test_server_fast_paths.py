@@ -81,3 +81,27 @@ def test_latency_histograms_expose_what_prometheus_client_does():
     theirs = [line for line in prometheus_client.generate_latest(registry).decode().splitlines()
               if "_created" not in line]  # fmt: skip
     assert ours == theirs and len(ours) == len(_ITL_BUCKETS) + 5  # HELP, TYPE, buckets with +Inf, count, sum
+
+
+def test_histograms_shared_by_several_processes_sum_their_rows():
+    """Behind `--api-server-count N` each HTTP process observes into its own row of shared memory and any of them
+    renders the sum: the same page as one process that observed everything. (The rows are written here from one
+    process; front_ends.py hands the same arrays to N spawned ones.)"""
+    from qwen3.server.metrics import shared_histograms
+
+    rng = random.Random(2)
+    arrays = shared_histograms(3)
+    rows = [Metrics(lambda: _Stats, "m", (arrays, row)) for row in range(3)]
+    single = Metrics(lambda: _Stats, "m")
+    for _ in range(3000):
+        value = rng.expovariate(rng.choice([1, 50, 1000]))
+        kind = rng.choice(["time_to_first_token", "inter_token_latency", "e2e_latency"])
+        getattr(rng.choice(rows), kind).observe(value)
+        getattr(single, kind).observe(value)
+    pages = [m.render().decode() for m in rows]
+    assert pages[0] == pages[1] == pages[2]
+    both = (pages[0], single.render().decode())
+    ours, theirs = ([line for line in page.splitlines() if "_sum" not in line] for page in both)
+    assert ours == theirs and sum("_count" in line for line in ours) == 3
+    sums = [[float(line.split()[-1]) for line in page.splitlines() if "_sum" in line] for page in both]
+    assert sums[0] == pytest.approx(sums[1], rel=1e-12)  # added in another order

@@ -170,7 +170,21 @@ class AsyncLLM:
         self = cls.__new__(cls)
         self._setup(stream_interval)
         self._stats = EngineStats(0, 0, 0.0, 0, 0, 0)
-        self._core = core = EngineProcess(factory, args, kwargs, self._deliver, lambda: list(self._streams))
+        self._core = core = EngineProcess.spawn(factory, args, kwargs, self._deliver, lambda: list(self._streams))
+        self.tokenizer, self.max_model_len, self.vocab_size = core.tokenizer, core.max_model_len, core.vocab_size
+        return self
+
+    @classmethod
+    def connect(cls, conn: Any, stream_interval: int | str = 1) -> AsyncLLM:
+        """An AsyncLLM over one pipe of an engine process that another process started (`engine_process.
+        start_engine(..., clients=N)`: N serving processes share one engine). Returns once the model is loaded.
+        `shutdown()` detaches this process; the engine process exits when the last one has."""
+        from .engine_process import EngineProcess
+
+        self = cls.__new__(cls)
+        self._setup(stream_interval)
+        self._stats = EngineStats(0, 0, 0.0, 0, 0, 0)
+        self._core = core = EngineProcess(conn, None, self._deliver, lambda: list(self._streams))
         self.tokenizer, self.max_model_len, self.vocab_size = core.tokenizer, core.max_model_len, core.vocab_size
         return self
 

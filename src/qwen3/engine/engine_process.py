@@ -7,24 +7,30 @@ what the same engine gives without HTTP at 256 streams. vLLM runs its engine cor
 same reason. Here the engine process runs the EngineLoop (engine_loop.py) and the serving process keeps only the
 tokenizer (for chat templates) and the streams.
 
-The pipe (a multiprocessing Connection; both ends are this package, so its pickling carries only our own
-messages, never weights):
+The pipes (multiprocessing Connections; both ends are this package, so their pickling carries only our own
+messages, never weights), one per serving process (`qwen3 serve --api-server-count N` runs N HTTP processes in front
+of one engine; see server/front_ends.py):
 
-    serving -> engine   ("add", (request_id, prompt, params)) | ("abort", request_id) | ("stop", None)
+    serving -> engine   ("add", (request_id, prompt, params)) | ("abort", request_id) | ("stop", None): this
+                        serving process is done (its requests end with "abort"; the engine exits after the last)
     engine -> serving   ("ready", info) once the LLM is built, or ("error", exception) if building it failed;
-                        then ("out", outputs, stats) per pass of the loop, outputs compact (see `_pack`): a
-                        request's prompt ids travel once, with its first output, not with every token
+                        then ("out", outputs, stats) per pass of the loop with that pipe's requests' outputs (and
+                        with none, to a pipe whose stats are stale), outputs compact (see `_pack`): a request's
+                        prompt ids travel once, with its first output, not with every token
 
-A thread of the serving process reads the pipe and hands each pass to AsyncLLM's streams. The engine process
+A thread of each serving process reads its pipe and hands each pass to AsyncLLM's streams. The engine process
 ignores SIGINT (a terminal's Ctrl-C reaches the whole process group; the server decides when the engine stops) and
-exits when the serving process sends "stop" or goes away (the pipe closes). If the engine process dies, every
-request in flight fails with an error naming its exit code, and new requests are refused.
+exits when every serving process has sent "stop" or gone away (its pipe closes; its requests are aborted). If the
+engine process dies, every request in flight fails with an error naming its exit code (where the serving process
+started it), and new requests are refused.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import multiprocessing
+import multiprocessing.connection
 import pickle
 import signal
 import threading
@@ -67,8 +73,8 @@ def _pack(outputs: list[Output], announced: set[str]) -> list[tuple]:
     return packed
 
 
-def engine_main(conn: Connection, factory: Callable[..., Any], args: tuple, kwargs: dict) -> None:
-    """The engine process: build the LLM, report, then run the loop on the pipe."""
+def engine_main(conns: list[Connection], factory: Callable[..., Any], args: tuple, kwargs: dict) -> None:
+    """The engine process: build the LLM, report to every pipe, then run the loop on them."""
     # The serving process decides when the engine stops: a Ctrl-C, or a SIGTERM sent to the whole process group
     # (systemd, `timeout`, `kill -TERM -PGID`), must not end it while the server drains. A handler that does
     # nothing, not SIG_IGN: ignored signals stay ignored across exec, in the tensor-parallel workers too.
@@ -76,51 +82,112 @@ def engine_main(conn: Connection, factory: Callable[..., Any], args: tuple, kwar
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
         llm = factory(*args, **kwargs)
-    except BaseException as error:  # noqa: BLE001 - reported to the serving process, which raises it
-        conn.send(("error", _portable(error)))
+    except BaseException as error:  # noqa: BLE001 - reported to the serving processes, which raise it
+        for conn in conns:
+            with contextlib.suppress(BrokenPipeError, OSError):
+                conn.send(("error", _portable(error)))
         return
+    info = {"tokenizer": llm.tokenizer, "max_model_len": llm.max_model_len, "vocab_size": llm.config.vocab_size}
+    live = []
+    for conn in conns:
+        with contextlib.suppress(BrokenPipeError, OSError):  # a serving process that is gone already
+            conn.send(("ready", info))
+            live.append(conn)
     try:
-        conn.send(("ready", {"tokenizer": llm.tokenizer, "max_model_len": llm.max_model_len,
-                             "vocab_size": llm.config.vocab_size}))  # fmt: skip
-    except (BrokenPipeError, OSError):  # the serving process is gone already
-        llm.shutdown()
-        return
-    announced: set[str] = set()
-
-    def receive(block: bool) -> list:
-        items = []
-        try:
-            while conn.poll(None if block and not items else 0):
-                items.append(conn.recv())
-        except (EOFError, OSError):  # the serving process is gone
-            items.append(("stop", None))
-        return items
-
-    def emit(outputs: list[Output], stats: EngineStats) -> None:
-        try:
-            conn.send(("out", _pack(outputs, announced), stats))
-        except (BrokenPipeError, OSError):
-            pass  # the serving process is gone; the next receive stops the loop
-
-    try:
-        EngineLoop(llm, receive, emit).run()
+        EngineLoop(llm, *_Pipes(live).callables()).run()
     finally:
         llm.shutdown()
-        conn.close()
+        for conn in conns:
+            conn.close()
+
+
+class _Pipes:
+    """The engine's side of the pipes: which pipe each request came from, and what each pipe has been sent."""
+
+    def __init__(self, conns: list[Connection]) -> None:
+        self.live = list(conns)
+        self.owner: dict[str, Connection] = {}  # request id -> the pipe it came from, while it runs
+        self.announced: dict[Connection, set[str]] = {conn: set() for conn in conns}
+        self.sent_stats: dict[Connection, EngineStats | None] = {conn: None for conn in conns}
+        self.closing: list[Connection] = []  # detached: closed after the pass that ends their requests
+
+    def callables(self) -> tuple[Callable[[bool], list], Callable[[list[Output], EngineStats], None]]:
+        return self.receive, self.emit
+
+    def _detach(self, conn: Connection, items: list) -> None:
+        """`conn`'s serving process is done (or gone): abort its requests; close it after they have ended."""
+        self.live.remove(conn)
+        items += [("abort", request_id) for request_id, owner in self.owner.items() if owner is conn]
+        self.closing.append(conn)
+
+    def receive(self, block: bool) -> list:
+        items: list = []
+        ready = multiprocessing.connection.wait(self.live, None if block else 0) if self.live else []
+        while ready:
+            for conn in ready:
+                try:
+                    kind, item = conn.recv()
+                except (EOFError, OSError):  # the serving process is gone
+                    self._detach(conn, items)
+                    continue
+                if kind == "stop":
+                    self._detach(conn, items)
+                    continue
+                if kind == "add":
+                    self.owner[item[0]] = conn
+                items.append((kind, item))
+            ready = multiprocessing.connection.wait(self.live, 0) if self.live else []
+        if not self.live:
+            items.append(("stop", None))  # every serving process is done
+        return items
+
+    def emit(self, outputs: list[Output], stats: EngineStats) -> None:
+        by_conn: dict[Connection, list[Output]] = {}
+        for request_id, out in outputs:
+            conn = self.owner.get(request_id)
+            if conn is None:
+                continue
+            by_conn.setdefault(conn, []).append((request_id, out))
+            if isinstance(out, BaseException) or out.finished:
+                del self.owner[request_id]
+        for conn in [*self.live, *self.closing]:
+            mine = by_conn.get(conn, [])
+            if not mine and self.sent_stats[conn] == stats:
+                continue
+            try:
+                conn.send(("out", _pack(mine, self.announced[conn]), stats))
+                self.sent_stats[conn] = stats
+            except (BrokenPipeError, OSError):
+                pass  # that serving process is gone; the next receive detaches it
+        for conn in self.closing:
+            conn.close()
+        self.closing.clear()
+
+
+def start_engine(factory: Callable[..., Any], args: tuple, kwargs: dict, clients: int = 1
+                 ) -> tuple[multiprocessing.process.BaseProcess, list[Connection]]:  # fmt: skip
+    """Spawn the engine process with one pipe per serving process; returns it and the serving ends of the pipes.
+    It builds `factory(*args, **kwargs)` and then answers "ready" (or "error") on every pipe."""
+    context = multiprocessing.get_context("spawn")
+    pairs = [context.Pipe() for _ in range(clients)]
+    # Not a daemon: an engine with tensor parallelism starts worker processes of its own.
+    process = context.Process(target=engine_main, args=([child for _, child in pairs], factory, args, kwargs),
+                              name="qwen3-engine")  # fmt: skip
+    process.start()
+    for _, child in pairs:
+        child.close()
+    return process, [conn for conn, _ in pairs]
 
 
 class EngineProcess:
-    """The serving side of the engine process: sends requests, and a reader thread delivers what comes back."""
+    """One serving process's side of the engine process: sends requests on its pipe, and a reader thread delivers
+    what comes back. `process`: the engine process, where this serving process started it (and so stops it, and
+    names its exit code); None for a serving process that was only handed a pipe (server/front_ends.py)."""
 
-    def __init__(self, factory: Callable[..., Any], args: tuple, kwargs: dict,
+    def __init__(self, conn: Connection, process: multiprocessing.process.BaseProcess | None,
                  deliver: Callable[[list[Output], EngineStats | None], None], in_flight: Callable[[], list[str]]
                  ) -> None:  # fmt: skip
-        context = multiprocessing.get_context("spawn")
-        self._conn, child = context.Pipe()
-        # Not a daemon: an engine with tensor parallelism starts worker processes of its own.
-        self.process = context.Process(target=engine_main, args=(child, factory, args, kwargs), name="qwen3-engine")
-        self.process.start()
-        child.close()
+        self._conn, self.process = conn, process
         self._send_lock = threading.Lock()
         self._prompts: dict[str, list[int]] = {}
         self.dead: str | None = None  # why the engine process is gone, once it is
@@ -139,7 +206,7 @@ class EngineProcess:
                 raise error
             if message[0] == "timeout":
                 raise RuntimeError(f"the engine process did not load the model within {STARTUP_TIMEOUT_S:.0f} s")
-            code = self.process.exitcode
+            code = None if process is None else process.exitcode
             raise RuntimeError(f"the engine process exited while loading the model (exit code {code})")
         info = message[1]
         self.tokenizer, self.max_model_len = info["tokenizer"], info["max_model_len"]
@@ -147,6 +214,14 @@ class EngineProcess:
         self._deliver, self._in_flight = deliver, in_flight
         self._reader = threading.Thread(target=self._read, name="qwen3-engine-reader", daemon=True)
         self._reader.start()
+
+    @classmethod
+    def spawn(cls, factory: Callable[..., Any], args: tuple, kwargs: dict,
+              deliver: Callable[[list[Output], EngineStats | None], None], in_flight: Callable[[], list[str]]
+              ) -> EngineProcess:  # fmt: skip
+        """Start an engine process of its own for this serving process; returns once the model is loaded."""
+        process, (conn,) = start_engine(factory, args, kwargs)
+        return cls(conn, process, deliver, in_flight)
 
     def send(self, kind: str, item: Any) -> None:
         if self.dead is not None:
@@ -181,8 +256,10 @@ class EngineProcess:
                 outputs.append((request_id, StreamOutput(request_id, tokens, text, finished, reason, prompt, cached,
                                                          count, logprobs)))  # fmt: skip
             self._deliver(outputs, stats)
-        self.process.join(2.0)  # for its exit code; the requests in flight must not wait longer than that
-        code = self.process.exitcode
+        code = None
+        if self.process is not None:
+            self.process.join(2.0)  # for its exit code; the requests in flight must not wait longer than that
+            code = self.process.exitcode
         self.dead = f"the engine process has exited (exit code {code})" if code is not None else (
             "the engine process closed its pipe")
         # A clean stop has ended every request already; after a crash these fail.
@@ -193,20 +270,22 @@ class EngineProcess:
         self.close()
 
     def close(self) -> None:
-        """Make sure the engine process is gone: ask it to stop, then kill it if it does not (it ignores SIGTERM)."""
+        """Tell the engine this serving process is done; if it started the engine process, make sure that is gone
+        (it exits once every serving process is done; killed if it does not, since it ignores SIGTERM)."""
         atexit.unregister(self.close)
-        if self.process.is_alive():
+        if self.process is None or self.process.is_alive():
             try:
                 with self._send_lock:
                     self._conn.send(("stop", None))
             except (BrokenPipeError, OSError, AttributeError):
                 pass
-            self.process.join(STOP_TIMEOUT_S)
+            if self.process is not None:
+                self.process.join(STOP_TIMEOUT_S)
         self._kill()
 
     def _kill(self) -> None:
         atexit.unregister(self.close)
-        if self.process.is_alive():
+        if self.process is not None and self.process.is_alive():
             self.process.kill()
             self.process.join(5.0)
         self._conn.close()

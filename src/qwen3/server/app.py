@@ -32,7 +32,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -199,12 +199,13 @@ class OpenAIServer:
         api_keys: Sequence[str] = (),
         max_num_seqs: int = 256,
         max_waiting: int | None = None,
+        shared_metrics: tuple[list[Any], int] | None = None,
     ) -> None:
         self.engine, self.ctx = engine, ctx
         self.api_keys = [key.encode() for key in api_keys]
         self.max_num_seqs, self.max_waiting = max_num_seqs, max_waiting
-        self.in_flight = 0  # engine requests started and not yet ended
-        self.metrics = Metrics(engine.stats, ctx.model_name)
+        self.in_flight = 0  # engine requests started and not yet ended (by this process)
+        self.metrics = Metrics(engine.stats, ctx.model_name, shared_metrics)
 
     # -------------------------------------------------------------------------------------------------
     # Checks
@@ -506,9 +507,12 @@ def create_app(
     api_keys: Sequence[str] = (),
     max_num_seqs: int = 256,
     max_waiting: int | None = None,
+    shared_metrics: tuple[list[Any], int] | None = None,
 ) -> FastAPI:
-    """The FastAPI app serving `engine` (an `AsyncLLM`); the engine is shut down with the app."""
-    server = OpenAIServer(engine, ctx, api_keys=api_keys, max_num_seqs=max_num_seqs, max_waiting=max_waiting)
+    """The FastAPI app serving `engine` (an `AsyncLLM`); the engine is shut down with the app. `shared_metrics`:
+    this process's row of histograms shared by several HTTP processes (metrics.shared_histograms)."""
+    server = OpenAIServer(engine, ctx, api_keys=api_keys, max_num_seqs=max_num_seqs, max_waiting=max_waiting,
+                          shared_metrics=shared_metrics)  # fmt: skip
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -566,14 +570,17 @@ def create_app(
 class _Server(uvicorn.Server):
     """uvicorn's server that prints the URL once listening and exits 0 after a signal-driven drain."""
 
-    def __init__(self, config: uvicorn.Config, banner: str) -> None:
+    def __init__(self, config: uvicorn.Config, banner: str | Callable[[], None]) -> None:
         super().__init__(config)
         self.banner = banner
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         if self.started:
-            print(self.banner, flush=True)
+            if callable(self.banner):
+                self.banner()
+            else:
+                print(self.banner, flush=True)
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         if self.should_exit and sig == signal.SIGINT:
@@ -594,6 +601,12 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def socket_url(sock: socket.socket) -> str:
+    """http://host:port of a bound socket."""
+    address = sock.getsockname()
+    return f"http://{f'[{address[0]}]' if sock.family == socket.AF_INET6 else address[0]}:{address[1]}"
+
+
 def run_server(
     app: FastAPI,
     host: str = "127.0.0.1",
@@ -601,21 +614,19 @@ def run_server(
     *,
     sock: socket.socket | None = None,
     drain_timeout: float = 30.0,
-    banner: str = "qwen3 serve: listening on {url}",
+    banner: str | Callable[[], None] = "qwen3 serve: listening on {url}",
     log_level: str = "warning",
 ) -> int:
     """Serve `app` until SIGTERM or Ctrl-C, then drain in-flight requests (bounded) and return 0.
 
     The socket is bound here (or given, already bound), so `port=0` picks a free port and the banner line shows
-    the real one.
+    the real one. A callable banner is called instead, once listening (server/front_ends.py).
     """
     sock = sock or bind_socket(host, port)
-    address = sock.getsockname()
-    shown = f"[{address[0]}]" if sock.family == socket.AF_INET6 else address[0]
     config = uvicorn.Config(
         app, log_level=log_level, timeout_graceful_shutdown=drain_timeout, access_log=False, lifespan="on"
     )
-    server = _Server(config, banner.format(url=f"http://{shown}:{address[1]}"))
+    server = _Server(config, banner if callable(banner) else banner.format(url=socket_url(sock)))
     try:
         server.run(sockets=[sock])
     finally:

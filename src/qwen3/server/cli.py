@@ -67,6 +67,14 @@ def add_subcommands(sub: Any) -> None:
         "that falls behind always gets what gathered in one chunk)",
     )
     p.add_argument(
+        "--api-server-count",
+        type=int,
+        default=1,
+        metavar="N",
+        help="HTTP processes in front of the one engine process (default 1); more serve more streams at once: one "
+        "process writes some tens of thousands of events per second",
+    )
+    p.add_argument(
         "--drain-timeout",
         type=float,
         default=30.0,
@@ -134,7 +142,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.max_waiting is not None and args.max_waiting < 0:
         raise ValueError(f"--max-waiting: must be >= 0, found {args.max_waiting}")
+    if args.api_server_count < 1:
+        raise ValueError(f"--api-server-count: must be at least 1, found {args.api_server_count}")
     sock = bind_socket(args.host, args.port)  # a busy port fails now, not after the model has loaded
+    banner = f"qwen3 serve: {args.served_model_name or args.model} on {{url}} (chat page at /, OpenAI API at /v1)"
+    if args.api_server_count > 1:
+        from ..engine import LLM
+        from .front_ends import FrontEnd, serve_front_ends
+
+        try:
+            directory, kwargs = engine_arguments(args)
+        except BaseException:
+            sock.close()
+            raise
+        options = FrontEnd(args.served_model_name or args.model, directory, tuple(args.api_key), args.max_num_seqs,
+                           args.max_waiting, args.stream_interval, args.drain_timeout)  # fmt: skip
+        return serve_front_ends(args.api_server_count, LLM, (str(directory),), kwargs, sock, options, banner)
     try:
         from ..engine import LLM
         from .serving import ServingContext
@@ -159,7 +182,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         sock.close()
         asyncio.run(engine.shutdown())
         raise
-    banner = f"qwen3 serve: {ctx.model_name} on {{url}} (chat page at /, OpenAI API at /v1)"
     return run_server(app, sock=sock, drain_timeout=args.drain_timeout, banner=banner)
 
 

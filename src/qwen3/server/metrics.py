@@ -94,54 +94,67 @@ class _EngineCollector(Collector):
 
 
 class LatencyHistogram(Collector):
-    """A Prometheus histogram with one label value, observed from one thread (see the module docstring)."""
+    """A Prometheus histogram with one label value, observed from one thread (see the module docstring).
 
-    def __init__(self, name: str, doc: str, buckets: Sequence[float], model_name: str) -> None:
+    `values` holds, per row, the count of each bucket, the count above every bound (le="+Inf") and the sum: one
+    row of a plain list, or, behind several HTTP processes (server/front_ends.py), shared memory with a row per
+    process, each process adding to its own row and a scrape summing them all."""
+
+    def __init__(self, name: str, doc: str, buckets: Sequence[float], model_name: str,
+                 values: Any = None, row: int = 0) -> None:  # fmt: skip
         self.name, self.doc, self.model_name = name, doc, model_name
         self.bounds = list(buckets)
-        self.counts = [0] * (len(self.bounds) + 1)  # the last one: above every bound (le="+Inf")
-        self.sum = 0.0
+        self.width = len(self.bounds) + 2
+        self.values = [0.0] * self.width if values is None else values
+        self.offset = row * self.width
 
     def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1  # the first bucket with value <= le
-        self.sum += value
+        values, offset = self.values, self.offset
+        values[offset + bisect.bisect_left(self.bounds, value)] += 1  # the first bucket with value <= le
+        values[offset + self.width - 1] += value
 
     def collect(self) -> Iterator[Metric]:
+        width = self.width
+        rows = [self.values[i : i + width] for i in range(0, len(self.values), width)]
+        totals = [sum(column) for column in zip(*rows, strict=True)]
         family = HistogramMetricFamily(self.name, self.doc, labels=["model_name"])
         cumulative, buckets = 0, []
-        for bound, count in zip([*self.bounds, float("inf")], self.counts, strict=True):
-            cumulative += count
+        for bound, count in zip([*self.bounds, float("inf")], totals[:-1], strict=True):
+            cumulative += int(count)
             buckets.append((floatToGoString(bound), cumulative))
-        family.add_metric([self.model_name], buckets, self.sum)
+        family.add_metric([self.model_name], buckets, totals[-1])
         yield family
 
 
-class Metrics:
-    """The registry of one server: engine gauges and counters plus latency histograms."""
+HISTOGRAMS = (  # (name, documentation, buckets)
+    ("qwen3:time_to_first_token_seconds", "Time from request arrival to its first token.", _TTFT_BUCKETS),
+    ("qwen3:inter_token_latency_seconds", "Time between two streamed increments of a request.", _ITL_BUCKETS),
+    ("qwen3:e2e_request_latency_seconds", "Time from request arrival to its last token.", _TTFT_BUCKETS),
+)
 
-    def __init__(self, stats: Callable[[], Any], model_name: str) -> None:
+
+def shared_histograms(processes: int) -> list[Any]:
+    """Shared memory for HISTOGRAMS behind `processes` HTTP processes (a row each), to hand to each `Metrics`."""
+    from multiprocessing import get_context
+
+    context = get_context("spawn")
+    return [context.RawArray("d", processes * (len(buckets) + 2)) for _, _, buckets in HISTOGRAMS]
+
+
+class Metrics:
+    """The registry of one server: engine gauges and counters plus latency histograms. `shared`: (the arrays of
+    `shared_histograms`, this process's row), behind several HTTP processes."""
+
+    def __init__(self, stats: Callable[[], Any], model_name: str, shared: tuple[list[Any], int] | None = None) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(_EngineCollector(stats, model_name))
         self.model_name = model_name
-        self.time_to_first_token = LatencyHistogram(
-            "qwen3:time_to_first_token_seconds",
-            "Time from request arrival to its first token.",
-            _TTFT_BUCKETS,
-            model_name,
-        )
-        self.inter_token_latency = LatencyHistogram(
-            "qwen3:inter_token_latency_seconds",
-            "Time between two streamed increments of a request.",
-            _ITL_BUCKETS,
-            model_name,
-        )
-        self.e2e_latency = LatencyHistogram(
-            "qwen3:e2e_request_latency_seconds",
-            "Time from request arrival to its last token.",
-            _TTFT_BUCKETS,
-            model_name,
-        )
-        for histogram in (self.time_to_first_token, self.inter_token_latency, self.e2e_latency):
+        arrays, row = shared if shared is not None else ([None] * len(HISTOGRAMS), 0)
+        self.time_to_first_token, self.inter_token_latency, self.e2e_latency = histograms = [
+            LatencyHistogram(name, doc, buckets, model_name, values, row)
+            for (name, doc, buckets), values in zip(HISTOGRAMS, arrays, strict=True)
+        ]
+        for histogram in histograms:
             self.registry.register(histogram)
 
     def render(self) -> bytes:
