@@ -2,7 +2,8 @@
 
 One step loop (engine_loop.py) owns the LLM: in a background thread (`AsyncLLM(llm)`), or in an engine process of
 its own (`AsyncLLM.spawn(qwen3.LLM, ...)`, engine_process.py: what `qwen3 serve` runs, so that the loop's Python
-work does not share the GIL with the HTTP server). Coroutines hand it requests and aborts. After each step the
+work does not share the GIL with the HTTP server), which several serving processes may share (`AsyncLLM.connect`).
+Coroutines hand it requests and aborts. After each step the
 loop's side (its thread, or the thread reading the engine process's pipe) appends each touched request's increment
 to that request's `pending` deque and wakes the waiting coroutines with ONE `call_soon_threadsafe` per event loop
 (not one per request: each is a self-pipe write and a callback). A coroutine that wakes takes everything pending
@@ -146,7 +147,8 @@ class AsyncLLM:
     """Serve an LLM to many coroutines: `async for out in engine.generate(prompt, params): ...`.
 
     `AsyncLLM(llm)` steps `llm` in a background thread of this process; `AsyncLLM.spawn(factory, ...)` builds the
-    LLM in an engine process of its own (engine_process.py), as `qwen3 serve` does. Both behave the same.
+    LLM in an engine process of its own (engine_process.py), as `qwen3 serve` does; `AsyncLLM.connect(pipe)` is one
+    of several serving processes sharing an engine process (`qwen3 serve --api-server-count N`). All behave the same.
     `stream_interval`: wake a stream's coroutine every this many tokens (1: every step), or "auto" (see the module
     docstring).
     """
@@ -167,12 +169,8 @@ class AsyncLLM:
         loaded; an error building it is raised here."""
         from .engine_process import EngineProcess
 
-        self = cls.__new__(cls)
-        self._setup(stream_interval)
-        self._stats = EngineStats(0, 0, 0.0, 0, 0, 0)
-        self._core = core = EngineProcess.spawn(factory, args, kwargs, self._deliver, lambda: list(self._streams))
-        self.tokenizer, self.max_model_len, self.vocab_size = core.tokenizer, core.max_model_len, core.vocab_size
-        return self
+        return cls._over_pipe(lambda deliver, in_flight: EngineProcess.spawn(factory, args, kwargs, deliver, in_flight),
+                              stream_interval)  # fmt: skip
 
     @classmethod
     def connect(cls, conn: Any, stream_interval: int | str = 1) -> AsyncLLM:
@@ -181,11 +179,16 @@ class AsyncLLM:
         `shutdown()` detaches this process; the engine process exits when the last one has."""
         from .engine_process import EngineProcess
 
+        return cls._over_pipe(lambda deliver, in_flight: EngineProcess(conn, None, deliver, in_flight), stream_interval)
+
+    @classmethod
+    def _over_pipe(cls, core: Callable[..., Any], stream_interval: int | str) -> AsyncLLM:
+        """An AsyncLLM whose engine is in another process, behind `core(deliver, in_flight)` (an EngineProcess)."""
         self = cls.__new__(cls)
         self._setup(stream_interval)
         self._stats = EngineStats(0, 0, 0.0, 0, 0, 0)
-        self._core = core = EngineProcess(conn, None, self._deliver, lambda: list(self._streams))
-        self.tokenizer, self.max_model_len, self.vocab_size = core.tokenizer, core.max_model_len, core.vocab_size
+        self._core = pipe = core(self._deliver, lambda: list(self._streams))
+        self.tokenizer, self.max_model_len, self.vocab_size = pipe.tokenizer, pipe.max_model_len, pipe.vocab_size
         return self
 
     def _setup(self, stream_interval: int | str) -> None:
