@@ -685,7 +685,7 @@ def test_qwen3_serve_with_two_http_processes(tmp_path):
         assert results == [solo[key] for key in requests]
         idle = s.wait_idle()
         assert idle["qwen3:e2e_request_latency_seconds_count"] == 2 * len(requests)
-        assert idle["qwen3:generation_tokens_total"] == 2 * sum(m for _, m in requests)
+        assert idle["qwen3:generation_tokens_total"] == 2 * sum(tokens for _, tokens in solo.values())
 
         body = {"model": "demo", "prompt": "ROMEO:", "max_tokens": 60, "temperature": 0, "ignore_eos": True,
                 "stream": True}  # fmt: skip
