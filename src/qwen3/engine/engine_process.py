@@ -44,7 +44,7 @@ STARTUP_TIMEOUT_S = 3600.0  # building the LLM may download a checkpoint and com
 STOP_TIMEOUT_S = 30.0
 
 
-def _portable(error: BaseException) -> BaseException:
+def portable_error(error: BaseException) -> BaseException:
     """`error` if it survives the pipe, else a RuntimeError with its type and message."""
     try:
         pickle.loads(pickle.dumps(error))
@@ -59,7 +59,7 @@ def _pack(outputs: list[Output], announced: set[str]) -> list[tuple]:
     packed = []
     for request_id, out in outputs:
         if isinstance(out, BaseException):
-            packed.append((request_id, _portable(out)))
+            packed.append((request_id, portable_error(out)))
             announced.discard(request_id)
             continue
         prompt = None
@@ -85,7 +85,7 @@ def engine_main(conns: list[Connection], factory: Callable[..., Any], args: tupl
     except BaseException as error:  # noqa: BLE001 - reported to the serving processes, which raise it
         for conn in conns:
             with contextlib.suppress(BrokenPipeError, OSError):
-                conn.send(("error", _portable(error)))
+                conn.send(("error", portable_error(error)))
         return
     info = {"tokenizer": llm.tokenizer, "max_model_len": llm.max_model_len, "vocab_size": llm.config.vocab_size}
     live = []

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..engine.engine_process import STOP_TIMEOUT_S, _portable, start_engine
+from ..engine.engine_process import STOP_TIMEOUT_S, portable_error, start_engine
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ def front_end_main(index: int, conn: Any, sock: socket.socket, options: FrontEnd
     try:
         engine = AsyncLLM.connect(conn, stream_interval=options.stream_interval)
     except BaseException as error:  # noqa: BLE001 - the supervisor raises it
-        started.put((index, _portable(error)))
+        started.put((index, portable_error(error)))
         return 1
     ctx = ServingContext.for_engine(engine, options.model_name, options.directory)
     app = create_app(engine, ctx, api_keys=options.api_keys, max_num_seqs=options.max_num_seqs,
