@@ -625,31 +625,37 @@ def test_qwen3_serve_demo_32_concurrent_streams_equal_their_solo_answers(demo_se
     assert r.usage.completion_tokens <= 5 and r.choices[0].message.role == "assistant"
 
 
+def assert_group_sigterm_drains(s: Server) -> None:
+    """SIGTERM to the server's whole process group mid-stream: the stream still ends with its last chunk and
+    [DONE], the server exits 0, and every process of its group (engine, HTTP processes) is gone after it."""
+    body = {"model": "demo", "prompt": "ROMEO:", "max_tokens": 60, "temperature": 0, "ignore_eos": True,
+            "stream": True}  # fmt: skip
+    with httpx.Client(timeout=60) as http, http.stream("POST", s.url + "/v1/completions", json=body) as r:
+        lines = r.iter_lines()
+        next(lines)
+        os.killpg(s.proc.pid, signal.SIGTERM)
+        rest = [line for line in lines if line]
+    events = [json.loads(line[6:]) for line in rest if line.startswith("data: {")]
+    assert rest[-1] == "data: [DONE]" and events[-1]["choices"][0]["finish_reason"] == "length"
+    assert s.proc.wait(60) == 0
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(s.proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("a process of the server's group is still running")
+
+
 def test_sigterm_to_the_whole_process_group_drains(tmp_path):
     """systemd, `timeout` and `kill -TERM -PGID` signal every process of the group, the engine process too: it
     must leave the stopping to the server, which finishes the stream in flight, stops the engine and exits 0."""
     command = [sys.executable, "-m", "qwen3.cli", "serve", "--model", "demo", "--port", "0", "--device", "cpu"]
     s = Server(command, tmp_path, new_session=True)
     try:
-        body = {"model": "demo", "prompt": "ROMEO:", "max_tokens": 60, "temperature": 0, "ignore_eos": True,
-                "stream": True}  # fmt: skip
-        with httpx.Client(timeout=60) as http, http.stream("POST", s.url + "/v1/completions", json=body) as r:
-            lines = r.iter_lines()
-            next(lines)
-            os.killpg(s.proc.pid, signal.SIGTERM)
-            rest = [line for line in lines if line]
-        events = [json.loads(line[6:]) for line in rest if line.startswith("data: {")]
-        assert rest[-1] == "data: [DONE]" and events[-1]["choices"][0]["finish_reason"] == "length"
-        assert s.proc.wait(60) == 0
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:  # the engine process is gone with the server
-            try:
-                os.killpg(s.proc.pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.2)
-        else:
-            raise AssertionError("a process of the server's group is still running")
+        assert_group_sigterm_drains(s)
     finally:
         s.stop()
 
@@ -687,24 +693,6 @@ def test_qwen3_serve_with_two_http_processes(tmp_path):
         assert idle["qwen3:e2e_request_latency_seconds_count"] == 2 * len(requests)
         assert idle["qwen3:generation_tokens_total"] == 2 * sum(tokens for _, tokens in solo.values())
 
-        body = {"model": "demo", "prompt": "ROMEO:", "max_tokens": 60, "temperature": 0, "ignore_eos": True,
-                "stream": True}  # fmt: skip
-        with httpx.Client(timeout=60) as http, http.stream("POST", s.url + "/v1/completions", json=body) as r:
-            lines = r.iter_lines()
-            next(lines)
-            os.killpg(s.proc.pid, signal.SIGTERM)
-            rest = [line for line in lines if line]
-        events = [json.loads(line[6:]) for line in rest if line.startswith("data: {")]
-        assert rest[-1] == "data: [DONE]" and events[-1]["choices"][0]["finish_reason"] == "length"
-        assert s.proc.wait(60) == 0
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:  # the HTTP processes and the engine process are gone with it
-            try:
-                os.killpg(s.proc.pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.2)
-        else:
-            raise AssertionError("a process of the server's group is still running")
+        assert_group_sigterm_drains(s)
     finally:
         s.stop()
