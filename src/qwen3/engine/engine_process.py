@@ -93,8 +93,9 @@ def engine_main(conns: list[Connection], factory: Callable[..., Any], args: tupl
         with contextlib.suppress(BrokenPipeError, OSError):  # a serving process that is gone already
             conn.send(("ready", info))
             live.append(conn)
+    pipes = _Pipes(live)
     try:
-        EngineLoop(llm, *_Pipes(live).callables()).run()
+        EngineLoop(llm, pipes.receive, pipes.emit).run()
     finally:
         llm.shutdown()
         for conn in conns:
@@ -110,9 +111,6 @@ class _Pipes:
         self.announced: dict[Connection, set[str]] = {conn: set() for conn in conns}
         self.sent_stats: dict[Connection, EngineStats | None] = {conn: None for conn in conns}
         self.closing: list[Connection] = []  # detached: closed after the pass that ends their requests
-
-    def callables(self) -> tuple[Callable[[bool], list], Callable[[list[Output], EngineStats], None]]:
-        return self.receive, self.emit
 
     def _detach(self, conn: Connection, items: list) -> None:
         """`conn`'s serving process is done (or gone): abort its requests; close it after they have ended."""

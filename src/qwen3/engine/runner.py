@@ -325,11 +325,14 @@ class ModelRunner:
         torch.cuda.synchronize()
         return graph
 
-    def _fill_holes(self, ids: Tensor, holes: list[tuple[int, int]], in_flight: InFlight | None) -> None:
-        """Put the previous step's sampled ids (on the device) at the packed positions of their placeholders."""
+    def _fill_holes(self, ids: Tensor, holes: list[tuple[int, int]], in_flight: InFlight | None,
+                    staged: Tensor | None = None) -> None:  # fmt: skip
+        """Put the previous step's sampled ids (on the device) at the packed positions of their placeholders.
+        `staged`: the holes as a (2, len(holes)) device tensor (positions, rows) already copied by the caller."""
         if holes:
-            at = self.to_device([i for i, _ in holes], torch.long)
-            rows = self.to_device([row for _, row in holes], torch.long)
+            if staged is None:
+                staged = self.to_device([i for i, _ in holes] + [row for _, row in holes], torch.long)
+            at, rows = staged.view(2, len(holes))
             ids[at] = in_flight.next_ids[rows]
 
     def _replay(self, bucket: int, tokens: list[int], positions: list[int], slots: list[int], seq_lens: list[int],
@@ -344,9 +347,7 @@ class ModelRunner:
         staged = self.to_device(host, torch.long)
         rows = staged[: 4 * bucket].view(4, bucket)
         self.g_tokens[:bucket].copy_(rows[0], non_blocking=True)
-        if holes:
-            at, source = staged[4 * bucket :].view(2, len(holes))
-            self.g_tokens[at] = in_flight.next_ids[source]
+        self._fill_holes(self.g_tokens, holes, in_flight, staged[4 * bucket :])
         self.g_positions[:bucket].copy_(rows[1], non_blocking=True)
         self.g_slots[:bucket].copy_(rows[2], non_blocking=True)  # (int64 -> int32)
         self.g_seq_lens[:bucket].copy_(rows[3], non_blocking=True)
