@@ -76,6 +76,8 @@ class EngineLoop:
                  ) -> None:  # fmt: skip
         self.llm, self.receive, self.emit = llm, receive, emit
         self.seqs: dict[str, Sequence] = {}  # request id -> its sequence, while it runs
+        if llm.tokenizer is not None:
+            llm.tokenizer.byte_pieces  # noqa: B018 - the streams' decoding table, built now, not in the first request
 
     def run(self) -> None:
         llm = self.llm

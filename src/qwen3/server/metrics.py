@@ -104,9 +104,14 @@ class LatencyHistogram(Collector):
                  values: Any = None, row: int = 0) -> None:  # fmt: skip
         self.name, self.doc, self.model_name = name, doc, model_name
         self.bounds = list(buckets)
-        self.width = len(self.bounds) + 2
+        self.width = self.row_width(buckets)
         self.values = [0.0] * self.width if values is None else values
         self.offset = row * self.width
+
+    @staticmethod
+    def row_width(buckets: Sequence[float]) -> int:
+        """Values per row: a count per bucket, the count above every bound, the sum."""
+        return len(buckets) + 2
 
     def observe(self, value: float) -> None:
         values, offset = self.values, self.offset
@@ -138,7 +143,7 @@ def shared_histograms(processes: int) -> list[Any]:
     from multiprocessing import get_context
 
     context = get_context("spawn")
-    return [context.RawArray("d", processes * (len(buckets) + 2)) for _, _, buckets in HISTOGRAMS]
+    return [context.RawArray("d", processes * LatencyHistogram.row_width(buckets)) for _, _, buckets in HISTOGRAMS]
 
 
 class Metrics:
