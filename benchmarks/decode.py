@@ -706,6 +706,11 @@ def main() -> None:
 
             quantize_int8(model)
             nbytes_q = bytes_per_token(model)
+            if gpu and args.engine_compile:  # int8 weights through the same engine and GEMV kernel
+                tps, build, ttft, same = time_engine(model, prompt, new_tokens, device, compile=True, gemv=True)
+                rows.append(("qwen3", f"{name} int8 weights engine, batch 1, compile=True, Triton GEMV", tps, build,
+                             nbytes_q))  # fmt: skip
+                print(rows[-1], flush=True)
             fast = gpu and not args.skip_fast_path
             tps, warm = time_qwen3(model, prompt, new_tokens, device, compile=fast)
             rows.append(("qwen3", f"{name} int8 weights{' fast path' if fast else ''}", tps, warm, nbytes_q))

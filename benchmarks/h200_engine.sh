@@ -2,7 +2,7 @@
 # What one H200 call runs for the engine, the server and the decode kernels (through the device tool), in order:
 # the GPU tests, the kernel micro-benchmarks, engine throughput, the server load test, batch-1 decode.
 # Each part has its own time limit so that one failure cannot eat the others' time. Results land in $OUT.
-#   bash benchmarks/h200_engine.sh [tests] [tests-gemv] [tests-engine] [engine-loop] [engine-loop-compiled] [kernels] [throughput] [compiled] [compiled-engine] [gemv] [engine-gemv]
+#   bash benchmarks/h200_engine.sh [tests] [tests-gemv] [tests-engine] [engine-loop] [engine-loop-compiled] [decode-splits] [gemv-sweep] [kernels] [throughput] [compiled] [compiled-engine] [gemv] [engine-gemv]
 #                                  [serve] [serve-compiled] [serve-multi] [serve-spy] [serve-spy-compiled] [serve-auto] [decode] [decode-compiled] [startup] [sampler] [prefill] [profile] [profile-compiled] [profile-gemv]
 #   (default: tests kernels throughput serve decode startup profile)
 # Packages the device image lacks (fastapi, uvicorn, uvloop, pydantic, prompt_toolkit) travel as wheels in .whl/.
@@ -56,6 +56,12 @@ if [[ " $parts " == *" engine-loop "* ]]; then  # the streaming loop against LLM
   run 150 engine-loop python3 benchmarks/engine_loop.py
   PATH=/tmp/site/bin:$PATH run 330 engine-loop-compiled python3 benchmarks/engine_loop.py --compile \
     --py-spy "$OUT/engine_loop_spy.txt"
+fi
+if [[ " $parts " == *" decode-splits "* ]]; then  # the decode kernel's split count by batch size, per launch config
+  run 200 decode-splits python3 benchmarks/kernels.py --decode-splits --budget 170
+fi
+if [[ " $parts " == *" gemv-sweep "* ]]; then  # the Triton GEMV's launch shapes on the fused projections
+  run 150 gemv-sweep python3 benchmarks/decode.py --gemv --gemv-sweep
 fi
 if [[ " $parts " == *" kernels "* ]]; then
   run 130 kernels python3 benchmarks/kernels.py
@@ -115,8 +121,8 @@ fi
 if [[ " $parts " == *" profile "* ]]; then
   run 150 profile python3 benchmarks/profile_engine.py
 fi
-if [[ " $parts " == *" profile-compiled "* ]]; then  # one compiled engine: kernel tables at 256, 64, 8 and 1
-  run 420 profile-compiled python3 benchmarks/profile_engine.py --compile --then 64,8,1
+if [[ " $parts " == *" profile-compiled "* ]]; then  # one compiled engine (Triton GEMV for <= 16 rows): kernel tables at 256, 64, 8 and 1
+  run 420 profile-compiled python3 benchmarks/profile_engine.py --compile --gemv --then 64,8,1
 fi
 if [[ " $parts " == *" profile-gemv "* ]]; then  # compiled small buckets with the Triton GEMV: batch 8 and 1
   run 300 profile-gemv python3 benchmarks/profile_engine.py --compile --gemv --seqs 8 --then 1

@@ -13,6 +13,7 @@ run nears --budget seconds.
     python benchmarks/kernels.py                   # on a CUDA GPU: < 2 minutes on an H200 (--budget)
     python benchmarks/kernels.py --quick           # fewer shapes, shorter timing, no sweep
     python benchmarks/kernels.py --results benchmarks/RESULTS.md   # also append the tables there
+    python benchmarks/kernels.py --decode-splits   # only the decode kernel: GB/s by batch x split count x config
     python benchmarks/kernels.py --compile-only    # no GPU needed: compile every kernel variant for sm_90 with
                                                    # triton's bundled ptxas; print registers, spills, shared memory
 Exits with status 1 when a correctness check fails (after printing the whole table).
@@ -299,8 +300,51 @@ def sweep(tk, block_size: int, quick: bool, deadline: float) -> str:
     return "\n".join(lines)
 
 
+# --decode-splits: the split count against the batch size at the contexts of nano-vllm's benchmark, per launch config
+SPLITS_SHAPES = [(256, 800), (128, 1200), (64, 1500), (32, 1800), (16, 2000), (4, 2000), (1, 2000)]
+SPLITS_CONFIGS = [(64, 4, 3), (32, 4, 3), (64, 4, 2), (32, 2, 3), (64, 8, 3), (128, 8, 2), (16, 2, 3)]
+
+
+def decode_splits(tk, deadline: float) -> str:
+    """GB/s of paged_decode_attention for each (batch, context) x split count x launch config: which split count
+    keeps the H200's bandwidth busy at each batch size (the engine's heuristic, decode_num_splits, beside it)."""
+    default = tk.DECODE_CONFIG["half"]
+    lines = [f"| config | {'batch x context':<16} | " + " | ".join(f"splits {s:<3}" for s in (1, 2, 4, 8, 16, 32))
+             + " | heuristic |", "|---|---|" + "---|" * 7]
+    for config in SPLITS_CONFIGS:
+        tk.DECODE_CONFIG["half"] = config
+        for batch, context in SPLITS_SHAPES:
+            if time.perf_counter() > deadline:
+                lines.append(f"| {config} | {batch} x {context} | skipped: out of time budget |")
+                continue
+            pool = Pool(batch, context, 16, DTYPE, DEVICE)
+            q = torch.randn(batch, NUM_HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
+            ref = reference_attention(q, pool, 1, torch.float32)
+            nbytes = batch * context * KV_BYTES_PER_TOKEN
+            cells = []
+            for splits in (1, 2, 4, 8, 16, 32):
+                def fn(splits=splits, q=q, pool=pool):
+                    return tk.paged_decode_attention(q, pool.k_cache, pool.v_cache, pool.block_tables, pool.seq_lens,
+                                                     SCALE, splits)
+                try:
+                    bad = "" if rel_err(fn(), ref) < BF16_TOLERANCE else " WRONG"
+                    cells.append(f"{nbytes / bench(fn, True) / 1e6:5.0f}{bad}")
+                except Exception as e:  # a configuration that does not compile or launch
+                    cells.append(f"failed {type(e).__name__}")
+            heuristic = tk.decode_num_splits(batch, NUM_KV_HEADS, context)
+            lines.append(f"| {config} | {batch} x {context} | " + " | ".join(cells) + f" | {heuristic} |")
+            print("  " + lines[-1], flush=True)
+    tk.DECODE_CONFIG["half"] = default
+    return "\n".join(lines)
+
+
 def run(args) -> int:
     import triton
+
+    if args.decode_splits:
+        table = decode_splits(load_kernels(), args.start + args.budget)
+        print("\nGB/s (K and V bytes over the median time):\n" + table)
+        return 0
 
     tk = load_kernels()
     torch.manual_seed(0)
@@ -441,6 +485,8 @@ def main() -> int:
     parser.add_argument("--block-sizes", default="16,256", help="KV block sizes to time, comma-separated")
     parser.add_argument("--results", type=Path, help="append the tables to this markdown file")
     parser.add_argument("--budget", type=float, default=110, help="seconds: the config sweep stops 20 s before")
+    parser.add_argument("--decode-splits", action="store_true",
+                        help="only the decode kernel: GB/s by batch, split count and launch config (within --budget)")
     parser.add_argument("--compile-only", action="store_true", help="no GPU: compile for --arch and print resources")
     parser.add_argument("--arch", type=int, default=90, help="compute capability for --compile-only (90 = H100/H200)")
     args = parser.parse_args()

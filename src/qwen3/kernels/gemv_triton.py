@@ -48,8 +48,14 @@ from torch import Tensor
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 BLOCK_M_DOT = 16  # tl.dot needs at least 16 rows: M > 1 is padded to it
-BLOCK_N = 32  # rows of the weight per program (gemv_config's default)
-PROGRAMS_PER_SM = 4  # split K until the grid has about this many programs per SM
+# gemv_config's defaults, from the H200 sweep of every Qwen3-0.6B projection in one CUDA graph (`python
+# benchmarks/decode.py --gemv --gemv-sweep`, benchmarks/logs/h200_gemv_sweep_2026-12-02.log): at M = 1, 16 rows per
+# program and about 2 programs per SM were the fastest launch for q/k/v, o, gate/up and the LM head (a step's
+# GEMVs 1.03 ms with 32 rows and 4 per SM, 0.85 ms with the best of each); at M = 16 too, the best split was the
+# one that 2 programs per SM give.
+BLOCK_N = 32  # rows of the weight per program, M > 1 (tl.dot)
+BLOCK_N_GEMV = 16  # rows of the weight per program, M = 1
+PROGRAMS_PER_SM = 2  # split K until the grid has about this many programs per SM
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -77,10 +83,10 @@ def gemv_config(
     split_k: int | None = None,
     num_warps: int | None = None,
 ) -> GemvConfig:
-    """The launch shape: a tile of block_n rows x block_k columns moves 8-16 KB per step; K is split until
+    """The launch shape: a tile of block_n rows x block_k columns moves about 8 KB per step; K is split until
     the grid has PROGRAMS_PER_SM programs per SM (or each split is one step)."""
     block_m = 1 if M == 1 else BLOCK_M_DOT
-    block_n = block_n or BLOCK_N
+    block_n = block_n or (BLOCK_N_GEMV if M == 1 else BLOCK_N)
     if block_k is None:
         block_k = (512 // weight_bytes) if M == 1 else 128  # 512 bytes of each row per step (M = 1)
     if num_warps is None:  # M = 1 keeps a (block_n, block_k) fp32 sum in registers: 64 per thread
@@ -179,8 +185,9 @@ def gemv_tiles(M: int, N: int, config: GemvConfig) -> int:
 
 def gemv_max_tiles(max_rows: int, N: int) -> int:
     """The most output tiles `gemv_config`'s default launch shapes have for at most `max_rows` rows of y (M, N):
-    a counters size that fits every call of a module (block_n 32; block_m 1 at M = 1, else 16)."""
-    return triton.cdiv(N, BLOCK_N) * max(1, triton.cdiv(max_rows, BLOCK_M_DOT))
+    a counters size that fits every call of a module (M = 1: 1 x BLOCK_N_GEMV tiles; else 16 x BLOCK_N)."""
+    dot = triton.cdiv(N, BLOCK_N) * triton.cdiv(max_rows, BLOCK_M_DOT) if max_rows > 1 else 0
+    return max(triton.cdiv(N, BLOCK_N_GEMV), dot)
 
 
 def gemv(
