@@ -10,7 +10,7 @@ U+FFFD in place of what does not decode (tokenizer.valid_text), as chat reads it
 
 `generate` and `chat` on CUDA decode with the engine at batch 1 (qwen3.engine.stream: a CUDA graph per step, and
 for chat one LLM whose prefix cache keeps the earlier turns); with --compile that engine compiles its steps and
-its projections take the Triton GEMV (LLM(compile=True, gemv=True): 662 against 328 tokens/s on the H200, after
+its projections take the Triton GEMV (LLM(compile=True, gemv=True): 830 against 387 tokens/s on the H200, after
 1-2 minutes of compiling). On the CPU, and with --tp or --speculative, they call generate_text (--compile there
 is the plain path's compiled step). `args.engine` (no flag: tests set it) forces one or the other.
 
