@@ -5,6 +5,7 @@
 #   bash benchmarks/h200_engine.sh [tests] [tests-gemv] [tests-engine] [engine-loop] [engine-loop-compiled] [decode-splits] [gemv-sweep] [kernels] [throughput] [compiled] [compiled-engine] [gemv] [engine-gemv]
 #                                  [serve] [serve-compiled] [serve-multi] [serve-spy] [serve-spy-compiled] [serve-auto] [decode] [decode-compiled] [startup] [sampler] [prefill] [profile] [profile-compiled] [profile-gemv]
 #   (default: tests kernels throughput serve decode startup profile)
+# Carry [".whl", ".compile_cache.tgz"] (the latter joined from an earlier call's parts: benchmarks/compile_cache.py).
 # Packages the device image lacks (fastapi, uvicorn, uvloop, pydantic, prompt_toolkit) travel as wheels in .whl/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -14,10 +15,12 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 else
   export PYTHONPATH=$PWD/src
 fi
-# What torch.compile builds (inductor's FX graphs, Triton binaries) goes to .compile_cache/, which comes back in
-# $OUT/compile_cache.tar when small enough: carried to the next call, it saves that call's compiling.
-if [[ -f .compile_cache.tar ]]; then tar -xf .compile_cache.tar; fi
-export TORCHINDUCTOR_CACHE_DIR=$PWD/.compile_cache/inductor
+# What torch.compile and Triton build (inductor's FX graphs and kernels, Triton binaries) goes to .compile_cache/,
+# which comes back gzipped in parts ($OUT/compile_cache.tgz.000, ...; benchmarks/compile_cache.py). Joined here into
+# .compile_cache.tgz and carried to the next call (carry: [".whl", ".compile_cache.tgz"]), it saves that call's
+# compiling.
+if [[ -f .compile_cache.tgz ]]; then python3 benchmarks/compile_cache.py unpack .compile_cache.tgz .; fi
+export TORCHINDUCTOR_CACHE_DIR=$PWD/.compile_cache/inductor TRITON_CACHE_DIR=$PWD/.compile_cache/triton
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false THROUGHPUT_FLAGS=${THROUGHPUT_FLAGS:-} TAG=${TAG:-}
 OUT=${OUT:-out/h200}
 mkdir -p "$OUT"
@@ -128,5 +131,5 @@ if [[ " $parts " == *" profile-gemv "* ]]; then  # compiled small buckets with t
   run 300 profile-gemv python3 benchmarks/profile_engine.py --compile --gemv --seqs 8 --then 1
 fi
 if [[ -d .compile_cache ]]; then
-  tar -cf "$OUT/compile_cache.tar" .compile_cache && du -sh "$OUT/compile_cache.tar" | tee -a "$log"
+  python3 benchmarks/compile_cache.py pack .compile_cache "$OUT" | tee -a "$log"
 fi
