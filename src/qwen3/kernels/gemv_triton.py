@@ -51,8 +51,9 @@ BLOCK_M_DOT = 16  # tl.dot needs at least 16 rows: M > 1 is padded to it
 # gemv_config's defaults, from the H200 sweep of every Qwen3-0.6B projection in one CUDA graph (`python
 # benchmarks/decode.py --gemv --gemv-sweep`, benchmarks/logs/h200_gemv_sweep_2026-12-02.log): at M = 1, 16 rows per
 # program and about 2 programs per SM were the fastest launch for q/k/v, o, gate/up and the LM head (a step's
-# GEMVs 1.03 ms with 32 rows and 4 per SM, 0.85 ms with the best of each); at M = 16 too, the best split was the
-# one that 2 programs per SM give.
+# GEMVs 1.03 ms with 32 rows and 4 per SM, 0.85 ms with the best of each); at M = 16 (the tl.dot path, which also
+# serves the compiled engine's batch 1: it replays a 2-row bucket) the best splits, 2 / 8 / 1 / 6 for q/k/v, o,
+# gate/up, down, lie nearer to what 2 programs per SM give (3 / 8 / 2 / 8) than 4 (4 / 16 / 3 / 12).
 BLOCK_N = 32  # rows of the weight per program, M > 1 (tl.dot)
 BLOCK_N_GEMV = 16  # rows of the weight per program, M = 1
 PROGRAMS_PER_SM = 2  # split K until the grid has about this many programs per SM
