@@ -531,17 +531,23 @@ def test_the_engine_is_the_default_decode_path_on_cuda_only():
 def test_ctrl_c_while_torch_imports_exits_130_quietly():
     """The `qwen3` entry point (qwen3_launcher) catches a Ctrl-C that lands while `import qwen3` still imports
     torch, before any of the CLI's own handlers exist: status 130, no traceback."""
+    import re
     import signal
-    import time
 
-    command = [sys.executable, "-c", "import sys, qwen3_launcher; sys.exit(qwen3_launcher.main())",
+    # -X importtime reports each module on stderr as its import completes: the first torch submodule to complete
+    # says that `import torch` is under way (the top-level module completes last), whatever the machine's speed
+    command = [sys.executable, "-X", "importtime", "-c", "import sys, qwen3_launcher; sys.exit(qwen3_launcher.main())",
                "generate", "--model", "demo", "--max-new-tokens", "3", "ROMEO:"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    time.sleep(0.4)  # well past the interpreter's start, well inside `import torch` (over a second here)
+    seen = []
+    while not seen or (seen[-1] and not re.search(rb"\|\s+torch\.", seen[-1])):
+        seen.append(process.stderr.readline())
+    assert seen[-1], b"".join(seen[-5:]).decode()  # a torch submodule, not the end of stderr
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=120)
-    assert process.returncode == 130, err.decode()
+    err = b"".join(seen) + err
+    assert process.returncode == 130, err.decode()[-2000:]
     assert b"Traceback" not in err and out == b""
 
 
