@@ -13,7 +13,8 @@ run nears --budget seconds.
     python benchmarks/kernels.py                   # on a CUDA GPU: < 2 minutes on an H200 (--budget)
     python benchmarks/kernels.py --quick           # fewer shapes, shorter timing, no sweep
     python benchmarks/kernels.py --results benchmarks/RESULTS.md   # also append the tables there
-    python benchmarks/kernels.py --decode-splits   # only the decode kernel: GB/s by batch x split count x config
+    python benchmarks/kernels.py --decode-splits   # only the decode kernel: GB/s by split count, contexts that
+                                                   # differ (rows random / longest first), then batch x config
     python benchmarks/kernels.py --compile-only    # no GPU needed: compile every kernel variant for sm_90 with
                                                    # triton's bundled ptxas; print registers, spills, shared memory
 Exits with status 1 when a correctness check fails (after printing the whole table).
@@ -305,6 +306,50 @@ SPLITS_SHAPES = [(256, 800), (128, 1200), (64, 1500), (32, 1800), (16, 2000), (4
 SPLITS_CONFIGS = [(64, 4, 3), (32, 4, 3), (64, 4, 2), (32, 2, 3), (64, 8, 3), (128, 8, 2), (16, 2, 3)]
 
 
+MIXED_BATCHES = [256, 128, 64, 32]  # contexts U(200, 2000) each: the spread of nano-vllm's benchmark mid-run
+
+
+def reference_mixed(q: torch.Tensor, pool: Pool) -> torch.Tensor:
+    """reference_attention for one query per sequence when the sequences' lengths differ (pool.seq_lens)."""
+    k, v = pool.gather(torch.float32)
+    outs = []
+    for s, length in enumerate(pool.seq_lens.tolist()):
+        qs = q[s].float().view(1, NUM_HEADS, 1, HEAD_DIM)
+        outs.append(F.scaled_dot_product_attention(qs, k[s : s + 1, :, :length], v[s : s + 1, :, :length],
+                                                   enable_gqa=True))  # fmt: skip
+    return torch.cat(outs).view(-1, NUM_HEADS, HEAD_DIM)
+
+
+def decode_mixed(tk) -> str:
+    """GB/s of paged_decode_attention when a batch's contexts differ (U(200, 2000)), by split count, with the rows
+    in a random order (as a scheduler gives them) and packed longest first (does the tail of the long sequences'
+    programs cost the bandwidth? benchmarks/NOTES.md, sixth session)."""
+    gen = torch.Generator().manual_seed(0)
+    lines = ["| batch, contexts U(200, 2000) | rows | 1 split | 2 | 4 | heuristic |", "|---|---|---|---|---|---|"]
+    for batch in MIXED_BATCHES:
+        lengths = torch.randint(200, 2001, (batch,), generator=gen)
+        pool = Pool(batch, int(lengths.max()), 16, DTYPE, DEVICE)
+        pool.seq_lens = lengths.to(torch.int32).to(DEVICE)
+        q = torch.randn(batch, NUM_HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
+        ref = reference_mixed(q, pool)
+        nbytes = int(lengths.sum()) * KV_BYTES_PER_TOKEN
+        longest = torch.argsort(pool.seq_lens, descending=True)
+        for rows, order in (("random", torch.arange(batch, device=DEVICE)), ("longest first", longest)):
+            tables, seq_lens = pool.block_tables[order].contiguous(), pool.seq_lens[order].contiguous()
+            q_rows = q[order]
+            cells = []
+            for splits in (1, 2, 4):
+                def fn(splits=splits, q_rows=q_rows, tables=tables, seq_lens=seq_lens, pool=pool):
+                    return tk.paged_decode_attention(q_rows, pool.k_cache, pool.v_cache, tables, seq_lens, SCALE,
+                                                     splits)  # fmt: skip
+                bad = "" if rel_err(fn(), ref[order]) < BF16_TOLERANCE else " WRONG"
+                cells.append(f"{nbytes / bench(fn, True) / 1e6:5.0f}{bad}")
+            heuristic = tk.decode_num_splits(batch, NUM_KV_HEADS, int(lengths.max()))
+            lines.append(f"| {batch} | {rows} | " + " | ".join(cells) + f" | {heuristic} |")
+            print("  " + lines[-1], flush=True)
+    return "\n".join(lines)
+
+
 def decode_splits(tk, deadline: float) -> str:
     """GB/s of paged_decode_attention for each (batch, context) x split count x launch config: which split count
     keeps the H200's bandwidth busy at each batch size (the engine's heuristic, decode_num_splits, beside it)."""
@@ -342,8 +387,11 @@ def run(args) -> int:
     import triton
 
     if args.decode_splits:
-        table = decode_splits(load_kernels(), args.start + args.budget)
-        print("\nGB/s (K and V bytes over the median time):\n" + table)
+        tk = load_kernels()
+        mixed = decode_mixed(tk)
+        table = decode_splits(tk, args.start + args.budget)
+        print("\nGB/s (K and V bytes over the median time), contexts that differ within the batch:\n" + mixed)
+        print("\nThe same, every sequence of one length, by launch config:\n" + table)
         return 0
 
     tk = load_kernels()
