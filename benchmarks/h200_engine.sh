@@ -3,7 +3,7 @@
 # the GPU tests, the kernel micro-benchmarks, engine throughput, the server load test, batch-1 decode.
 # Each part has its own time limit so that one failure cannot eat the others' time. Results land in $OUT.
 #   bash benchmarks/h200_engine.sh [tests] [tests-gemv] [tests-engine] [engine-loop] [engine-loop-compiled] [decode-splits] [decode-balanced] [gemv-sweep] [kernels] [throughput] [compiled] [compiled-order] [compiled-engine] [gemv] [engine-gemv]
-#                                  [serve] [serve-compiled] [serve-multi] [serve-spy] [serve-spy-compiled] [serve-auto] [decode] [decode-compiled] [startup] [sampler] [prefill] [profile] [profile-compiled] [profile-gemv]
+#                                  [serve] [serve-compiled] [serve-multi] [serve-spy] [serve-spy-compiled] [serve-auto] [decode] [decode-compiled] [startup] [sampler] [prefill] [profile] [profile-compiled] [profile-int8] [profile-gemv]
 #   (default: tests kernels throughput serve decode startup profile)
 # Carry [".whl", ".compile_cache.tgz"] (the latter joined from an earlier call's parts: benchmarks/compile_cache.py).
 # Packages the device image lacks (fastapi, uvicorn, uvloop, pydantic, prompt_toolkit) travel as wheels in .whl/.
@@ -133,6 +133,9 @@ if [[ " $parts " == *" profile "* ]]; then
 fi
 if [[ " $parts " == *" profile-compiled "* ]]; then  # one compiled engine (Triton GEMV for <= 16 rows): kernel tables at 256, 64, 8 and 1
   run 420 profile-compiled python3 benchmarks/profile_engine.py --compile --gemv --then 64,8,1
+fi
+if [[ " $parts " == *" profile-int8 "* ]]; then  # int8 weights, compiled + GEMV: why batch 1 is slower than bf16
+  run 300 profile-int8 python3 benchmarks/profile_engine.py --compile --gemv --int8 --seqs 8 --then 1
 fi
 if [[ " $parts " == *" profile-gemv "* ]]; then  # compiled small buckets with the Triton GEMV: batch 8 and 1
   run 300 profile-gemv python3 benchmarks/profile_engine.py --compile --gemv --seqs 8 --then 1

@@ -1,7 +1,8 @@
 """Where an engine step's time goes, on a steady decode batch: host phases (scheduler, runner packing, forward
 launch, sampler, read-back) timed with the device synchronised around each, then torch.profiler's top kernels.
 
-    python benchmarks/profile_engine.py [--seqs 256] [--context 800] [--steps 30] [--compile] [--then 64,8,1]
+    python benchmarks/profile_engine.py [--seqs 256] [--context 800] [--steps 30] [--compile] [--gemv] [--int8]
+                                        [--then 64,8,1]
     python benchmarks/profile_engine.py --prefill [--seqs 32] [--context 512]   # the first steps: prompts only
 
 Random-init Qwen3-0.6B in bf16 on CUDA (the demo model on the CPU). Prints two tables; nothing is written.
@@ -31,6 +32,7 @@ def main() -> None:
                    help="profile the prompt steps (the whole prefill of --seqs prompts) instead of steady decode")
     p.add_argument("--compile", action="store_true", help="LLM(compile=True): the decode graphs run a compiled forward")
     p.add_argument("--gemv", action="store_true", help="LLM(gemv=True): the Triton GEMV behind the projections")
+    p.add_argument("--int8", action="store_true", help="int8 weight-only projections (qwen3.quantize_int8) first")
     p.add_argument("--then", default="", help="comma list of smaller batches to profile next, on the same engine "
                    "(aborting sequences down to each): one start-up, the fixed cost of a step at several sizes")
     args = p.parse_args()
@@ -43,11 +45,15 @@ def main() -> None:
     else:
         model = qwen3.load_model("demo")
         args.context = min(args.context, 200)
+    if args.int8:
+        from qwen3.quantize import quantize_int8
+
+        quantize_int8(model)
     start = time.perf_counter()
     llm = LLM(model, max_num_seqs=args.seqs, max_model_len=4096 if cuda else 1024, compile=args.compile,
               gemv=args.gemv or None)
     print(f"engine start-up {time.perf_counter() - start:.1f} s" + (" (compile=True)" if args.compile else "")
-          + (" (gemv=True)" if args.gemv else ""))
+          + (" (gemv=True)" if args.gemv else "") + (" (int8 weights)" if args.int8 else ""))
     rng = random.Random(0)
     vocab = min(10000, model.config.vocab_size - 1)
     prompts = [[rng.randint(0, vocab) for _ in range(args.context)] for _ in range(args.seqs)]
