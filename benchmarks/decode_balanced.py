@@ -32,14 +32,13 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernels import (  # noqa: E402  (benchmarks/kernels.py: the pool, the reference, the engine's kernels by path)
     BF16_TOLERANCE,
-    HEAD_DIM,
     KV_BYTES_PER_TOKEN,
-    NUM_HEADS,
     NUM_KV_HEADS,
     SCALE,
-    Pool,
     bench,
+    engine_decode_gbs,
     load_kernels,
+    mixed_batch,
     reference_mixed,
     rel_err,
 )
@@ -157,15 +156,6 @@ def chunked_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale,
     return out
 
 
-def mixed_batch(batch: int, lo: int, hi: int, dtype: torch.dtype, device: str, seed: int) -> tuple[Pool, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(lo, hi + 1, (batch,), generator=gen)
-    pool = Pool(batch, int(lengths.max()), 16, dtype, device)
-    pool.seq_lens = lengths.to(torch.int32).to(device)
-    q = torch.randn(batch, NUM_HEADS, HEAD_DIM, generator=gen).to(dtype).to(device)
-    return pool, q
-
-
 def check(device: str, dtype: torch.dtype, shapes: list[tuple[int, int, int]]) -> bool:
     """The candidate against the per-sequence reference (a padding row of length 0 included), chunk sizes 64/256."""
     ok = True
@@ -195,15 +185,8 @@ def compare(tk) -> str:
         nbytes = int(pool.seq_lens.sum()) * KV_BYTES_PER_TOKEN
         splits = tk.decode_num_splits(batch, NUM_KV_HEADS, 4096)  # as a graph bucket (max_model_len 4096)
         order = torch.argsort(pool.seq_lens, descending=True)
-        cells = []
-        for rows in (torch.arange(batch, device="cuda"), order):
-            tables, lens, q_rows = pool.block_tables[rows].contiguous(), pool.seq_lens[rows].contiguous(), q[rows]
-
-            def engine(q_rows=q_rows, tables=tables, lens=lens, pool=pool, splits=splits):
-                return tk.paged_decode_attention(q_rows, pool.k_cache, pool.v_cache, tables, lens, SCALE, splits)
-
-            bad = "" if rel_err(engine(), ref[rows]) < BF16_TOLERANCE else " WRONG"
-            cells.append(f"{nbytes / bench(engine, True) / 1e6:5.0f} ({splits}){bad}")
+        cells = [f"{engine_decode_gbs(tk, pool, q, ref, rows, splits)} ({splits})"
+                 for rows in (torch.arange(batch, device="cuda"), order)]  # fmt: skip
         for chunk, per_sm in ((256, 4), (256, 8), (512, 4), (128, 8)):
             def candidate(chunk=chunk, per_sm=per_sm, q=q, pool=pool):
                 return chunked_decode_attention(q, pool.k_cache, pool.v_cache, pool.block_tables, pool.seq_lens,

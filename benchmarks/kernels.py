@@ -320,31 +320,42 @@ def reference_mixed(q: torch.Tensor, pool: Pool) -> torch.Tensor:
     return torch.cat(outs).view(-1, NUM_HEADS, HEAD_DIM)
 
 
+def mixed_batch(batch: int, lo: int, hi: int, dtype: torch.dtype, device: str, seed: int
+                ) -> tuple[Pool, torch.Tensor]:  # fmt: skip
+    """A pool of `batch` sequences of U(lo, hi) tokens each (pool.seq_lens) and one query per sequence."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(lo, hi + 1, (batch,), generator=gen)
+    pool = Pool(batch, int(lengths.max()), 16, dtype, device)
+    pool.seq_lens = lengths.to(torch.int32).to(device)
+    q = torch.randn(batch, NUM_HEADS, HEAD_DIM, generator=gen).to(dtype).to(device)
+    return pool, q
+
+
+def engine_decode_gbs(tk, pool: Pool, q: torch.Tensor, ref: torch.Tensor, rows: torch.Tensor, splits: int) -> str:
+    """The engine's paged_decode_attention on the batch's rows in the order `rows`, checked against `ref` (the
+    reference in the pool's order): a table cell of GB/s (K and V bytes of the batch), " WRONG" if it is off."""
+    tables, seq_lens = pool.block_tables[rows].contiguous(), pool.seq_lens[rows].contiguous()
+    q_rows = q[rows]
+
+    def fn():
+        return tk.paged_decode_attention(q_rows, pool.k_cache, pool.v_cache, tables, seq_lens, SCALE, splits)
+
+    bad = "" if rel_err(fn(), ref[rows]) < BF16_TOLERANCE else " WRONG"
+    return f"{int(pool.seq_lens.sum()) * KV_BYTES_PER_TOKEN / bench(fn, True) / 1e6:5.0f}{bad}"
+
+
 def decode_mixed(tk) -> str:
     """GB/s of paged_decode_attention when a batch's contexts differ (U(200, 2000)), by split count, with the rows
     in a random order (as a scheduler gives them) and packed longest first (does the tail of the long sequences'
     programs cost the bandwidth? benchmarks/NOTES.md, sixth session)."""
-    gen = torch.Generator().manual_seed(0)
     lines = ["| batch, contexts U(200, 2000) | rows | 1 split | 2 | 4 | heuristic |", "|---|---|---|---|---|---|"]
     for batch in MIXED_BATCHES:
-        lengths = torch.randint(200, 2001, (batch,), generator=gen)
-        pool = Pool(batch, int(lengths.max()), 16, DTYPE, DEVICE)
-        pool.seq_lens = lengths.to(torch.int32).to(DEVICE)
-        q = torch.randn(batch, NUM_HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
+        pool, q = mixed_batch(batch, 200, 2000, DTYPE, DEVICE, seed=batch)
         ref = reference_mixed(q, pool)
-        nbytes = int(lengths.sum()) * KV_BYTES_PER_TOKEN
         longest = torch.argsort(pool.seq_lens, descending=True)
         for rows, order in (("random", torch.arange(batch, device=DEVICE)), ("longest first", longest)):
-            tables, seq_lens = pool.block_tables[order].contiguous(), pool.seq_lens[order].contiguous()
-            q_rows = q[order]
-            cells = []
-            for splits in (1, 2, 4):
-                def fn(splits=splits, q_rows=q_rows, tables=tables, seq_lens=seq_lens, pool=pool):
-                    return tk.paged_decode_attention(q_rows, pool.k_cache, pool.v_cache, tables, seq_lens, SCALE,
-                                                     splits)  # fmt: skip
-                bad = "" if rel_err(fn(), ref[order]) < BF16_TOLERANCE else " WRONG"
-                cells.append(f"{nbytes / bench(fn, True) / 1e6:5.0f}{bad}")
-            heuristic = tk.decode_num_splits(batch, NUM_KV_HEADS, int(lengths.max()))
+            cells = [engine_decode_gbs(tk, pool, q, ref, order, splits) for splits in (1, 2, 4)]
+            heuristic = tk.decode_num_splits(batch, NUM_KV_HEADS, int(pool.seq_lens.max()))
             lines.append(f"| {batch} | {rows} | " + " | ".join(cells) + f" | {heuristic} |")
             print("  " + lines[-1], flush=True)
     return "\n".join(lines)
