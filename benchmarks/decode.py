@@ -26,7 +26,9 @@ against cuBLAS (F.linear); for int8 weight-only: the Triton kernel on int8 again
 matrix (what int8 replaces) and against the eager dequantising path (Int8Linear's plain formula). GB/s counts
 the bytes each call must move (weights, scales, x, y). The last table adds up one decode step's GEMVs
 (28 layers with fused q/k/v and gate/up, plus the LM head). Options: --gemv-rows, --gemv-sweep (also try a
-few launch shapes per matrix and print the fastest).
+few launch shapes per matrix, refine the fastest and print it; above 16 rows the shapes include row blocks of
+16-128, the kernel as a small-M matmul, and cuBLAS also runs as W x^T), --gemv-weights (bf16, int8 or both),
+--gemv-budget (seconds of sweeping, shared among the (rows, matrix) pairs).
 
 --engine-gemv (a few minutes on an H200) runs the engine at batch 1 (LLM, CUDA graphs; what chat and generate use)
 on the random-init 0.6B three times per weight type, bf16 and int8 weight-only: the plain model (cuBLAS), the same
@@ -47,6 +49,7 @@ import copy
 import datetime
 import itertools
 import platform
+import random
 import tempfile
 import time
 from pathlib import Path
@@ -317,9 +320,49 @@ def time_graph(calls, replays: int = 10) -> float:
     return start.elapsed_time(end) / 1e3 / (replays * len(calls))
 
 
-def gemv_candidates(M: int, K: int, N: int, num_sms: int, sweep: bool, device: str = "cuda") -> list[tuple]:
+def sweep_configs(M: int, K: int, N: int, size: int, num_sms: int, base) -> list:
+    """--gemv-sweep's launch shapes for one matrix: at M <= 16, rows per program, split K (half, the same, twice
+    the default) and warps; above 16 rows also the rows per tile (16 up to M) and wider tiles, at 1, 2 and 4
+    programs per SM."""
+    from qwen3.kernels import gemv_triton as gt
+
+    configs = []
+    if M <= gt.BLOCK_M_DOT:
+        for block_n, factor, num_warps in itertools.product((16, 32, 64), (1, 2, 4), (4, 8)):
+            split_k = max(1, base.split_k * factor // 2)  # half, the same, twice the default split
+            configs.append(gt.gemv_config(M, N, K, size, num_sms, block_n, None, split_k, num_warps))
+        return configs
+    block_ms = [b for b in (16, 32, 64, 128) if b <= max(16, M)]
+    for block_m, block_n, per_sm, num_warps in itertools.product(block_ms, (32, 64, 128), (1, 2, 4), (4, 8)):
+        tiles = -(-M // block_m) * -(-N // block_n)
+        split_k = max(1, -(-per_sm * num_sms // tiles))
+        configs.append(gt.gemv_config(M, N, K, size, num_sms, block_n, None, split_k, num_warps, block_m))
+    random.Random(0).shuffle(configs)  # a sweep cut short by its time budget has still sampled every kind
+    return configs
+
+
+def refine_configs(config, M: int, K: int, N: int, size: int, num_sms: int) -> list:
+    """Neighbours of a fast launch shape: other K steps and pipelining depths."""
+    from qwen3.kernels import gemv_triton as gt
+
+    found = []
+    for block_k, num_stages in itertools.product((64, 128, 256), (2, 3, 4, 5)):
+        found.append(gt.gemv_config(M, N, K, size, num_sms, config.block_n, block_k, config.split_k,
+                                    config.num_warps, config.block_m, num_stages))  # fmt: skip
+    return [c for c in dict.fromkeys(found) if c != config]
+
+
+def launch_label(config) -> str:
+    return (f"m{config.block_m} n{config.block_n} k{config.block_k} split {config.split_k} warps {config.num_warps} "
+            f"stages {config.num_stages}")  # fmt: skip
+
+
+def gemv_candidates(M: int, K: int, N: int, num_sms: int, sweep: bool, weight_types: tuple[str, ...] = ("bf16", "int8"),
+                    device: str = "cuda") -> list[tuple]:  # fmt: skip
     """What --gemv times for one shape: (label, weights, calls, bytes per call, reference, launch), where calls
-    are zero-argument functions, one per copy of the weights, and reference is the fp32 result of copy 0."""
+    are zero-argument functions, one per copy of the weights, and reference is the fp32 result of copy 0; a
+    Triton candidate's launch is its GemvConfig (in the sweep's refinement, new calls are made from it by
+    `triton_calls`)."""
     import torch.nn.functional as F
 
     from qwen3.kernels import gemv_triton as gt
@@ -331,39 +374,50 @@ def gemv_candidates(M: int, K: int, N: int, num_sms: int, sweep: bool, device: s
     x = torch.randn(M, K, device=device, dtype=torch.bfloat16)
     ws = [w0] + [w0.clone() for _ in range(max(1, min(63, L2_FLUSH_BYTES // (N * K * 2))))]
     qs = [q0] + [q0.clone() for _ in range(max(1, min(63, L2_FLUSH_BYTES // (N * K))))]
+    qs = qs if "int8" in weight_types else []
     ref_bf16 = x.float() @ w0.float().T
     ref_int8 = (x.float() @ q0.float().T) * s0.float()
     bf16_bytes, int8_bytes = N * K * 2, N * K + N * 2
+    counters = torch.zeros(1 << 16, dtype=torch.int32, device=device)  # one launch per call, as the modules run
 
     def linear(w):
         return lambda: F.linear(x, w)
 
+    def transposed(w):  # cuBLAS on y^T = W x^T: N, not M, is the GEMM's long side (y left transposed)
+        return lambda: torch.mm(w, x.T)
+
     def dequant(q):
         return lambda: F.linear(x, q.to(x.dtype)) * s0
 
-    def triton(m, scale, config):
-        return lambda: gt.gemv(x, m, scale, config=config)
-
     found = [("cuBLAS", "bf16", [linear(w) for w in ws], bf16_bytes, ref_bf16, "")]
+    if M > 1:
+        found.append(("cuBLAS W x^T", "bf16", [transposed(w) for w in ws], bf16_bytes, ref_bf16.T, ""))
     for weights, mats, nbytes, scale, ref in (("bf16", ws, bf16_bytes, None, ref_bf16),
                                               ("int8", qs, int8_bytes, s0, ref_int8)):  # fmt: skip
+        if weights not in weight_types:
+            continue
         size = mats[0].element_size()
         base = gt.gemv_config(M, N, K, size, num_sms)
-        configs = [base]
-        if sweep:
-            for block_n, factor, num_warps in itertools.product((16, 32, 64), (1, 2, 4), (4, 8)):
-                split_k = max(1, base.split_k * factor // 2)  # half, the same, twice the default split
-                configs.append(gt.gemv_config(M, N, K, size, num_sms, block_n, None, split_k, num_warps))
+        configs = [base] + (sweep_configs(M, K, N, size, num_sms, base) if sweep else [])
+
+        def triton_calls(config, mats=mats, scale=scale):
+            n = counters[: gt.gemv_tiles(M, N, config)]
+            return [lambda m=m: gt.gemv(x, m, scale, config=config, counters=n) for m in mats]
+
         for i, config in enumerate(dict.fromkeys(configs)):
-            launch = f"n{config.block_n} k{config.block_k} split {config.split_k} warps {config.num_warps}"
             label = "triton" if i == 0 else "triton (sweep)"
-            found.append((label, weights, [triton(m, scale, config) for m in mats], nbytes, ref, launch))
-    found.append(("eager dequant (plain)", "int8", [dequant(q) for q in qs], int8_bytes, ref_int8, ""))
+            found.append((label, weights, triton_calls, nbytes, ref, config))
+    if "int8" in weight_types:
+        found.append(("eager dequant (plain)", "int8", [dequant(q) for q in qs], int8_bytes, ref_int8, ""))
     return found
 
 
-def gemv_benchmark(rows_list: list[int], sweep: bool) -> None:
-    """--gemv: Triton GEMV against cuBLAS on every Qwen3-0.6B projection shape, bf16 and int8 weight-only."""
+def gemv_benchmark(rows_list: list[int], sweep: bool, weight_types: tuple[str, ...] = ("bf16", "int8"),
+                   budget: float = 1e9) -> None:  # fmt: skip
+    """--gemv: Triton GEMV against cuBLAS on every Qwen3-0.6B projection shape, bf16 and int8 weight-only.
+    With the sweep, each matrix's fastest launch shape is refined (K steps, pipelining) and printed; the sweep
+    stops trying new shapes after `budget` seconds, shared out evenly among the (rows, matrix) pairs (cuBLAS and
+    the defaults are always timed)."""
     import triton
 
     began = time.perf_counter()
@@ -375,39 +429,66 @@ def gemv_benchmark(rows_list: list[int], sweep: bool) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     step: dict[tuple[int, str], float] = {}  # (rows, kernel label) -> seconds of one decode step's GEMVs
     measured: dict[tuple[int, str], int] = {}  # (rows, kernel label) -> shapes measured
-    for M in rows_list:
-        for name, K, N, per_step in GEMV_SHAPES:
-            cublas, best_sweep = None, {}
-            for label, weights, calls, nbytes, ref, launch in gemv_candidates(M, K, N, num_sms, sweep):
+
+    def measure(calls, ref, replays):
+        seconds = time_graph(calls, replays=replays)
+        y = calls[0]().float()
+        return seconds, ((y - ref).abs().max() / ref.abs().max()).item()
+
+    def add(M, label, weights, per_step, seconds):
+        key = (M, f"{label}, {weights}")
+        step[key] = step.get(key, 0.0) + per_step * seconds
+        measured[key] = measured.get(key, 0) + 1
+
+    pairs = [(M, shape) for M in rows_list for shape in GEMV_SHAPES]
+    for i, (M, (name, K, N, per_step)) in enumerate(pairs):
+        share = (budget - (time.perf_counter() - began)) / (len(pairs) - i)  # this pair's seconds: 70% sweep,
+        sweep_deadline, deadline = time.perf_counter() + 0.7 * share, time.perf_counter() + share  # 30% refinement
+        cublas, best_sweep = None, {}
+        for label, weights, calls, nbytes, ref, launch in gemv_candidates(M, K, N, num_sms, sweep, weight_types):
+            swept = "sweep" in label
+            if swept and time.perf_counter() > sweep_deadline:
+                continue
+            try:
+                seconds, err = measure(calls(launch) if callable(calls) else calls, ref, 3 if swept else 10)
+            except Exception as e:  # report and go on: one failure must not end the run
+                first = str(e).splitlines()[0][:150] if str(e) else ""
+                print(f"| {M} | {name} | {K} x {N} | {weights} | {label} | failed: {type(e).__name__} {first} "
+                      f"| | | | {launch_label(launch) if launch else ''} |", flush=True)  # fmt: skip
+                continue
+            cublas = seconds if label == "cuBLAS" else cublas
+            if label == "triton" or swept:  # the sweep's candidates include the default
+                if weights not in best_sweep or seconds < best_sweep[weights][0]:
+                    best_sweep[weights] = (seconds, err, launch, nbytes, calls, ref)
+            if swept:
+                continue
+            print_gemv_row(M, name, K, N, weights, label, seconds, err, launch_label(launch) if launch else "",
+                           nbytes, cublas)  # fmt: skip
+            add(M, label, weights, per_step, seconds)
+        if not sweep:
+            continue
+        for weights, (seconds, err, launch, nbytes, calls, ref) in best_sweep.items():
+            for config in refine_configs(launch, M, K, N, 1 if weights == "int8" else 2, num_sms):
+                if time.perf_counter() > deadline:
+                    break
                 try:
-                    seconds = time_graph(calls, replays=3 if "sweep" in label else 10)
-                    y = calls[0]().float()
-                    err = ((y - ref).abs().max() / ref.abs().max()).item()
-                except Exception as e:  # report and go on: one failure must not end the run
-                    first = str(e).splitlines()[0][:150] if str(e) else ""
-                    print(f"| {M} | {name} | {K} x {N} | {weights} | {label} | failed: {type(e).__name__} {first} "
-                          f"| | | | {launch} |", flush=True)  # fmt: skip
+                    s, e = measure(calls(config), ref, 3)
+                except Exception:  # a shape that does not fit (shared memory): skip
                     continue
-                cublas = seconds if label == "cuBLAS" else cublas
-                if "sweep" in label:  # keep only the fastest launch shape of the sweep
-                    if weights not in best_sweep or seconds < best_sweep[weights][0]:
-                        best_sweep[weights] = (seconds, err, launch, nbytes)
-                    continue
-                row = (M, name, K, N, weights, label, seconds, err, launch, nbytes, cublas)
-                print_gemv_row(*row)
-                key = (M, f"{label}, {weights}")
-                step[key] = step.get(key, 0.0) + per_step * seconds
-                measured[key] = measured.get(key, 0) + 1
-            for weights, (seconds, err, launch, nbytes) in best_sweep.items():
-                print_gemv_row(M, name, K, N, weights, "triton, best of sweep", seconds, err, launch, nbytes, cublas)
-            torch.cuda.empty_cache()
+                if s < seconds:
+                    seconds, err, launch = s, e, config
+            seconds, err = measure(calls(launch), ref, 10)  # the winner, timed as the defaults are
+            print_gemv_row(M, name, K, N, weights, "triton, best of sweep", seconds, err, launch_label(launch),
+                           nbytes, cublas)  # fmt: skip
+            add(M, "triton, best of sweep", weights, per_step, seconds)
+        torch.cuda.empty_cache()
     print("\nOne decode step's GEMVs (28 layers with q/k/v and gate/up fused, + LM head), and the tokens/s they alone "
           "would allow")  # fmt: skip
     print("| rows | kernel | ms per step | tokens/s ceiling |")
     print("|---|---|---|---|")
     for (M, label), seconds in step.items():
         if measured[(M, label)] == len(GEMV_SHAPES):  # a kernel that failed on some shape has no total
-            print(f"| {M} | {label} | {seconds * 1e3:.3f} | {1 / seconds:,.0f} |")
+            print(f"| {M} | {label} | {seconds * 1e3:.3f} | {M / seconds:,.0f} |")
     print(f"\n--gemv took {time.perf_counter() - began:.0f} s")
 
 
@@ -638,6 +719,8 @@ def main() -> None:
     parser.add_argument("--gemv", action="store_true", help="CUDA: Triton GEMV vs cuBLAS on the 0.6B projections")
     parser.add_argument("--gemv-rows", default="1,16", help="comma list of rows (tokens) for --gemv")
     parser.add_argument("--gemv-sweep", action="store_true", help="--gemv: also try a few launch shapes")
+    parser.add_argument("--gemv-weights", default="bf16,int8", help="--gemv: comma list of weight types")
+    parser.add_argument("--gemv-budget", type=float, default=1e9, help="--gemv-sweep: seconds before it stops")
     parser.add_argument("--engine-gemv", action="store_true",
                         help="the engine at batch 1 with and without use_gemv, bf16 and int8 (CUDA; --device cpu: "
                              "a dry run on a tiny model under Triton's interpreter)")  # fmt: skip
@@ -649,7 +732,8 @@ def main() -> None:
     if args.gemv:
         if not torch.cuda.is_available():
             parser.error("--gemv needs a CUDA GPU")
-        gemv_benchmark([int(r) for r in args.gemv_rows.split(",")], args.gemv_sweep)
+        gemv_benchmark([int(r) for r in args.gemv_rows.split(",")], args.gemv_sweep,
+                       tuple(args.gemv_weights.split(",")), args.gemv_budget)
         return
     if args.cpu:
         args.device, args.threads = "cpu", args.threads or 2

@@ -2,7 +2,7 @@
 # What one H200 call runs for the engine, the server and the decode kernels (through the device tool), in order:
 # the GPU tests, the kernel micro-benchmarks, engine throughput, the server load test, batch-1 decode.
 # Each part has its own time limit so that one failure cannot eat the others' time. Results land in $OUT.
-#   bash benchmarks/h200_engine.sh [tests] [tests-gemv] [tests-engine] [engine-loop] [engine-loop-compiled] [decode-splits] [decode-balanced] [gemv-sweep] [kernels] [throughput] [compiled] [compiled-order] [compiled-engine] [gemv] [engine-gemv]
+#   bash benchmarks/h200_engine.sh [tests] [tests-gemv] [tests-engine] [engine-loop] [engine-loop-compiled] [decode-splits] [gemv-sweep] [mm-sweep] [kernels] [throughput] [compiled] [compiled-engine] [gemv] [engine-gemv]
 #                                  [serve] [serve-compiled] [serve-multi] [serve-spy] [serve-spy-compiled] [serve-auto] [decode] [decode-compiled] [startup] [sampler] [prefill] [profile] [profile-compiled] [profile-int8] [profile-gemv]
 #   (default: tests kernels throughput serve decode startup profile)
 # Carry [".whl", ".compile_cache.tgz"] (the latter joined from an earlier call's parts: benchmarks/compile_cache.py).
@@ -63,11 +63,12 @@ fi
 if [[ " $parts " == *" decode-splits "* ]]; then  # the decode kernel's split count by batch size, per launch config
   run 200 decode-splits python3 benchmarks/kernels.py --decode-splits --budget 170
 fi
-if [[ " $parts " == *" decode-balanced "* ]]; then  # a chunked (equal-work) decode kernel beside the engine's, mixed lengths
-  run 150 decode-balanced python3 benchmarks/decode_balanced.py
-fi
 if [[ " $parts " == *" gemv-sweep "* ]]; then  # the Triton GEMV's launch shapes on the fused projections
   run 150 gemv-sweep python3 benchmarks/decode.py --gemv --gemv-sweep
+fi
+if [[ " $parts " == *" mm-sweep "* ]]; then  # the split-K small-M matmul against cuBLAS at decode batch sizes
+  run 420 mm-sweep python3 benchmarks/decode.py --gemv --gemv-rows 256,128,64,32 --gemv-sweep --gemv-weights bf16 \
+    --gemv-budget 330
 fi
 if [[ " $parts " == *" kernels "* ]]; then
   run 130 kernels python3 benchmarks/kernels.py
@@ -78,10 +79,6 @@ fi
 if [[ " $parts " == *" compiled "* ]]; then
   run 560 "compiled$TAG" python3 benchmarks/throughput.py --compile --trace --skip-transformers --skip-padded \
     $THROUGHPUT_FLAGS --results "$OUT/results.md"
-fi
-if [[ " $parts " == *" compiled-order "* ]]; then  # compiled, then decode batches as scheduled vs longest first (A/B)
-  run 560 compiled-order python3 benchmarks/throughput.py --compile --skip-transformers --skip-padded --order-ab 2 \
-    --results "$OUT/results.md"
 fi
 if [[ " $parts " == *" compiled-engine "* ]]; then  # compile=True against eager: a prefill step, batch 1 and 8
   run 400 compiled-engine python3 benchmarks/compiled_engine.py

@@ -7,7 +7,6 @@ Throughput = sum of max_tokens / wall time.
 
     python benchmarks/throughput.py                        # CUDA: random-init Qwen3-0.6B in bf16
     python benchmarks/throughput.py --device cpu           # CPU: the demo model, engine vs one generate per request
-    python benchmarks/throughput.py --compile --order-ab 2 # also: decode batches as scheduled vs longest first
 
 The padded generate and transformers are much slower than the engine, so they run on `--peer-requests` other
 requests drawn the same way (64 by default, seed 2; the engine runs them too, for a like-for-like ratio). Time to
@@ -84,42 +83,6 @@ def traced_step(llm: LLM, records: list):
         return out
 
     return step
-
-
-def longest_first(llm: LLM):
-    """llm.scheduler.schedule, with each decode batch packed longest context first (--order-ab). The GPU hands out a
-    kernel's programs roughly in grid order, and the decode kernel's grid runs over the batch's rows: packed this
-    way, the long sequences' programs start first and the short ones fill the tail. Results are the same."""
-    original = type(llm.scheduler).schedule.__get__(llm.scheduler)
-
-    def schedule():
-        batch = original()
-        if batch and batch.is_decode:  # (one new token each: num_new_tokens needs no reordering)
-            batch.seqs = sorted(batch.seqs, key=lambda seq: seq.num_computed_tokens, reverse=True)
-        return batch
-
-    return schedule
-
-
-def order_ab(llm: LLM, prompts, max_tokens, temperature, device, rounds: int, vocab: int) -> str:
-    """The main run again, `rounds` times in the batch's own order and in longest_first's, alternating, each on
-    the same lengths with fresh token ids (shifted by the run's number, so no prefix-cache hit)."""
-    lines = ["| round | decode batches packed | seconds | output tokens/s |", "|---|---|---|---|"]
-    best = {}
-    for i in range(2 * rounds):
-        shifted = [[(t + 1 + i) % vocab for t in q] for q in prompts]
-        label = "longest context first" if i % 2 else "as scheduled"
-        if i % 2:
-            llm.scheduler.schedule = longest_first(llm)
-        try:
-            r = run_engine(llm, shifted, max_tokens, temperature, device)
-        finally:
-            llm.scheduler.__dict__.pop("schedule", None)
-        best[label] = max(best.get(label, 0.0), r["tokens_per_s"])
-        lines.append(f"| {i // 2 + 1} | {label} | {r['seconds']:.2f} | {r['tokens_per_s']:,.0f} |")
-        print(lines[-1], flush=True)
-    ratio = best["longest context first"] / best["as scheduled"]
-    return "\n".join(lines + ["", f"best of each: longest first / as scheduled = {ratio:.3f}"])
 
 
 def step_table(records: list, kv_bytes: int = 114688) -> str:
@@ -241,9 +204,6 @@ def main() -> None:
     p.add_argument("--results", type=Path, help="append the table to this markdown file")
     p.add_argument("--compile", action="store_true",
                    help="LLM(compile=True): decode graphs replay a compiled forward (start-up includes compiling)")
-    p.add_argument("--order-ab", type=int, default=0, metavar="ROUNDS",
-                   help="after the main run, ROUNDS pairs of runs of the same lengths: decode batches as scheduled, "
-                   "then packed longest context first (the same engine: one start-up)")
     args = p.parse_args()
     cuda = args.device.startswith("cuda")
     if args.compile and not cuda:
@@ -283,9 +243,6 @@ def main() -> None:
         if trace:
             per_token = llm.pool.kv[:, :, 0, 0].numel() * llm.pool.kv.element_size()  # all layers' k and v
             print(step_table(trace, per_token))
-        if args.order_ab:
-            ab_table = order_ab(llm, prompts, max_tokens, temperature, args.device, args.order_ab, vocab)
-            print(ab_table)
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
         ttft = engine_ttft(llm, ttft_prompts, ttft_max_tokens, temperature)
         pool_tokens = llm.num_kv_cache_tokens if hasattr(llm, "num_kv_cache_tokens") else None
@@ -335,8 +292,6 @@ def main() -> None:
         extra += (f"KV pool {pool_tokens:,} tokens = {pool_tokens // max_model_len} sequences of {max_model_len}, "
                   f"{int(pool_tokens // mean_len)} of this workload's mean length {mean_len:.0f}")  # fmt: skip
     lines.append(extra)
-    if args.order_ab:
-        lines += ["", ab_table]
     table = "\n".join(lines)
     print(table)
     if args.results:

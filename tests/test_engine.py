@@ -168,6 +168,25 @@ def test_chunked_prefill_mixed_with_decodes(model, budget):
     check_outputs(llm, model, prompts, SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=6))
 
 
+def test_decode_steps_are_packed_longest_context_first(model, monkeypatch):
+    """A step of decodes only lists its sequences longest context first (a step with a prompt chunk keeps decodes
+    first, in arrival order); the outputs stay those of each prompt alone."""
+    llm = engine(model)
+    packed = []  # per step: (contexts in packing order, decodes only)
+    schedule = llm.scheduler.schedule
+
+    def spy():
+        batch = schedule()
+        packed.append(([seq.num_computed_tokens for seq in batch.seqs], batch.is_decode))
+        return batch
+
+    monkeypatch.setattr(llm.scheduler, "schedule", spy)
+    prompts = random_prompts([5, 30, 12, 21], seed=40)  # arrival order is not length order
+    check_outputs(llm, model, prompts, SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=6))
+    decodes = [contexts for contexts, is_decode in packed if is_decode and len(contexts) == len(prompts)]
+    assert decodes and all(contexts == sorted(contexts, reverse=True) for contexts in decodes)
+
+
 def test_pool_too_small_preempts_and_recomputes(model):
     prompts = random_prompts([20, 14, 25, 9, 18, 11], seed=2)
     llm = engine(model, kv_cache_tokens=48, block_size=4)  # 12 blocks; the six need ~45 blocks together

@@ -217,7 +217,11 @@ def test_triton_gemv_matches_float64_reference(gt, M, N, K, dtype, weight_dtype)
     else:
         w, s = (torch.randn(N, K, generator=generator(seed + 1)) / K**0.5).to(dtype).to(device), None
     exact = x.double() @ w.double().T * (s.double() if s is not None else 1.0)
-    for config in (None, gt.gemv_config(M, N, K, w.element_size(), num_sms=2, block_k=64, split_k=3)):
+    configs = [None, gt.gemv_config(M, N, K, w.element_size(), num_sms=2, block_k=64, split_k=3)]
+    if M > 1:  # row blocks wider than 16 (the small-M matmul sweep's shapes), deeper pipelining
+        configs.append(gt.gemv_config(M, N, K, w.element_size(), num_sms=2, block_k=64, split_k=2, block_m=32,
+                                      num_stages=4))  # fmt: skip
+    for config in configs:
         y = gt.gemv(x, w, s, config=config)
         assert y.dtype == dtype and y.shape == (M, N)
         assert ((y.double() - exact).abs() <= gemv_bound(x, w, s, exact)).all()

@@ -71,6 +71,7 @@ class GemvConfig:
     split_k: int
     k_per_split: int  # a multiple of block_k; split s covers columns [s * k_per_split, (s + 1) * k_per_split)
     num_warps: int = 4
+    num_stages: int = 3  # Triton's software pipelining depth of the K loop (its default)
 
 
 def gemv_config(
@@ -83,10 +84,15 @@ def gemv_config(
     block_k: int | None = None,
     split_k: int | None = None,
     num_warps: int | None = None,
+    block_m: int | None = None,
+    num_stages: int = 3,
 ) -> GemvConfig:
     """The launch shape: a tile of block_n rows x block_k columns moves about 8 KB per step; K is split until
-    the grid has PROGRAMS_PER_SM programs per SM (or each split is one step)."""
-    block_m = 1 if M == 1 else BLOCK_M_DOT
+    the grid has PROGRAMS_PER_SM programs per SM (or each split is one step). M > 1 takes tl.dot on blocks of
+    block_m rows (a power of two >= 16; default 16)."""
+    if M > 1 and block_m is not None and (block_m < BLOCK_M_DOT or block_m & (block_m - 1)):
+        raise ValueError(f"block_m={block_m} must be a power of two >= {BLOCK_M_DOT}")
+    block_m = 1 if M == 1 else (block_m or BLOCK_M_DOT)
     block_n = block_n or (BLOCK_N_GEMV if M == 1 else BLOCK_N)
     if block_k is None:
         block_k = (512 // weight_bytes) if M == 1 else 128  # 512 bytes of each row per step (M = 1)
@@ -100,7 +106,7 @@ def gemv_config(
     split_k = max(1, min(split_k, steps))
     k_per_split = triton.cdiv(steps, split_k) * block_k
     split_k = triton.cdiv(K, k_per_split)  # no empty split
-    return GemvConfig(block_m, block_n, block_k, split_k, k_per_split, num_warps)
+    return GemvConfig(block_m, block_n, block_k, split_k, k_per_split, num_warps, num_stages)
 
 
 @triton.jit
@@ -249,6 +255,7 @@ def gemv(
         config.k_per_split, HAS_SCALE=scale is not None, SPLIT=split, LAST_REDUCES=last_reduces,
         SPLIT_K=config.split_k if last_reduces else 1, USE_DOT=config.block_m > 1, IEEE=x.dtype == torch.float32,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps,
+        num_stages=config.num_stages,
     )  # fmt: skip
     if split and not last_reduces:
         block = 1024
