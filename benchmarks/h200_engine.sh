@@ -3,7 +3,7 @@
 # the GPU tests, the kernel micro-benchmarks, engine throughput, the server load test, batch-1 decode.
 # Each part has its own time limit so that one failure cannot eat the others' time. Results land in $OUT.
 #   bash benchmarks/h200_engine.sh [tests] [tests-gemv] [tests-engine] [engine-loop] [engine-loop-compiled] [decode-splits] [gemv-sweep] [mm-sweep] [kernels] [throughput] [compiled] [compiled-engine] [gemv] [engine-gemv]
-#                                  [serve] [serve-compiled] [serve-multi] [serve-spy] [serve-spy-compiled] [serve-auto] [decode] [decode-compiled] [startup] [sampler] [prefill] [profile] [profile-compiled] [profile-int8] [profile-gemv]
+#                                  [serve] [serve-compiled] [serve-multi] [serve-spy] [serve-spy-compiled] [serve-auto] [decode] [decode-compiled] [startup] [startup-compiled] [prefill-compiled] [sampler] [prefill] [profile] [profile-compiled] [profile-int8] [profile-gemv]
 #   (default: tests kernels throughput serve decode startup profile)
 # Carry [".whl", ".compile_cache.tgz"] (the latter joined from an earlier call's parts: benchmarks/compile_cache.py).
 # Packages the device image lacks (fastapi, uvicorn, uvloop, pydantic, prompt_toolkit) travel as wheels in .whl/.
@@ -118,6 +118,12 @@ if [[ " $parts " == *" decode-compiled "* ]]; then  # batch 1 through LLM(compil
 fi
 if [[ " $parts " == *" startup "* ]]; then
   run 150 startup python3 benchmarks/startup.py
+fi
+if [[ " $parts " == *" startup-compiled "* ]]; then  # qwen3 chat --compile from cold and from warm compile caches
+  run 400 startup-compiled python3 benchmarks/startup.py --compile
+fi
+if [[ " $parts " == *" prefill-compiled "* ]]; then  # the compiled prompt steps: where 52 ms per 16,384 tokens go
+  run 420 prefill-compiled python3 benchmarks/profile_engine.py --prefill --compile --seqs 32 --context 512
 fi
 if [[ " $parts " == *" sampler "* ]]; then
   run 120 sampler python3 benchmarks/sampler.py

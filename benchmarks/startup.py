@@ -2,8 +2,12 @@
 byte of the answer), and the same for `qwen3 generate`.
 
     python benchmarks/startup.py [--model DIR]      # default: random-init Qwen3-0.6B with the real tokenizer
+    python benchmarks/startup.py --compile          # also `qwen3 chat --compile`, cold then warm
 
-On CUDA both commands decode with the engine (graph capture included in the start-up). Prints a table.
+On CUDA both commands decode with the engine (graph capture included in the start-up). With --compile, `qwen3 chat
+--compile` runs twice over one fresh pair of compile caches (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR): the
+first start compiles from nothing, the second finds what the first compiled (issue #13: the first token within
+15 s of start). Prints a table.
 """
 
 from __future__ import annotations
@@ -24,10 +28,12 @@ import qwen3
 ASSETS = Path(__file__).resolve().parents[1] / "tests" / "assets" / "qwen3-0.6b"
 
 
-def first_answer_byte(command: list[str], stdin_text: str, after: bytes) -> tuple[float, float, str]:
+def first_answer_byte(command: list[str], stdin_text: str, after: bytes, env: dict | None = None
+                      ) -> tuple[float, float, str]:  # fmt: skip
     """(seconds to the first byte printed after `after`, seconds to exit, the output) for one process."""
     start = time.perf_counter()
-    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               env=env)  # fmt: skip
     process.stdin.write(stdin_text.encode())
     process.stdin.close()
     output, first = b"", None
@@ -46,6 +52,7 @@ def first_answer_byte(command: list[str], stdin_text: str, after: bytes) -> tupl
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="a model directory with tokenizer files (default: random-init 0.6B)")
+    p.add_argument("--compile", action="store_true", help="also `qwen3 chat --compile`, cold and warm caches")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
@@ -63,6 +70,14 @@ def main() -> None:
         chat = [*cli, "chat", "--model", model, "--max-new-tokens", "32", "--temperature", "0"]
         first, total, out = first_answer_byte(chat, "Hello, who are you?\n", after=b"> ")
         rows.append(("qwen3 chat: start to first answer byte", first, total))
+        if args.compile:
+            caches = Path(tmp) / "caches"
+            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(caches / "inductor"),
+                   "TRITON_CACHE_DIR": str(caches / "triton")}  # fmt: skip
+            for label in ("cold caches", "warm caches"):
+                first_c, total_c, out_c = first_answer_byte([*chat, "--compile"], "Hello, who are you?\n", b"> ", env)
+                rows.append((f"qwen3 chat --compile, {label}: start to first answer byte", first_c, total_c))
+            out += "\n--- chat --compile, warm (tail) ---\n" + out_c[-400:]
         gen = [*cli, "generate", "--model", model, "--max-new-tokens", "32", "--temperature", "0", "ROMEO:"]
         first_g, total_g, out_g = first_answer_byte(gen, "", after=b"")
         rows.append(("qwen3 generate: start to first output byte", first_g, total_g))
