@@ -15,6 +15,8 @@ run nears --budget seconds.
     python benchmarks/kernels.py --results benchmarks/RESULTS.md   # also append the tables there
     python benchmarks/kernels.py --decode-splits   # only the decode kernel: GB/s by split count, contexts that
                                                    # differ (rows random / longest first), then batch x config
+    python benchmarks/kernels.py --decode-one-launch   # split + reduce kernels against one launch that merges
+                                                       # its own partials (counters), 28 calls per CUDA graph
     python benchmarks/kernels.py --compile-only    # no GPU needed: compile every kernel variant for sm_90 with
                                                    # triton's bundled ptxas; print registers, spills, shared memory
 Exits with status 1 when a correctness check fails (after printing the whole table).
@@ -22,6 +24,7 @@ Exits with status 1 when a correctness check fails (after printing the whole tab
 
 import argparse
 import datetime
+import functools
 import importlib.util
 import math
 import os
@@ -394,9 +397,67 @@ def decode_splits(tk, deadline: float) -> str:
     return "\n".join(lines)
 
 
+# --decode-one-launch: the split kernel merging its own partials (counters) against split + reduce, in CUDA graphs
+ONE_LAUNCH_SHAPES = [(256, 200, 2000, 2), (128, 200, 2000, 2), (64, 200, 2000, 2), (16, 200, 2000, 2),
+                     (2, 800, 800, 8), (1, 2000, 2000, 8), (1, 2000, 2000, 16)]  # fmt: skip
+LAYERS = 28  # one decode step's calls, each on a pool of its own where the pools fit in memory many times over
+
+
+def graph_seconds(calls: list, replays: int = 20) -> float:
+    """Seconds per call of `calls` (zero-argument functions) captured in one CUDA graph, as the engine replays them."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for call in calls:  # warm-up: compile, allocate
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / (replays * len(calls))
+
+
+def decode_one_launch(tk) -> str:
+    """us per paged_decode_attention call, 28 calls per CUDA graph (a decode step's layers): split kernel + reduce
+    kernel against the split kernel with counters (its last program per (sequence, KV head) merges the partials)."""
+    lines = ["| batch, contexts | splits | split + reduce (us) | one launch (us) | saved per step (28 layers, us) |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for batch, lo, hi, splits in ONE_LAUNCH_SHAPES:
+        pools = [mixed_batch(batch, lo, hi, DTYPE, DEVICE, seed=batch + i) for i in range(LAYERS if batch <= 16 else 1)]
+        counters = torch.zeros(batch * NUM_KV_HEADS, dtype=torch.int32, device=DEVICE)
+        cells = []
+        for use_counters in (None, counters):
+            def call(pool, q, c=use_counters, splits=splits):
+                return tk.paged_decode_attention(q, pool.k_cache, pool.v_cache, pool.block_tables, pool.seq_lens,
+                                                 SCALE, splits, c)  # fmt: skip
+
+            pool, q = pools[0]
+            bad = "" if rel_err(call(pool, q), reference_mixed(q, pool)) < BF16_TOLERANCE else " WRONG"
+            calls = [functools.partial(call, *pools[i % len(pools)]) for i in range(LAYERS)]
+            cells.append((graph_seconds(calls) * 1e6, bad))
+        assert int(counters.abs().sum()) == 0, "counters left non-zero"
+        (two, bad_two), (one, bad_one) = cells
+        lines.append(f"| {batch}, U({lo}, {hi}) | {splits} | {two:.1f}{bad_two} | {one:.1f}{bad_one} | "
+                     f"{(two - one) * LAYERS:.0f} |")  # fmt: skip
+        print("  " + lines[-1], flush=True)
+    return "\n".join(lines)
+
+
 def run(args) -> int:
     import triton
 
+    if args.decode_one_launch:
+        print("\n" + decode_one_launch(load_kernels()))
+        return 0
     if args.decode_splits:
         tk = load_kernels()
         mixed = decode_mixed(tk)
@@ -546,6 +607,8 @@ def main() -> int:
     parser.add_argument("--budget", type=float, default=110, help="seconds: the config sweep stops 20 s before")
     parser.add_argument("--decode-splits", action="store_true",
                         help="only the decode kernel: GB/s by batch, split count and launch config (within --budget)")
+    parser.add_argument("--decode-one-launch", action="store_true",
+                        help="only the decode kernel: split + reduce against one launch with counters, in CUDA graphs")
     parser.add_argument("--compile-only", action="store_true", help="no GPU: compile for --arch and print resources")
     parser.add_argument("--arch", type=int, default=90, help="compute capability for --compile-only (90 = H100/H200)")
     args = parser.parse_args()
