@@ -55,6 +55,7 @@ import time
 from pathlib import Path
 
 import torch
+from kernels import graph_seconds  # benchmarks/kernels.py (this script's folder is on sys.path)
 
 import qwen3
 from qwen3.generate import decode_one, generate_tokens, prefill
@@ -296,30 +297,6 @@ def cpu_int8_kernels(directory: Path, prompt: torch.Tensor, new_tokens: int, rou
     return [(engine, variant, best[variant], warmup[variant], nbytes) for engine, variant, _, nbytes in variants]
 
 
-def time_graph(calls, replays: int = 10) -> float:
-    """Seconds per call of `calls` (a list of zero-argument functions), captured in one CUDA graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for call in calls[:2]:  # warm-up: compile, cuBLAS handles
-            call()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1e3 / (replays * len(calls))
-
-
 def sweep_configs(M: int, K: int, N: int, size: int, num_sms: int, base) -> list:
     """--gemv-sweep's launch shapes for one matrix: at M <= 16, rows per program, split K (half, the same, twice
     the default) and warps; above 16 rows also the rows per tile (16 up to M) and wider tiles, at 1, 2 and 4
@@ -431,7 +408,7 @@ def gemv_benchmark(rows_list: list[int], sweep: bool, weight_types: tuple[str, .
     measured: dict[tuple[int, str], int] = {}  # (rows, kernel label) -> shapes measured
 
     def measure(calls, ref, replays):
-        seconds = time_graph(calls, replays=replays)
+        seconds = graph_seconds(calls, replays=replays)
         y = calls[0]().float()
         return seconds, ((y - ref).abs().max() / ref.abs().max()).item()
 

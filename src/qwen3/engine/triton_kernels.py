@@ -452,7 +452,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         BLOCK_SIZE=k_cache.shape[1], G=g, HEAD_DIM=d, BLOCK_G=max(16, triton.next_power_of_2(g)), BLOCK_N=block_n,
         BLOCK_D=block_d, INPUT_PRECISION="ieee" if fp32 else "tf32", DIRECT=direct, LAST_REDUCES=last_reduces,
-        BLOCK_S=triton.next_power_of_2(num_splits), num_warps=num_warps, num_stages=num_stages,
+        BLOCK_S=triton.next_power_of_2(num_splits) if last_reduces else 1,  # a constant: one compile for all counts
+        num_warps=num_warps, num_stages=num_stages,
     )
     if not direct and not last_reduces:
         _wrap(_paged_decode_reduce_kernel)[(s, nh)](
