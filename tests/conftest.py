@@ -177,3 +177,26 @@ def assert_streams_add_up(streams: list[list], expected: list) -> None:
         assert "".join(o.new_text for o in outs) == want.text
         assert outs[-1].finish_reason == want.finish_reason and outs[-1].num_output_tokens == len(want.token_ids)
         assert all(o.prompt_token_ids == want.prompt_token_ids for o in outs)
+
+
+class Replayer:
+    """A stand-in CUDA graph for the engine's graph path on the CPU: 'replay' re-runs the recorded forward (the
+    reference kernels rebuild their gather plan at every forward, where a real graph's Triton kernels read seq_lens
+    on the device)."""
+
+    def __init__(self, forward):
+        self.forward = forward
+        forward()  # the warm-up run, as ModelRunner._record does
+
+    def replay(self):
+        self.forward()
+
+    def pool(self):
+        return None
+
+
+def record_stand_in_graphs(monkeypatch) -> None:
+    """ModelRunner.capture_graphs then records Replayers instead of CUDA graphs (call it explicitly on the CPU)."""
+    from qwen3.engine.runner import ModelRunner
+
+    monkeypatch.setattr(ModelRunner, "_record", staticmethod(lambda forward, memory_pool: Replayer(forward)))

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import qwen3
-from conftest import fix_triton_interpreter_scalars, make_reference, run_in_triton_interpreter
+from conftest import fix_triton_interpreter_scalars, make_reference, record_stand_in_graphs, run_in_triton_interpreter
 from qwen3.engine import LLM
 from qwen3.engine.attention import (
     REFERENCE,
@@ -25,7 +25,6 @@ from qwen3.engine.attention import (
     triton_ops,
 )
 from qwen3.engine.block_manager import BlockManager
-from qwen3.engine.runner import ModelRunner
 from qwen3.engine.sampler import filter_candidates, seeded_exponential
 from qwen3.engine.sequence import Sequence
 from qwen3.model import KVCache
@@ -469,26 +468,13 @@ def test_abort_frees_blocks(model):
     assert not llm.scheduler.has_work()
 
 
-class Replayer:
-    """A stand-in CUDA graph: 'replay' re-runs the recorded forward (its backend's gather plan rebuilt)."""
-
-    def __init__(self, forward):
-        self.forward = forward
-        forward()  # the warm-up run, as _record does
-
-    def replay(self):
-        self.forward.__defaults__[1]._layout = None  # the backend the forward closes over
-        self.forward()
-
-    def pool(self):
-        return None
 
 
 def test_graph_bookkeeping_on_cpu(model, monkeypatch):
     """The CUDA-graph path's static buffers, bucket choice, padding rows and LM head after the replay, run on the
     CPU: a stand-in 'graph' re-runs the recorded forward on replay (the reference kernels rebuild their gather
     plan each time, where a real graph's Triton kernels read seq_lens on the device)."""
-    monkeypatch.setattr(ModelRunner, "_record", staticmethod(lambda forward, memory_pool: Replayer(forward)))
+    record_stand_in_graphs(monkeypatch)
     prompts = random_prompts([3, 9, 17, 30, 5, 12, 1, 25, 8, 2, 19], seed=22)
     params = [SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=3 + 2 * (i % 5)) for i in range(len(prompts))]
     llm = engine(model, max_num_seqs=16)
@@ -501,6 +487,35 @@ def test_graph_bookkeeping_on_cpu(model, monkeypatch):
     assert {16, 8, 4}.issubset(replays)  # 11 sequences pad to 16, then the batch shrinks
     for prompt, p, out in zip(prompts, params, outs, strict=True):
         assert out.token_ids == reference(model, prompt, p.max_tokens)
+    llm.block_manager.check_all_free()
+
+
+def test_decode_halves_on_cpu(model, monkeypatch):
+    """decode_halves: buckets of 32 or more record two half-batch forwards (on CUDA, two streams in one graph); the
+    step's sequences alternate between the halves and their logits come back in that order. On the CPU, through
+    stand-in graphs: an odd bucket (33: halves of 17 and 16), padding rows in both halves, tokens still in flight
+    at their graph rows. Greedy tokens equal qwen3.generate's alone, seeded sampled ones the plain engine's."""
+    record_stand_in_graphs(monkeypatch)
+    gen = torch.Generator().manual_seed(31)
+    lengths = torch.randint(1, 30, (33,), generator=gen).tolist()
+    prompts = random_prompts(lengths, seed=32)
+    params = [SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=int(n))
+              for n in torch.randint(2, 9, (33,), generator=gen)]  # fmt: skip
+    for i in (3, 10, 20):
+        params[i] = SamplingParams(temperature=0.9, top_k=50, seed=100 + i, ignore_eos=True, max_tokens=6)
+    llm = engine(model, max_num_seqs=33, decode_halves=True)
+    llm.runner.capture_graphs()
+    assert list(llm.runner.graphs) == [1, 2, 4, 8, 16, 32, 33] and llm.runner.halves == {32, 33}
+    replays = []
+    replay = llm.runner._replay
+    llm.runner._replay = lambda bucket, *args: replays.append(bucket) or replay(bucket, *args)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert {33, 32, 16}.issubset(replays)  # 33 sequences, then fewer as they finish
+    plain = engine(model, max_num_seqs=33).generate(prompts, params, use_tqdm=False)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in plain]
+    for prompt, p, out in zip(prompts, params, outs, strict=True):
+        if p.temperature == 0:
+            assert out.token_ids == reference(model, prompt, p.max_tokens)
     llm.block_manager.check_all_free()
 
 
@@ -525,7 +540,7 @@ def test_engine_runs_the_triton_kernels(model, monkeypatch):
     mixed.runner.kernels = triton_ops()
     for _ in range(2):
         assert [o.token_ids for o in mixed.generate(prompts, params, use_tqdm=False)] == want
-    monkeypatch.setattr(ModelRunner, "_record", staticmethod(lambda forward, memory_pool: Replayer(forward)))
+    record_stand_in_graphs(monkeypatch)
     graphs = engine(model, max_num_seqs=4)
     graphs.runner.kernels = triton_ops()
     graphs.runner.capture_graphs()  # the decode kernel, with padding rows, through the graph bookkeeping

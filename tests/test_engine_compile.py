@@ -14,10 +14,9 @@ import pytest
 import torch
 
 import qwen3
-from conftest import run_in_triton_interpreter
+from conftest import record_stand_in_graphs, run_in_triton_interpreter
 from qwen3.engine import LLM
 from qwen3.engine.attention import REFERENCE, KVPool, PagedAttention
-from qwen3.engine.runner import ModelRunner
 from qwen3.sampling import SamplingParams
 
 compiled = pytest.importorskip("qwen3.engine.compiled")
@@ -145,18 +144,6 @@ def test_compiled_step_forward_equals_eager_over_chunk_lengths(model):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
-class Replayer:
-    """A stand-in CUDA graph (as in test_engine.py): 'replay' re-runs the recorded forward."""
-
-    def __init__(self, forward):
-        self.forward = forward
-        forward()
-
-    def replay(self):
-        self.forward()
-
-    def pool(self):
-        return None
 
 
 def record_logits(llm: LLM) -> list:
@@ -179,7 +166,7 @@ def test_engine_compiled_on_cpu(model, monkeypatch):
     token (padded) and chunks that sample nothing; then again with no graphs (decode through the compiled step).
     Every step's logits equal the eager engine's, the pools end equal, greedy tokens equal qwen3.generate's, and
     there are two compiles in all (the step forward's, the decode graphs')."""
-    monkeypatch.setattr(ModelRunner, "_record", staticmethod(lambda forward, memory_pool: Replayer(forward)))
+    record_stand_in_graphs(monkeypatch)
     kwargs = dict(max_num_seqs=8, kv_cache_tokens=512, block_size=BLOCK, max_num_batched_tokens=24, max_model_len=64)
     eager = LLM(model, **kwargs)
     torch._dynamo.reset()
@@ -235,11 +222,15 @@ def test_engine_compiled_on_cpu(model, monkeypatch):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
 
 
-def test_compiled_decode_buckets_take_two_split_counts_and_two_compiles(model, monkeypatch):
+@pytest.mark.parametrize("halves", [False, True])
+def test_compiled_decode_buckets_take_two_split_counts_and_two_compiles(model, monkeypatch, halves):
     """compile=True captures buckets 2, 4, 8 (no bucket 1) with the split count of 2 sequences and 16, 32 with that
-    of 16: two compiles, one per range of batch sizes; each graph's backend holds its group's split count."""
-    monkeypatch.setattr(ModelRunner, "_record", staticmethod(lambda forward, memory_pool: Replayer(forward)))
-    llm = LLM(model, max_num_seqs=32, kv_cache_tokens=1024, block_size=BLOCK, max_model_len=64)
+    of 16: two compiles, one per range of batch sizes; each graph's backend holds its group's split count. With
+    decode_halves, bucket 32 runs two forwards of 16 rows (the second on rows 16..31) through the same compile, and
+    greedy tokens through it equal the plain engine's."""
+    record_stand_in_graphs(monkeypatch)
+    kwargs = dict(max_num_seqs=32, kv_cache_tokens=1024, block_size=BLOCK, max_model_len=64)
+    llm = LLM(model, decode_halves=halves, **kwargs)
     asked = []
     monkeypatch.setattr(llm.runner, "_num_splits", lambda num_seqs, max_seq_len: asked.append(num_seqs) or
                         (5 if num_seqs < 16 else 3))  # fmt: skip
@@ -249,9 +240,20 @@ def test_compiled_decode_buckets_take_two_split_counts_and_two_compiles(model, m
     llm.runner.capture_graphs()
     assert list(llm.runner.graphs) == [2, 4, 8, 16, 32]
     assert sorted(set(asked)) == [2, 16]
-    splits = {size: graph.forward.__defaults__[1].num_splits for size, graph in llm.runner.graphs.items()}
-    assert splits == {2: 5, 4: 5, 8: 5, 16: 3, 32: 3}
+    splits = {size: [b.num_splits for b in graph.forward.__defaults__[1]] for size, graph in llm.runner.graphs.items()}
+    assert splits == {2: [5], 4: [5], 8: [5], 16: [3], 32: [3, 3] if halves else [3]}
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+    if halves:
+        llm.runner.compile_step_forward()
+        gen = torch.Generator().manual_seed(9)
+        prompts = [torch.randint(0, CONFIG.vocab_size, (int(n),), generator=gen).tolist()
+                   for n in torch.randint(1, 20, (29,), generator=gen)]  # fmt: skip
+        params = [SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=int(n))
+                  for n in torch.randint(2, 6, (29,), generator=gen)]  # fmt: skip
+        want = [o.token_ids for o in LLM(model, **kwargs).generate(prompts, params, use_tqdm=False)]
+        assert [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == want
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3  # and the step forward's
+        llm.block_manager.check_all_free()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

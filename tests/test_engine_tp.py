@@ -16,9 +16,8 @@ import pytest
 import torch
 
 import qwen3
-from conftest import make_reference
+from conftest import make_reference, record_stand_in_graphs
 from qwen3.engine import LLM, AsyncLLM
-from qwen3.engine.runner import ModelRunner
 from qwen3.engine.tensor_parallel import TensorParallel, pack_step, run_packed
 from qwen3.sampling import SamplingParams
 
@@ -167,19 +166,6 @@ def test_a_killed_worker_stops_generate_with_an_error_naming_it(checkpoint):
     assert not [p for p in multiprocessing.active_children() if p.name.startswith("qwen3-tp")]
 
 
-class Replayer:
-    """A stand-in CUDA graph (as in test_engine.py): 'replay' re-runs the recorded forward."""
-
-    def __init__(self, forward):
-        self.forward = forward
-        forward()
-
-    def replay(self):
-        self.forward.__defaults__[1]._layout = None  # the backend the forward closes over
-        self.forward()
-
-    def pool(self):
-        return None
 
 
 class LocalTP:
@@ -201,7 +187,7 @@ def test_packed_steps_and_the_graph_path_in_one_process(checkpoint, monkeypatch)
     prompts = random_prompts([3, 9, 17, 30, 5, 12, 1, 25, 8, 2, 19], seed=22)
     params = [SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=3 + 2 * (i % 5)) for i in range(11)]
     expected = [o.token_ids for o in LLM(checkpoint, **settings()).generate(prompts, params, use_tqdm=False)]
-    monkeypatch.setattr(ModelRunner, "_record", staticmethod(lambda forward, memory_pool: Replayer(forward)))
+    record_stand_in_graphs(monkeypatch)
     llm = LLM(checkpoint, max_num_seqs=16, **settings())
     llm.runner.capture_graphs()
     assert list(llm.runner.graphs) == [1, 2, 4, 8, 16]
