@@ -17,7 +17,7 @@ run nears --budget seconds.
                                                    # differ (rows random / longest first), then batch x config
     python benchmarks/kernels.py --decode-one-launch   # split + reduce kernels against one launch that merges
                                                        # its own partials (counters), 28 calls per CUDA graph
-    python benchmarks/kernels.py --decode-layout   # token-major or head-major pool, block size, grid order
+    python benchmarks/kernels.py --decode-layout   # grid order x split count (token- and head-major pools)
     python benchmarks/kernels.py --compile-only    # no GPU needed: compile every kernel variant for sm_90 with
                                                    # triton's bundled ptxas; print registers, spills, shared memory
 Exits with status 1 when a correctness check fails (after printing the whole table).
@@ -454,53 +454,55 @@ def decode_one_launch(tk) -> str:
     return "\n".join(lines)
 
 
-# --decode-layout: the pool's layout and the grid's order, contexts that differ, in CUDA graphs
-LAYOUT_BATCHES = [256, 128, 64, 32]
+# --decode-layout: the grid's order and the split count (and the pool's layout), contexts that differ, in CUDA graphs
+LAYOUT_BATCHES = [256, 192, 128, 96, 64, 32, 16]
+GRIDS = {0: "(S, nkv, splits)", 1: "(nkv, S, splits)", 2: "(nkv * splits, S)"}
 
 
-def decode_layout(tk) -> str:
-    """GB/s of paged_decode_attention (28 calls per CUDA graph, contexts U(200, 2000), longest first) for the pool
-    laid out (blocks, block_size, nkv, D) as the engine's ("token-major": a token's KV heads side by side) or
-    (blocks, nkv, block_size, D) ("head-major": one KV head's keys of a block contiguous, the kernel reading it
-    through strides), by block size, grid order (DECODE_HEAD_MAJOR) and split count."""
-    layouts = [("token-major", 16), ("head-major", 16), ("head-major", 64), ("token-major", 64)]
-    columns = [(layout, bs, grid, splits) for layout, bs in layouts for grid in (False, True) for splits in (1, 2)]
-    lines = ["| batch | " + " | ".join(f"{layout} {bs}, {'heads' if grid else 'seqs'} first, {splits} split"
-                                       for layout, bs, grid, splits in columns) + " |",
-             "|---|" + "---|" * len(columns)]  # fmt: skip
-    default = tk.DECODE_HEAD_MAJOR
+def decode_layout(tk, head_major: bool = False) -> str:
+    """GB/s of paged_decode_attention (28 calls per CUDA graph, contexts U(200, 2000), longest first) by grid order
+    (DECODE_GRID) and split count. head_major: the pool laid out (blocks, nkv, block_size, D) instead of the
+    engine's (blocks, block_size, nkv, D), the kernel reading it through strides (one KV head's keys of a block
+    contiguous)."""
+    columns = [(grid, splits) for grid in GRIDS for splits in (1, 2, 4)]
+    lines = ["| batch | " + " | ".join(f"{GRIDS[grid]}, {splits} split" for grid, splits in columns) + " | heuristic |",
+             "|---|" + "---|" * (len(columns) + 1)]  # fmt: skip
+    default = tk.DECODE_GRID
     for batch in LAYOUT_BATCHES:
+        gen = torch.Generator().manual_seed(batch)
+        lengths = torch.randint(200, 2001, (batch,), generator=gen).sort(descending=True).values
+        pool = Pool(batch, int(lengths.max()), 16, DTYPE, DEVICE)
+        pool.seq_lens = lengths.to(torch.int32).to(DEVICE)
+        q = torch.randn(batch, NUM_HEADS, HEAD_DIM, generator=gen).to(DTYPE).to(DEVICE)
+        if head_major:  # the same values, one KV head's block_size keys contiguous
+            pool.k_cache = pool.k_cache.transpose(1, 2).contiguous().transpose(1, 2)
+            pool.v_cache = pool.v_cache.transpose(1, 2).contiguous().transpose(1, 2)
+        ref = reference_mixed(q, pool)
         cells = []
-        for layout, bs, grid, splits in columns:
-            gen = torch.Generator().manual_seed(batch)
-            lengths = torch.randint(200, 2001, (batch,), generator=gen).sort(descending=True).values
-            pool = Pool(batch, int(lengths.max()), bs, DTYPE, DEVICE)
-            pool.seq_lens = lengths.to(torch.int32).to(DEVICE)
-            q = torch.randn(batch, NUM_HEADS, HEAD_DIM, generator=gen).to(DTYPE).to(DEVICE)
-            if layout == "head-major":  # the same values, one KV head's block_size keys contiguous
-                pool.k_cache = pool.k_cache.transpose(1, 2).contiguous().transpose(1, 2)
-                pool.v_cache = pool.v_cache.transpose(1, 2).contiguous().transpose(1, 2)
-            tk.DECODE_HEAD_MAJOR = grid
+        for grid, splits in columns:
+            tk.DECODE_GRID = grid
 
             def call(pool=pool, q=q, splits=splits):
                 return tk.paged_decode_attention(q, pool.k_cache, pool.v_cache, pool.block_tables, pool.seq_lens,
                                                  SCALE, splits)  # fmt: skip
 
-            bad = "" if rel_err(call(), reference_mixed(q, pool)) < BF16_TOLERANCE else " WRONG"
+            bad = "" if rel_err(call(), ref) < BF16_TOLERANCE else " WRONG"
             seconds = graph_seconds([call] * LAYERS)
             cells.append(f"{int(lengths.sum()) * KV_BYTES_PER_TOKEN / seconds / 1e9:5.0f}{bad}")
-            del pool
-        lines.append(f"| {batch} | " + " | ".join(cells) + " |")
+        heuristic = tk.decode_num_splits(batch, NUM_KV_HEADS, int(lengths.max()))
+        lines.append(f"| {batch} | " + " | ".join(cells) + f" | {heuristic} |")
         print("  " + lines[-1], flush=True)
-    tk.DECODE_HEAD_MAJOR = default
-    return "GB/s:\n" + "\n".join(lines)
+        del pool
+    tk.DECODE_GRID = default
+    return ("head-major pool, " if head_major else "") + "GB/s:\n" + "\n".join(lines)
 
 
 def run(args) -> int:
     import triton
 
     if args.decode_layout:
-        print("\n" + decode_layout(load_kernels()))
+        tk = load_kernels()
+        print("\n" + decode_layout(tk) + "\n\n" + decode_layout(tk, head_major=True))
         return 0
     if args.decode_one_launch:
         print("\n" + decode_one_launch(load_kernels()))

@@ -48,9 +48,9 @@ PREFILL_CONFIG = {
 # paged_decode_attention: (BLOCK_N keys per tile, num_warps, num_stages). With num_stages 3 the pipeliner fetches the
 # block-table entries two tiles ahead and K/V one tile ahead, so a tile's address is ready when its load is issued.
 DECODE_CONFIG = {"half": (64, 4, 3), "fp32": (16, 4, 2)}
-# paged_decode_attention's grid order: False, (S, nkv, splits), the programs that start together read one KV head of
-# many sequences; True, (nkv, S, splits), they read the KV heads of one sequence side by side in the pool.
-DECODE_HEAD_MAJOR = False
+# paged_decode_attention's grid order (the GPU starts programs roughly in grid order): 0, (S, nkv, splits); 1, (nkv,
+# S, splits); 2, (nkv * splits, S), all programs of one sequence side by side.
+DECODE_GRID = 0
 # No re-specialising: Triton compiles a kernel anew for each pattern of its integer arguments being 1 or a multiple
 # of 16, unless told not to. The number of sequences in a step and the width of its block tables change from step
 # to step, so without `do_not_specialize` a workload's first steps paid ~0.2 s of compiling each (H200, 2026-12-01:
@@ -331,17 +331,23 @@ def _paged_decode_split_kernel(
     BLOCK_SIZE: tl.constexpr, G: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, DIRECT: tl.constexpr, LAST_REDUCES: tl.constexpr, BLOCK_S: tl.constexpr,
-    HEAD_MAJOR: tl.constexpr,
+    GRID: tl.constexpr,
 ):
-    if HEAD_MAJOR:  # grid (nkv, S, splits): the programs that start together read one sequence's KV heads
-        kv_head = tl.program_id(0)
-        seq = tl.program_id(1).to(tl.int64)
-        num_kv_heads = tl.num_programs(0)
-    else:  # grid (S, nkv, splits)
+    if GRID == 0:  # (S, nkv, splits)
         seq = tl.program_id(0).to(tl.int64)
         kv_head = tl.program_id(1)
         num_kv_heads = tl.num_programs(1)
-    split = tl.program_id(2)
+        split = tl.program_id(2)
+    elif GRID == 1:  # (nkv, S, splits)
+        kv_head = tl.program_id(0)
+        seq = tl.program_id(1).to(tl.int64)
+        num_kv_heads = tl.num_programs(0)
+        split = tl.program_id(2)
+    else:  # (nkv * splits, S): all programs of one sequence side by side
+        kv_head = tl.program_id(0) % (tl.num_programs(0) // num_splits)
+        split = tl.program_id(0) // (tl.num_programs(0) // num_splits)
+        seq = tl.program_id(1).to(tl.int64)
+        num_kv_heads = tl.num_programs(0) // num_splits
     num_heads = num_kv_heads * G
 
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -455,7 +461,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     block_d = triton.next_power_of_2(d)
     block_n, num_warps, num_stages = DECODE_CONFIG["fp32" if fp32 else "half"]
     last_reduces = not direct and counters is not None
-    _wrap(_paged_decode_split_kernel)[(nkv, s, num_splits) if DECODE_HEAD_MAJOR else (s, nkv, num_splits)](
+    grid = [(s, nkv, num_splits), (nkv, s, num_splits), (nkv * num_splits, s)][DECODE_GRID]
+    _wrap(_paged_decode_split_kernel)[grid](
         q, k_cache, v_cache, out, mid_o, mid_lse, block_tables, seq_lens, counters if last_reduces else seq_lens,
         scale * LOG2E, num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
@@ -463,7 +470,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         BLOCK_SIZE=k_cache.shape[1], G=g, HEAD_DIM=d, BLOCK_G=max(16, triton.next_power_of_2(g)), BLOCK_N=block_n,
         BLOCK_D=block_d, INPUT_PRECISION="ieee" if fp32 else "tf32", DIRECT=direct, LAST_REDUCES=last_reduces,
         BLOCK_S=triton.next_power_of_2(num_splits) if last_reduces else 1,  # a constant: one compile for all counts
-        HEAD_MAJOR=DECODE_HEAD_MAJOR,
+        GRID=DECODE_GRID,
         num_warps=num_warps, num_stages=num_stages,
     )
     if not direct and not last_reduces:
