@@ -2,7 +2,7 @@
 # What one H200 call runs for the engine, the server and the decode kernels (through the device tool), in order:
 # the GPU tests, the kernel micro-benchmarks, engine throughput, the server load test, batch-1 decode.
 # Each part has its own time limit so that one failure cannot eat the others' time. Results land in $OUT.
-#   bash benchmarks/h200_engine.sh [tests] [tests-gemv] [tests-engine] [engine-loop] [engine-loop-compiled] [decode-splits] [decode-layout] [decode-one-launch] [gemv-sweep] [mm-sweep] [kernels] [throughput] [compiled] [compiled-halves] [compiled-engine] [gemv] [engine-gemv]
+#   bash benchmarks/h200_engine.sh [tests] [tests-gemv] [tests-engine] [engine-loop] [engine-loop-compiled] [decode-splits] [gemv-sweep] [mm-sweep] [kernels] [throughput] [compiled] [compiled-engine] [gemv] [engine-gemv]
 #                                  [serve] [serve-compiled] [serve-multi] [serve-spy] [serve-spy-compiled] [serve-auto] [decode] [decode-compiled] [startup] [startup-compiled] [prefill-compiled] [sampler] [prefill] [profile] [profile-compiled] [profile-int8] [profile-gemv]
 #   (default: tests kernels throughput serve decode startup profile)
 # Carry [".whl", ".compile_cache.tgz"] (the latter joined from an earlier call's parts: benchmarks/compile_cache.py).
@@ -61,13 +61,7 @@ if [[ " $parts " == *" engine-loop "* ]]; then  # the streaming loop against LLM
     --py-spy "$OUT/engine_loop_spy.txt"
 fi
 if [[ " $parts " == *" decode-splits "* ]]; then  # the decode kernel's split count by batch size, per launch config
-  run 200 decode-splits python3 benchmarks/kernels.py --decode-splits --budget 170
-fi
-if [[ " $parts " == *" decode-layout "* ]]; then  # the decode kernel: token-major or head-major pool, grid order
-  run 150 decode-layout python3 benchmarks/kernels.py --decode-layout
-fi
-if [[ " $parts " == *" decode-one-launch "* ]]; then  # decode split + reduce against one launch with counters
-  run 150 decode-one-launch python3 benchmarks/kernels.py --decode-one-launch
+  run 200 decode-splits python3 benchmarks/kernels.py --decode-splits --budget ${SPLITS_BUDGET:-170}
 fi
 if [[ " $parts " == *" gemv-sweep "* ]]; then  # the Triton GEMV's launch shapes on the fused projections
   run 150 gemv-sweep python3 benchmarks/decode.py --gemv --gemv-sweep
@@ -85,10 +79,6 @@ fi
 if [[ " $parts " == *" compiled "* ]]; then
   run 560 "compiled$TAG" python3 benchmarks/throughput.py --compile --trace --skip-transformers --skip-padded \
     $THROUGHPUT_FLAGS --results "$OUT/results.md"
-fi
-if [[ " $parts " == *" compiled-halves "* ]]; then  # the same with decode_halves (two half batches on two streams)
-  run 330 "compiled-halves$TAG" python3 benchmarks/throughput.py --compile --trace --skip-transformers --skip-padded \
-    --decode-halves $THROUGHPUT_FLAGS --results "$OUT/results.md"
 fi
 if [[ " $parts " == *" compiled-engine "* ]]; then  # compile=True against eager: a prefill step, batch 1 and 8
   run 400 compiled-engine python3 benchmarks/compiled_engine.py

@@ -15,9 +15,6 @@ run nears --budget seconds.
     python benchmarks/kernels.py --results benchmarks/RESULTS.md   # also append the tables there
     python benchmarks/kernels.py --decode-splits   # only the decode kernel: GB/s by split count, contexts that
                                                    # differ (rows random / longest first), then batch x config
-    python benchmarks/kernels.py --decode-one-launch   # split + reduce kernels against one launch that merges
-                                                       # its own partials (counters), 28 calls per CUDA graph
-    python benchmarks/kernels.py --decode-layout   # grid order x split count (token- and head-major pools)
     python benchmarks/kernels.py --compile-only    # no GPU needed: compile every kernel variant for sm_90 with
                                                    # triton's bundled ptxas; print registers, spills, shared memory
 Exits with status 1 when a correctness check fails (after printing the whole table).
@@ -25,7 +22,6 @@ Exits with status 1 when a correctness check fails (after printing the whole tab
 
 import argparse
 import datetime
-import functools
 import importlib.util
 import math
 import os
@@ -310,7 +306,7 @@ SPLITS_SHAPES = [(256, 800), (128, 1200), (64, 1500), (32, 1800), (16, 2000), (4
 SPLITS_CONFIGS = [(64, 4, 3), (32, 4, 3), (64, 4, 2), (32, 2, 3), (64, 8, 3), (128, 8, 2), (16, 2, 3)]
 
 
-MIXED_BATCHES = [256, 128, 64, 32]  # contexts U(200, 2000) each: the spread of nano-vllm's benchmark mid-run
+MIXED_BATCHES = [256, 192, 128, 96, 64, 32, 16]  # contexts U(200, 2000) each: nano-vllm's benchmark mid-run
 
 
 def reference_mixed(q: torch.Tensor, pool: Pool) -> torch.Tensor:
@@ -335,6 +331,33 @@ def mixed_batch(batch: int, lo: int, hi: int, dtype: torch.dtype, device: str, s
     return pool, q
 
 
+LAYERS = 28  # one decode step's calls per CUDA graph
+
+
+def graph_seconds(calls: list, replays: int = 20) -> float:
+    """Seconds per call of `calls` (zero-argument functions) captured in one CUDA graph, as the engine replays them
+    (also decode.py's GEMV timings)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for call in calls[:2]:  # warm-up: compile, cuBLAS handles
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / (replays * len(calls))
+
+
 def engine_decode_gbs(tk, pool: Pool, q: torch.Tensor, ref: torch.Tensor, rows: torch.Tensor, splits: int) -> str:
     """The engine's paged_decode_attention on the batch's rows in the order `rows`, checked against `ref` (the
     reference in the pool's order): a table cell of GB/s (K and V bytes of the batch), " WRONG" if it is off."""
@@ -345,7 +368,8 @@ def engine_decode_gbs(tk, pool: Pool, q: torch.Tensor, ref: torch.Tensor, rows: 
         return tk.paged_decode_attention(q_rows, pool.k_cache, pool.v_cache, tables, seq_lens, SCALE, splits)
 
     bad = "" if rel_err(fn(), ref[rows]) < BF16_TOLERANCE else " WRONG"
-    return f"{int(pool.seq_lens.sum()) * KV_BYTES_PER_TOKEN / bench(fn, True) / 1e6:5.0f}{bad}"
+    seconds = graph_seconds([fn] * LAYERS)  # a decode step's 28 launches in one CUDA graph, as the engine runs them
+    return f"{int(pool.seq_lens.sum()) * KV_BYTES_PER_TOKEN / seconds / 1e9:5.0f}{bad}"
 
 
 def decode_mixed(tk) -> str:
@@ -398,115 +422,9 @@ def decode_splits(tk, deadline: float) -> str:
     return "\n".join(lines)
 
 
-# --decode-one-launch: the split kernel merging its own partials (counters) against split + reduce, in CUDA graphs
-ONE_LAUNCH_SHAPES = [(256, 200, 2000, 2), (128, 200, 2000, 2), (64, 200, 2000, 2), (16, 200, 2000, 2),
-                     (2, 800, 800, 8), (1, 2000, 2000, 8), (1, 2000, 2000, 16)]  # fmt: skip
-LAYERS = 28  # one decode step's calls, each on a pool of its own where the pools fit in memory many times over
-
-
-def graph_seconds(calls: list, replays: int = 20) -> float:
-    """Seconds per call of `calls` (zero-argument functions) captured in one CUDA graph, as the engine replays them
-    (also decode.py's GEMV timings)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for call in calls[:2]:  # warm-up: compile, cuBLAS handles
-            call()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1e3 / (replays * len(calls))
-
-
-def decode_one_launch(tk) -> str:
-    """us per paged_decode_attention call, 28 calls per CUDA graph (a decode step's layers): split kernel + reduce
-    kernel against the split kernel with counters (its last program per (sequence, KV head) merges the partials)."""
-    lines = ["| batch, contexts | splits | split + reduce (us) | one launch (us) | saved per step (28 layers, us) |",
-             "|---|---|---|---|---|"]  # fmt: skip
-    for batch, lo, hi, splits in ONE_LAUNCH_SHAPES:
-        pools = [mixed_batch(batch, lo, hi, DTYPE, DEVICE, seed=batch + i) for i in range(LAYERS if batch <= 16 else 1)]
-        counters = torch.zeros(batch * NUM_KV_HEADS, dtype=torch.int32, device=DEVICE)
-        cells = []
-        for use_counters in (None, counters):
-            def call(pool, q, c=use_counters, splits=splits):
-                return tk.paged_decode_attention(q, pool.k_cache, pool.v_cache, pool.block_tables, pool.seq_lens,
-                                                 SCALE, splits, c)  # fmt: skip
-
-            pool, q = pools[0]
-            bad = "" if rel_err(call(pool, q), reference_mixed(q, pool)) < BF16_TOLERANCE else " WRONG"
-            calls = [functools.partial(call, *pools[i % len(pools)]) for i in range(LAYERS)]
-            cells.append((graph_seconds(calls) * 1e6, bad))
-        assert int(counters.abs().sum()) == 0, "counters left non-zero"
-        (two, bad_two), (one, bad_one) = cells
-        lines.append(f"| {batch}, U({lo}, {hi}) | {splits} | {two:.1f}{bad_two} | {one:.1f}{bad_one} | "
-                     f"{(two - one) * LAYERS:.0f} |")  # fmt: skip
-        print("  " + lines[-1], flush=True)
-    return "\n".join(lines)
-
-
-# --decode-layout: the grid's order and the split count (and the pool's layout), contexts that differ, in CUDA graphs
-LAYOUT_BATCHES = [256, 192, 128, 96, 64, 32, 16]
-GRIDS = {0: "(S, nkv, splits)", 1: "(nkv, S, splits)", 2: "(nkv * splits, S)"}
-
-
-def decode_layout(tk, head_major: bool = False) -> str:
-    """GB/s of paged_decode_attention (28 calls per CUDA graph, contexts U(200, 2000), longest first) by grid order
-    (DECODE_GRID) and split count. head_major: the pool laid out (blocks, nkv, block_size, D) instead of the
-    engine's (blocks, block_size, nkv, D), the kernel reading it through strides (one KV head's keys of a block
-    contiguous)."""
-    columns = [(grid, splits) for grid in GRIDS for splits in (1, 2, 4)]
-    lines = ["| batch | " + " | ".join(f"{GRIDS[grid]}, {splits} split" for grid, splits in columns) + " | heuristic |",
-             "|---|" + "---|" * (len(columns) + 1)]  # fmt: skip
-    default = tk.DECODE_GRID
-    for batch in LAYOUT_BATCHES:
-        gen = torch.Generator().manual_seed(batch)
-        lengths = torch.randint(200, 2001, (batch,), generator=gen).sort(descending=True).values
-        pool = Pool(batch, int(lengths.max()), 16, DTYPE, DEVICE)
-        pool.seq_lens = lengths.to(torch.int32).to(DEVICE)
-        q = torch.randn(batch, NUM_HEADS, HEAD_DIM, generator=gen).to(DTYPE).to(DEVICE)
-        if head_major:  # the same values, one KV head's block_size keys contiguous
-            pool.k_cache = pool.k_cache.transpose(1, 2).contiguous().transpose(1, 2)
-            pool.v_cache = pool.v_cache.transpose(1, 2).contiguous().transpose(1, 2)
-        ref = reference_mixed(q, pool)
-        cells = []
-        for grid, splits in columns:
-            tk.DECODE_GRID = grid
-
-            def call(pool=pool, q=q, splits=splits):
-                return tk.paged_decode_attention(q, pool.k_cache, pool.v_cache, pool.block_tables, pool.seq_lens,
-                                                 SCALE, splits)  # fmt: skip
-
-            bad = "" if rel_err(call(), ref) < BF16_TOLERANCE else " WRONG"
-            seconds = graph_seconds([call] * LAYERS)
-            cells.append(f"{int(lengths.sum()) * KV_BYTES_PER_TOKEN / seconds / 1e9:5.0f}{bad}")
-        heuristic = tk.decode_num_splits(batch, NUM_KV_HEADS, int(lengths.max()))
-        lines.append(f"| {batch} | " + " | ".join(cells) + f" | {heuristic} |")
-        print("  " + lines[-1], flush=True)
-        del pool
-    tk.DECODE_GRID = default
-    return ("head-major pool, " if head_major else "") + "GB/s:\n" + "\n".join(lines)
-
-
 def run(args) -> int:
     import triton
 
-    if args.decode_layout:
-        tk = load_kernels()
-        print("\n" + decode_layout(tk) + "\n\n" + decode_layout(tk, head_major=True))
-        return 0
-    if args.decode_one_launch:
-        print("\n" + decode_one_launch(load_kernels()))
-        return 0
     if args.decode_splits:
         tk = load_kernels()
         mixed = decode_mixed(tk)
@@ -656,10 +574,6 @@ def main() -> int:
     parser.add_argument("--budget", type=float, default=110, help="seconds: the config sweep stops 20 s before")
     parser.add_argument("--decode-splits", action="store_true",
                         help="only the decode kernel: GB/s by batch, split count and launch config (within --budget)")
-    parser.add_argument("--decode-one-launch", action="store_true",
-                        help="only the decode kernel: split + reduce against one launch with counters, in CUDA graphs")
-    parser.add_argument("--decode-layout", action="store_true",
-                        help="only the decode kernel: the pool's layout, block size and grid order, in CUDA graphs")
     parser.add_argument("--compile-only", action="store_true", help="no GPU: compile for --arch and print resources")
     parser.add_argument("--arch", type=int, default=90, help="compute capability for --compile-only (90 = H100/H200)")
     args = parser.parse_args()

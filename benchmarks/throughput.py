@@ -204,8 +204,6 @@ def main() -> None:
     p.add_argument("--results", type=Path, help="append the table to this markdown file")
     p.add_argument("--compile", action="store_true",
                    help="LLM(compile=True): decode graphs replay a compiled forward (start-up includes compiling)")
-    p.add_argument("--decode-halves", action="store_true",
-                   help="LLM(decode_halves=True): decode buckets of 32+ run as two halves on two streams in one graph")
     args = p.parse_args()
     cuda = args.device.startswith("cuda")
     if args.compile and not cuda:
@@ -235,7 +233,7 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats() if cuda else None
         start = time.perf_counter()
         llm = LLM(model, max_num_seqs=args.max_num_seqs, max_model_len=max_model_len, compile=args.compile,
-                  kv_cache_dtype=args.kv_cache_dtype, decode_halves=args.decode_halves)
+                  kv_cache_dtype=args.kv_cache_dtype)
         startup = time.perf_counter() - start
         print(f"engine start-up {startup:.1f} s" + (" (compile=True: includes compiling)" if args.compile else ""))
         run_engine(llm, prompts[:2], [8, 8], temperature, args.device)  # warm-up, as bench.py
@@ -275,8 +273,7 @@ def main() -> None:
         f"### Throughput, nano-vllm protocol ({datetime.date.today()}, {device_name}, torch {torch.__version__})",
         "",
         f"`python benchmarks/throughput.py --device {args.device}{' --compile' if args.compile else ''}"
-        f"{' --kv-cache-dtype fp8' if args.kv_cache_dtype == 'fp8' else ''}"
-        f"{' --decode-halves' if args.decode_halves else ''}`; {name}; "
+        f"{' --kv-cache-dtype fp8' if args.kv_cache_dtype == 'fp8' else ''}`; {name}; "
         f"prompts and max_tokens "
         f"U({lo}, {hi}), temperature 0.6, ignore_eos, max_model_len {max_model_len}; engine start-up {startup:.1f} s.",
         "",

@@ -490,35 +490,6 @@ def test_graph_bookkeeping_on_cpu(model, monkeypatch):
     llm.block_manager.check_all_free()
 
 
-def test_decode_halves_on_cpu(model, monkeypatch):
-    """decode_halves: buckets of 32 or more record two half-batch forwards (on CUDA, two streams in one graph); the
-    step's sequences alternate between the halves and their logits come back in that order. On the CPU, through
-    stand-in graphs: an odd bucket (33: halves of 17 and 16), padding rows in both halves, tokens still in flight
-    at their graph rows. Greedy tokens equal qwen3.generate's alone, seeded sampled ones the plain engine's."""
-    record_stand_in_graphs(monkeypatch)
-    gen = torch.Generator().manual_seed(31)
-    lengths = torch.randint(1, 30, (33,), generator=gen).tolist()
-    prompts = random_prompts(lengths, seed=32)
-    params = [SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=int(n))
-              for n in torch.randint(2, 9, (33,), generator=gen)]  # fmt: skip
-    for i in (3, 10, 20):
-        params[i] = SamplingParams(temperature=0.9, top_k=50, seed=100 + i, ignore_eos=True, max_tokens=6)
-    llm = engine(model, max_num_seqs=33, decode_halves=True)
-    llm.runner.capture_graphs()
-    assert list(llm.runner.graphs) == [1, 2, 4, 8, 16, 32, 33] and llm.runner.halves == {32, 33}
-    replays = []
-    replay = llm.runner._replay
-    llm.runner._replay = lambda bucket, *args: replays.append(bucket) or replay(bucket, *args)
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    assert {33, 32, 16}.issubset(replays)  # 33 sequences, then fewer as they finish
-    plain = engine(model, max_num_seqs=33).generate(prompts, params, use_tqdm=False)
-    assert [o.token_ids for o in outs] == [o.token_ids for o in plain]
-    for prompt, p, out in zip(prompts, params, outs, strict=True):
-        if p.temperature == 0:
-            assert out.token_ids == reference(model, prompt, p.max_tokens)
-    llm.block_manager.check_all_free()
-
-
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 

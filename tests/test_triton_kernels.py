@@ -162,44 +162,6 @@ def test_paged_decode_matches_dense(g, d, num_splits, block_size, dtype):
     assert torch.equal(out[3].float().cpu(), torch.zeros(nkv * g, d))  # the padding row
 
 
-@kernel_test
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_paged_decode_with_counters_merges_in_one_launch(dtype, monkeypatch):
-    """With counters the last split program of each (sequence, KV head) merges the partials: no reduce launch, the
-    result equals the two-launch path's and the dense reference, the counters are all zero after every call (the
-    same buffer for three calls of several split counts), on random lengths with a padding row."""
-    reduces = []
-    reduce_kernel = tk._paged_decode_reduce_kernel
-
-    class Counted:
-        def __getitem__(self, grid):  # noqa: ANN001, ANN204
-            reduces.append(grid)
-            return reduce_kernel[grid]
-
-    gen = torch.Generator().manual_seed(17)
-    nkv, g, d = 2, 4, 64
-    seq_lens = torch.randint(1, 90, (6,), generator=gen).tolist()
-    seq_lens[2] = 0
-    k_cache, v_cache, block_tables = make_pool(gen, seq_lens, nkv=nkv, d=d, block_size=16, dtype=dtype)
-    q = torch.randn(len(seq_lens), nkv * g, d, generator=gen).to(dtype).to(DEVICE)
-    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
-    ref = dense_reference(q, k_cache, v_cache, block_tables, lens, torch.arange(len(seq_lens) + 1, dtype=torch.int32),
-                          d ** -0.5)  # fmt: skip
-    counters = torch.zeros(len(seq_lens) * nkv + 5, dtype=torch.int32, device=DEVICE)
-    for num_splits in (2, 3, 8):
-        two = tk.paged_decode_attention(q, k_cache, v_cache, block_tables, lens, d ** -0.5, num_splits)
-        monkeypatch.setattr(tk, "_paged_decode_reduce_kernel", Counted())
-        one = tk.paged_decode_attention(q, k_cache, v_cache, block_tables, lens, d ** -0.5, num_splits, counters)
-        monkeypatch.setattr(tk, "_paged_decode_reduce_kernel", reduce_kernel)
-        assert not reduces
-        assert int(counters.abs().sum()) == 0
-        assert rel_err(one, ref) < TOLERANCE[dtype]
-        assert rel_err(one, two.double().cpu()) < 1e-6
-        assert torch.equal(one[2].float().cpu(), torch.zeros(nkv * g, d))
-    with pytest.raises(ValueError, match="counters must be a contiguous int32 tensor of at least 6 x 2"):
-        tk.paged_decode_attention(q, k_cache, v_cache, block_tables, lens, d ** -0.5, 2, counters[:11])
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA")
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -21,10 +21,11 @@ PyTorch reference kernels (opaque custom ops): the CPU test compiles the forward
 How many compiles. Dynamo specialises on every Python int the forward reads (a kernel's grid and constexprs need
 plain ints) and on every dimension of size 0 or 1; other dimensions are marked dynamic. So:
 - decode (compile_decode_forward): the batch dimension S is dynamic within a range; `num_splits` is fixed per
-  range. The runner uses two ranges, the small buckets 2-8 (S = 1 replays bucket 2 with a padding row) with the
-  split count of 2 sequences, and the buckets of runner.COMPILED_FROM (16) and more with the split count of 16:
-  two compiles. The small range's upper bound also lets the GEMV projections (kernels/gemv_linear.py) see that
-  S <= 16 without a guard.
+  range. The runner uses up to three ranges: the small buckets 2-8 (S = 1 replays bucket 2 with a padding row)
+  with the split count of 2 sequences; from runner.COMPILED_FROM (16) up, the buckets that take 1 split (80 and
+  more with 8 KV heads on the H200) and the others (16-64, with the split count of 64): up to three compiles. The
+  small range's upper bound also lets the GEMV projections (kernels/gemv_linear.py) see that S <= 16 without a
+  guard.
 - the other steps (compile_step_forward): tokens N, sequences S and block-table width W all dynamic (the runner
   pads each to at least 2), and the attention's two Python ints are engine-wide upper bounds instead of the step's
   values: max_query_len = max_num_batched_tokens (the Triton kernel picks its tile from it: always the largest

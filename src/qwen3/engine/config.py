@@ -26,7 +26,6 @@ class EngineConfig:
     vocab_size: int
     eos_token_ids: tuple[int, ...]
     compile: bool = False  # every step runs a torch.compile'd forward, in the decode graphs and outside (compiled.py)
-    decode_halves: bool = False  # large decode buckets run as two halves on two streams in one graph (runner.py)
 
     @property
     def max_blocks_per_seq(self) -> int:

@@ -161,7 +161,6 @@ class LLM:
         compile: bool = False,
         kv_cache_dtype: str = "auto",
         gemv: bool | None = None,
-        decode_halves: bool = False,
     ) -> None:
         for name, value in (("max_num_seqs", max_num_seqs), ("max_model_len", max_model_len),
                             ("kv_cache_tokens", kv_cache_tokens), ("max_num_batched_tokens", max_num_batched_tokens),
@@ -172,8 +171,6 @@ class LLM:
             raise ValueError(f"LLM: gpu_memory_utilization={gpu_memory_utilization!r} must be in (0, 1]")
         if gemv not in (None, True, False):  # before loading anything, as every other argument check
             raise ValueError(f"LLM: gemv={gemv!r} must be None (int8 weights on CUDA), True or False")
-        if not isinstance(decode_halves, bool):
-            raise ValueError(f"LLM: decode_halves={decode_halves!r} must be a bool")
         if kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"LLM: kv_cache_dtype={kv_cache_dtype!r} must be one of {', '.join(KV_CACHE_DTYPES)}")
         if kv_cache_dtype != "auto" and (tensor_parallel_size != 1 or compile):
@@ -245,7 +242,7 @@ class LLM:
             device=self.device, dtype=self.dtype, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
             max_num_batched_tokens=max_num_batched_tokens, block_size=block_size, num_blocks=num_blocks,
             enable_prefix_caching=enable_prefix_caching, enforce_eager=enforce_eager,
-            vocab_size=config.vocab_size, eos_token_ids=eos, compile=compile, decode_halves=decode_halves,
+            vocab_size=config.vocab_size, eos_token_ids=eos, compile=compile,
         )  # fmt: skip
         self.pool = KVPool(layers, num_blocks, block_size, nkv, config.head_dim, self.kv_dtype, self.device)
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)

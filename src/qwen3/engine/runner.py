@@ -12,23 +12,16 @@ static input tensors that each replay overwrites; padding rows write nowhere (sl
 (seq_lens 0). Nothing per-step is baked in: the decode kernel reads seq_lens on the device, and its grid and
 split count depend only on the bucket. Prefill and mixed steps run outside the graphs. The CPU never uses graphs.
 
-Two halves (EngineConfig.decode_halves): a bucket of HALVES_FROM sequences or more records two forwards of half the
-rows each, on two CUDA streams, into one graph. A decode step's projections are latency-bound (a few microseconds
-each, far from the bandwidth: too few output tiles) while its attention streams the keys and values at the
-bandwidth; with two independent halves the GPU runs one half's projections beside the other half's attention.
-The step's sequences alternate between the halves (every other one, so that both get long and short contexts);
-the first half fills graph rows 0.., the second rows (bucket + 1) // 2.., and the logits come back in that order.
-
 LLM(compile=True) (compiled.py): every graph records a torch.compile'd forward instead of the eager one, and the
 steps no graph replays call a second compiled forward, compiled at start on a step of max_num_batched_tokens
-tokens. Three compiles: the small buckets (2, 4, 8; a single sequence replays bucket 2 with a padding row) share
-one split count, the buckets from COMPILED_FROM up another, and the other steps are padded to at least 2 tokens, 2
-sequences and 2 block-table columns (a dimension of size 1 would be a compile of its own).
+tokens. Up to four compiles: the small buckets (2, 4, 8; a single sequence replays bucket 2 with a padding row)
+share one split count, the buckets from COMPILED_FROM up two (those the split heuristic gives 1 split, and the
+others), and the other steps are padded to at least 2 tokens, 2 sequences and 2 block-table columns (a dimension
+of size 1 would be a compile of its own).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
 from array import array
@@ -51,8 +44,7 @@ if TYPE_CHECKING:
     from .tensor_parallel import TensorParallel
 
 
-COMPILED_FROM = 16  # LLM(compile=True): the decode buckets from here up share one compile, the smaller ones another
-HALVES_FROM = 2 * COMPILED_FROM  # decode_halves: the buckets from here up run as two halves (each >= COMPILED_FROM)
+COMPILED_FROM = 16  # LLM(compile=True): the decode buckets below share one compile, those from here up two at most
 
 
 class ModelRunner:
@@ -63,7 +55,7 @@ class ModelRunner:
         self.device = config.device
         self.pin = self.device.type == "cuda"
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.halves: set[int] = set()  # the buckets whose graph runs two halves (decode_halves)
+        self.graph_groups: list[list[int]] = []  # the buckets that share a split count (capture_graphs)
         self.step_forward: Callable | None = None  # compile=True: the compiled forward of the steps not replayed
         if hasattr(kernels, "warm_up"):  # the Triton kernels: compile them now, not during the first requests
             config_ = model.config
@@ -95,10 +87,6 @@ class ModelRunner:
         device tensor of the previous step's samples."""
         seqs, bs = batch.seqs, self.config.block_size
         decode = batch.is_decode
-        S = len(seqs)
-        bucket = next((b for b in self.graphs if b >= S), None) if decode else None  # ascending (see capture)
-        if bucket in self.halves:  # every other sequence to each half, in the order the halves fill the graph's rows
-            seqs = seqs[0::2] + seqs[1::2]
         if decode:
             # The common step: one new token per sequence, each at its last position, every one sampling.
             positions = [seq.num_computed_tokens for seq in seqs]
@@ -114,13 +102,15 @@ class ModelRunner:
             for seq, end in zip(seqs, starts[1:], strict=True):
                 if tokens[end - 1] < 0:  # a placeholder is always the last token of its sequence
                     holes.append((end - 1, in_flight.rows[seq]))
+        S = len(batch.seqs)
+        bucket = next((b for b in self.graphs if b >= S), None) if decode else None  # ascending (see capture)
         compiled_step = bucket is None and self.step_forward is not None and self.tp is None
-        width = max(len(seq.block_table) for seq in seqs)
+        width = max(len(seq.block_table) for seq in batch.seqs)
         if compiled_step:
             width = max(width, 2)  # no dimension of size 1 in the compiled step (compiled.py)
         tables = array("i")  # (S, width), row-major, zero-padded: built in C, not element by element
         padding = array("i", [0]) * width
-        for seq in seqs:
+        for seq in batch.seqs:
             tables.extend(seq.block_table)
             tables.extend(padding[: width - len(seq.block_table)])
 
@@ -257,20 +247,26 @@ class ModelRunner:
         on the real rows only (a graph's own output would stay allocated, V wide, for every bucket)."""
         buckets = self.config.graph_buckets()
         eager = (PagedAttention, self._eager_hidden_states, {})
-        groups = [(buckets, eager, None)]  # (buckets, how they run, the range of their batch) per split count
+        # (buckets, their split count or None: each bucket its own, how they run, the range of their batch)
+        groups = [(buckets, None, eager, None)]
         if self.config.compile:  # LLM(compile=True): replay a torch.compile'd forward (compiled.py)
             from . import compiled
 
             fused = (compiled.CompiledPagedAttention, compiled.compile_decode_forward(),
                      {"ops": compiled.custom_ops_for(self.kernels)})  # fmt: skip
-            # Two compiles, one per split count (a Python int of the graph: each distinct count is a compile of its
-            # own, tens of seconds on the H200): the small, latency-bound buckets take the split count of 2
-            # sequences, the rest that of COMPILED_FROM. No bucket 1: dynamo fixes a dimension of size 1, so it
-            # would be a third compile; one sequence replays bucket 2 with a padding row instead.
+            # At most three compiles, one per split count (a Python int of the graph: each distinct count is a
+            # compile of its own, about a minute on the H200): the small, latency-bound buckets take the split count
+            # of 2 sequences; from COMPILED_FROM up, the buckets whose own count is 1 share 1 and the others take
+            # that of the largest of them. No bucket 1: dynamo fixes a dimension of size 1, so it would be a compile
+            # of its own; one sequence replays bucket 2 with a padding row instead.
             buckets = sorted({max(b, 2) for b in buckets})
+            max_len = self.config.max_model_len
             small = [b for b in buckets if b < COMPILED_FROM]
-            groups = [(group, fused, (group[0], group[-1]))
-                      for group in (small, buckets[len(small):]) if group]  # fmt: skip
+            one = [b for b in buckets[len(small):] if self._num_splits(b, max_len) == 1]
+            split = buckets[len(small) : len(buckets) - len(one)]
+            groups = [(group, self._num_splits(group[0] if group is small else group[-1], max_len), fused,
+                       (group[0], group[-1])) for group in (small, split, one) if group]  # fmt: skip
+        self.graph_groups = [group for group, *_ in groups]  # compile=True: one compile per group
         largest, max_blocks = buckets[-1], self.config.max_blocks_per_seq
         device = self.device
         self.g_tokens = torch.zeros(largest, dtype=torch.long, device=device)
@@ -281,38 +277,22 @@ class ModelRunner:
         hidden_size = self.model.config.hidden_size
         self.g_hidden = torch.zeros(largest, hidden_size, dtype=self.config.dtype, device=device)  # graph output
         starts = torch.arange(largest + 1, dtype=torch.int32, device=device)
-        if self.config.decode_halves and self.tp is None:
-            self.halves = {b for b in buckets if b >= HALVES_FROM}
-        # the second half's stream (CPU: none; tests record stand-in graphs there, run in order)
-        side = torch.cuda.Stream(device) if self.halves and device.type == "cuda" else None
         memory_pool = None
         with torch.inference_mode():
-            for group, (backend_type, hidden_states, options), batch_range in reversed(groups):
-                # one split count for the whole group (compiled) or each bucket's own (eager)
-                splits = self._num_splits(group[0], self.config.max_model_len) if options else None
+            for group, splits, (backend_type, hidden_states, options), batch_range in reversed(groups):
                 for size in reversed(group):
-                    # the graph's rows: all of them, or two halves (see the module docstring)
-                    half = (size + 1) // 2
-                    rows = [(0, half), (half, size)] if size in self.halves else [(0, size)]
-                    backends = tuple(backend_type(
-                        self.pool, self.kernels, self.g_slots[lo:hi], self.g_tables[lo:hi], self.g_seq_lens[lo:hi],
-                        starts[: hi - lo + 1], max_query_len=1, max_seq_len=self.config.max_model_len, decode=True,
-                        num_splits=splits or self._num_splits(hi - lo, self.config.max_model_len), **options,
-                    ) for lo, hi in rows)  # fmt: skip
+                    backend = backend_type(
+                        self.pool, self.kernels, self.g_slots[:size], self.g_tables[:size], self.g_seq_lens[:size],
+                        starts[: size + 1], max_query_len=1, max_seq_len=self.config.max_model_len, decode=True,
+                        num_splits=splits or self._num_splits(size, self.config.max_model_len), **options,
+                    )  # fmt: skip
                     run = functools.partial(hidden_states, batch_range=batch_range) if options else hidden_states
 
-                    def forward(rows: list[tuple[int, int]] = rows, backends: tuple[PagedAttention, ...] = backends,
-                                run=run) -> None:  # fmt: skip
-                        if side is not None and len(rows) == 2:
-                            side.wait_stream(torch.cuda.current_stream(device))
-                        for (lo, hi), backend, stream in zip(rows, backends, (None, side)[: len(rows)], strict=True):
-                            with contextlib.nullcontext() if stream is None else torch.cuda.stream(stream):
-                                # (1, n) with strides (n, 1): [None, :n] would keep stride `largest`, and dynamo,
-                                # having seen stride == n in the largest bucket, would compile again for the next
-                                tokens, positions = self.g_tokens[lo:hi][None], self.g_positions[lo:hi][None]
-                                self.g_hidden[lo:hi].copy_(run(self.model, tokens, positions, backend)[0])
-                        if side is not None and len(rows) == 2:
-                            torch.cuda.current_stream(device).wait_stream(side)
+                    def forward(size: int = size, backend: PagedAttention = backend, run=run) -> None:
+                        # (1, size) with strides (size, 1): [None, :size] would keep stride `largest`, and dynamo,
+                        # having seen stride == size in the largest bucket, would compile again for the next
+                        tokens, positions = self.g_tokens[:size][None], self.g_positions[:size][None]
+                        self.g_hidden[:size].copy_(run(self.model, tokens, positions, backend)[0])
 
                     if options:
                         self.graphs[size] = self._record_compiled(forward, memory_pool, size)
@@ -365,28 +345,11 @@ class ModelRunner:
                 tables: array, holes: list[tuple[int, int]], in_flight: InFlight | None) -> Tensor:  # fmt: skip
         S = len(tokens)
         width = len(tables) // S
-        # Where the step's rows go in the graph's: (first row, end row, first graph row) per part. Two halves: the
-        # step's first (S + 1) // 2 rows from graph row 0, the others from (bucket + 1) // 2 (run ordered them so).
-        if bucket in self.halves:
-            half, a = (bucket + 1) // 2, (S + 1) // 2
-            parts = [(0, a, 0), (a, S, half)]
-        else:
-            parts = [(0, S, 0)]
-        ends = [at for _, _, at in parts[1:]] + [bucket]
-
-        def padded(values: list[int], fill: int) -> list[int]:
-            out: list[int] = []
-            for (lo, hi, at), end in zip(parts, ends, strict=True):
-                out += values[lo:hi] + [fill] * (end - at - (hi - lo))
-            return out
-
-        def graph_row(i: int) -> int:
-            return next(at + i - lo for lo, hi, at in parts if i < hi)
-
+        zeros = [0] * (bucket - S)
         # One host list, one copy to the device (each copy costs host time): the four per-row inputs padded to the
         # bucket, then where the placeholders are and their rows in the previous step's samples.
-        host = padded(tokens, 0) + padded(positions, 0) + padded(slots, -1) + padded(seq_lens, 0)
-        host += [graph_row(i) for i, _ in holes] + [row for _, row in holes]
+        host = tokens + zeros + positions + zeros + slots + [-1] * (bucket - S) + seq_lens + zeros
+        host += [i for i, _ in holes] + [row for _, row in holes]
         staged = self.to_device(host, torch.long)
         rows = staged[: 4 * bucket].view(4, bucket)
         self.g_tokens[:bucket].copy_(rows[0], non_blocking=True)
@@ -394,10 +357,6 @@ class ModelRunner:
         self.g_positions[:bucket].copy_(rows[1], non_blocking=True)
         self.g_slots[:bucket].copy_(rows[2], non_blocking=True)  # (int64 -> int32)
         self.g_seq_lens[:bucket].copy_(rows[3], non_blocking=True)
-        step_tables = self.to_device(tables).view(S, width)
-        for lo, hi, at in parts:
-            self.g_tables[at : at + hi - lo, :width].copy_(step_tables[lo:hi], non_blocking=True)
+        self.g_tables[:S, :width].copy_(self.to_device(tables).view(S, width), non_blocking=True)
         self.graphs[bucket].replay()
-        if len(parts) == 1:
-            return self.model.lm_head(self.g_hidden[:S])  # (S, V), eagerly: only the real rows
-        return self.model.lm_head(torch.cat([self.g_hidden[at : at + hi - lo] for lo, hi, at in parts]))
+        return self.model.lm_head(self.g_hidden[:S])  # (S, V), eagerly: only the real rows

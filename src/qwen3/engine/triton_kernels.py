@@ -20,9 +20,10 @@ What is not obvious from the code:
   (S, nkv, num_splits) and all scalars depend only on shapes, seq_lens is read inside the kernel, so the call can
   be captured in a CUDA graph. An empty split writes a neutral partial (lse -inf, acc 0); a reduce kernel merges
   the partials with weights exp2(lse - max lse). With num_splits == 1 the split kernel writes the output itself.
-  Given `counters` (zeroed int32, one per (sequence, KV head)), the last split program of each (sequence, KV head)
-  to finish merges the partials instead (the GEMV's fix-up protocol, kernels/gemv_triton.py): one launch. The
-  engine does not pass them yet (`benchmarks/kernels.py --decode-one-launch` measures the difference first).
+  The grid is (nkv * num_splits, S): the GPU starts programs roughly in grid order, so all programs of one sequence
+  start together and a batch packed longest context first (the scheduler's order) starts its longest work first.
+  With (S, nkv, splits), KV head 7 of the longest sequence started after every sequence's head 0..6: the tail of
+  the launch (H200, contexts U(200, 2000): 3.6 -> 4.1 TB/s at 128 sequences, 3.0 -> 3.7 at 64; RESULTS.md).
 - fp32 inputs use exact fp32 dot products (input_precision "ieee", not TF32), so fp32 results match a float64
   reference closely; bf16/fp16 inputs use the tensor cores with fp32 accumulation.
 """
@@ -48,9 +49,6 @@ PREFILL_CONFIG = {
 # paged_decode_attention: (BLOCK_N keys per tile, num_warps, num_stages). With num_stages 3 the pipeliner fetches the
 # block-table entries two tiles ahead and K/V one tile ahead, so a tile's address is ready when its load is issued.
 DECODE_CONFIG = {"half": (64, 4, 3), "fp32": (16, 4, 2)}
-# paged_decode_attention's grid order (the GPU starts programs roughly in grid order): 0, (S, nkv, splits); 1, (nkv,
-# S, splits); 2, (nkv * splits, S), all programs of one sequence side by side.
-DECODE_GRID = 0
 # No re-specialising: Triton compiles a kernel anew for each pattern of its integer arguments being 1 or a multiple
 # of 16, unless told not to. The number of sequences in a step and the width of its block tables change from step
 # to step, so without `do_not_specialize` a workload's first steps paid ~0.2 s of compiling each (H200, 2026-12-01:
@@ -297,57 +295,22 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 # paged_decode_attention: one query per sequence, split over the context (flash-decoding)
 
 
-@triton.jit
-def _reduce_splits(mid_o_ptr, mid_lse_ptr, out_ptr, row, out_row, num_splits,
-                   HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BYPASS_L1: tl.constexpr):
-    """out[out_row] = the partials of (sequence, head) row `row` merged with weights exp2(lse - max lse)."""
-    splits = tl.arange(0, BLOCK_S)
-    s_valid = splits < num_splits
-    dims = tl.arange(0, BLOCK_D)
-    d_valid = dims < HEAD_DIM
-    lse_ptrs = mid_lse_ptr + row * num_splits + splits
-    part_ptrs = mid_o_ptr + (row * num_splits + splits)[:, None] * HEAD_DIM + dims[None, :]
-    part_mask = s_valid[:, None] & d_valid[None, :]
-    if BYPASS_L1:  # another program's stores: read past L1
-        lse = tl.load(lse_ptrs, mask=s_valid, other=float("-inf"), cache_modifier=".cg")
-        part = tl.load(part_ptrs, mask=part_mask, other=0.0, cache_modifier=".cg")
-    else:
-        lse = tl.load(lse_ptrs, mask=s_valid, other=float("-inf"))
-        part = tl.load(part_ptrs, mask=part_mask, other=0.0)
-    m = tl.max(lse, 0)
-    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))  # all splits empty (seq_len 0): all weights 0
-    total = tl.sum(w, 0)
-    out = tl.sum(w[:, None] * part, 0) / tl.where(total == 0.0, 1.0, total)
-    tl.store(out_ptr + out_row + dims, out.to(out_ptr.dtype.element_ty), mask=d_valid)
-
-
 @triton.jit(do_not_specialize=["num_splits", "stride_bt_seq"])
 def _paged_decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, mid_o_ptr, mid_lse_ptr,
-    block_tables_ptr, seq_lens_ptr, counters_ptr,
+    block_tables_ptr, seq_lens_ptr,
     qk_scale, num_splits,
     stride_q_seq, stride_q_head, stride_o_seq, stride_o_head,
     stride_c_block, stride_c_off, stride_c_head, stride_bt_seq,
     BLOCK_SIZE: tl.constexpr, G: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, DIRECT: tl.constexpr, LAST_REDUCES: tl.constexpr, BLOCK_S: tl.constexpr,
-    GRID: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, DIRECT: tl.constexpr,
 ):
-    if GRID == 0:  # (S, nkv, splits)
-        seq = tl.program_id(0).to(tl.int64)
-        kv_head = tl.program_id(1)
-        num_kv_heads = tl.num_programs(1)
-        split = tl.program_id(2)
-    elif GRID == 1:  # (nkv, S, splits)
-        kv_head = tl.program_id(0)
-        seq = tl.program_id(1).to(tl.int64)
-        num_kv_heads = tl.num_programs(0)
-        split = tl.program_id(2)
-    else:  # (nkv * splits, S): all programs of one sequence side by side
-        kv_head = tl.program_id(0) % (tl.num_programs(0) // num_splits)
-        split = tl.program_id(0) // (tl.num_programs(0) // num_splits)
-        seq = tl.program_id(1).to(tl.int64)
-        num_kv_heads = tl.num_programs(0) // num_splits
+    # grid (nkv * num_splits, S): all programs of one sequence side by side (the module docstring)
+    num_kv_heads = tl.num_programs(0) // num_splits
+    kv_head = tl.program_id(0) % num_kv_heads
+    split = tl.program_id(0) // num_kv_heads
+    seq = tl.program_id(1).to(tl.int64)
     num_heads = num_kv_heads * G
 
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -396,19 +359,6 @@ def _paged_decode_split_kernel(
         tl.store(mid_o_ptr + row[:, None] * HEAD_DIM + dims[None, :], acc, mask=g_valid[:, None] & d_valid[None, :])
         lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
         tl.store(mid_lse_ptr + row, lse, mask=g_valid)
-        if LAST_REDUCES:  # the last split program of this (sequence, KV head) to finish merges the partials
-            # (the GEMV's fix-up protocol, kernels/gemv_triton.py: stores, a barrier, an acq_rel atomic; the
-            # last arrival reads every split's partial past L1, then sets the counter back to zero)
-            tl.debug_barrier()
-            counter = counters_ptr + seq * num_kv_heads + kv_head
-            arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-            if arrived == num_splits - 1:
-                for gi in tl.static_range(G):
-                    h = kv_head * G + gi
-                    _reduce_splits(mid_o_ptr, mid_lse_ptr, out_ptr, seq * num_heads + h,
-                                   seq * stride_o_seq + h * stride_o_head, num_splits,
-                                   HEAD_DIM=HEAD_DIM, BLOCK_S=BLOCK_S, BLOCK_D=BLOCK_D, BYPASS_L1=True)  # fmt: skip
-                tl.store(counter, 0)
 
 
 @triton.jit(do_not_specialize=["num_splits"])
@@ -419,18 +369,26 @@ def _paged_decode_reduce_kernel(
 ):
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
-    _reduce_splits(mid_o_ptr, mid_lse_ptr, out_ptr, seq * tl.num_programs(1) + head,
-                   seq * stride_o_seq + head * stride_o_head, num_splits,
-                   HEAD_DIM=HEAD_DIM, BLOCK_S=BLOCK_S, BLOCK_D=BLOCK_D, BYPASS_L1=False)  # fmt: skip
+    row = seq * tl.num_programs(1) + head
+    splits = tl.arange(0, BLOCK_S)
+    s_valid = splits < num_splits
+    dims = tl.arange(0, BLOCK_D)
+    d_valid = dims < HEAD_DIM
+    lse = tl.load(mid_lse_ptr + row * num_splits + splits, mask=s_valid, other=float("-inf"))
+    m = tl.max(lse, 0)
+    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))  # all splits empty (seq_len 0): all weights 0
+    part = tl.load(mid_o_ptr + (row * num_splits + splits)[:, None] * HEAD_DIM + dims[None, :],
+                   mask=s_valid[:, None] & d_valid[None, :], other=0.0)
+    total = tl.sum(w, 0)
+    out = tl.sum(w[:, None] * part, 0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(out_ptr + seq * stride_o_seq + head * stride_o_head + dims, out.to(out_ptr.dtype.element_ty),
+             mask=d_valid)
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                           seq_lens: torch.Tensor, scale: float, num_splits: int,
-                           counters: torch.Tensor | None = None, _wrap=_direct) -> torch.Tensor:  # fmt: skip
+                           seq_lens: torch.Tensor, scale: float, num_splits: int, _wrap=_direct) -> torch.Tensor:
     """One query per sequence (q (S, nh, D), at position seq_lens[s] - 1) over its cached keys; returns (S, nh, D).
 
-    `counters`, an all-zero int32 tensor of at least S x nkv elements, makes a split launch merge its partials in
-    its own last program per (sequence, KV head) instead of a second kernel (left all zero again).
     CUDA-graph capturable: the launch depends on shapes and num_splits only. Rows with seq_lens[s] == 0 give zeros.
     """
     _check_cache(k_cache, v_cache)
@@ -442,10 +400,6 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         raise ValueError(f"paged_decode_attention: num_splits={num_splits!r} must be an int >= 1")
     _check_index("seq_lens", seq_lens, (s,), q.device)
     _check_index("block_tables", block_tables, (s, block_tables.shape[-1]), q.device)
-    if counters is not None and (counters.dtype != torch.int32 or counters.device != q.device
-                                 or not counters.is_contiguous() or counters.numel() < s * nkv):  # fmt: skip
-        raise ValueError(f"paged_decode_attention: counters must be a contiguous int32 tensor of at least {s} x {nkv} "
-                         f"elements on {q.device}, found {counters.dtype} {tuple(counters.shape)} on {counters.device}")
     out = torch.empty(s, nh, d, dtype=q.dtype, device=q.device)
     if s == 0:
         return out
@@ -460,20 +414,16 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         mid_lse = torch.empty(s, nh, num_splits, dtype=torch.float32, device=q.device)
     block_d = triton.next_power_of_2(d)
     block_n, num_warps, num_stages = DECODE_CONFIG["fp32" if fp32 else "half"]
-    last_reduces = not direct and counters is not None
-    grid = [(s, nkv, num_splits), (nkv, s, num_splits), (nkv * num_splits, s)][DECODE_GRID]
-    _wrap(_paged_decode_split_kernel)[grid](
-        q, k_cache, v_cache, out, mid_o, mid_lse, block_tables, seq_lens, counters if last_reduces else seq_lens,
+    _wrap(_paged_decode_split_kernel)[(nkv * num_splits, s)](
+        q, k_cache, v_cache, out, mid_o, mid_lse, block_tables, seq_lens,
         scale * LOG2E, num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         BLOCK_SIZE=k_cache.shape[1], G=g, HEAD_DIM=d, BLOCK_G=max(16, triton.next_power_of_2(g)), BLOCK_N=block_n,
-        BLOCK_D=block_d, INPUT_PRECISION="ieee" if fp32 else "tf32", DIRECT=direct, LAST_REDUCES=last_reduces,
-        BLOCK_S=triton.next_power_of_2(num_splits) if last_reduces else 1,  # a constant: one compile for all counts
-        GRID=DECODE_GRID,
+        BLOCK_D=block_d, INPUT_PRECISION="ieee" if fp32 else "tf32", DIRECT=direct,
         num_warps=num_warps, num_stages=num_stages,
     )
-    if not direct and not last_reduces:
+    if not direct:
         _wrap(_paged_decode_reduce_kernel)[(s, nh)](
             mid_o, mid_lse, out, num_splits, out.stride(0), out.stride(1),
             HEAD_DIM=d, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
@@ -507,12 +457,14 @@ def warm_up(k_cache: torch.Tensor, v_cache: torch.Tensor, group: int, dtype: tor
 
 
 def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int = 132) -> int:
-    """A split count for paged_decode_attention: about two waves of programs, each split >= 256 keys, at most 64.
+    """A split count for paged_decode_attention: about four waves of programs, each split >= 256 keys, at most 64.
+    With 8 KV heads on 132 SMs: 1 split from 80 sequences, 2 at 32-64, 4 at 16 (the H200's best at 96+, 64 and 16
+    sequences of U(200, 2000) keys; at 32, 4 splits were 7% faster than 2: RESULTS.md, 2026-12-02).
 
     Depends only on its (static) arguments, so a CUDA graph bucket can fix it at capture (pass max_model_len).
     """
     programs = max(1, num_seqs * num_kv_heads)
-    splits = max(1, min(triton.cdiv(2 * num_sms, programs), triton.cdiv(max(max_seq_len, 1), 256), 64))
+    splits = max(1, min(triton.cdiv(4 * num_sms, programs), triton.cdiv(max(max_seq_len, 1), 256), 64))
     return 1 << (splits.bit_length() - 1)  # rounded down to a power of two
 
 
