@@ -2,7 +2,7 @@
 # What one H200 call runs for the engine, the server and the decode kernels (through the device tool), in order:
 # the GPU tests, the kernel micro-benchmarks, engine throughput, the server load test, batch-1 decode.
 # Each part has its own time limit so that one failure cannot eat the others' time. Results land in $OUT.
-#   bash benchmarks/h200_engine.sh [tests] [tests-gemv] [tests-engine] [engine-loop] [engine-loop-compiled] [decode-splits] [gemv-sweep] [mm-sweep] [kernels] [throughput] [compiled] [compiled-engine] [gemv] [engine-gemv]
+#   bash benchmarks/h200_engine.sh [tests] [tests-gemv] [tests-decode] [tests-engine] [engine-loop] [engine-loop-compiled] [decode-splits] [gemv-sweep] [mm-sweep] [kernels] [throughput] [compiled] [compiled-engine] [gemv] [engine-gemv]
 #                                  [serve] [serve-compiled] [serve-multi] [serve-spy] [serve-spy-compiled] [serve-auto] [decode] [decode-compiled] [startup] [startup-compiled] [prefill-compiled] [sampler] [prefill] [profile] [profile-compiled] [profile-int8] [profile-gemv]
 #   (default: tests kernels throughput serve decode startup profile)
 # Carry [".whl", ".compile_cache.tgz"] (the latter joined from an earlier call's parts: benchmarks/compile_cache.py).
@@ -46,6 +46,10 @@ if [[ " $parts " == *" tests "* ]]; then
 fi
 if [[ " $parts " == *" tests-gemv "* ]]; then  # the GEMV kernels and modules on CUDA (the split-K fix-up's ordering)
   run 150 tests-gemv python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_gemv_linear.py -rs
+fi
+if [[ " $parts " == *" tests-decode "* ]]; then  # the paged kernels and the engine's graphs on CUDA (no compile)
+  run 200 tests-decode python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_engine.py \
+    -k "cuda or gpu or triton or graph or kernel" -rs
 fi
 if [[ " $parts " == *" tests-engine "* ]]; then  # the engine's CUDA graph and kernel tests (a few minutes less than tests)
   run 200 tests-engine python3 -m pytest -q -p no:cacheprovider tests/test_engine.py tests/test_engine_stream.py \
