@@ -17,7 +17,7 @@ What is not obvious from the code:
   (sequence s's blocks start at query_start_loc[s] // BLOCK_Q + s); each program finds its sequence by binary
   search over query_start_loc and surplus programs exit. The grid depends on shapes only.
 - paged_decode_attention splits each sequence's context into num_splits parts (flash-decoding); the grid
-  (S, nkv, num_splits) and all scalars depend only on shapes, seq_lens is read inside the kernel, so the call can
+  and all scalars depend only on shapes, seq_lens is read inside the kernel, so the call can
   be captured in a CUDA graph. An empty split writes a neutral partial (lse -inf, acc 0); a reduce kernel merges
   the partials with weights exp2(lse - max lse). With num_splits == 1 the split kernel writes the output itself.
   The grid is (nkv * num_splits, S): the GPU starts programs roughly in grid order, so all programs of one sequence
