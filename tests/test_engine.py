@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -408,6 +409,19 @@ def test_stop_strings(model, tok):
     assert out.finish_reason == "stop" and out.text == free.text[: free.text.find(stop)]
     assert free.token_ids[: len(out.token_ids)] == out.token_ids
     llm.block_manager.check_all_free()
+
+
+def test_max_num_seqs_beyond_the_decode_kernels_limit_is_refused(model, monkeypatch):
+    """The Triton decode kernel takes at most max_decode_seqs sequences per launch (its grid's second dimension):
+    a larger max_num_seqs is refused when the engine is built, not in the middle of serving."""
+    import qwen3.engine.llm as llm_module
+    from qwen3.engine.attention import REFERENCE
+
+    limited = SimpleNamespace(**vars(REFERENCE), max_decode_seqs=4)
+    monkeypatch.setattr(llm_module, "kernels_for", lambda device: limited)
+    with pytest.raises(ValueError, match="max_num_seqs=5 exceeds the 4 sequences the Triton decode kernel takes"):
+        engine(model, max_num_seqs=5)
+    assert engine(model, max_num_seqs=4).generate([[1, 2, 3]], SamplingParams(max_tokens=2), use_tqdm=False)
 
 
 def test_invalid_requests_fail_before_anything_runs(model, tok):

@@ -256,6 +256,9 @@ def test_bad_arguments_name_what_is_wrong():
     with pytest.raises(ValueError, match="not a multiple of 2 KV heads"):
         tk.paged_decode_attention(q[:, :3], k_cache, k_cache, bt, torch.ones(3, dtype=torch.int32, device=DEVICE),
                                   1.0, 1)
+    many = q[:1].expand(tk.MAX_DECODE_SEQS + 1, -1, -1)  # one row more than the grid's second dimension holds
+    with pytest.raises(ValueError, match="65536 sequences in one call, more than the 65535"):
+        tk.paged_decode_attention(many, k_cache, k_cache, bt, torch.ones(3, dtype=torch.int32, device=DEVICE), 1.0, 1)
     with pytest.raises(ValueError, match=r"q has shape \(3, 4, 32\)"):
         tk.paged_attention(q[..., :32], k_cache, k_cache, bt, torch.ones(3, dtype=torch.int32, device=DEVICE),
                            torch.arange(4, dtype=torch.int32, device=DEVICE), 1.0, 1, 1)

@@ -166,6 +166,7 @@ def triton_ops() -> SimpleNamespace:
         paged_attention=triton_kernels.paged_attention,
         paged_decode_attention=triton_kernels.paged_decode_attention,
         decode_num_splits=triton_kernels.decode_num_splits,
+        max_decode_seqs=triton_kernels.MAX_DECODE_SEQS,
         warm_up=triton_kernels.warm_up,
         sample=triton_sampling.sample,
     )

@@ -212,6 +212,9 @@ class LLM:
         max_num_batched_tokens = max_num_batched_tokens or DEFAULT_BATCHED_TOKENS[kind]
         eos = tuple(self.tokenizer.eos_token_ids) if self.tokenizer is not None else self._eos_ids
         self.kernels = kernels_for(self.device)
+        if max_num_seqs > getattr(self.kernels, "max_decode_seqs", max_num_seqs):
+            raise ValueError(f"LLM: max_num_seqs={max_num_seqs} exceeds the {self.kernels.max_decode_seqs} sequences "
+                             "the Triton decode kernel takes in one step")  # fmt: skip
         if gemv and (self.kernels.name != "triton" or self.tp is not None):
             raise ValueError("LLM: gemv=True needs CUDA and the Triton kernels, without tensor parallelism")
         if gemv or (gemv is None and self.kernels.name == "triton" and self.tp is None and _has_int8_weights(model_)):

@@ -16,10 +16,10 @@ What is not obvious from the code:
 - paged_attention's grid is (N // BLOCK_Q + S, nkv): an upper bound on the query blocks of all sequences
   (sequence s's blocks start at query_start_loc[s] // BLOCK_Q + s); each program finds its sequence by binary
   search over query_start_loc and surplus programs exit. The grid depends on shapes only.
-- paged_decode_attention splits each sequence's context into num_splits parts (flash-decoding); the grid
-  and all scalars depend only on shapes, seq_lens is read inside the kernel, so the call can
-  be captured in a CUDA graph. An empty split writes a neutral partial (lse -inf, acc 0); a reduce kernel merges
-  the partials with weights exp2(lse - max lse). With num_splits == 1 the split kernel writes the output itself.
+- paged_decode_attention splits each sequence's context into num_splits parts (flash-decoding); the grid and all
+  scalars depend only on shapes, seq_lens is read inside the kernel, so the call can be captured in a CUDA graph.
+  An empty split writes a neutral partial (lse -inf, acc 0); a reduce kernel merges the partials with weights
+  exp2(lse - max lse). With num_splits == 1 the split kernel writes the output itself.
   The grid is (nkv * num_splits, S): the GPU starts programs roughly in grid order, so all programs of one sequence
   start together and a batch packed longest context first (the scheduler's order) starts its longest work first.
   With (S, nkv, splits), KV head 7 of the longest sequence started after every sequence's head 0..6: the tail of
@@ -49,6 +49,7 @@ PREFILL_CONFIG = {
 # paged_decode_attention: (BLOCK_N keys per tile, num_warps, num_stages). With num_stages 3 the pipeliner fetches the
 # block-table entries two tiles ahead and K/V one tile ahead, so a tile's address is ready when its load is issued.
 DECODE_CONFIG = {"half": (64, 4, 3), "fp32": (16, 4, 2)}
+MAX_DECODE_SEQS = 65535  # the decode grid is (nkv * num_splits, S): CUDA's limit on a grid's second dimension
 # No re-specialising: Triton compiles a kernel anew for each pattern of its integer arguments being 1 or a multiple
 # of 16, unless told not to. The number of sequences in a step and the width of its block tables change from step
 # to step, so without `do_not_specialize` a workload's first steps paid ~0.2 s of compiling each (H200, 2026-12-01:
@@ -398,6 +399,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         raise ValueError(f"paged_decode_attention: {nh} query heads is not a multiple of {nkv} KV heads")
     if not isinstance(num_splits, int) or num_splits < 1:
         raise ValueError(f"paged_decode_attention: num_splits={num_splits!r} must be an int >= 1")
+    if s > MAX_DECODE_SEQS:
+        raise ValueError(f"paged_decode_attention: {s} sequences in one call, more than the {MAX_DECODE_SEQS} a launch "
+                         "grid's second dimension holds")  # fmt: skip
     _check_index("seq_lens", seq_lens, (s,), q.device)
     _check_index("block_tables", block_tables, (s, block_tables.shape[-1]), q.device)
     out = torch.empty(s, nh, d, dtype=q.dtype, device=q.device)
