@@ -262,8 +262,9 @@ class ModelRunner:
             buckets = sorted({max(b, 2) for b in buckets})
             max_len = self.config.max_model_len
             small = [b for b in buckets if b < COMPILED_FROM]
-            one = [b for b in buckets[len(small):] if self._num_splits(b, max_len) == 1]
-            split = buckets[len(small) : len(buckets) - len(one)]
+            large = buckets[len(small) :]
+            one = [b for b in large if self._num_splits(b, max_len) == 1]
+            split = [b for b in large if b not in one]
             groups = [(group, self._num_splits(group[0] if group is small else group[-1], max_len), fused,
                        (group[0], group[-1])) for group in (small, split, one) if group]  # fmt: skip
         self.graph_groups = [group for group, *_ in groups]  # compile=True: one compile per group
