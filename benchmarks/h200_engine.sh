@@ -2,7 +2,7 @@
 # What one H200 call runs for the engine, the server and the decode kernels (through the device tool), in order:
 # the GPU tests, the kernel micro-benchmarks, engine throughput, the server load test, batch-1 decode.
 # Each part has its own time limit so that one failure cannot eat the others' time. Results land in $OUT.
-#   bash benchmarks/h200_engine.sh [tests] [tests-gemv] [tests-decode] [tests-engine] [engine-loop] [engine-loop-compiled] [decode-splits] [gemv-sweep] [mm-sweep] [kernels] [throughput] [compiled] [compiled-engine] [gemv] [engine-gemv]
+#   bash benchmarks/h200_engine.sh [tests] [tests-gemv] [tests-decode] [tests-engine] [engine-loop] [engine-loop-compiled] [decode-splits] [gemv-sweep] [mm-sweep] [layers-autotune] [kernels] [throughput] [compiled] [compiled-engine] [gemv] [engine-gemv]
 #                                  [serve] [serve-compiled] [serve-multi] [serve-spy] [serve-spy-compiled] [serve-auto] [decode] [decode-compiled] [startup] [startup-compiled] [prefill-compiled] [sampler] [prefill] [profile] [profile-compiled] [profile-int8] [profile-gemv]
 #   (default: tests kernels throughput serve decode startup profile)
 # Carry [".whl", ".compile_cache.tgz"] (the latter joined from an earlier call's parts: benchmarks/compile_cache.py).
@@ -74,6 +74,11 @@ if [[ " $parts " == *" mm-sweep "* ]]; then  # the split-K small-M matmul agains
   run 420 mm-sweep python3 benchmarks/decode.py --gemv --gemv-rows 256,128,64,32 --gemv-sweep --gemv-weights bf16 \
     --gemv-budget 330
 fi
+if [[ " $parts " == *" layers-autotune "* ]]; then  # the decode layers' GEMMs and fused kernels: inductor's tuning
+  TORCHINDUCTOR_DEFAULT_AUTOTUNE_WARMUP=5 TORCHINDUCTOR_DEFAULT_AUTOTUNE_REP=20 \
+    TORCHINDUCTOR_AUTOTUNE_NUM_CHOICES_DISPLAYED=4 run 420 layers-autotune python3 benchmarks/layers_autotune.py \
+    --budget ${AUTOTUNE_BUDGET:-330} --batches 256,128,64,16 --variants default,autotune,autotune+cdt,cdt
+fi
 if [[ " $parts " == *" kernels "* ]]; then
   run 130 kernels python3 benchmarks/kernels.py
 fi
@@ -124,7 +129,7 @@ if [[ " $parts " == *" startup "* ]]; then
   run 150 startup python3 benchmarks/startup.py
 fi
 if [[ " $parts " == *" startup-compiled "* ]]; then  # qwen3 chat --compile from cold and from warm compile caches
-  run 400 startup-compiled python3 benchmarks/startup.py --compile
+  run 330 startup-compiled python3 benchmarks/startup.py --compile
 fi
 if [[ " $parts " == *" prefill-compiled "* ]]; then  # the compiled prompt steps: where 52 ms per 16,384 tokens go
   run 420 prefill-compiled python3 benchmarks/profile_engine.py --prefill --compile --seqs 32 --context 512
@@ -142,7 +147,7 @@ if [[ " $parts " == *" profile-compiled "* ]]; then  # one compiled engine (Trit
   run 420 profile-compiled python3 benchmarks/profile_engine.py --compile --gemv --then 64,8,1
 fi
 if [[ " $parts " == *" profile-int8 "* ]]; then  # int8 weights, compiled + GEMV: why batch 1 is slower than bf16
-  run 300 profile-int8 python3 benchmarks/profile_engine.py --compile --gemv --int8 --seqs 8 --then 1
+  run 240 profile-int8 python3 benchmarks/profile_engine.py --compile --gemv --int8 --seqs 8 --then 1
 fi
 if [[ " $parts " == *" profile-gemv "* ]]; then  # compiled small buckets with the Triton GEMV: batch 8 and 1
   run 300 profile-gemv python3 benchmarks/profile_engine.py --compile --gemv --seqs 8 --then 1

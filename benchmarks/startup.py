@@ -67,20 +67,25 @@ def main() -> None:
         cli = [sys.executable, "-m", "qwen3.cli"]
         env_note = f"torch {torch.__version__}, {torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}"
         rows = []
+
+        def add(label: str, first: float, total: float) -> None:  # printed at once: a timed-out run keeps its rows
+            rows.append((label, first, total))
+            print(f"RESULT {label}: {first:.2f} s to first, {total:.2f} s in all", flush=True)
+
         chat = [*cli, "chat", "--model", model, "--max-new-tokens", "32", "--temperature", "0"]
         first, total, out = first_answer_byte(chat, "Hello, who are you?\n", after=b"> ")
-        rows.append(("qwen3 chat: start to first answer byte", first, total))
+        add("qwen3 chat: start to first answer byte", first, total)
         if args.compile:
             caches = Path(tmp) / "caches"
             env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(caches / "inductor"),
                    "TRITON_CACHE_DIR": str(caches / "triton")}  # fmt: skip
             for label in ("cold caches", "warm caches"):
                 first_c, total_c, out_c = first_answer_byte([*chat, "--compile"], "Hello, who are you?\n", b"> ", env)
-                rows.append((f"qwen3 chat --compile, {label}: start to first answer byte", first_c, total_c))
+                add(f"qwen3 chat --compile, {label}: start to first answer byte", first_c, total_c)
             out += "\n--- chat --compile, warm (tail) ---\n" + out_c[-400:]
         gen = [*cli, "generate", "--model", model, "--max-new-tokens", "32", "--temperature", "0", "ROMEO:"]
         first_g, total_g, out_g = first_answer_byte(gen, "", after=b"")
-        rows.append(("qwen3 generate: start to first output byte", first_g, total_g))
+        add("qwen3 generate: start to first output byte", first_g, total_g)
         print(f"start-up ({env_note}); model: {'random-init Qwen3-0.6B, bf16' if args.model is None else model}")
         print("| command | first token (s) | whole run (s) |\n|---|---|---|")
         for label, a, b in rows:

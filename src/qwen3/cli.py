@@ -11,8 +11,9 @@ U+FFFD in place of what does not decode (tokenizer.valid_text), as chat reads it
 `generate` and `chat` on CUDA decode with the engine at batch 1 (qwen3.engine.stream: a CUDA graph per step, and
 for chat one LLM whose prefix cache keeps the earlier turns); with --compile that engine compiles its steps and
 its projections take the Triton GEMV (LLM(compile=True, gemv=True): 830 against 387 tokens/s on the H200, after
-1-2 minutes of compiling). On the CPU, and with --tp or --speculative, they call generate_text (--compile there
-is the plain path's compiled step). `args.engine` (no flag: tests set it) forces one or the other.
+3 minutes of compiling the first time, 41 s from the compile cache). On the CPU, and with --tp or --speculative,
+they call generate_text (--compile there is the plain path's compiled step). `args.engine` (no flag: tests set it)
+forces one or the other.
 
 `generate` and `chat` with `--tp N` restart themselves under torchrun in N processes (qwen3.parallel): rank 0
 reads standard input and prints, the other ranks compute in step with it. Ctrl-C then ends the whole run.
@@ -74,7 +75,8 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=["int8"], help="quantize the weights at load (int8 weight-only)")
     p.add_argument("--compile", action="store_true",
                    help="CUDA: the engine compiles its steps, Triton GEMV projections (2x the tokens/s on an H200, "
-                        "1-2 minutes to start); CPU: the plain path's torch.compile")  # fmt: skip
+                        "3 minutes to start the first time, ~40 s from the compile cache); CPU: the plain "
+                        "path's torch.compile")  # fmt: skip
     p.add_argument("--tp", type=int, default=1, metavar="N",
                    help="tensor parallelism over N processes, one GPU each (restarts under torchrun)")  # fmt: skip
 
