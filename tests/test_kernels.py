@@ -221,6 +221,8 @@ def test_triton_gemv_matches_float64_reference(gt, M, N, K, dtype, weight_dtype)
     if M > 1:  # row blocks wider than 16 (the small-M matmul sweep's shapes), deeper pipelining
         configs.append(gt.gemv_config(M, N, K, w.element_size(), num_sms=2, block_k=64, split_k=2, block_m=32,
                                       num_stages=4))  # fmt: skip
+    else:  # one row through tl.dot (rows padded to 16), as a large int8 matrix takes it by default
+        configs.append(gt.gemv_config(M, N, K, w.element_size(), num_sms=2, block_k=64, split_k=2, block_m=16))
     for config in configs:
         y = gt.gemv(x, w, s, config=config)
         assert y.dtype == dtype and y.shape == (M, N)
@@ -317,6 +319,22 @@ def test_triton_gemv_config_splits_k_to_fill_the_gpu(gt):
     assert 64 * config.split_k <= gt.PROGRAMS_PER_SM * 132 + 64
     # the LM head has 4,748 row blocks already: no split
     assert gt.gemv_config(1, 151936, 1024, 2, num_sms=132).split_k == 1
+
+
+def test_triton_gemv_config_takes_tensor_cores_for_one_row_of_a_large_int8_matrix(gt):
+    """At M = 1 an int8 matrix of at least INT8_DOT_MIN_WEIGHTS weights (the LM head) goes through tl.dot; the
+    layers' int8 matrices, bf16 ones of any size, and an explicit block_m = 1 stay on the CUDA cores."""
+    lm_head = gt.gemv_config(1, 151936, 1024, 1, num_sms=132)
+    assert 151936 * 1024 >= gt.INT8_DOT_MIN_WEIGHTS and lm_head.block_m == gt.BLOCK_M_DOT
+    assert lm_head.block_n == gt.BLOCK_N and lm_head.block_k == 128
+    assert gt.gemv_config(1, 151936, 1024, 1, num_sms=132, block_m=1).block_m == 1
+    assert gt.gemv_config(1, 151936, 1024, 2, num_sms=132).block_m == 1
+    for N, K in ((4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072)):  # Qwen3-0.6B's fused projections
+        assert gt.gemv_config(1, N, K, 1, num_sms=132).block_m == 1
+    with pytest.raises(ValueError, match="block_m=8 must be a power of two >= 16 or 1"):
+        gt.gemv_config(1, 64, 64, 1, num_sms=2, block_m=8)
+    with pytest.raises(ValueError, match="block_m=1 must be a power of two >= 16$"):
+        gt.gemv_config(2, 64, 64, 1, num_sms=2, block_m=1)
 
 
 def test_triton_gemv_rejects_bad_operands(gt):

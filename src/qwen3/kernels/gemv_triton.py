@@ -20,7 +20,8 @@ the memory bandwidth it reaches; cuBLAS keeps too few bytes in flight on the sma
   between calls, so one buffer serves every call of a module and CUDA graph replays;
 - M = 1 runs on CUDA cores: each thread keeps its share of a (BLOCK_N, BLOCK_K) fp32 sum of products and
   the sum over K is taken once, after the loop; M > 1 pads the rows to 16 and uses tl.dot (tensor cores;
-  fp32 x uses exact fp32 products, input_precision "ieee");
+  fp32 x uses exact fp32 products, input_precision "ieee"), and so does M = 1 on a large int8 matrix (the LM
+  head: INT8_DOT_MIN_WEIGHTS);
 - int8 weights are converted to x's dtype in registers (exact for |q| <= 127), so int8 reads half the bytes
   of bf16; the per-row scale is applied once, to the fp32 sum.
 
@@ -55,6 +56,13 @@ BLOCK_M_DOT = 16  # tl.dot needs at least 16 rows: M > 1 is padded to it
 # serves the compiled engine's batch 1: it replays a 2-row bucket) the best splits, 2 / 8 / 1 / 6 for q/k/v, o,
 # gate/up, down, lie nearer to what 2 programs per SM give (3 / 8 / 2 / 8) than 4 (4 / 16 / 3 / 12).
 BLOCK_N = 32  # rows of the weight per program, M > 1 (tl.dot)
+# int8 weights at M = 1: the CUDA-core path converts every weight to fp32 on the CUDA cores, which caps it near
+# 1.7 TB/s once a matrix is large enough to stream; tl.dot converts to bf16 for the tensor cores and streams 3.3-3.5
+# TB/s. Same sweep: Qwen3-0.6B's int8 LM head (155.6M weights) 90 us at M = 1 on the CUDA cores, 46-49 us at 16
+# rows through tl.dot (same bytes); the layers' int8 matrices (4.2-6.3M weights) stay near their ~5-7 us launch
+# floor either way, slightly faster on the CUDA cores. So M = 1 takes tl.dot for int8 matrices of at least this
+# many weights (16 MiB: ~10 us at 1.7 TB/s).
+INT8_DOT_MIN_WEIGHTS = 1 << 24
 BLOCK_N_GEMV = 16  # rows of the weight per program, M = 1
 PROGRAMS_PER_SM = 2  # split K until the grid has about this many programs per SM
 
@@ -89,15 +97,18 @@ def gemv_config(
 ) -> GemvConfig:
     """The launch shape: a tile of block_n rows x block_k columns moves about 8 KB per step; K is split until
     the grid has PROGRAMS_PER_SM programs per SM (or each split is one step). M > 1 takes tl.dot on blocks of
-    block_m rows (a power of two >= 16; default 16)."""
-    if M > 1 and block_m is not None and (block_m < BLOCK_M_DOT or block_m & (block_m - 1)):
-        raise ValueError(f"block_m={block_m} must be a power of two >= {BLOCK_M_DOT}")
-    block_m = 1 if M == 1 else (block_m or BLOCK_M_DOT)
-    block_n = block_n or (BLOCK_N_GEMV if M == 1 else BLOCK_N)
+    block_m rows (a power of two >= 16; default 16); so does M = 1 with int8 weights of at least
+    INT8_DOT_MIN_WEIGHTS, or with block_m given (1 there is the CUDA-core path)."""
+    if block_m is not None and (block_m < BLOCK_M_DOT or block_m & (block_m - 1)) and not (M == 1 and block_m == 1):
+        raise ValueError(f"block_m={block_m} must be a power of two >= {BLOCK_M_DOT}" + (" or 1" if M == 1 else ""))
+    if block_m is None:
+        int8_dot = weight_bytes == 1 and N * K >= INT8_DOT_MIN_WEIGHTS
+        block_m = BLOCK_M_DOT if M > 1 or int8_dot else 1
+    block_n = block_n or (BLOCK_N_GEMV if block_m == 1 else BLOCK_N)
     if block_k is None:
-        block_k = (512 // weight_bytes) if M == 1 else 128  # 512 bytes of each row per step (M = 1)
+        block_k = (512 // weight_bytes) if block_m == 1 else 128  # 512 bytes of each row per step (M = 1)
     if num_warps is None:  # M = 1 keeps a (block_n, block_k) fp32 sum in registers: 64 per thread
-        num_warps = max(4, min(16, block_n * block_k // (64 * 32))) if M == 1 else 4
+        num_warps = max(4, min(16, block_n * block_k // (64 * 32))) if block_m == 1 else 4
     block_k = max(16, min(block_k, triton.next_power_of_2(K)))
     steps = triton.cdiv(K, block_k)
     row_blocks = triton.cdiv(N, block_n) * triton.cdiv(M, block_m)
