@@ -3,7 +3,7 @@
 # the GPU tests, the kernel micro-benchmarks, engine throughput, the server load test, batch-1 decode.
 # Each part has its own time limit so that one failure cannot eat the others' time. Results land in $OUT.
 #   bash benchmarks/h200_engine.sh [tests] [tests-gemv] [tests-decode] [tests-engine] [engine-loop] [engine-loop-compiled] [decode-splits] [gemv-sweep] [mm-sweep] [layers-autotune] [kernels] [throughput] [compiled] [compiled-engine] [gemv] [engine-gemv]
-#                                  [serve] [serve-compiled] [serve-multi] [serve-spy] [serve-spy-compiled] [serve-auto] [decode] [decode-compiled] [startup] [startup-compiled] [prefill-compiled] [sampler] [prefill] [profile] [profile-compiled] [profile-int8] [profile-gemv]
+#                                  [serve] [serve-compiled] [serve-multi] [serve-spy] [serve-spy-compiled] [serve-auto] [decode] [decode-compiled] [startup] [startup-compiled] [startup-spy] [prefill-compiled] [sampler] [prefill] [profile] [profile-compiled] [profile-int8] [profile-gemv]
 #   (default: tests kernels throughput serve decode startup profile)
 # Carry [".whl", ".compile_cache.tgz"] (the latter joined from an earlier call's parts: benchmarks/compile_cache.py).
 # Packages the device image lacks (fastapi, uvicorn, uvloop, pydantic, prompt_toolkit) travel as wheels in .whl/.
@@ -130,6 +130,11 @@ if [[ " $parts " == *" startup "* ]]; then
 fi
 if [[ " $parts " == *" startup-compiled "* ]]; then  # qwen3 chat --compile from cold and from warm compile caches
   run 330 startup-compiled python3 benchmarks/startup.py --compile
+fi
+if [[ " $parts " == *" startup-spy "* ]]; then  # the above plus a warm chat --compile start under py-spy: where it goes
+  PATH=/tmp/site/bin:$PATH run 450 startup-spy python3 benchmarks/startup.py --compile --py-spy "$OUT/startup_spy.txt"
+  python3 benchmarks/spy_summary.py "$OUT/startup_spy.txt" --top 60 --processes 2 > "$OUT/startup_spy_summary.txt"
+  rm -f "$OUT/startup_spy.txt"
 fi
 if [[ " $parts " == *" prefill-compiled "* ]]; then  # the compiled prompt steps: where 52 ms per 16,384 tokens go
   run 420 prefill-compiled python3 benchmarks/profile_engine.py --prefill --compile --seqs 32 --context 512

@@ -3,6 +3,7 @@ byte of the answer), and the same for `qwen3 generate`.
 
     python benchmarks/startup.py [--model DIR]      # default: random-init Qwen3-0.6B with the real tokenizer
     python benchmarks/startup.py --compile          # also `qwen3 chat --compile`, cold then warm
+    python benchmarks/startup.py --compile --py-spy spy.txt   # and a third, warm start under py-spy
 
 On CUDA both commands decode with the engine (graph capture included in the start-up). With --compile, `qwen3 chat
 --compile` runs twice over one fresh pair of compile caches (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR): the
@@ -53,7 +54,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="a model directory with tokenizer files (default: random-init 0.6B)")
     p.add_argument("--compile", action="store_true", help="also `qwen3 chat --compile`, cold and warm caches")
+    p.add_argument("--py-spy", type=Path, metavar="FILE",
+                   help="with --compile: one more warm start under `py-spy record --subprocesses --idle -f raw`, "
+                        "written to FILE (summarise: benchmarks/spy_summary.py FILE)")  # fmt: skip
     args = p.parse_args()
+    if args.py_spy and not args.compile:
+        p.error("--py-spy records a warm `qwen3 chat --compile` start: it needs --compile")
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
         if model is None:
@@ -82,6 +88,12 @@ def main() -> None:
             for label in ("cold caches", "warm caches"):
                 first_c, total_c, out_c = first_answer_byte([*chat, "--compile"], "Hello, who are you?\n", b"> ", env)
                 add(f"qwen3 chat --compile, {label}: start to first answer byte", first_c, total_c)
+            if args.py_spy:  # where a warm start goes (py-spy's sampling slows it a little)
+                spy = ["py-spy", "record", "-r", "100", "--subprocesses", "--idle", "--format", "raw", "-o",
+                       str(args.py_spy), "--"]  # fmt: skip
+                first_s, total_s, _ = first_answer_byte([*spy, *chat, "--compile"], "Hello, who are you?\n",
+                                                        b"\n> ", env)  # not "py-spy> ", which py-spy prints
+                add("qwen3 chat --compile, warm caches, under py-spy: start to first answer byte", first_s, total_s)
             out += "\n--- chat --compile, warm (tail) ---\n" + out_c[-400:]
         gen = [*cli, "generate", "--model", model, "--max-new-tokens", "32", "--temperature", "0", "ROMEO:"]
         first_g, total_g, out_g = first_answer_byte(gen, "", after=b"")
