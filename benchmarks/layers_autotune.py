@@ -15,20 +15,30 @@ are kept alive by a zero-weighted term, as the real step stores them). Each vari
 static shapes, captured in a CUDA graph, replayed; the table gives microseconds per layer and the whole step's
 layers (x 28). Last, the kernels of one replay at the largest batch size, per variant (torch.profiler).
 
+`--forms` adds a second axis: the attention as the model writes it ("plain": q_norm and k_norm, then RoPE on q and
+on k, which inductor compiles into two kernels per layer) or "joint-qk" (`joint_qk_forward`: one RMSNorm over the
+q and k heads side by side, each row times its own norm's weight, and one RoPE; the same arithmetic per element,
+checked first: the eager hidden states must agree exactly). Whether the joint form saves a kernel per layer, and
+what that is worth, decides if model.py should write it so.
+
     python benchmarks/layers_autotune.py                    # CUDA (~4 minutes on an H200)
+    python benchmarks/layers_autotune.py --variants default --forms plain,joint-qk   # q/k norms as one (~2 min)
     python benchmarks/layers_autotune.py --device cpu --layers 1 --batches 4 --variants default   # dry run
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import time
 
 import torch
+import torch.nn.functional as F
 
 import qwen3
+import qwen3.model
 
 VARIANTS = {
     "default": {},
@@ -49,6 +59,49 @@ class NoAttention:
     def attend(self, layer, q, k, v, positions, math):  # noqa: ANN001, ANN201 - model.AttentionBackend's signature
         groups = q.shape[1] // k.shape[1]
         return q + 0.0 * (k + v).repeat_interleave(groups, dim=1)
+
+
+def joint_qk_forward(self, x, positions, rope, backend, math, layer):  # noqa: ANN001, ANN201 - Attention.forward's
+    """Attention.forward with q-norm and k-norm as one RMSNorm over the q and k heads side by side (each head row
+    times its own norm's weight), and one RoPE over both: the same arithmetic per element as the model's separate
+    q_norm / k_norm / two rope calls, written so that inductor can make one kernel of what is two today."""
+    B, T, _ = x.shape
+    D = self.head_dim
+    qkv = self.qkv_proj(x)  # (B, T, (nh + 2 nkv) D)
+    q_rows, k_rows, _ = self.split_sizes(qkv.shape[-1])
+    nh, nkv = q_rows // D, k_rows // D
+    qk = qkv[..., : q_rows + k_rows].view(B, T, nh + nkv, D)
+    v = qkv[..., q_rows + k_rows :].view(B, T, nkv, D).transpose(1, 2)
+    weight = torch.cat((self.q_norm.weight.expand(nh, D), self.k_norm.weight.expand(nkv, D)))  # (nh + nkv, D)
+    qk = weight * F.rms_norm(qk, (D,), eps=self.q_norm.eps)
+    q, k = rope(qk.transpose(1, 2), positions).split((nh, nkv), dim=1)  # (B, nh, T, D), (B, nkv, T, D)
+    out = backend.attend(layer, q, k, v, positions, math)
+    return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+FORMS = {"plain": None, "joint-qk": joint_qk_forward}  # the model's Attention.forward, or a stand-in for it
+
+
+@contextlib.contextmanager
+def attention_form(form: str):  # noqa: ANN201
+    """Attention.forward replaced by FORMS[form] inside the block (dynamo traces what the class holds)."""
+    plain = qwen3.model.Attention.forward
+    qwen3.model.Attention.forward = FORMS[form] or plain
+    try:
+        yield
+    finally:
+        qwen3.model.Attention.forward = plain
+
+
+def form_difference(model: qwen3.Qwen3ForCausalLM, form: str, device: str) -> float:
+    """max |form - plain| over the eager hidden states of 8 random tokens (0 when the arithmetic is the same)."""
+    tokens = torch.randint(0, model.config.vocab_size, (1, 8), device=device)
+    positions = torch.randint(100, 2000, (1, 8), device=device)
+    with torch.no_grad():
+        plain = model.hidden_states(tokens, positions, NoAttention())
+        with attention_form(form):
+            other = model.hidden_states(tokens, positions, NoAttention())
+    return (other.float() - plain.float()).abs().max().item()
 
 
 def make_model(layers: int, device: str) -> qwen3.Qwen3ForCausalLM:
@@ -98,44 +151,57 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--batches", default="256,128,64,16,2", help="decode batch sizes (rows), comma-separated")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    parser.add_argument("--forms", default="plain", help=f"comma-separated, of {', '.join(FORMS)}: the attention's "
+                        "q/k norms as the model writes them, or as one joint norm (joint_qk_forward)")  # fmt: skip
     parser.add_argument("--budget", type=float, default=420, help="seconds: no new compile starts after this")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
-    variants = args.variants.split(",")
+    variants, forms = args.variants.split(","), args.forms.split(",")
     if unknown := set(variants) - set(VARIANTS):
         parser.error(f"--variants: unknown {sorted(unknown)}")
+    if unknown := set(forms) - set(FORMS):
+        parser.error(f"--forms: unknown {sorted(unknown)}")
     start = time.perf_counter()
     model = make_model(args.layers, args.device)
     backend = NoAttention()
     where = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"# {datetime.date.today()}, {where}, "
           f"torch {torch.__version__}: layers_autotune.py --layers {args.layers}")  # fmt: skip
+    for form in forms:
+        if form != "plain":  # the same arithmetic: the hidden states must agree bit for bit in eager
+            difference = form_difference(model, form, args.device)
+            print(f"{form}: max |{form} - plain| of the eager hidden states = {difference}")
     per_layer: dict[str, dict[int, float]] = {}
     tables: dict[str, str] = {}
-    for variant in variants:
-        torch._dynamo.reset()  # inductor's settings are not guarded: a new variant must compile afresh
-        compiled = torch.compile(model.hidden_states, fullgraph=True, dynamic=False)
-        per_layer[variant] = {}
-        with torch._inductor.config.patch(VARIANTS[variant]), torch.no_grad():
-            for S in batches:
-                if time.perf_counter() - start > args.budget:
-                    print(f"(budget: {variant} at {S} rows not run)", flush=True)
-                    continue
-                t0 = time.perf_counter()
-                tokens = torch.randint(0, model.config.vocab_size, (1, S), device=args.device)
-                positions = torch.randint(100, 2000, (1, S), device=args.device)
+    for form in forms:
+        for variant in variants:
+            label = variant if form == "plain" else f"{variant}, {form}"
+            torch._dynamo.reset()  # inductor's settings are not guarded: a new variant must compile afresh
+            compiled = torch.compile(model.hidden_states, fullgraph=True, dynamic=False)
+            per_layer[label] = {}
+            with attention_form(form), torch._inductor.config.patch(VARIANTS[variant]), torch.no_grad():
+                for S in batches:
+                    if time.perf_counter() - start > args.budget:
+                        print(f"(budget: {label} at {S} rows not run)", flush=True)
+                        continue
+                    t0 = time.perf_counter()
+                    tokens = torch.randint(0, model.config.vocab_size, (1, S), device=args.device)
+                    positions = torch.randint(100, 2000, (1, S), device=args.device)
 
-                def call(tokens=tokens, positions=positions, compiled=compiled):  # noqa: ANN001, ANN202
-                    return compiled(tokens, positions, backend)
+                    def call(tokens=tokens, positions=positions, compiled=compiled):  # noqa: ANN001, ANN202
+                        return compiled(tokens, positions, backend)
 
-                t = per_layer[variant][S] = seconds(call, args.device) / args.layers
-                if args.device == "cuda" and S == batches[0]:  # before the next variant's reset
-                    tables[variant] = kernel_table(call)
-                print(f"RESULT {variant} {S} rows: {t * 1e6:.1f} us per layer, {t * FULL_LAYERS * 1e3:.3f} ms per "
-                      f"{FULL_LAYERS} layers (compiled and timed in {time.perf_counter() - t0:.0f} s)", flush=True)
-    header = "| variant | " + " | ".join(f"{S} rows: us/layer (step ms)" for S in batches) + " |"
+                    t = per_layer[label][S] = seconds(call, args.device) / args.layers
+                    if args.device == "cuda" and S == batches[0]:  # before the next variant's reset
+                        tables[label] = kernel_table(call)
+                    print(f"RESULT {label} {S} rows: {t * 1e6:.1f} us per layer, {t * FULL_LAYERS * 1e3:.3f} ms "
+                          f"per {FULL_LAYERS} layers (compiled and timed in {time.perf_counter() - t0:.0f} s)",
+                          flush=True)  # fmt: skip
+    cells = " | ".join(f"{S} rows: us/layer (step ms)" for S in batches)
+    header = f"| variant (ratios: against the first row) | {cells} |"
     print("\n" + header + "\n|---|" + "---|" * len(batches))
-    base = per_layer.get("default", {})
+    base_label = next(iter(per_layer), None)  # the first form and variant run
+    base = per_layer.get(base_label, {})
     for variant, times in per_layer.items():
         cells = []
         for S in batches:
@@ -143,7 +209,7 @@ def main() -> int:
                 cells.append("-")
                 continue
             t = times[S]
-            ratio = f", x{base[S] / t:.2f}" if S in base and variant != "default" else ""
+            ratio = f", x{base[S] / t:.2f}" if S in base and variant != base_label else ""
             cells.append(f"{t * 1e6:.1f} ({t * FULL_LAYERS * 1e3:.3f}{ratio})")
         print(f"| {variant} | " + " | ".join(cells) + " |")
     for variant, table in tables.items():
