@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+# The CLI's --compile moves inductor's cache to ~/.cache/qwen3 unless TORCHINDUCTOR_CACHE_DIR is set
+# (qwen3/compile_cache.py): tests keep torch's default, under the temporary directory, and leave home alone.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
 
 ASSETS = Path(__file__).parent / "assets"
 QWEN3_06B_FILES = ASSETS / "qwen3-0.6b"  # the real tokenizer + published config (see NOTICE.md there)

@@ -566,3 +566,43 @@ def test_the_launcher_turns_an_interrupted_import_into_status_130(monkeypatch, c
     monkeypatch.setattr(sys, "meta_path", [Interrupting(), *sys.meta_path])
     assert qwen3_launcher.main() == 130
     assert capsys.readouterr().err == "\n"
+
+
+def test_compile_cache_moves_to_the_users_cache_directory_unless_chosen(tmp_path):
+    """--compile's cache: $XDG_CACHE_HOME/qwen3/torchinductor (if absolute), else $HOME/.cache/...; a directory the
+    user set is kept; a directory that cannot be made leaves torch's default (nothing set)."""
+    from qwen3.compile_cache import CACHE_ENV, use_persistent_compile_cache
+
+    env = {"HOME": str(tmp_path / "home")}
+    path = use_persistent_compile_cache(env)
+    assert path == tmp_path / "home" / ".cache" / "qwen3" / "torchinductor" and path.is_dir()
+    assert env[CACHE_ENV] == str(path)
+    assert use_persistent_compile_cache(env) is None and env[CACHE_ENV] == str(path)  # set: kept
+    env = {"HOME": str(tmp_path / "home"), "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    assert use_persistent_compile_cache(env) == tmp_path / "xdg" / "qwen3" / "torchinductor"
+    env = {"HOME": str(tmp_path / "home2"), "XDG_CACHE_HOME": "relative/ignored"}
+    assert use_persistent_compile_cache(env) == tmp_path / "home2" / ".cache" / "qwen3" / "torchinductor"
+    env = {"HOME": str(tmp_path / "home3"), CACHE_ENV: str(tmp_path / "mine")}
+    assert use_persistent_compile_cache(env) is None and env[CACHE_ENV] == str(tmp_path / "mine")
+    (tmp_path / "file").write_text("in the way")
+    env = {"HOME": str(tmp_path / "file")}
+    assert use_persistent_compile_cache(env) is None and CACHE_ENV not in env
+
+
+@pytest.mark.parametrize("flags, moved", [(["--compile"], True), ([], False)])
+def test_the_cli_sets_the_compile_cache_before_a_compiled_command(monkeypatch, tmp_path, flags, moved):
+    """Every command with --compile (generate, chat, serve, batch, train) points inductor's cache at the user's
+    cache directory before it runs; without --compile nothing changes."""
+    import qwen3.cli as cli
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # conftest sets torch's default for the tests
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    seen = []
+    for argv in (["generate", "--model", "demo", "x"], ["chat", "--model", "demo"], ["serve", "--model", "demo"]):
+        args = cli.build_parser().parse_args([*argv, *flags])
+        monkeypatch.setattr(args, "func", lambda a: seen.append(os.environ.get("TORCHINDUCTOR_CACHE_DIR")) or 0)
+        assert cli.run_command(args, argv) == 0
+        monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    expected = str(tmp_path / ".cache" / "qwen3" / "torchinductor") if moved else None
+    assert seen == [expected] * 3
