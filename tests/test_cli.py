@@ -606,3 +606,17 @@ def test_the_cli_sets_the_compile_cache_before_a_compiled_command(monkeypatch, t
         monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     expected = str(tmp_path / ".cache" / "qwen3" / "torchinductor") if moved else None
     assert seen == [expected] * 3
+
+
+@pytest.mark.parametrize("command", [["generate", "--max-new-tokens", "2", "ROMEO:"], ["chat"]])
+def test_a_compiled_engine_announces_its_compile_before_building(capsys, monkeypatch, tmp_path, command):
+    """With --compile the engine compiles before the first token: stderr says so (and where the result is kept)
+    before the build starts. On the CPU that build is refused, after the notice; without --compile no notice."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    code, _, err = run_path(capsys, True, command[0], "--model", "demo", "--compile", *command[1:])
+    notice = f"qwen3: compiling the engine's steps (minutes the first time; later starts reuse {tmp_path / 'cache'})"
+    assert code == 2 and err.splitlines()[0] == notice
+    assert err.splitlines()[1].startswith("qwen3: error: LLM: ") and "needs CUDA" in err.splitlines()[1]
+    monkeypatch.setattr("sys.stdin", io.StringIO("/exit\n"))
+    code, _, err = run_path(capsys, True, *command[:1], "--model", "demo", *command[1:])
+    assert code == 0 and "compiling" not in err

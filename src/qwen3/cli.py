@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from .chat_session import CHAT_HELP, run_chat
 from .checkpoint import CheckpointError, load_model, save_model
-from .compile_cache import use_persistent_compile_cache
+from .compile_cache import CACHE_ENV, use_persistent_compile_cache
 from .config import ConfigError, Qwen3Config
 from .device import default_dtype, resolve_device
 from .generate import Completion, ContextLengthError, generate_text
@@ -179,6 +179,15 @@ def engine_options(args: argparse.Namespace) -> dict[str, bool]:
     return {"compile": True, "gemv": True} if args.compile else {}
 
 
+def announce_compile(args: argparse.Namespace, engine: bool) -> None:
+    """A compiled engine compiles before its first token (H200: ~3 minutes from nothing, ~40 s from the compile
+    cache, benchmarks/RESULTS.md): say so on stderr, and where the result is kept, instead of a silent wait."""
+    if engine and args.compile:
+        where = os.environ.get(CACHE_ENV) or "torch's compile cache"
+        print(f"qwen3: compiling the engine's steps (minutes the first time; later starts reuse {where})",
+              file=sys.stderr, flush=True)  # fmt: skip
+
+
 def use_cpu_kernels(args: argparse.Namespace, model: Qwen3ForCausalLM) -> None:
     """The plain path on the CPU: float32 projections take qwen3's CPU GEMV at decode (kernels/cpu_linear.py; int8
     weights have theirs already). Not with --tp (parallel linears) or --compile (inductor's own code)."""
@@ -231,6 +240,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if len(prompt_ids) + max_new > context:  # generate_text's check and words
             raise ContextLengthError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new}) = "
                                      f"{len(prompt_ids) + max_new} exceeds the model's context of {context} tokens")
+        announce_compile(args, True)
         llm = single_llm(model, tok, len(prompt_ids) + max_new, **engine_options(args))  # a pool this size
         run = partial(complete, llm, prompt_ids)
     else:
@@ -275,6 +285,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     engine = use_engine(args, model)
     if not engine:
         use_cpu_kernels(args, model)
+    announce_compile(args, engine)
     return run_chat(model, tok, sampling, name=args.model, max_new_tokens=args.max_new_tokens,
                     thinking=not args.no_think, system=args.system, compile=args.compile,
                     engine=engine, max_model_len=args.max_model_len, engine_options=engine_options(args))  # fmt: skip
