@@ -484,7 +484,9 @@ def test_compile_builds_the_engine_with_compiled_steps_and_the_gemv(capsys, monk
 
     monkeypatch.setattr(stream_module, "single_llm", recording)
     argv = ["generate", "--model", "demo", "--temperature", "0", "--max-new-tokens", "12", "ROMEO:"]
-    assert run_path(capsys, True, *argv, "--compile") == run_path(capsys, False, *argv)
+    compiled, plain = run_path(capsys, True, *argv, "--compile"), run_path(capsys, False, *argv)
+    assert compiled[:2] == plain[:2] and plain[2] == ""
+    assert compiled[2].startswith("qwen3: compiling the engine's steps") and len(compiled[2].splitlines()) == 1
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\n/exit\n"))
     chat = ["chat", "--model", "demo", "--temperature", "0", "--max-new-tokens", "4", "--compile"]
     assert run_path(capsys, True, *chat)[0] == 0
