@@ -203,7 +203,8 @@ def gemv_tiles(M: int, N: int, config: GemvConfig) -> int:
 
 def gemv_max_tiles(max_rows: int, N: int) -> int:
     """The most output tiles `gemv_config`'s default launch shapes have for at most `max_rows` rows of y (M, N):
-    a counters size that fits every call of a module (M = 1: 1 x BLOCK_N_GEMV tiles; else 16 x BLOCK_N)."""
+    a counters size that fits every call of a module (M = 1 on the CUDA cores: 1 x BLOCK_N_GEMV tiles; tl.dot,
+    M > 1 or one row of a large int8 matrix: 16 x BLOCK_N, no more at M = 1 than the CUDA cores' count)."""
     dot = triton.cdiv(N, BLOCK_N) * triton.cdiv(max_rows, BLOCK_M_DOT) if max_rows > 1 else 0
     return max(triton.cdiv(N, BLOCK_N_GEMV), dot)
 
