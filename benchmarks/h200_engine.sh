@@ -2,7 +2,7 @@
 # What one H200 call runs for the engine, the server and the decode kernels (through the device tool), in order:
 # the GPU tests, the kernel micro-benchmarks, engine throughput, the server load test, batch-1 decode.
 # Each part has its own time limit so that one failure cannot eat the others' time. Results land in $OUT.
-#   bash benchmarks/h200_engine.sh [tests] [tests-gemv] [tests-decode] [tests-engine] [engine-loop] [engine-loop-compiled] [decode-splits] [gemv-sweep] [mm-sweep] [layers-autotune] [layers-joint-qk] [kernels] [throughput] [compiled] [compiled-engine] [gemv] [engine-gemv]
+#   bash benchmarks/h200_engine.sh [tests] [tests-gemv] [tests-decode] [tests-fused] [tests-engine] [engine-loop] [engine-loop-compiled] [decode-splits] [gemv-sweep] [mm-sweep] [layers-autotune] [layers-fused] [kernels] [throughput] [compiled] [compiled-engine] [gemv] [engine-gemv]
 #                                  [serve] [serve-compiled] [serve-multi] [serve-spy] [serve-spy-compiled] [serve-auto] [decode] [decode-compiled] [startup] [startup-compiled] [startup-spy] [prefill-compiled] [sampler] [prefill] [profile] [profile-compiled] [profile-int8] [profile-gemv]
 #   (default: tests kernels throughput serve decode startup profile)
 # Carry [".whl", ".compile_cache.tgz"] (the latter joined from an earlier call's parts: benchmarks/compile_cache.py).
@@ -51,6 +51,10 @@ if [[ " $parts " == *" tests-decode "* ]]; then  # the paged kernels and the eng
   run 200 tests-decode python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_engine.py \
     -k "cuda or gpu or triton or graph or kernel" -rs
 fi
+if [[ " $parts " == *" tests-fused "* ]]; then  # the paged kernels (QK-norm + RoPE + store fused), eager and compiled engine
+  run 300 tests-fused python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_engine.py \
+    tests/test_engine_compile.py -k "cuda or gpu or triton or graph or kernel" -rs
+fi
 if [[ " $parts " == *" tests-engine "* ]]; then  # the engine's CUDA graph and kernel tests (a few minutes less than tests)
   run 200 tests-engine python3 -m pytest -q -p no:cacheprovider tests/test_engine.py tests/test_engine_stream.py \
     tests/test_triton_sampling.py -k "cuda or gpu or triton or graph or kernel" -rs
@@ -79,9 +83,9 @@ if [[ " $parts " == *" layers-autotune "* ]]; then  # the decode layers' GEMMs a
     TORCHINDUCTOR_AUTOTUNE_NUM_CHOICES_DISPLAYED=4 run 420 layers-autotune python3 benchmarks/layers_autotune.py \
     --budget ${AUTOTUNE_BUDGET:-330} --batches 256,128,64,16 --variants default,autotune,autotune+cdt,cdt
 fi
-if [[ " $parts " == *" layers-joint-qk "* ]]; then  # q-norm and k-norm as one joint norm: one kernel fewer per layer?
-  run 300 layers-joint-qk python3 benchmarks/layers_autotune.py --variants default --forms plain,joint-qk \
-    --batches 256,128,64,16,2 --budget 240
+if [[ " $parts " == *" layers-fused "* ]]; then  # QK-norm + RoPE + store as one kernel; inductor's combo kernels
+  run 300 layers-fused python3 benchmarks/layers_autotune.py --variants default,combo,cublaslt --forms plain,fused \
+    --batches 256,64,16,2 --budget 240
 fi
 if [[ " $parts " == *" kernels "* ]]; then
   run 130 kernels python3 benchmarks/kernels.py

@@ -15,30 +15,28 @@ are kept alive by a zero-weighted term, as the real step stores them). Each vari
 static shapes, captured in a CUDA graph, replayed; the table gives microseconds per layer and the whole step's
 layers (x 28). Last, the kernels of one replay at the largest batch size, per variant (torch.profiler).
 
-`--forms` adds a second axis: the attention as the model writes it ("plain": q_norm and k_norm, then RoPE on q and
-on k, which inductor compiles into two kernels per layer) or "joint-qk" (`joint_qk_forward`: one RMSNorm over the
-q and k heads side by side, each row times its own norm's weight, and one RoPE; the same arithmetic per element,
-checked first: the eager hidden states must agree exactly). Whether the joint form saves a kernel per layer, and
-what that is worth, decides if model.py should write it so.
+`--forms` adds a second axis: the first step of each layer's attention as the model writes it ("plain": the model's
+QKNormRoPE, which inductor compiles into a kernel for q and one for k, then the key/value store op) or "fused" (the
+engine's qk_norm_rope_store: one Triton kernel for all of it). The eager outputs of the two are compared first.
+`combo` (a variant) asks inductor to launch independent kernels, such as q's and k's norm + RoPE, as one.
 
     python benchmarks/layers_autotune.py                    # CUDA (~4 minutes on an H200)
-    python benchmarks/layers_autotune.py --variants default --forms plain,joint-qk   # q/k norms as one (~2 min)
+    python benchmarks/layers_autotune.py --variants default --forms plain,fused   # one kernel for norm, RoPE, store
     python benchmarks/layers_autotune.py --device cpu --layers 1 --batches 4 --variants default   # dry run
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime
 import time
 
 import torch
-import torch.nn.functional as F
 
 import qwen3
-import qwen3.model
+from qwen3.engine.attention import qk_arguments
+from qwen3.engine.compiled import REFERENCE_OPS, triton_custom_ops
 
 VARIANTS = {
     "default": {},
@@ -48,60 +46,57 @@ VARIANTS = {
                      "coordinate_descent_tuning": True},  # fmt: skip
     "autotune-tma": {"max_autotune_gemm": True, "max_autotune_gemm_backends": "ATEN,TRITON",
                      "triton.enable_persistent_tma_matmul": True},  # fmt: skip
+    "combo": {"combo_kernels": True},  # independent kernels (q's and k's norm + RoPE, say) in one launch
+    "cublaslt": {},  # not inductor's: torch's GEMMs through cublasLt's heuristic instead of cuBLAS (BLAS_LIBRARY)
 }
+BLAS_LIBRARY = {"cublaslt": "cublaslt"}  # torch.backends.cuda.preferred_blas_library per variant (default: torch's)
 FULL_LAYERS = 28  # Qwen3-0.6B
 
 
 class NoAttention:
-    """An attention backend that returns the query as the attention's output; k and v enter with weight zero, so
-    that their norms, RoPE and the q/k/v split are computed as in the real step."""
+    """An attention backend that stores k and v into a small pool as the engine's compiled step does and returns the
+    finished q as the attention's output (no paged attention kernel). `form`: "plain" applies the model's QKNormRoPE
+    (inductor compiles it into one kernel for q and one for k) and then the store op; "fused" calls the engine's
+    qk_norm_rope_store op, one kernel for all of it (CUDA only)."""
 
-    def attend(self, layer, q, k, v, positions, math):  # noqa: ANN001, ANN201 - model.AttentionBackend's signature
-        groups = q.shape[1] // k.shape[1]
-        return q + 0.0 * (k + v).repeat_interleave(groups, dim=1)
+    def __init__(self, form: str, ops, kv: torch.Tensor, slots: torch.Tensor) -> None:  # noqa: ANN001
+        self.form, self.ops, self.kv, self.slots = form, ops, kv, slots
 
-
-def joint_qk_forward(self, x, positions, rope, backend, math, layer):  # noqa: ANN001, ANN201 - Attention.forward's
-    """Attention.forward with q-norm and k-norm as one RMSNorm over the q and k heads side by side (each head row
-    times its own norm's weight), and one RoPE over both: the same arithmetic per element as the model's separate
-    q_norm / k_norm / two rope calls, written so that inductor can make one kernel of what is two today."""
-    B, T, _ = x.shape
-    D = self.head_dim
-    qkv = self.qkv_proj(x)  # (B, T, (nh + 2 nkv) D)
-    q_rows, k_rows, _ = self.split_sizes(qkv.shape[-1])
-    nh, nkv = q_rows // D, k_rows // D
-    qk = qkv[..., : q_rows + k_rows].view(B, T, nh + nkv, D)
-    v = qkv[..., q_rows + k_rows :].view(B, T, nkv, D).transpose(1, 2)
-    weight = torch.cat((self.q_norm.weight.expand(nh, D), self.k_norm.weight.expand(nkv, D)))  # (nh + nkv, D)
-    qk = weight * F.rms_norm(qk, (D,), eps=self.q_norm.eps)
-    q, k = rope(qk.transpose(1, 2), positions).split((nh, nkv), dim=1)  # (B, nh, T, D), (B, nkv, T, D)
-    out = backend.attend(layer, q, k, v, positions, math)
-    return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+    def attend(self, layer, q, k, v, positions, math, qk):  # noqa: ANN001, ANN201 - model.AttentionBackend's
+        if self.form == "fused":
+            q, k, v = (x[0].transpose(0, 1) for x in (q, k, v))  # (N, heads, D) views of the qkv projection
+            q = self.ops.qk_norm_rope_store(q, k, v, positions[0], *qk_arguments(qk), self.kv, layer, self.slots)
+            return q.transpose(0, 1)[None]
+        q, k = qk(q, k, positions)
+        q, k, v = (x[0].transpose(0, 1).contiguous() for x in (q, k, v))
+        self.ops.store_kv_pool(k, v, self.kv, layer, self.slots)
+        return q.transpose(0, 1)[None]
 
 
-FORMS = {"plain": None, "joint-qk": joint_qk_forward}  # the model's Attention.forward, or a stand-in for it
+FORMS = ("plain", "fused")
 
 
-@contextlib.contextmanager
-def attention_form(form: str):  # noqa: ANN201
-    """Attention.forward replaced by FORMS[form] inside the block (dynamo traces what the class holds)."""
-    plain = qwen3.model.Attention.forward
-    qwen3.model.Attention.forward = FORMS[form] or plain
-    try:
-        yield
-    finally:
-        qwen3.model.Attention.forward = plain
+def make_backend(model: qwen3.Qwen3ForCausalLM, form: str, rows: int, device: str) -> NoAttention:
+    """A NoAttention whose pool holds `rows` tokens, written to slots in a random order."""
+    cfg = model.config
+    ops = triton_custom_ops() if device == "cuda" else REFERENCE_OPS
+    blocks = -(-rows // 16)
+    kv = torch.zeros(2, cfg.num_hidden_layers, blocks, 16, cfg.num_key_value_heads, cfg.head_dim,
+                     dtype=model.model.norm.weight.dtype, device=device)  # fmt: skip
+    slots = torch.randperm(blocks * 16, device=device)[:rows].to(torch.int32)
+    return NoAttention(form, ops, kv, slots)
 
 
-def form_difference(model: qwen3.Qwen3ForCausalLM, form: str, device: str) -> float:
-    """max |form - plain| over the eager hidden states of 8 random tokens (0 when the arithmetic is the same)."""
+def form_difference(model: qwen3.Qwen3ForCausalLM, form: str, device: str) -> tuple[float, float]:
+    """max |form - plain| of the eager hidden states and of the stored pool, for 8 random tokens."""
     tokens = torch.randint(0, model.config.vocab_size, (1, 8), device=device)
     positions = torch.randint(100, 2000, (1, 8), device=device)
+    plain, other = make_backend(model, "plain", 8, device), make_backend(model, form, 8, device)
+    other.slots = plain.slots
     with torch.no_grad():
-        plain = model.hidden_states(tokens, positions, NoAttention())
-        with attention_form(form):
-            other = model.hidden_states(tokens, positions, NoAttention())
-    return (other.float() - plain.float()).abs().max().item()
+        a = model.hidden_states(tokens, positions, plain).float()
+        b = model.hidden_states(tokens, positions, other).float()
+    return (a - b).abs().max().item(), (plain.kv.float() - other.kv.float()).abs().max().item()
 
 
 def make_model(layers: int, device: str) -> qwen3.Qwen3ForCausalLM:
@@ -151,8 +146,8 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--batches", default="256,128,64,16,2", help="decode batch sizes (rows), comma-separated")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
-    parser.add_argument("--forms", default="plain", help=f"comma-separated, of {', '.join(FORMS)}: the attention's "
-                        "q/k norms as the model writes them, or as one joint norm (joint_qk_forward)")  # fmt: skip
+    parser.add_argument("--forms", default="plain", help=f"comma-separated, of {', '.join(FORMS)}: QK-norm, RoPE and "
+                        "the key/value store as the model + the store op, or the engine's fused kernel")  # fmt: skip
     parser.add_argument("--budget", type=float, default=420, help="seconds: no new compile starts after this")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -163,14 +158,14 @@ def main() -> int:
         parser.error(f"--forms: unknown {sorted(unknown)}")
     start = time.perf_counter()
     model = make_model(args.layers, args.device)
-    backend = NoAttention()
+    default_blas = torch.backends.cuda.preferred_blas_library() if args.device == "cuda" else None
     where = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"# {datetime.date.today()}, {where}, "
           f"torch {torch.__version__}: layers_autotune.py --layers {args.layers}")  # fmt: skip
     for form in forms:
-        if form != "plain":  # the same arithmetic: the hidden states must agree bit for bit in eager
-            difference = form_difference(model, form, args.device)
-            print(f"{form}: max |{form} - plain| of the eager hidden states = {difference}")
+        if form != "plain":  # the same arithmetic, in one kernel: equal up to the rounding of fp32 sums
+            hidden, pool = form_difference(model, form, args.device)
+            print(f"{form}: max |{form} - plain| of the eager hidden states {hidden}, of the stored keys/values {pool}")
     per_layer: dict[str, dict[int, float]] = {}
     tables: dict[str, str] = {}
     for form in forms:
@@ -179,7 +174,9 @@ def main() -> int:
             torch._dynamo.reset()  # inductor's settings are not guarded: a new variant must compile afresh
             compiled = torch.compile(model.hidden_states, fullgraph=True, dynamic=False)
             per_layer[label] = {}
-            with attention_form(form), torch._inductor.config.patch(VARIANTS[variant]), torch.no_grad():
+            if args.device == "cuda":
+                torch.backends.cuda.preferred_blas_library(BLAS_LIBRARY.get(variant, default_blas))
+            with torch._inductor.config.patch(VARIANTS[variant]), torch.no_grad():
                 for S in batches:
                     if time.perf_counter() - start > args.budget:
                         print(f"(budget: {label} at {S} rows not run)", flush=True)
@@ -187,8 +184,9 @@ def main() -> int:
                     t0 = time.perf_counter()
                     tokens = torch.randint(0, model.config.vocab_size, (1, S), device=args.device)
                     positions = torch.randint(100, 2000, (1, S), device=args.device)
+                    backend = make_backend(model, form, S, args.device)
 
-                    def call(tokens=tokens, positions=positions, compiled=compiled):  # noqa: ANN001, ANN202
+                    def call(tokens=tokens, positions=positions, compiled=compiled, backend=backend):  # noqa: ANN001, ANN202
                         return compiled(tokens, positions, backend)
 
                     t = per_layer[label][S] = seconds(call, args.device) / args.layers

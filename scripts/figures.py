@@ -50,6 +50,7 @@ from qwen3.model import (  # noqa: E402
     AttentionFn,
     CausalAttention,
     KVCache,
+    QKNormRoPE,
     Qwen3ForCausalLM,
     RMSNorm,
     RotaryEmbedding,
@@ -131,12 +132,13 @@ class RecordingBackend:
         self.inner = inner
         self.calls: list[MathCall] = []
 
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, math: AttentionFn) -> Tensor:
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, math: AttentionFn,
+               qk: QKNormRoPE) -> Tensor:  # fmt: skip
         def recorded(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
             self.calls.append(MathCall(layer, q.detach(), k.detach().clone(), v.detach().clone(), mask))
             return math(q, k, v, mask)
 
-        return self.inner.attend(layer, q, k, v, positions, recorded)
+        return self.inner.attend(layer, q, k, v, positions, recorded, qk)
 
 
 def dense_mask(call: MathCall) -> Tensor:

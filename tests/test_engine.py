@@ -612,7 +612,8 @@ class Fp8RoundedAttention:
     """No cache: each layer's keys and values rounded through float8_e4m3fn, then the model's dense formula.
     What an fp8 pool must compute, built without the engine."""
 
-    def attend(self, layer, q, k, v, positions, math):
+    def attend(self, layer, q, k, v, positions, math, qk):
+        q, k = qk(q, k, positions)
         rounded = [x.to(torch.float8_e4m3fn).to(q.dtype) for x in (k, v)]
         return math(q, *rounded, None)
 

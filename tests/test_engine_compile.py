@@ -336,16 +336,20 @@ def test_triton_ops_fake_shapes():
         assert out.shape == q.shape and out.dtype == q.dtype
         with pytest.raises(ValueError, match="layer 3"):
             ops.store_kv_pool(k, k, kv, 3, torch.zeros(6, dtype=torch.int32))
+        weight, table = torch.empty(16), torch.empty(40, 8)
+        out = ops.qk_norm_rope_store(q, k, k, torch.zeros(6, dtype=torch.int64), weight, weight, 1e-6, 1e-6, table,
+                                     table, kv, 2, torch.zeros(6, dtype=torch.int32))  # fmt: skip
+        assert out.shape == q.shape and out.dtype == q.dtype
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 @pytest.mark.parametrize("kind", ["decode", "step"])
 def test_triton_ops_trace_into_one_graph_that_writes_the_pool_in_place(model, kind):
     """What inductor gets on CUDA, traced here without a GPU: the whole forward as one graph, with the batch (or
-    token and sequence counts) symbolic in the Triton kernels' grids; per layer a store kernel and the attention
-    kernels (decode: split + reduce; the other steps: the varlen kernel); the store kernel found to write only the
-    pool (torch reads the kernels' TTIR: a stand-in driver names an sm_90 target), and after inductor's re-inplacing
-    pass nothing is cloned and the pool's write-back is a copy onto itself (no pool copy)."""
+    token and sequence counts) symbolic in the Triton kernels' grids; per layer the QK-norm + RoPE + store kernel and
+    the attention kernels (decode: split + reduce; the other steps: the varlen kernel); the first found to write only
+    its q output and the pool (torch reads the kernels' TTIR: a stand-in driver names an sm_90 target), and after
+    inductor's re-inplacing pass nothing is cloned and the pool's write-back is a copy onto itself (no pool copy)."""
     import triton
     from functorch.compile import make_boxed_func
     from torch._functorch.aot_autograd import aot_module_simplified
@@ -393,8 +397,8 @@ def test_triton_ops_trace_into_one_graph_that_writes_the_pool_in_place(model, ki
     (gm,) = graphs
     kernels = [n for n in gm.graph.nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
     assert len(kernels) == per_layer * CONFIG.num_hidden_layers
-    stores = [n for n in kernels if "kv_ptr" in n.kwargs["kwargs"]]
-    assert [n.kwargs["tensors_to_clone"] for n in stores] == [["kv_ptr"]] * CONFIG.num_hidden_layers
+    stores = [n for n in kernels if "kv_ptr" in n.kwargs["kwargs"]]  # QK-norm + RoPE + store: its q out and the pool
+    assert [n.kwargs["tensors_to_clone"] for n in stores] == [["q_out_ptr", "kv_ptr"]] * CONFIG.num_hidden_layers
     assert all(any(isinstance(x, torch.fx.Node) for x in n.kwargs["grid"][0]) for n in kernels)  # S or N: an input
     if kind == "step":  # the varlen kernel: grid (N // BLOCK_Q + S, nkv), S passed as a symbolic argument too
         varlen = [n for n in kernels if n not in stores]

@@ -245,6 +245,52 @@ def test_store_kv_writes_slots_and_skips_negative(dtype):
 
 
 @kernel_test
+@pytest.mark.parametrize("dtype,rope_scaling", [(torch.float32, None), (HALF, None),
+                                                (HALF, {"rope_type": "yarn", "factor": 4.0})])  # fmt: skip
+def test_qk_norm_rope_store_matches_the_model_and_store_kv(dtype, rope_scaling):
+    """The fused kernel against the model's own QKNormRoPE (RMSNorm modules, RotaryEmbedding tables) followed by the
+    reference store_kv: the same q out, the same pool after (written slots, skipped padding rows, NaN elsewhere)."""
+    from qwen3.config import Qwen3Config
+    from qwen3.engine.attention import store_kv
+    from qwen3.model import QKNormRoPE, RMSNorm, RotaryEmbedding
+
+    gen = torch.Generator().manual_seed(11)
+    nh, nkv, d, n, layers, layer, num_blocks, block_size = 6, 2, 40, 13, 3, 1, 5, 4  # D/2 = 20: masked lanes
+    config = Qwen3Config(head_dim=d, max_position_embeddings=512, rope_theta=10_000.0, rope_scaling=rope_scaling)
+    rope = RotaryEmbedding(config).to(DEVICE)
+    norms = [RMSNorm(d, eps) for eps in (1e-6, 1e-5)]
+    with torch.no_grad():
+        for norm in norms:
+            norm.weight.copy_(1 + 0.3 * torch.randn(d, generator=gen))
+    q_norm, k_norm = (norm.to(DEVICE, dtype) for norm in norms)
+    # q, k, v as the model hands them over: views of one projection's output rows
+    qkv = (3 * torch.randn(n, (nh + 2 * nkv) * d, generator=gen)).to(dtype).to(DEVICE)
+    q, k, v = (x.view(n, -1, d) for x in qkv.split([nh * d, nkv * d, nkv * d], dim=1))
+    positions = torch.randint(0, 512, (n,), generator=gen).to(DEVICE)
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:n].to(torch.int32)
+    slots[[0, 7]] = -1  # padding rows: q is still computed, nothing is stored
+    slots = slots.to(DEVICE)
+    pool = torch.full((2, layers, num_blocks, block_size, nkv, d), float("nan"), dtype=dtype, device=DEVICE)
+    want_pool = pool.clone()
+
+    with torch.no_grad():
+        want_q, want_k = QKNormRoPE(q_norm, k_norm, rope)(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                                          positions[None])  # (1, heads, n, D)  # fmt: skip
+    want_q, want_k = want_q[0].transpose(0, 1), want_k[0].transpose(0, 1)
+    store_kv(want_k, v, want_pool[0, layer], want_pool[1, layer], slots)
+    got_q = tk.qk_norm_rope_store(q, k, v, positions, q_norm.weight, k_norm.weight, q_norm.eps, k_norm.eps,
+                                  rope.cos, rope.sin, pool, layer, slots)  # fmt: skip
+
+    assert got_q.shape == (n, nh, d) and got_q.is_contiguous()
+    tolerance = TOLERANCE[dtype]
+    assert rel_err(got_q, want_q.double().cpu()) < tolerance
+    assert torch.equal(pool.isnan(), want_pool.isnan())  # exactly the slots of the kept rows written, in this layer
+    written = ~want_pool.isnan()
+    assert rel_err(pool[written], want_pool[written].double().cpu()) < tolerance
+    assert torch.equal(pool[1][written[1]], want_pool[1][written[1]])  # values: copied, not computed
+
+
+@kernel_test
 def test_bad_arguments_name_what_is_wrong():
     k_cache = torch.zeros(2, 16, 2, 64, device=DEVICE)
     q = torch.zeros(3, 4, 64, device=DEVICE)
@@ -259,6 +305,17 @@ def test_bad_arguments_name_what_is_wrong():
     many = q[:1].expand(tk.MAX_DECODE_SEQS + 1, -1, -1)  # one row more than the grid's second dimension holds
     with pytest.raises(ValueError, match="65536 sequences in one call, more than the 65535"):
         tk.paged_decode_attention(many, k_cache, k_cache, bt, torch.ones(3, dtype=torch.int32, device=DEVICE), 1.0, 1)
+    pool = torch.zeros(2, 3, 2, 16, 2, 64, device=DEVICE)
+    w, table = torch.ones(64, device=DEVICE), torch.zeros(10, 32, device=DEVICE)
+    pos, slots = torch.zeros(3, dtype=torch.int64, device=DEVICE), torch.zeros(3, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="layer 3 is not in 0..2"):
+        tk.qk_norm_rope_store(q, q[:, :2], q[:, :2], pos, w, w, 1e-6, 1e-6, table, table, pool, 3, slots)
+    with pytest.raises(ValueError, match=r"k \(3, 4, 64\) and v \(3, 4, 64\) must both be \(3, 2, 64\)"):
+        tk.qk_norm_rope_store(q, q, q, pos, w, w, 1e-6, 1e-6, table, table, pool, 0, slots)
+    with pytest.raises(ValueError, match=r"cos must be an fp32 \(positions, 32\) table"):
+        tk.qk_norm_rope_store(q, q[:, :2], q[:, :2], pos, w, w, 1e-6, 1e-6, table[:, :16], table, pool, 0, slots)
+    with pytest.raises(ValueError, match=r"positions must be \(3,\) int32 or int64"):
+        tk.qk_norm_rope_store(q, q[:, :2], q[:, :2], pos.float(), w, w, 1e-6, 1e-6, table, table, pool, 0, slots)
     with pytest.raises(ValueError, match=r"q has shape \(3, 4, 32\)"):
         tk.paged_attention(q[..., :32], k_cache, k_cache, bt, torch.ones(3, dtype=torch.int32, device=DEVICE),
                            torch.arange(4, dtype=torch.int32, device=DEVICE), 1.0, 1, 1)

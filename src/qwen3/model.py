@@ -13,8 +13,10 @@ Shape legend used in the comments:
 Positions are explicit: `positions[b, t]` is the absolute position of token t of row b; RoPE reads them.
 
 Attention goes through one explicit argument of the forward, an *attention backend*: an object with
-`attend(layer, q, k, v, positions, math)` that stores the new keys and values (if it keeps any) and returns
-softmax(q k^T / sqrt(D) + mask) v. The mask and the kernel are the backend's business, not the model's:
+`attend(layer, q, k, v, positions, math, qk)` that applies `qk` (QK-norm, then RoPE) to q and k, stores the new keys
+and values (if it keeps any) and returns softmax(q k^T / sqrt(D) + mask) v. The backend, not the layer, applies
+`qk` so that a backend with its own kernel may do it in the same pass that stores the keys (the engine's CUDA path);
+the dense backends here call it first thing. The mask and the kernel are the backend's business, not the model's:
 - `CausalAttention` (the default, no cache; training): the T tokens attend to themselves causally, with no
   mask tensor (SDPA's `is_causal`, which lets CUDA take the flash kernel).
 - `KVCache`: a static cache; a token's keys and values are written to slot `positions[b, t]`, and a query at
@@ -45,7 +47,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -202,18 +204,40 @@ ATTENTION_IMPLEMENTATIONS: dict[str, AttentionFn] = {"sdpa": sdpa_attention, "te
 # ---------------------------------------------------------------------------------------------------
 
 
-class AttentionBackend(Protocol):
-    """What the model's attention layers call: store this step's k, v (if the backend keeps any) and attend."""
+class QKNormRoPE(NamedTuple):
+    """What happens to q and k between the projection and the scores: each head RMS-normalised on its own (QK-norm,
+    which keeps q.k bounded whatever the size of the activations), then rotated by its position (RoPE).
 
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, math: AttentionFn) -> Tensor:
-        """q (B, nh, T, D), this step's k, v (B, nkv, T, D), positions (B, T) -> attention output (B, nh, T, D)."""
+    The layer hands this to the backend with the projected q and k (AttentionBackend.attend). It is data, so that
+    a fused kernel can read the norms' weights and eps and the rotary tables instead of calling it."""
+
+    q_norm: nn.Module  # RMSNorm over D (nn.Identity in the qk_norm=False experiment, LayerNorm in norm_type's)
+    k_norm: nn.Module
+    rope: RotaryEmbedding
+
+    def __call__(self, q: Tensor, k: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """q (B, nh, T, D), k (B, nkv, T, D), positions (B, T) -> normalised and rotated q and k, same shapes."""
+        q, k = self.q_norm(q), self.k_norm(k)  # per head: over the last dimension, D
+        return self.rope(q, positions), self.rope(k, positions)
+
+
+class AttentionBackend(Protocol):
+    """What the model's attention layers call: finish q and k, store this step's k, v (if the backend keeps any),
+    attend."""
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, math: AttentionFn,
+               qk: QKNormRoPE) -> Tensor:  # fmt: skip
+        """q (B, nh, T, D), this step's k, v (B, nkv, T, D) as projected, positions (B, T) -> attention output
+        (B, nh, T, D) of qk(q, k, positions) over the keys, v."""
         ...
 
 
 class CausalAttention:
     """No cache: the T tokens of each row attend causally to each other (a full forward, or training)."""
 
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, math: AttentionFn) -> Tensor:
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, math: AttentionFn,
+               qk: QKNormRoPE) -> Tensor:  # fmt: skip
+        q, k = qk(q, k, positions)
         return math(q, k, v, None)
 
 
@@ -273,8 +297,10 @@ class KVCache:
         self.v[layer].scatter_(2, index, v)
         return self.k[layer], self.v[layer]  # (B, nkv, S, D) each
 
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, math: AttentionFn) -> Tensor:
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, math: AttentionFn,
+               qk: QKNormRoPE) -> Tensor:  # fmt: skip
         """Write k, v at their positions, then attend over every slot s <= the query's position."""
+        q, k = qk(q, k, positions)
         keys, values = self.update(layer, positions, k, v)  # (B, nkv, S, D)
         slots = torch.arange(self.max_length, device=q.device)  # (S,)
         mask = (slots[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, S)
@@ -333,14 +359,11 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(x)  # (B, T, (nh + 2 nkv) D)
         q, k, v = qkv.split(self.split_sizes(qkv.shape[-1]), dim=-1)
         # -1: the head counts come from the projection, which holds this rank's heads under tensor parallelism
-        q = q.view(B, T, -1, self.head_dim)  # (B, T, nh, D)
-        k = k.view(B, T, -1, self.head_dim)  # (B, T, nkv, D)
-        v = v.view(B, T, -1, self.head_dim)
-        q = self.q_norm(q).transpose(1, 2)  # (B, nh, T, D)
-        k = self.k_norm(k).transpose(1, 2)  # (B, nkv, T, D)
-        v = v.transpose(1, 2)
-        q, k = rope(q, positions), rope(k, positions)
-        out = backend.attend(layer, q, k, v, positions, math)  # (B, nh, T, D)
+        q = q.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, D)
+        k = k.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, D)
+        v = v.view(B, T, -1, self.head_dim).transpose(1, 2)
+        # The backend applies QK-norm and RoPE to q and k (QKNormRoPE), stores k and v if it keeps a cache, attends
+        out = backend.attend(layer, q, k, v, positions, math, QKNormRoPE(self.q_norm, self.k_norm, rope))
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, nh * D) -> (B, T, H)
 
 

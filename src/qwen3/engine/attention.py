@@ -10,6 +10,10 @@ The three operations (the contract with the Triton kernels of triton_kernels.py,
     paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, max_query_len,
                     max_seq_len)                                     varlen prefill / extend / decode, causal
     paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits)   one query per seq
+and on CUDA only, the first step of each layer fused into one kernel (the reference path calls the model's
+QKNormRoPE, then store_kv):
+    qk_norm_rope_store(q, k, v, positions, q_weight, k_weight, q_eps, k_eps, cos, sin, kv, layer, slot_mapping)
+                                                                     QK-norm + RoPE on q and k, k and v stored
 Query j of sequence s sits at position seq_lens[s] - query_len_s + j and sees keys 0..that position.
 
 The reference path here is the obviously-correct one: gather each sequence's keys through its block table into a
@@ -28,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..model import AttentionFn
+from ..model import AttentionFn, QKNormRoPE, RMSNorm
 
 # ---------------------------------------------------------------------------------------------------
 # The pool
@@ -151,6 +155,17 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
     return paged_attention(q, k_cache, v_cache, block_tables, seq_lens, starts, scale, 1, max_seq_len, math)
 
 
+def fusable(qk: QKNormRoPE) -> bool:
+    """Whether qk_norm_rope_store's kernel computes `qk`: both norms Qwen3's RMSNorm (not the experiments' Identity
+    or LayerNorm). The rotary tables may be any rope type's: the kernel reads them."""
+    return isinstance(qk.q_norm, RMSNorm) and isinstance(qk.k_norm, RMSNorm)
+
+
+def qk_arguments(qk: QKNormRoPE) -> tuple[Tensor, Tensor, float, float, Tensor, Tensor]:
+    """The tensors and numbers qk_norm_rope_store reads for `qk`: the norms' weights and eps, the cos and sin tables."""
+    return qk.q_norm.weight, qk.k_norm.weight, qk.q_norm.eps, qk.k_norm.eps, qk.rope.cos, qk.rope.sin
+
+
 REFERENCE = SimpleNamespace(
     name="reference", store_kv=store_kv, paged_attention=paged_attention, paged_decode_attention=paged_decode_attention
 )
@@ -163,6 +178,7 @@ def triton_ops() -> SimpleNamespace:
     return SimpleNamespace(
         name="triton",
         store_kv=triton_kernels.store_kv,
+        qk_norm_rope_store=triton_kernels.qk_norm_rope_store,
         paged_attention=triton_kernels.paged_attention,
         paged_decode_attention=triton_kernels.paged_decode_attention,
         decode_num_splits=triton_kernels.decode_num_splits,
@@ -204,10 +220,18 @@ class PagedAttention:
         self.decode, self.num_splits = decode, num_splits
         self._layout: DenseLayout | None = None  # the reference path's gather plan, built once per forward
 
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, math: AttentionFn) -> Tensor:
-        q, k, v = q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1)  # (N, heads, D)
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, math: AttentionFn,
+               qk: QKNormRoPE) -> Tensor:  # fmt: skip
         k_cache, v_cache = self.pool.layer(layer)
-        self.kernels.store_kv(k, v, k_cache, v_cache, self.slot_mapping)
+        fused = getattr(self.kernels, "qk_norm_rope_store", None)
+        if fused is not None and fusable(qk):  # one kernel: q's and k's norm and rotation, k and v into their slots
+            k, v = k[0].transpose(0, 1), v[0].transpose(0, 1)  # (N, nkv, D)
+            q = fused(q[0].transpose(0, 1), k, v, positions[0], *qk_arguments(qk), self.pool.kv, layer,
+                      self.slot_mapping)  # fmt: skip
+        else:
+            q, k = qk(q, k, positions)
+            q, k, v = q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1)  # (N, heads, D)
+            self.kernels.store_kv(k, v, k_cache, v_cache, self.slot_mapping)
         if self.kernels is REFERENCE:
             if self._layout is None or layer == 0:  # once per forward (a replayed graph's backend lives on)
                 self._layout = DenseLayout.build(

@@ -10,13 +10,16 @@ graph (fullgraph: a graph break is an error at LLM start):
     qwen3::store_kv_pool(k, v, kv, layer, slot_mapping)       mutates the pool kv itself, not a view of it:
                                                              inductor then writes in place (a mutated view of a
                                                              graph input could make it copy the whole pool)
+    qwen3::qk_norm_rope_store(q, k, v, positions, q_weight, k_weight, q_eps, k_eps, cos, sin, kv, layer,
+                              slot_mapping) -> q     the model's QKNormRoPE and store_kv_pool in one kernel (CUDA)
     qwen3::paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits) -> out
     qwen3::paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
                            max_query_len, max_seq_len) -> out
 
 On CUDA they are `torch.library.triton_op`s whose bodies launch the kernels through `wrap_triton`, so inductor
-sees the kernels (and checks which arguments they write). `qwen3::reference_*` are the same three on the
-PyTorch reference kernels (opaque custom ops): the CPU test compiles the forward with them.
+sees the kernels (and checks which arguments they write). `qwen3::reference_*` are store_kv_pool and the two
+attentions on the PyTorch reference kernels (opaque custom ops), with the model's own QKNormRoPE (which inductor
+compiles) in place of the fused kernel: the CPU test compiles the forward with them.
 
 How many compiles. Dynamo specialises on every Python int the forward reads (a kernel's grid and constexprs need
 plain ints) and on every dimension of size 0 or 1; other dimensions are marked dynamic. So:
@@ -43,8 +46,8 @@ from types import SimpleNamespace
 import torch
 from torch import Tensor
 
-from ..model import AttentionFn, Qwen3ForCausalLM
-from .attention import PagedAttention, paged_attention, paged_decode_attention, store_kv
+from ..model import AttentionFn, QKNormRoPE, Qwen3ForCausalLM
+from .attention import PagedAttention, fusable, paged_attention, paged_decode_attention, qk_arguments, store_kv
 
 # ---------------------------------------------------------------------------------------------------
 # The reference kernels as opaque custom ops (CPU; tests)
@@ -86,6 +89,7 @@ def _(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_len
 REFERENCE_OPS = SimpleNamespace(
     name="reference",
     store_kv_pool=torch.ops.qwen3.reference_store_kv_pool,
+    qk_norm_rope_store=None,  # the reference path applies the model's QKNormRoPE, which inductor compiles
     paged_decode_attention=torch.ops.qwen3.reference_paged_decode_attention,
     paged_attention=torch.ops.qwen3.reference_paged_attention,
 )
@@ -113,6 +117,13 @@ def triton_custom_ops() -> SimpleNamespace:
     def store_kv_pool(k: Tensor, v: Tensor, kv: Tensor, layer: int, slot_mapping: Tensor) -> None:
         tk.store_kv_pool(k, v, kv, layer, slot_mapping, _wrap=wrap_triton)
 
+    @triton_op("qwen3::qk_norm_rope_store", mutates_args={"kv"})
+    def qk_norm_rope_store(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, q_weight: Tensor, k_weight: Tensor,
+                           q_eps: float, k_eps: float, cos: Tensor, sin: Tensor, kv: Tensor, layer: int,
+                           slot_mapping: Tensor) -> Tensor:  # fmt: skip
+        return tk.qk_norm_rope_store(q, k, v, positions, q_weight, k_weight, q_eps, k_eps, cos, sin, kv, layer,
+                                     slot_mapping, _wrap=wrap_triton)  # fmt: skip
+
     @triton_op("qwen3::paged_decode_attention", mutates_args=())
     def decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor, scale: float,
                num_splits: int) -> Tensor:  # fmt: skip
@@ -128,6 +139,7 @@ def triton_custom_ops() -> SimpleNamespace:
     _TRITON_OPS = SimpleNamespace(
         name="triton",
         store_kv_pool=torch.ops.qwen3.store_kv_pool,
+        qk_norm_rope_store=torch.ops.qwen3.qk_norm_rope_store,
         paged_decode_attention=torch.ops.qwen3.paged_decode_attention,
         paged_attention=torch.ops.qwen3.paged_attention,
     )
@@ -152,11 +164,19 @@ class CompiledPagedAttention(PagedAttention):
         super().__init__(*args, **kwargs)
         self.ops = ops
 
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, math: AttentionFn) -> Tensor:
-        # (1, heads, N, D) -> (N, heads, D), contiguous: the strides the kernels are traced with are then fixed
-        q, k, v = (x[0].transpose(0, 1).contiguous() for x in (q, k, v))
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, math: AttentionFn,
+               qk: QKNormRoPE) -> Tensor:  # fmt: skip
         kv = self.pool.kv
-        self.ops.store_kv_pool(k, v, kv, layer, self.slot_mapping)
+        if self.ops.qk_norm_rope_store is not None and fusable(qk):
+            # (1, heads, N, D) -> (N, heads, D): views of the qkv projection, whose strides inductor keeps for the
+            # kernel (the exact strides of the trace: triton_kernel_default_layout_constraint)
+            q, k, v = (x[0].transpose(0, 1) for x in (q, k, v))
+            q = self.ops.qk_norm_rope_store(q, k, v, positions[0], *qk_arguments(qk), kv, layer, self.slot_mapping)
+        else:
+            q, k = qk(q, k, positions)
+            # (1, heads, N, D) -> (N, heads, D), contiguous: the strides the kernels are traced with are then fixed
+            q, k, v = (x[0].transpose(0, 1).contiguous() for x in (q, k, v))
+            self.ops.store_kv_pool(k, v, kv, layer, self.slot_mapping)
         k_cache, v_cache = kv[0, layer], kv[1, layer]
         scale = 1 / pymath.sqrt(q.shape[-1])
         if self.decode:

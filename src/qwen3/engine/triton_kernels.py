@@ -169,6 +169,121 @@ def store_kv_pool(k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor, layer: int
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# qk_norm_rope_store: the model's QKNormRoPE and store_kv_pool in one pass
+
+
+@triton.jit
+def _qk_norm_rope_store_kernel(
+    q_ptr, k_ptr, v_ptr, positions_ptr, q_weight_ptr, k_weight_ptr, cos_ptr, sin_ptr, q_out_ptr, kv_ptr,
+    slot_mapping_ptr,
+    layer, num_layers, stride_layer,
+    stride_q_tok, stride_q_head, stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,
+    stride_c_block, stride_c_off, stride_c_head, stride_rope,
+    num_heads, num_kv_heads, q_eps, k_eps,
+    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_HQ: tl.constexpr,
+    BLOCK_HKV: tl.constexpr,
+):
+    # One program per token. Each head is loaded as its two halves (x1, x2): RoPE rotates the pair (x1[i], x2[i]).
+    # Numerics as model.py: mean square and rescaling in fp32, rounded to the model dtype, times the weight (rounded
+    # again), then the rotation in fp32 with the fp32 tables, rounded once more.
+    HALF: tl.constexpr = HEAD_DIM // 2
+    tok = tl.program_id(0).to(tl.int64)
+    pos = tl.load(positions_ptr + tok).to(tl.int64)
+    dims = tl.arange(0, BLOCK_HALF)[None, :]
+    in_half = dims < HALF
+    cos = tl.load(cos_ptr + pos * stride_rope + dims, mask=in_half, other=0.0)  # (1, D/2) fp32
+    sin = tl.load(sin_ptr + pos * stride_rope + dims, mask=in_half, other=0.0)
+    dtype = q_out_ptr.dtype.element_ty
+
+    heads = tl.arange(0, BLOCK_HQ)[:, None]
+    mask = (heads < num_heads) & in_half
+    src = q_ptr + tok * stride_q_tok + heads * stride_q_head + dims
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / HEAD_DIM + q_eps)[:, None]
+    w1 = tl.load(q_weight_ptr + dims, mask=in_half, other=0.0).to(tl.float32)
+    w2 = tl.load(q_weight_ptr + HALF + dims, mask=in_half, other=0.0).to(tl.float32)
+    y1 = (w1 * (x1 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+    y2 = (w2 * (x2 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+    dst = q_out_ptr + tok * num_heads * HEAD_DIM + heads * HEAD_DIM + dims  # (N, nh, D), contiguous
+    tl.store(dst, (y1 * cos - y2 * sin).to(dtype), mask=mask)
+    tl.store(dst + HALF, (y2 * cos + y1 * sin).to(dtype), mask=mask)
+
+    slot = tl.load(slot_mapping_ptr + tok).to(tl.int64)
+    heads = tl.arange(0, BLOCK_HKV)[:, None]
+    mask = (heads < num_kv_heads) & in_half & (slot >= 0)  # slot < 0: a padding row, nothing written
+    cache = (slot // BLOCK_SIZE) * stride_c_block + (slot % BLOCK_SIZE) * stride_c_off + heads * stride_c_head + dims
+    k_dst = kv_ptr + tl.cast(layer, tl.int64) * stride_layer + cache
+    v_dst = kv_ptr + tl.cast(num_layers + layer, tl.int64) * stride_layer + cache
+    src = k_ptr + tok * stride_k_tok + heads * stride_k_head + dims
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / HEAD_DIM + k_eps)[:, None]
+    w1 = tl.load(k_weight_ptr + dims, mask=in_half, other=0.0).to(tl.float32)
+    w2 = tl.load(k_weight_ptr + HALF + dims, mask=in_half, other=0.0).to(tl.float32)
+    y1 = (w1 * (x1 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+    y2 = (w2 * (x2 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+    cache_dtype = kv_ptr.dtype.element_ty
+    tl.store(k_dst, (y1 * cos - y2 * sin).to(dtype).to(cache_dtype), mask=mask)
+    tl.store(k_dst + HALF, (y2 * cos + y1 * sin).to(dtype).to(cache_dtype), mask=mask)
+    src = v_ptr + tok * stride_v_tok + heads * stride_v_head + dims
+    tl.store(v_dst, tl.load(src, mask=mask).to(cache_dtype), mask=mask)
+    tl.store(v_dst + HALF, tl.load(src + HALF, mask=mask).to(cache_dtype), mask=mask)
+
+
+def qk_norm_rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                       q_weight: torch.Tensor, k_weight: torch.Tensor, q_eps: float, k_eps: float, cos: torch.Tensor,
+                       sin: torch.Tensor, kv: torch.Tensor, layer: int, slot_mapping: torch.Tensor,
+                       _wrap=_direct) -> torch.Tensor:  # fmt: skip
+    """model.QKNormRoPE and store_kv_pool in one kernel: q (N, nh, D), k, v (N, nkv, D) as projected (any strides
+    with a contiguous last dimension: views of the qkv projection), positions (N,) -> q normalised and rotated, (N,
+    nh, D) contiguous; k normalised and rotated, and v, written into slot slot_mapping[i] of layer `layer` of the
+    pool kv (2, layers, num_blocks, block_size, nkv, D) (< 0: skipped). q_weight, k_weight (D,) and q_eps, k_eps:
+    the two RMSNorms; cos, sin (positions, D/2) fp32: the rotary tables (model.RotaryEmbedding)."""
+    if kv.dim() != 6 or not kv.is_contiguous():
+        raise ValueError(f"qk_norm_rope_store: kv must be a contiguous (2, layers, blocks, block_size, nkv, D) pool, "
+                         f"got shape {tuple(kv.shape)}, strides {kv.stride()}")
+    if not 0 <= layer < kv.shape[1]:
+        raise ValueError(f"qk_norm_rope_store: layer {layer} is not in 0..{kv.shape[1] - 1}")
+    cache = kv[0, layer]
+    n, nh, d = _check_rows("q", q, cache)
+    _, nkv, _ = _check_rows("k", k, cache)
+    if k.shape != (n, cache.shape[2], d) or v.shape != k.shape:
+        raise ValueError(f"qk_norm_rope_store: k {tuple(k.shape)} and v {tuple(v.shape)} must both be "
+                         f"({n}, {cache.shape[2]}, {d}): q's tokens, the pool's KV heads and head size")
+    if d % 2:
+        raise ValueError(f"qk_norm_rope_store: head size {d} must be even (RoPE rotates pairs)")
+    for name, weight in (("q_weight", q_weight), ("k_weight", k_weight)):
+        if weight.shape != (d,) or not weight.is_contiguous():
+            raise ValueError(f"qk_norm_rope_store: {name} must be a contiguous ({d},) tensor, got "
+                             f"{tuple(weight.shape)}")
+    for name, table in (("cos", cos), ("sin", sin)):
+        if table.dim() != 2 or table.shape[1] != d // 2 or table.dtype != torch.float32 or table.stride(1) != 1:
+            raise ValueError(f"qk_norm_rope_store: {name} must be an fp32 (positions, {d // 2}) table, got "
+                             f"{tuple(table.shape)} {table.dtype}")
+    if sin.stride() != cos.stride():
+        raise ValueError(f"qk_norm_rope_store: sin's strides {sin.stride()} differ from cos's {cos.stride()}")
+    if positions.shape != (n,) or positions.device != q.device or positions.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"qk_norm_rope_store: positions must be ({n},) int32 or int64 on {q.device}, got "
+                         f"{tuple(positions.shape)} {positions.dtype} on {positions.device}")
+    _check_index("slot_mapping", slot_mapping, (n,), q.device)
+    q_out = torch.empty((n, nh, d), dtype=q.dtype, device=q.device)
+    if n == 0:
+        return q_out
+    q, k, v, positions = (_last_dim_contiguous(x) for x in (q, k, v, positions))
+    _wrap(_qk_norm_rope_store_kernel)[(n,)](
+        q, k, v, positions, q_weight, k_weight, cos, sin, q_out, kv, slot_mapping,
+        layer, kv.shape[1], kv.stride(1),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        cache.stride(0), cache.stride(1), cache.stride(2), cos.stride(0),
+        nh, nkv, q_eps, k_eps,
+        BLOCK_SIZE=cache.shape[1], HEAD_DIM=d, BLOCK_HALF=triton.next_power_of_2(d // 2),
+        BLOCK_HQ=triton.next_power_of_2(nh), BLOCK_HKV=triton.next_power_of_2(nkv), num_warps=4,
+    )  # fmt: skip
+    return q_out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # paged_attention: varlen prefill / extend / decode over block tables, causal
 
 
