@@ -3,7 +3,7 @@
 # the GPU tests, the kernel micro-benchmarks, engine throughput, the server load test, batch-1 decode.
 # Each part has its own time limit so that one failure cannot eat the others' time. Results land in $OUT.
 #   bash benchmarks/h200_engine.sh [tests] [tests-gemv] [tests-decode] [tests-fused] [tests-engine] [engine-loop] [engine-loop-compiled] [decode-splits] [gemv-sweep] [mm-sweep] [layers-autotune] [layers-fused] [kernels] [throughput] [compiled] [compiled-engine] [gemv] [engine-gemv]
-#                                  [serve] [serve-compiled] [serve-multi] [serve-spy] [serve-spy-compiled] [serve-auto] [decode] [decode-compiled] [startup] [startup-compiled] [startup-spy] [prefill-compiled] [sampler] [prefill] [profile] [profile-compiled] [profile-int8] [profile-gemv]
+#                                  [serve] [serve-compiled] [serve-multi] [serve-spy] [serve-spy-compiled] [serve-auto] [decode] [decode-compiled] [decode-gemv] [startup] [startup-compiled] [startup-spy] [prefill-compiled] [sampler] [prefill] [profile] [profile-compiled] [profile-int8] [profile-gemv]
 #   (default: tests kernels throughput serve decode startup profile)
 # Carry [".whl", ".compile_cache.tgz"] (the latter joined from an earlier call's parts: benchmarks/compile_cache.py).
 # Packages the device image lacks (fastapi, uvicorn, uvloop, pydantic, prompt_toolkit) travel as wheels in .whl/.
@@ -132,6 +132,10 @@ fi
 if [[ " $parts " == *" decode-compiled "* ]]; then  # batch 1 through LLM(compile=True) too (minutes of compiling)
   run 560 decode-compiled python3 benchmarks/decode.py --device cuda --skip-fast-path --skip-peer --engine-compile \
     --results "$OUT/results.md"
+fi
+if [[ " $parts " == *" decode-gemv "* ]]; then  # batch 1, bf16 and int8, through the default CUDA engine (compile + GEMV)
+  run 560 decode-gemv python3 benchmarks/decode.py --device cuda --skip-fast-path --skip-peer --engine-compile \
+    --skip-engine-cublas --results "$OUT/results.md"
 fi
 if [[ " $parts " == *" startup "* ]]; then
   run 150 startup python3 benchmarks/startup.py

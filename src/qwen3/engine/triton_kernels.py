@@ -173,6 +173,22 @@ def store_kv_pool(k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor, layer: int
 
 
 @triton.jit
+def _rms_norm_rope(src, mask, weight_ptr, dims, in_half, cos, sin, eps, dtype: tl.constexpr, HEAD_DIM: tl.constexpr):
+    # Heads (rows) of one token at `src`, each loaded as its two halves (x1, x2): RoPE rotates the pair (x1[i], x2[i]).
+    # Numerics as model.py: mean square and rescaling in fp32, rounded to the model dtype, times the weight (rounded
+    # again), then the rotation in fp32 with the fp32 tables, rounded once more. Returns the two rotated halves.
+    HALF: tl.constexpr = HEAD_DIM // 2
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / HEAD_DIM + eps)[:, None]
+    w1 = tl.load(weight_ptr + dims, mask=in_half, other=0.0).to(tl.float32)
+    w2 = tl.load(weight_ptr + HALF + dims, mask=in_half, other=0.0).to(tl.float32)
+    y1 = (w1 * (x1 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+    y2 = (w2 * (x2 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+    return (y1 * cos - y2 * sin).to(dtype), (y2 * cos + y1 * sin).to(dtype)
+
+
+@triton.jit
 def _qk_norm_rope_store_kernel(
     q_ptr, k_ptr, v_ptr, positions_ptr, q_weight_ptr, k_weight_ptr, cos_ptr, sin_ptr, q_out_ptr, kv_ptr,
     slot_mapping_ptr,
@@ -183,9 +199,8 @@ def _qk_norm_rope_store_kernel(
     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_HQ: tl.constexpr,
     BLOCK_HKV: tl.constexpr,
 ):
-    # One program per token. Each head is loaded as its two halves (x1, x2): RoPE rotates the pair (x1[i], x2[i]).
-    # Numerics as model.py: mean square and rescaling in fp32, rounded to the model dtype, times the weight (rounded
-    # again), then the rotation in fp32 with the fp32 tables, rounded once more.
+    # Grid (tokens, 2): program (t, 0) finishes token t's query heads, (t, 1) its key heads and stores keys and
+    # values; two short chains of loads and stores instead of one long one (the H200: 3.6 us at 256 tokens as one).
     HALF: tl.constexpr = HEAD_DIM // 2
     tok = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + tok).to(tl.int64)
@@ -194,41 +209,32 @@ def _qk_norm_rope_store_kernel(
     cos = tl.load(cos_ptr + pos * stride_rope + dims, mask=in_half, other=0.0)  # (1, D/2) fp32
     sin = tl.load(sin_ptr + pos * stride_rope + dims, mask=in_half, other=0.0)
     dtype = q_out_ptr.dtype.element_ty
+    part = tl.program_id(1)  # masks, not branches: torch's analysis of which arguments a kernel writes needs no `if`
 
     heads = tl.arange(0, BLOCK_HQ)[:, None]
-    mask = (heads < num_heads) & in_half
+    mask = (heads < num_heads) & in_half & (part == 0)
     src = q_ptr + tok * stride_q_tok + heads * stride_q_head + dims
-    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
-    rstd = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / HEAD_DIM + q_eps)[:, None]
-    w1 = tl.load(q_weight_ptr + dims, mask=in_half, other=0.0).to(tl.float32)
-    w2 = tl.load(q_weight_ptr + HALF + dims, mask=in_half, other=0.0).to(tl.float32)
-    y1 = (w1 * (x1 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
-    y2 = (w2 * (x2 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+    out1, out2 = _rms_norm_rope(src, mask, q_weight_ptr, dims, in_half, cos, sin, q_eps, dtype, HEAD_DIM)
     dst = q_out_ptr + tok * num_heads * HEAD_DIM + heads * HEAD_DIM + dims  # (N, nh, D), contiguous
-    tl.store(dst, (y1 * cos - y2 * sin).to(dtype), mask=mask)
-    tl.store(dst + HALF, (y2 * cos + y1 * sin).to(dtype), mask=mask)
+    tl.store(dst, out1, mask=mask)
+    tl.store(dst + HALF, out2, mask=mask)
 
     slot = tl.load(slot_mapping_ptr + tok).to(tl.int64)
     heads = tl.arange(0, BLOCK_HKV)[:, None]
-    mask = (heads < num_kv_heads) & in_half & (slot >= 0)  # slot < 0: a padding row, nothing written
+    mask = (heads < num_kv_heads) & in_half & (slot >= 0) & (part == 1)  # slot < 0: a padding row, nothing written
     cache = (slot // BLOCK_SIZE) * stride_c_block + (slot % BLOCK_SIZE) * stride_c_off + heads * stride_c_head + dims
     k_dst = kv_ptr + tl.cast(layer, tl.int64) * stride_layer + cache
     v_dst = kv_ptr + tl.cast(num_layers + layer, tl.int64) * stride_layer + cache
-    src = k_ptr + tok * stride_k_tok + heads * stride_k_head + dims
-    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
-    rstd = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / HEAD_DIM + k_eps)[:, None]
-    w1 = tl.load(k_weight_ptr + dims, mask=in_half, other=0.0).to(tl.float32)
-    w2 = tl.load(k_weight_ptr + HALF + dims, mask=in_half, other=0.0).to(tl.float32)
-    y1 = (w1 * (x1 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
-    y2 = (w2 * (x2 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
-    cache_dtype = kv_ptr.dtype.element_ty
-    tl.store(k_dst, (y1 * cos - y2 * sin).to(dtype).to(cache_dtype), mask=mask)
-    tl.store(k_dst + HALF, (y2 * cos + y1 * sin).to(dtype).to(cache_dtype), mask=mask)
     src = v_ptr + tok * stride_v_tok + heads * stride_v_head + dims
-    tl.store(v_dst, tl.load(src, mask=mask).to(cache_dtype), mask=mask)
-    tl.store(v_dst + HALF, tl.load(src + HALF, mask=mask).to(cache_dtype), mask=mask)
+    v1 = tl.load(src, mask=mask)
+    v2 = tl.load(src + HALF, mask=mask)
+    src = k_ptr + tok * stride_k_tok + heads * stride_k_head + dims
+    out1, out2 = _rms_norm_rope(src, mask, k_weight_ptr, dims, in_half, cos, sin, k_eps, dtype, HEAD_DIM)
+    cache_dtype = kv_ptr.dtype.element_ty
+    tl.store(k_dst, out1.to(cache_dtype), mask=mask)
+    tl.store(k_dst + HALF, out2.to(cache_dtype), mask=mask)
+    tl.store(v_dst, v1.to(cache_dtype), mask=mask)
+    tl.store(v_dst + HALF, v2.to(cache_dtype), mask=mask)
 
 
 def qk_norm_rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
@@ -271,7 +277,7 @@ def qk_norm_rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positi
     if n == 0:
         return q_out
     q, k, v, positions = (_last_dim_contiguous(x) for x in (q, k, v, positions))
-    _wrap(_qk_norm_rope_store_kernel)[(n,)](
+    _wrap(_qk_norm_rope_store_kernel)[(n, 2)](
         q, k, v, positions, q_weight, k_weight, cos, sin, q_out, kv, slot_mapping,
         layer, kv.shape[1], kv.stride(1),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
