@@ -525,6 +525,11 @@ def compile_only(arch: int) -> int:
                     labels.append(f"paged_decode (reduce)  {tag} num_splits {splits}")
             tk.store_kv(q[:4, :nkv], q[:4, :nkv], k_cache, k_cache, lens)
             labels.append(f"store_kv               {tag}")
+            pool = torch.zeros(2, 2, *k_cache.shape, dtype=dtype)
+            tables = torch.zeros(64, d // 2)
+            tk.qk_norm_rope_store(q[:4], q[:4, :nkv], q[:4, :nkv], lens.long(), q[0, 0], q[0, 0], 1e-6, 1e-6, tables,
+                                  tables, pool, 1, lens)  # fmt: skip
+            labels.append(f"qk_norm_rope_store     {tag}")
     # the sweep's alternatives, on Qwen3-0.6B's shapes
     k_cache = torch.zeros(8, 16, NUM_KV_HEADS, HEAD_DIM, dtype=torch.bfloat16)
     q = torch.zeros(64, NUM_HEADS, HEAD_DIM, dtype=torch.bfloat16)

@@ -107,6 +107,26 @@ def test_the_noise_at_the_top_of_the_hash_range_is_positive_and_finite():
 
 
 @kernel_test
+@pytest.mark.parametrize("candidates", [151936, 4])
+def test_flat_rows_draw_the_smallest_noise_as_the_reference_does(candidates):
+    """Equal logits: each row's token is its smallest Exp(1) draw. Over the whole vocabulary that draw is ~1e-5, u
+    within 2**-16 of 1: the region where the GPU kernel takes the series for -ln(u); among 4 columns it is ~0.25, the
+    region of the hardware logarithm. Either way the kernel draws what the float64 reference draws."""
+    from qwen3.engine import triton_sampling
+    from qwen3.engine.sampler import row_key
+
+    S, V = 8, 151936
+    logits = torch.full((S, V), -1e4)
+    logits[:, :candidates] = 1.5
+    keys = torch.tensor([row_key(7, i) for i in range(S)], dtype=torch.int64)
+    temperature = torch.full((S,), 0.7)
+    out = triton_sampling.sample(logits.to(DEVICE).to(torch.bfloat16), temperature.to(DEVICE), keys.to(DEVICE))
+    expected = triton_sampling.reference(logits.to(torch.bfloat16), temperature, keys)
+    assert out.cpu().tolist() == expected.tolist()
+    assert len(set(expected.tolist())) > 1
+
+
+@kernel_test
 def test_a_near_certain_token_wins_against_the_extreme_noise():
     from qwen3.engine import triton_sampling
 
