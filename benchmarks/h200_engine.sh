@@ -2,7 +2,7 @@
 # What one H200 call runs for the engine, the server and the decode kernels (through the device tool), in order:
 # the GPU tests, the kernel micro-benchmarks, engine throughput, the server load test, batch-1 decode.
 # Each part has its own time limit so that one failure cannot eat the others' time. Results land in $OUT.
-#   bash benchmarks/h200_engine.sh [tests] [tests-gemv] [tests-decode] [tests-fused] [tests-engine] [engine-loop] [engine-loop-compiled] [decode-splits] [gemv-sweep] [mm-sweep] [layers-autotune] [layers-fused] [kernels] [throughput] [compiled] [compiled-engine] [gemv] [engine-gemv]
+#   bash benchmarks/h200_engine.sh [tests] [tests-gemv] [tests-decode] [tests-fused] [tests-engine] [engine-loop] [engine-loop-compiled] [decode-splits] [gemv-sweep] [mm-sweep] [layers-autotune] [layers-fused] [persistent] [kernels] [throughput] [compiled] [compiled-engine] [gemv] [engine-gemv]
 #                                  [serve] [serve-compiled] [serve-multi] [serve-spy] [serve-spy-compiled] [serve-auto] [decode] [decode-compiled] [decode-gemv] [startup] [startup-compiled] [startup-spy] [prefill-compiled] [sampler] [prefill] [profile] [profile-compiled] [profile-int8] [profile-gemv]
 #   (default: tests kernels throughput serve decode startup profile)
 # Carry [".whl", ".compile_cache.tgz"] (the latter joined from an earlier call's parts: benchmarks/compile_cache.py).
@@ -86,6 +86,10 @@ fi
 if [[ " $parts " == *" layers-fused "* ]]; then  # QK-norm + RoPE + store as one kernel; inductor's combo kernels
   run 300 layers-fused python3 benchmarks/layers_autotune.py --variants default,combo,cublaslt --forms plain,fused \
     --batches 256,64,16,2 --budget 240
+fi
+if [[ " $parts " == *" persistent "* ]]; then  # the persistent batch-1 decode step: correct with 132 programs? how fast?
+  run 200 persistent python3 benchmarks/persistent_decode.py
+  run 120 tests-persistent python3 -m pytest -q -p no:cacheprovider tests/test_persistent_decode.py -rs
 fi
 if [[ " $parts " == *" kernels "* ]]; then
   run 130 kernels python3 benchmarks/kernels.py

@@ -1,0 +1,126 @@
+"""The persistent decode step (qwen3/kernels/persistent_decode.py) on Qwen3-0.6B: correct, and how fast?
+
+Random-init Qwen3-0.6B in bf16; a 32-token prompt through the model with a KVCache; then one token at a time:
+1. correctness: the kernel with one program per SM against the model's `hidden_states` on the same cache (bf16
+   tolerance), and against itself with one program (same synchronisation-free order);
+2. speed: GPU time per token of the 28 layers (CUDA events around 128 consecutive steps), for a few launch shapes,
+   against the bytes of the layers' weights (0.88 GB: 3.2 TB/s would be 0.28 ms), and against the engine's compiled
+   batch-1 layers (layers_autotune.py, 2026-12-02: 38.3 us per layer, 1.07 ms per token).
+
+    python benchmarks/persistent_decode.py                  # CUDA (~1-2 minutes on an H200)
+    TRITON_INTERPRET=1 python benchmarks/persistent_decode.py --device cpu --layers 2 --steps 2   # dry run
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import qwen3
+from qwen3.kernels.persistent_decode import Launch, StackedWeights, decode_step
+
+LAUNCHES = {
+    "default": Launch(),
+    "qkv16-gu8-w4": Launch(rows_qkv=16, rows_o=8, rows_gate_up=8, rows_down=8, num_warps=4),
+    "qkv32-gu16-w16": Launch(num_warps=16),
+    "qkv64-gu32-o16-d16-w16": Launch(rows_qkv=64, rows_o=16, rows_gate_up=32, rows_down=16, num_warps=16),
+}
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=128)
+    parser.add_argument("--launches", default=",".join(LAUNCHES))
+    parser.add_argument("--device", default="cuda", help="cpu: a dry run under TRITON_INTERPRET=1, one program")
+    parser.add_argument("--layers", type=int, default=28)
+    args = parser.parse_args()
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("persistent_decode.py needs CUDA (or --device cpu under TRITON_INTERPRET=1)")
+    if device == "cpu":  # Triton 3.6's interpreter needs its scalar patch (the tests' conftest has it)
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from conftest import fix_triton_interpreter_scalars
+
+        fix_triton_interpreter_scalars()
+    torch.manual_seed(0)
+    config = dataclasses.replace(qwen3.Qwen3Config.from_preset("0.6B"), num_hidden_layers=args.layers)
+    model = qwen3.Qwen3ForCausalLM(config)
+    model.init_weights()
+    model = model.to(device, torch.bfloat16 if device == "cuda" else torch.float32).eval()
+    weights = StackedWeights.from_model(model)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if device == "cuda" else 1
+    prompt, max_length = 32, 32 + args.steps + 8
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt + args.steps), device=device)
+    cache = qwen3.KVCache.for_model(model, 1, max_length)
+    layer_bytes = sum(t.numel() * t.element_size() for t in (weights.qkv, weights.o_proj, weights.gate_up,
+                                                              weights.down))  # fmt: skip
+    where = torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter)"
+    print(f"# {datetime.date.today()}, {where}, torch {torch.__version__}, {sms} SMs: "
+          f"persistent_decode.py; layers' weights {layer_bytes / 1e9:.3f} GB per token")  # fmt: skip
+    with torch.no_grad():
+        model(ids[:, :prompt], cache=cache, positions=torch.arange(prompt, device=device)[None])
+        k0, v0 = cache.k.clone(), cache.v.clone()
+
+        # 1. correctness at the first step
+        token = ids[:, prompt : prompt + 1]
+        want = model.hidden_states(token, torch.tensor([[prompt]], device=device), cache)[0, 0].float()
+        for label, launch in LAUNCHES.items():
+            outs = []
+            for n in (sms, 1):
+                cache.k.copy_(k0)
+                cache.v.copy_(v0)
+                x = model.model.embed_tokens(token)[0, 0].contiguous()
+                decode_step(weights, x, prompt, cache.k[:, 0], cache.v[:, 0], model.rope.cos, model.rope.sin, n, launch)
+                outs.append(model.model.norm(x).float())
+            err = ((outs[0] - want).norm() / want.norm()).item()
+            same = torch.equal(outs[0], outs[1])
+            print(f"{label}: {sms} programs vs the model: rel err {err:.2e}; {sms} vs 1 program identical: {same}",
+                  flush=True)  # fmt: skip
+
+        # 2. speed
+        print("\n| launch | us per token (28 layers) | GB/s of layer weights | vs the engine's 1.07 ms |")
+        print("|---|---|---|---|")
+        for label in args.launches.split(","):
+            launch = LAUNCHES[label]
+            cache.k.copy_(k0)
+            cache.v.copy_(v0)
+            warm = range(prompt, prompt + min(8, args.steps))
+            xs = [model.model.embed_tokens(ids[:, p : p + 1])[0, 0].contiguous() for p in warm]
+            for i, x in enumerate(xs):  # warm-up (compile): the first few positions
+                decode_step(weights, x, prompt + i, cache.k[:, 0], cache.v[:, 0], model.rope.cos, model.rope.sin,
+                            sms, launch)  # fmt: skip
+            sync(device)
+            cache.k.copy_(k0)
+            cache.v.copy_(v0)
+            positions = range(prompt, prompt + args.steps)
+            xs = [model.model.embed_tokens(ids[:, p : p + 1])[0, 0].contiguous() for p in positions]
+            t0 = time.perf_counter()
+            events = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if device == "cuda" else None
+            if events:
+                events[0].record()
+            for i, x in enumerate(xs):  # the tokens are the prompt's next ids, not sampled: the cost is the same
+                decode_step(weights, x, prompt + i, cache.k[:, 0], cache.v[:, 0], model.rope.cos, model.rope.sin,
+                            sms, launch)  # fmt: skip
+            if events:
+                events[1].record()
+            sync(device)
+            host = (time.perf_counter() - t0) / args.steps
+            us = events[0].elapsed_time(events[1]) * 1e3 / args.steps if events else host * 1e6
+            print(f"| {label} | {us:.0f} (host {host * 1e6:.0f}) | {layer_bytes / us / 1e3:.0f} | x{1070 / us:.2f} |",
+                  flush=True)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
