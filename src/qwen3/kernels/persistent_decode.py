@@ -13,8 +13,9 @@ need 0.28 ms (benchmarks/NOTES.md). Here one program per SM walks a fixed list o
 
 A phase's tasks wait, through a counter in global memory per (layer, phase), until every task of the phase before
 has published its stores (release / acquire atomics at GPU scope, a CTA barrier on each side). Counters, not a
-grid-wide barrier: nothing else waits. Every program must be resident at once (grid <= SMs), or a wait could
-deadlock.
+grid-wide barrier: a program with no task in a phase does not wait for it, and a task loads its slice of weights
+before it waits, so the weights stream while the phase before finishes. Every program must be resident at once
+(grid <= SMs), or a wait could deadlock.
 
 Testing without a GPU: the Triton interpreter runs programs one after another, so with several programs the first
 wait would never end. With one program the same kernel walks every task in order and each wait finds its counter
@@ -120,13 +121,19 @@ def _rms_norm(x_ptr, weight_ptr, eps, H: tl.constexpr, BLOCK_H: tl.constexpr):
 
 
 @triton.jit
-def _rows_dot(w_ptr, row0, num_rows, K, vec, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
-    # (ROWS,) fp32: rows row0.. of the row-major (num_rows, K) matrix at w_ptr times vec (BLOCK_K,) fp32 (zero past K).
+def _rows(w_ptr, row0, num_rows, K, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    # Rows row0.. of the row-major (num_rows, K) matrix at w_ptr, (ROWS, BLOCK_K) in its dtype, zero outside. Issued
+    # before a task waits: the weights do not depend on the activations, so their bytes stream during the wait.
     rows = row0 + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_K)
     keep = (rows[:, None] < num_rows) & (cols[None, :] < K)
-    w = tl.load(w_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], mask=keep, other=0.0).to(tl.float32)
-    return tl.sum(w * vec[None, :], 1)
+    return tl.load(w_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], mask=keep, other=0.0)
+
+
+@triton.jit
+def _dot(w, vec):
+    # (ROWS,) fp32: the rows w (ROWS, BLOCK_K) times vec (BLOCK_K,) fp32, accumulated in fp32.
+    return tl.sum(w.to(tl.float32) * vec[None, :], 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -161,19 +168,20 @@ def _decode_step_kernel(
     for layer in range(num_layers):
         counters = counters_ptr + layer * 5  # PHASES counters per layer
         # -- phase 1: qkv rows of the normed residual ------------------------------------------------------------
-        if layer > 0:
-            _wait(counters_ptr + (layer - 1) * 5 + 4, tasks_down)  # the layer before: all of phase 5
-        y = _rms_norm(x_ptr, in_norm_ptr + layer * H, eps, H, BLOCK_H)
         w_layer = qkv_w_ptr + tl.cast(layer, tl.int64) * QKV * H
         for task in range(pid, tasks_qkv, num_programs):
-            out = _rows_dot(w_layer, task * ROWS_QKV, QKV, H, y, ROWS_QKV, BLOCK_H)
+            w = _rows(w_layer, task * ROWS_QKV, QKV, H, ROWS_QKV, BLOCK_H)
+            if layer > 0:
+                _wait(counters_ptr + (layer - 1) * 5 + 4, tasks_down)  # the layer before: all of phase 5
+            y = _rms_norm(x_ptr, in_norm_ptr + layer * H, eps, H, BLOCK_H)
+            out = _dot(w, y)
             rows = task * ROWS_QKV + tl.arange(0, ROWS_QKV)
             tl.store(qkv_buf_ptr + rows, out.to(dtype), mask=rows < QKV)
             _signal(counters + 0)
 
         # -- phase 2: one KV head per task --------------------------------------------------------------------
-        _wait(counters + 0, tasks_qkv)
         for head in range(pid, NKV, num_programs):
+            _wait(counters + 0, tasks_qkv)
             # the key: QK-norm + RoPE, stored with the value at `position`
             k1 = tl.load(qkv_buf_ptr + NH * D + head * D + halves, cache_modifier=".cg").to(tl.float32)
             k2 = tl.load(qkv_buf_ptr + NH * D + head * D + HALF + halves, cache_modifier=".cg").to(tl.float32)
@@ -234,12 +242,13 @@ def _decode_step_kernel(
             _signal(counters + 1)
 
         # -- phase 3: o_proj rows, added to the residual --------------------------------------------------------
-        _wait(counters + 1, NKV)
-        cols = tl.arange(0, BLOCK_Q)
-        attn = tl.load(attn_ptr + cols, mask=cols < NH * D, other=0.0, cache_modifier=".cg").to(tl.float32)
         w_layer = o_w_ptr + tl.cast(layer, tl.int64) * H * NH * D
         for task in range(pid, tasks_o, num_programs):
-            out = _rows_dot(w_layer, task * ROWS_O, H, NH * D, attn, ROWS_O, BLOCK_Q).to(dtype)
+            w = _rows(w_layer, task * ROWS_O, H, NH * D, ROWS_O, BLOCK_Q)
+            _wait(counters + 1, NKV)
+            cols = tl.arange(0, BLOCK_Q)
+            attn = tl.load(attn_ptr + cols, mask=cols < NH * D, other=0.0, cache_modifier=".cg").to(tl.float32)
+            out = _dot(w, attn).to(dtype)
             rows = task * ROWS_O + tl.arange(0, ROWS_O)
             keep = rows < H
             x = tl.load(x_ptr + rows, mask=keep, other=0.0, cache_modifier=".cg")
@@ -247,24 +256,27 @@ def _decode_step_kernel(
             _signal(counters + 2)
 
         # -- phase 4: SiLU(gate) x up of the normed residual ------------------------------------------------------
-        _wait(counters + 2, tasks_o)
-        y = _rms_norm(x_ptr, post_norm_ptr + layer * H, eps, H, BLOCK_H)
         w_layer = gu_w_ptr + tl.cast(layer, tl.int64) * 2 * I * H
         for task in range(pid, tasks_gu, num_programs):
-            gate = _rows_dot(w_layer, task * ROWS_GU, I, H, y, ROWS_GU, BLOCK_H).to(dtype).to(tl.float32)
-            up = _rows_dot(w_layer + I * H, task * ROWS_GU, I, H, y, ROWS_GU, BLOCK_H).to(dtype)
+            w_gate = _rows(w_layer, task * ROWS_GU, I, H, ROWS_GU, BLOCK_H)
+            w_up = _rows(w_layer + I * H, task * ROWS_GU, I, H, ROWS_GU, BLOCK_H)
+            _wait(counters + 2, tasks_o)
+            y = _rms_norm(x_ptr, post_norm_ptr + layer * H, eps, H, BLOCK_H)
+            gate = _dot(w_gate, y).to(dtype).to(tl.float32)
+            up = _dot(w_up, y).to(dtype)
             silu = (gate / (1.0 + tl.exp(-gate))).to(dtype)
             rows = task * ROWS_GU + tl.arange(0, ROWS_GU)
             tl.store(act_ptr + rows, silu * up, mask=rows < I)
             _signal(counters + 3)
 
         # -- phase 5: down_proj rows, added to the residual -----------------------------------------------------
-        _wait(counters + 3, tasks_gu)
-        cols = tl.arange(0, BLOCK_I)
-        act = tl.load(act_ptr + cols, mask=cols < I, other=0.0, cache_modifier=".cg").to(tl.float32)
         w_layer = down_w_ptr + tl.cast(layer, tl.int64) * H * I
         for task in range(pid, tasks_down, num_programs):
-            out = _rows_dot(w_layer, task * ROWS_DOWN, H, I, act, ROWS_DOWN, BLOCK_I).to(dtype)
+            w = _rows(w_layer, task * ROWS_DOWN, H, I, ROWS_DOWN, BLOCK_I)
+            _wait(counters + 3, tasks_gu)
+            cols = tl.arange(0, BLOCK_I)
+            act = tl.load(act_ptr + cols, mask=cols < I, other=0.0, cache_modifier=".cg").to(tl.float32)
+            out = _dot(w, act).to(dtype)
             rows = task * ROWS_DOWN + tl.arange(0, ROWS_DOWN)
             keep = rows < H
             x = tl.load(x_ptr + rows, mask=keep, other=0.0, cache_modifier=".cg")
