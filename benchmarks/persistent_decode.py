@@ -1,6 +1,6 @@
 """The persistent decode step (qwen3/kernels/persistent_decode.py) on Qwen3-0.6B: correct, and how fast?
 
-Random-init Qwen3-0.6B in bf16; a 32-token prompt through the model with a KVCache; then one token at a time:
+Random-init Qwen3-0.6B in bf16; a 32-token prompt (--prompt) through the model with a KVCache; then one token at a time:
 1. correctness: the kernel with one program per SM against the model's `hidden_states` on the same cache (bf16
    tolerance), and against itself with one program (same synchronisation-free order);
 2. speed: GPU time per token of the 28 layers (CUDA events around 128 consecutive steps), for a few launch shapes,
@@ -30,6 +30,7 @@ LAUNCHES = {  # offline for sm_90 (2026-12-02): 243-255 registers at 4-8 warps, 
     "rows-half": Launch(rows_qkv=16, rows_o=8, rows_gate_up=8, rows_down=8),
     "warps4": Launch(rows_qkv=16, rows_o=8, rows_gate_up=8, rows_down=8, num_warps=4),
     "warps16": Launch(rows_qkv=32, rows_o=16, rows_gate_up=16, rows_down=16, num_warps=16),
+    "splits1": Launch(splits=1),  # one attention task per KV head: 8 programs walk the whole context
 }
 
 
@@ -41,6 +42,7 @@ def sync(device: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=128)
+    parser.add_argument("--prompt", type=int, default=32, help="tokens in the cache before the timed steps")
     parser.add_argument("--launches", default=",".join(LAUNCHES))
     parser.add_argument("--device", default="cuda", help="cpu: a dry run under TRITON_INTERPRET=1, one program")
     parser.add_argument("--layers", type=int, default=28)
@@ -60,7 +62,8 @@ def main() -> int:
     model = model.to(device, torch.bfloat16 if device == "cuda" else torch.float32).eval()
     weights = StackedWeights.from_model(model)
     sms = torch.cuda.get_device_properties(0).multi_processor_count if device == "cuda" else 1
-    prompt, max_length = 32, 32 + args.steps + 8
+    prompt = args.prompt
+    max_length = prompt + args.steps + 8
     ids = torch.randint(0, model.config.vocab_size, (1, prompt + args.steps), device=device)
     cache = qwen3.KVCache.for_model(model, 1, max_length)
     layer_bytes = sum(t.numel() * t.element_size() for t in (weights.qkv, weights.o_proj, weights.gate_up,

@@ -47,7 +47,8 @@ def small_model(dtype):
 
 @kernel_test
 @pytest.mark.parametrize("dtype", [torch.float32] if DEVICE == "cpu" else [torch.float32, torch.bfloat16])
-def test_decode_steps_equal_the_model_with_a_kv_cache(dtype):
+@pytest.mark.parametrize("splits", [1, 3, 16])  # 16: more splits than a split's 2 keys need, some left empty
+def test_decode_steps_equal_the_model_with_a_kv_cache(dtype, splits):
     import qwen3
     from qwen3.kernels.persistent_decode import Launch, StackedWeights, decode_step
 
@@ -63,7 +64,7 @@ def test_decode_steps_equal_the_model_with_a_kv_cache(dtype):
         cache.v.copy_(ref_cache.v)
         programs = [1] if DEVICE == "cpu" else [1, torch.cuda.get_device_properties(0).multi_processor_count]
         # small tasks: several per phase even on this model, and attention tiles smaller than the context
-        launch = Launch(rows_qkv=16, rows_o=8, rows_gate_up=16, rows_down=8, block_t=8, num_warps=4)
+        launch = Launch(rows_qkv=16, rows_o=8, rows_gate_up=16, rows_down=8, block_t=8, splits=splits, num_warps=4)
         for pos in range(prompt, prompt + steps):
             token = ids[:, pos : pos + 1]
             want = model.hidden_states(token, torch.tensor([[pos]], device=DEVICE), ref_cache)[0, 0]

@@ -5,8 +5,10 @@ a floor of a few microseconds (launch, ramp, tail), so a token costs ~1.1 ms on 
 need 0.28 ms (benchmarks/NOTES.md). Here one program per SM walks a fixed list of tasks, layer by layer:
 
     phase 1  RMSNorm of the residual (each program recomputes it) and a slice of the qkv projection's rows
-    phase 2  one KV head: QK-norm + RoPE of its query heads and its key, the key and value stored at `position`,
-             attention of those query heads over the cache's positions 0..position
+    phase 2  one KV head and a split of its context: QK-norm + RoPE of its query heads and its key, the key and
+             value stored at `position` (by the split that holds it), attention of those query heads over the
+             split's keys, written as a partial result (running max, sum, unnormalised output)
+    phase 2b one query head: its splits' partial results merged into the attention output
     phase 3  a slice of o_proj's rows, added to the residual
     phase 4  RMSNorm of the residual and a slice of gate/up rows: SiLU(gate) x up
     phase 5  a slice of down_proj's rows, added to the residual
@@ -39,7 +41,7 @@ from torch import Tensor
 
 from ..model import Qwen3ForCausalLM, RMSNorm
 
-PHASES = 5
+PHASES = 6  # counters per layer: qkv, attention splits, merge, o_proj, gate/up, down
 
 
 @dataclass
@@ -142,14 +144,14 @@ def _dot(w, vec):
 
 @triton.jit
 def _decode_step_kernel(
-    x_ptr, qkv_buf_ptr, attn_ptr, act_ptr, counters_ptr,
+    x_ptr, qkv_buf_ptr, part_ptr, attn_ptr, act_ptr, counters_ptr,
     in_norm_ptr, qkv_w_ptr, qn_ptr, kn_ptr, o_w_ptr, post_norm_ptr, gu_w_ptr, down_w_ptr,
     cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr,
     position, num_layers, max_length, eps, num_programs,
     H: tl.constexpr, NH: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr, I: tl.constexpr,  # noqa: E741 - intermediate_size
     BLOCK_H: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_G: tl.constexpr,
     ROWS_QKV: tl.constexpr, ROWS_O: tl.constexpr, ROWS_GU: tl.constexpr, ROWS_DOWN: tl.constexpr,
-    BLOCK_T: tl.constexpr,
+    BLOCK_T: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     G: tl.constexpr = NH // NKV
@@ -166,23 +168,27 @@ def _decode_step_kernel(
     sin = tl.load(sin_ptr + position * HALF + halves)
 
     for layer in range(num_layers):
-        counters = counters_ptr + layer * 5  # PHASES counters per layer
+        counters = counters_ptr + layer * 6  # PHASES counters per layer
         # -- phase 1: qkv rows of the normed residual ------------------------------------------------------------
         w_layer = qkv_w_ptr + tl.cast(layer, tl.int64) * QKV * H
         for task in range(pid, tasks_qkv, num_programs):
             w = _rows(w_layer, task * ROWS_QKV, QKV, H, ROWS_QKV, BLOCK_H)
             if layer > 0:
-                _wait(counters_ptr + (layer - 1) * 5 + 4, tasks_down)  # the layer before: all of phase 5
+                _wait(counters_ptr + (layer - 1) * 6 + 5, tasks_down)  # the layer before: all of phase 5
             y = _rms_norm(x_ptr, in_norm_ptr + layer * H, eps, H, BLOCK_H)
             out = _dot(w, y)
             rows = task * ROWS_QKV + tl.arange(0, ROWS_QKV)
             tl.store(qkv_buf_ptr + rows, out.to(dtype), mask=rows < QKV)
             _signal(counters + 0)
 
-        # -- phase 2: one KV head per task --------------------------------------------------------------------
-        for head in range(pid, NKV, num_programs):
+        # -- phase 2: one (KV head, split of the context) per task ---------------------------------------------
+        chunk = tl.cdiv(position + 1, SPLITS)  # keys per split; the split holding `position` stores the new key
+        for task in range(pid, NKV * SPLITS, num_programs):
+            head = task // SPLITS
+            first = (task % SPLITS) * chunk
+            last = tl.minimum(first + chunk, position + 1)  # keys first..last-1 (none for a split past the end)
             _wait(counters + 0, tasks_qkv)
-            # the key: QK-norm + RoPE, stored with the value at `position`
+            # the key: QK-norm + RoPE, stored with the value at `position` by the split that holds it
             k1 = tl.load(qkv_buf_ptr + NH * D + head * D + halves, cache_modifier=".cg").to(tl.float32)
             k2 = tl.load(qkv_buf_ptr + NH * D + head * D + HALF + halves, cache_modifier=".cg").to(tl.float32)
             rstd = tl.rsqrt((tl.sum(k1 * k1, 0) + tl.sum(k2 * k2, 0)) / D + eps)
@@ -190,11 +196,13 @@ def _decode_step_kernel(
             kw2 = tl.load(kn_ptr + layer * D + HALF + halves).to(tl.float32)
             k1 = (kw1 * (k1 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
             k2 = (kw2 * (k2 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
-            cache = tl.cast(layer, tl.int64) * cache_stride_layer + head * max_length * D + position * D
-            tl.store(k_cache_ptr + cache + halves, (k1 * cos - k2 * sin).to(dtype))
-            tl.store(k_cache_ptr + cache + HALF + halves, (k2 * cos + k1 * sin).to(dtype))
-            v = tl.load(qkv_buf_ptr + (NH + NKV) * D + head * D + tl.arange(0, D), cache_modifier=".cg")
-            tl.store(v_cache_ptr + cache + tl.arange(0, D), v)
+            base = tl.cast(layer, tl.int64) * cache_stride_layer + head * max_length * D
+            holds = (first <= position) & (position < last)
+            dims = tl.arange(0, D)
+            tl.store(k_cache_ptr + base + position * D + halves, (k1 * cos - k2 * sin).to(dtype), mask=holds)
+            tl.store(k_cache_ptr + base + position * D + HALF + halves, (k2 * cos + k1 * sin).to(dtype), mask=holds)
+            v = tl.load(qkv_buf_ptr + (NH + NKV) * D + head * D + dims, cache_modifier=".cg")
+            tl.store(v_cache_ptr + base + position * D + dims, v, mask=holds)
             # its query heads (G of them, padded to BLOCK_G)
             g = tl.arange(0, BLOCK_G)
             gq = (g < G)[:, None]
@@ -209,43 +217,60 @@ def _decode_step_kernel(
             qa = (q1 * cos[None, :] - q2 * sin[None, :]).to(dtype).to(tl.float32)  # (BLOCK_G, D/2)
             qb = (q2 * cos[None, :] + q1 * sin[None, :]).to(dtype).to(tl.float32)
             tl.debug_barrier()  # this program's key store is read back below
-            # attention over positions 0..position, online softmax in base 2
+            # attention over keys first..last-1, online softmax in base 2
             scale = 1.4426950408889634 / tl.sqrt(D * 1.0)
             m = tl.full((BLOCK_G,), -1e30, tl.float32)
             l_sum = tl.zeros((BLOCK_G,), tl.float32)
             acc_a = tl.zeros((BLOCK_G, HALF), tl.float32)
             acc_b = tl.zeros((BLOCK_G, HALF), tl.float32)
-            base = tl.cast(layer, tl.int64) * cache_stride_layer + head * max_length * D
-            for t0 in range(0, position + 1, BLOCK_T):
+            for t0 in range(first, last, BLOCK_T):
                 t = t0 + tl.arange(0, BLOCK_T)
-                live = t <= position
+                live = t < last
                 kp = k_cache_ptr + base + t[:, None] * D + halves[None, :]
                 ka = tl.load(kp, mask=live[:, None], other=0.0, cache_modifier=".cg").to(tl.float32)
                 kb = tl.load(kp + HALF, mask=live[:, None], other=0.0, cache_modifier=".cg").to(tl.float32)
+                vp = v_cache_ptr + base + t[:, None] * D + halves[None, :]
+                va = tl.load(vp, mask=live[:, None], other=0.0, cache_modifier=".cg").to(tl.float32)
+                vb = tl.load(vp + HALF, mask=live[:, None], other=0.0, cache_modifier=".cg").to(tl.float32)
                 s = tl.sum(qa[:, None, :] * ka[None, :, :], 2) + tl.sum(qb[:, None, :] * kb[None, :, :], 2)
                 s = tl.where(live[None, :], s * scale, float("-inf"))  # (BLOCK_G, BLOCK_T)
                 m_new = tl.maximum(m, tl.max(s, 1))
                 alpha = tl.exp2(m - m_new)
                 p = tl.exp2(s - m_new[:, None])
                 l_sum = l_sum * alpha + tl.sum(p, 1)
-                vp = v_cache_ptr + base + t[:, None] * D + halves[None, :]
-                va = tl.load(vp, mask=live[:, None], other=0.0, cache_modifier=".cg").to(tl.float32)
-                vb = tl.load(vp + HALF, mask=live[:, None], other=0.0, cache_modifier=".cg").to(tl.float32)
                 acc_a = acc_a * alpha[:, None] + tl.sum(p[:, :, None] * va[None, :, :], 1)
                 acc_b = acc_b * alpha[:, None] + tl.sum(p[:, :, None] * vb[None, :, :], 1)
                 m = m_new
-            out_a = (acc_a / l_sum[:, None]).to(dtype)
-            out_b = (acc_b / l_sum[:, None]).to(dtype)
-            dst = attn_ptr + (head * G + g)[:, None] * D + halves[None, :]
-            tl.store(dst, out_a, mask=gq)
-            tl.store(dst + HALF, out_b, mask=gq)
+            # the split's partial result: (m, l) and the unnormalised sum, per query head (an empty split: -1e30, 0, 0)
+            rows = (head * SPLITS + task % SPLITS) * G + g  # (BLOCK_G,): rows of part (NKV * SPLITS * G, D + 2)
+            dst = part_ptr + rows[:, None] * (D + 2) + halves[None, :]
+            tl.store(dst, acc_a, mask=gq)
+            tl.store(dst + HALF, acc_b, mask=gq)
+            tl.store(part_ptr + rows * (D + 2) + D, m, mask=g < G)
+            tl.store(part_ptr + rows * (D + 2) + D + 1, l_sum, mask=g < G)
             _signal(counters + 1)
+
+        # -- phase 2b: each query head's splits merged ----------------------------------------------------------
+        for hq in range(pid, NH, num_programs):
+            _wait(counters + 1, NKV * SPLITS)
+            splits = tl.arange(0, BLOCK_S)
+            live = splits < SPLITS
+            rows = ((hq // G) * SPLITS + splits) * G + hq % G  # (BLOCK_S,)
+            ms = tl.load(part_ptr + rows * (D + 2) + D, mask=live, other=-1e30, cache_modifier=".cg")
+            ls = tl.load(part_ptr + rows * (D + 2) + D + 1, mask=live, other=0.0, cache_modifier=".cg")
+            dims = tl.arange(0, D)
+            accs = tl.load(part_ptr + rows[:, None] * (D + 2) + dims[None, :], mask=live[:, None], other=0.0,
+                           cache_modifier=".cg")  # (BLOCK_S, D)  # fmt: skip
+            weight = tl.exp2(ms - tl.max(ms, 0))  # (BLOCK_S,)
+            out = tl.sum(accs * weight[:, None], 0) / tl.sum(ls * weight, 0)
+            tl.store(attn_ptr + hq * D + dims, out.to(dtype))
+            _signal(counters + 2)
 
         # -- phase 3: o_proj rows, added to the residual --------------------------------------------------------
         w_layer = o_w_ptr + tl.cast(layer, tl.int64) * H * NH * D
         for task in range(pid, tasks_o, num_programs):
             w = _rows(w_layer, task * ROWS_O, H, NH * D, ROWS_O, BLOCK_Q)
-            _wait(counters + 1, NKV)
+            _wait(counters + 2, NH)
             cols = tl.arange(0, BLOCK_Q)
             attn = tl.load(attn_ptr + cols, mask=cols < NH * D, other=0.0, cache_modifier=".cg").to(tl.float32)
             out = _dot(w, attn).to(dtype)
@@ -253,27 +278,27 @@ def _decode_step_kernel(
             keep = rows < H
             x = tl.load(x_ptr + rows, mask=keep, other=0.0, cache_modifier=".cg")
             tl.store(x_ptr + rows, x + out, mask=keep)
-            _signal(counters + 2)
+            _signal(counters + 3)
 
         # -- phase 4: SiLU(gate) x up of the normed residual ------------------------------------------------------
         w_layer = gu_w_ptr + tl.cast(layer, tl.int64) * 2 * I * H
         for task in range(pid, tasks_gu, num_programs):
             w_gate = _rows(w_layer, task * ROWS_GU, I, H, ROWS_GU, BLOCK_H)
             w_up = _rows(w_layer + I * H, task * ROWS_GU, I, H, ROWS_GU, BLOCK_H)
-            _wait(counters + 2, tasks_o)
+            _wait(counters + 3, tasks_o)
             y = _rms_norm(x_ptr, post_norm_ptr + layer * H, eps, H, BLOCK_H)
             gate = _dot(w_gate, y).to(dtype).to(tl.float32)
             up = _dot(w_up, y).to(dtype)
             silu = (gate / (1.0 + tl.exp(-gate))).to(dtype)
             rows = task * ROWS_GU + tl.arange(0, ROWS_GU)
             tl.store(act_ptr + rows, silu * up, mask=rows < I)
-            _signal(counters + 3)
+            _signal(counters + 4)
 
         # -- phase 5: down_proj rows, added to the residual -----------------------------------------------------
         w_layer = down_w_ptr + tl.cast(layer, tl.int64) * H * I
         for task in range(pid, tasks_down, num_programs):
             w = _rows(w_layer, task * ROWS_DOWN, H, I, ROWS_DOWN, BLOCK_I)
-            _wait(counters + 3, tasks_gu)
+            _wait(counters + 4, tasks_gu)
             cols = tl.arange(0, BLOCK_I)
             act = tl.load(act_ptr + cols, mask=cols < I, other=0.0, cache_modifier=".cg").to(tl.float32)
             out = _dot(w, act).to(dtype)
@@ -281,7 +306,7 @@ def _decode_step_kernel(
             keep = rows < H
             x = tl.load(x_ptr + rows, mask=keep, other=0.0, cache_modifier=".cg")
             tl.store(x_ptr + rows, x + out, mask=keep)
-            _signal(counters + 4)
+            _signal(counters + 5)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -297,6 +322,7 @@ class Launch:
     rows_gate_up: int = 16
     rows_down: int = 8
     block_t: int = 32
+    splits: int = 16  # of each KV head's context: NKV x splits attention tasks (8 x 16 = 128 for Qwen3-0.6B)
     num_warps: int = 8
 
 
@@ -326,11 +352,12 @@ def decode_step(weights: StackedWeights, x: Tensor, position: int, k_cache: Tens
         raise ValueError(f"decode_step: num_programs must be at least 1, got {num_programs}")
     device, dtype = x.device, x.dtype
     qkv_buf = torch.empty(qkv_rows, dtype=dtype, device=device)
+    part = torch.empty(nkv * launch.splits * (nh // nkv), D + 2, dtype=torch.float32, device=device)
     attn = torch.empty(nh * D, dtype=dtype, device=device)
     act = torch.empty(I, dtype=dtype, device=device)
     counters = torch.zeros(L * PHASES, dtype=torch.int32, device=device)
     _decode_step_kernel[(num_programs,)](
-        x, qkv_buf, attn, act, counters,
+        x, qkv_buf, part, attn, act, counters,
         weights.input_norm, weights.qkv, weights.q_norm, weights.k_norm, weights.o_proj, weights.post_norm,
         weights.gate_up, weights.down, cos, sin, k_cache, v_cache,
         position, L, max_length, weights.eps, num_programs,
@@ -338,6 +365,7 @@ def decode_step(weights: StackedWeights, x: Tensor, position: int, k_cache: Tens
         BLOCK_H=triton.next_power_of_2(H), BLOCK_Q=triton.next_power_of_2(nh * D), BLOCK_I=triton.next_power_of_2(I),
         BLOCK_G=triton.next_power_of_2(nh // nkv),
         ROWS_QKV=launch.rows_qkv, ROWS_O=launch.rows_o, ROWS_GU=launch.rows_gate_up, ROWS_DOWN=launch.rows_down,
-        BLOCK_T=launch.block_t, num_warps=launch.num_warps,
+        BLOCK_T=launch.block_t, SPLITS=launch.splits, BLOCK_S=triton.next_power_of_2(launch.splits),
+        num_warps=launch.num_warps,
     )  # fmt: skip
     return x
