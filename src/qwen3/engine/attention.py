@@ -5,7 +5,7 @@ Pool: one tensor kv (2, layers, num_blocks, block_size, nkv, D); layer l's keys 
 block_size + t % block_size. Many sequences share the pool; a step's tokens from all of them are packed into
 one row of N tokens.
 
-The three operations (the contract with the Triton kernels of triton_kernels.py, docs in notes/KERNELS.md):
+The operations (the contract with the Triton kernels of triton_kernels.py):
     store_kv(k, v, k_cache, v_cache, slot_mapping)                   token i -> slot slot_mapping[i] (< 0: skip)
     paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, max_query_len,
                     max_seq_len)                                     varlen prefill / extend / decode, causal
