@@ -142,7 +142,7 @@ def _dot(w, vec):
 # the kernel
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["position"])  # one compile for every position (not one more per multiple of 16)
 def _decode_step_kernel(
     x_ptr, qkv_buf_ptr, part_ptr, attn_ptr, act_ptr, counters_ptr,
     in_norm_ptr, qkv_w_ptr, qn_ptr, kn_ptr, o_w_ptr, post_norm_ptr, gu_w_ptr, down_w_ptr,
