@@ -144,12 +144,7 @@ def store_kv_pool(k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor, layer: int
 
     The compiled forward's form: the tensor it mutates is the pool itself, not a view of it, so torch.compile
     writes in place (a view of a graph input would risk a copy of the pool)."""
-    if kv.dim() != 6 or not kv.is_contiguous():
-        raise ValueError(f"store_kv_pool: kv must be a contiguous (2, layers, blocks, block_size, nkv, D) pool, got "
-                         f"shape {tuple(kv.shape)}, strides {kv.stride()}")
-    if not 0 <= layer < kv.shape[1]:
-        raise ValueError(f"store_kv_pool: layer {layer} is not in 0..{kv.shape[1] - 1}")
-    cache = kv[0, layer]
+    cache = _check_pool("store_kv_pool", kv, layer)
     n, nkv, d = _check_rows("k", k, cache)
     if v.shape != k.shape:
         raise ValueError(f"store_kv_pool: v has shape {tuple(v.shape)}, expected k's {tuple(k.shape)}")
@@ -246,12 +241,7 @@ def qk_norm_rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positi
     nh, D) contiguous; k normalised and rotated, and v, written into slot slot_mapping[i] of layer `layer` of the
     pool kv (2, layers, num_blocks, block_size, nkv, D) (< 0: skipped). q_weight, k_weight (D,) and q_eps, k_eps:
     the two RMSNorms; cos, sin (positions, D/2) fp32: the rotary tables (model.RotaryEmbedding)."""
-    if kv.dim() != 6 or not kv.is_contiguous():
-        raise ValueError(f"qk_norm_rope_store: kv must be a contiguous (2, layers, blocks, block_size, nkv, D) pool, "
-                         f"got shape {tuple(kv.shape)}, strides {kv.stride()}")
-    if not 0 <= layer < kv.shape[1]:
-        raise ValueError(f"qk_norm_rope_store: layer {layer} is not in 0..{kv.shape[1] - 1}")
-    cache = kv[0, layer]
+    cache = _check_pool("qk_norm_rope_store", kv, layer)
     n, nh, d = _check_rows("q", q, cache)
     _, nkv, _ = _check_rows("k", k, cache)
     if k.shape != (n, cache.shape[2], d) or v.shape != k.shape:
@@ -605,6 +595,16 @@ def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
                          f"match k_cache (shape {tuple(k_cache.shape)}, strides {k_cache.stride()}, {k_cache.dtype})")
     if k_cache.stride(3) != 1:
         raise ValueError(f"k_cache's last dimension must be contiguous, got strides {k_cache.stride()}")
+
+
+def _check_pool(op: str, kv: torch.Tensor, layer: int) -> torch.Tensor:
+    """The whole pool kv (2, layers, blocks, block_size, nkv, D), contiguous, and a layer in it -> its key cache."""
+    if kv.dim() != 6 or not kv.is_contiguous():
+        raise ValueError(f"{op}: kv must be a contiguous (2, layers, blocks, block_size, nkv, D) pool, got "
+                         f"shape {tuple(kv.shape)}, strides {kv.stride()}")
+    if not 0 <= layer < kv.shape[1]:
+        raise ValueError(f"{op}: layer {layer} is not in 0..{kv.shape[1] - 1}")
+    return kv[0, layer]
 
 
 def _check_rows(name: str, x: torch.Tensor, k_cache: torch.Tensor) -> tuple[int, int, int]:
