@@ -138,6 +138,18 @@ def _dot(w, vec):
     return tl.sum(w.to(tl.float32) * vec[None, :], 1)
 
 
+@triton.jit
+def _add_rows(x_ptr, w, vec_ptr, n, row0, H, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    # The residual's rows row0.. += the rows w (ROWS, BLOCK_K) times the vector of n values at vec_ptr (another
+    # phase's output: read past L1), the product rounded to the model dtype first, as x + proj(...) in model.py.
+    cols = tl.arange(0, BLOCK_K)
+    vec = tl.load(vec_ptr + cols, mask=cols < n, other=0.0, cache_modifier=".cg").to(tl.float32)
+    rows = row0 + tl.arange(0, ROWS)
+    keep = rows < H
+    x = tl.load(x_ptr + rows, mask=keep, other=0.0, cache_modifier=".cg")
+    tl.store(x_ptr + rows, x + _dot(w, vec).to(x.dtype), mask=keep)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # the kernel
 
@@ -151,7 +163,7 @@ def _decode_step_kernel(
     H: tl.constexpr, NH: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr, I: tl.constexpr,  # noqa: E741 - intermediate_size
     BLOCK_H: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_G: tl.constexpr,
     ROWS_QKV: tl.constexpr, ROWS_O: tl.constexpr, ROWS_GU: tl.constexpr, ROWS_DOWN: tl.constexpr,
-    BLOCK_T: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_T: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, PHASES: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     G: tl.constexpr = NH // NKV
@@ -168,13 +180,13 @@ def _decode_step_kernel(
     sin = tl.load(sin_ptr + position * HALF + halves)
 
     for layer in range(num_layers):
-        counters = counters_ptr + layer * 6  # PHASES counters per layer
+        counters = counters_ptr + layer * PHASES
         # -- phase 1: qkv rows of the normed residual ------------------------------------------------------------
         w_layer = qkv_w_ptr + tl.cast(layer, tl.int64) * QKV * H
         for task in range(pid, tasks_qkv, num_programs):
             w = _rows(w_layer, task * ROWS_QKV, QKV, H, ROWS_QKV, BLOCK_H)
             if layer > 0:
-                _wait(counters_ptr + (layer - 1) * 6 + 5, tasks_down)  # the layer before: all of phase 5
+                _wait(counters + 5 - PHASES, tasks_down)  # the layer before: all of phase 5
             y = _rms_norm(x_ptr, in_norm_ptr + layer * H, eps, H, BLOCK_H)
             out = _dot(w, y)
             rows = task * ROWS_QKV + tl.arange(0, ROWS_QKV)
@@ -271,13 +283,7 @@ def _decode_step_kernel(
         for task in range(pid, tasks_o, num_programs):
             w = _rows(w_layer, task * ROWS_O, H, NH * D, ROWS_O, BLOCK_Q)
             _wait(counters + 2, NH)
-            cols = tl.arange(0, BLOCK_Q)
-            attn = tl.load(attn_ptr + cols, mask=cols < NH * D, other=0.0, cache_modifier=".cg").to(tl.float32)
-            out = _dot(w, attn).to(dtype)
-            rows = task * ROWS_O + tl.arange(0, ROWS_O)
-            keep = rows < H
-            x = tl.load(x_ptr + rows, mask=keep, other=0.0, cache_modifier=".cg")
-            tl.store(x_ptr + rows, x + out, mask=keep)
+            _add_rows(x_ptr, w, attn_ptr, NH * D, task * ROWS_O, H, ROWS_O, BLOCK_Q)
             _signal(counters + 3)
 
         # -- phase 4: SiLU(gate) x up of the normed residual ------------------------------------------------------
@@ -299,13 +305,7 @@ def _decode_step_kernel(
         for task in range(pid, tasks_down, num_programs):
             w = _rows(w_layer, task * ROWS_DOWN, H, I, ROWS_DOWN, BLOCK_I)
             _wait(counters + 4, tasks_gu)
-            cols = tl.arange(0, BLOCK_I)
-            act = tl.load(act_ptr + cols, mask=cols < I, other=0.0, cache_modifier=".cg").to(tl.float32)
-            out = _dot(w, act).to(dtype)
-            rows = task * ROWS_DOWN + tl.arange(0, ROWS_DOWN)
-            keep = rows < H
-            x = tl.load(x_ptr + rows, mask=keep, other=0.0, cache_modifier=".cg")
-            tl.store(x_ptr + rows, x + out, mask=keep)
+            _add_rows(x_ptr, w, act_ptr, I, task * ROWS_DOWN, H, ROWS_DOWN, BLOCK_I)
             _signal(counters + 5)
 
 
@@ -366,6 +366,6 @@ def decode_step(weights: StackedWeights, x: Tensor, position: int, k_cache: Tens
         BLOCK_G=triton.next_power_of_2(nh // nkv),
         ROWS_QKV=launch.rows_qkv, ROWS_O=launch.rows_o, ROWS_GU=launch.rows_gate_up, ROWS_DOWN=launch.rows_down,
         BLOCK_T=launch.block_t, SPLITS=launch.splits, BLOCK_S=triton.next_power_of_2(launch.splits),
-        num_warps=launch.num_warps,
+        PHASES=PHASES, num_warps=launch.num_warps,
     )  # fmt: skip
     return x
