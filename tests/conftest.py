@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -147,6 +148,27 @@ def fix_triton_interpreter_scalars() -> None:
 
     patched._qwen3_fixed = True
     interpreter._patch_lang_tensor = patched
+
+
+class TritonTestMode(NamedTuple):
+    """Where a test file's Triton kernels run: compiled on CUDA, or on CPU tensors in Triton's interpreter, which only
+    a subprocess started with TRITON_INTERPRET=1 has (run_in_triton_interpreter); elsewhere `kernel_test` skips."""
+
+    interpreted: bool
+    device: str  # "cuda" when the kernels run compiled, else "cpu"
+    run_kernels: bool  # in this process
+    kernel_test: pytest.MarkDecorator
+
+
+def triton_test_mode() -> TritonTestMode:
+    """The TritonTestMode of this process (under the interpreter, with fix_triton_interpreter_scalars applied)."""
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    device = "cuda" if torch.cuda.is_available() and not interpreted else "cpu"
+    run_kernels = device == "cuda" or interpreted
+    if interpreted:
+        fix_triton_interpreter_scalars()
+    kernel_test = pytest.mark.skipif(not run_kernels, reason="runs in the TRITON_INTERPRET=1 subprocess (test below)")
+    return TritonTestMode(interpreted, device, run_kernels, kernel_test)
 
 
 def run_in_triton_interpreter(target: str, select: str | None = None, passed: int | None = None,

@@ -6,22 +6,15 @@ with one program per SM, and also with one, and the two must agree.
 """
 
 import dataclasses
-import os
 
 import pytest
 import torch
 
-from conftest import fix_triton_interpreter_scalars, run_in_triton_interpreter
+from conftest import run_in_triton_interpreter, triton_test_mode
 
 triton = pytest.importorskip("triton")
 
-CUDA = torch.cuda.is_available()
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cuda" if CUDA and not INTERPRETED else "cpu"
-RUN_KERNELS = DEVICE == "cuda" or INTERPRETED
-if INTERPRETED:
-    fix_triton_interpreter_scalars()
-kernel_test = pytest.mark.skipif(not RUN_KERNELS, reason="runs in the TRITON_INTERPRET=1 subprocess (test below)")
+_, DEVICE, RUN_KERNELS, kernel_test = triton_test_mode()
 
 
 @pytest.mark.skipif(RUN_KERNELS, reason="the kernel runs in this process")

@@ -12,19 +12,16 @@ should not gets NaN in its output.
 
 import importlib.util
 import math
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import fix_triton_interpreter_scalars, run_in_triton_interpreter
+from conftest import run_in_triton_interpreter, triton_test_mode
 
 triton = pytest.importorskip("triton")
 
-CUDA = torch.cuda.is_available()
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cuda" if CUDA and not INTERPRETED else "cpu"
+_, DEVICE, RUN_KERNELS, kernel_test = triton_test_mode()
 KERNELS_PATH = Path(__file__).resolve().parents[1] / "src" / "qwen3" / "engine" / "triton_kernels.py"
 
 
@@ -36,11 +33,7 @@ def _load_kernels():
     return module
 
 
-RUN_KERNELS = DEVICE == "cuda" or INTERPRETED
-if INTERPRETED:
-    fix_triton_interpreter_scalars()
 tk = _load_kernels() if RUN_KERNELS else None
-kernel_test = pytest.mark.skipif(not RUN_KERNELS, reason="runs in the TRITON_INTERPRET=1 subprocess (test below)")
 
 
 @pytest.mark.skipif(RUN_KERNELS, reason="the kernels run in this process")
