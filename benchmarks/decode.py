@@ -135,8 +135,8 @@ def time_to_first_token(model, prompt, device) -> float:
     return time.perf_counter() - start
 
 
-def time_engine(model, prompt, new_tokens, device, compile: bool = False, gemv: bool | None = None
-                ) -> tuple[float, float, float, float]:  # fmt: skip
+def time_engine(model, prompt, new_tokens, device, compile: bool = False, gemv: bool | None = None,
+                persistent_decode: bool | None = None) -> tuple[float, float, float, float]:  # fmt: skip
     """The engine at batch 1 (what `qwen3 chat` and `qwen3 generate` use on CUDA): (tokens/s over the new tokens,
     seconds to build the engine (graph capture included), time to first token of a 512-token prompt, and the
     relative logit difference of its greedy tokens against qwen3.generate as the fraction of 64 tokens shared)."""
@@ -144,7 +144,7 @@ def time_engine(model, prompt, new_tokens, device, compile: bool = False, gemv: 
 
     start = time.perf_counter()
     llm = LLM(model, max_num_seqs=1, max_model_len=1024, kv_cache_tokens=2048, enable_prefix_caching=False,
-              compile=compile, gemv=gemv)
+              compile=compile, gemv=gemv, persistent_decode=persistent_decode)
     sync(device)
     build = time.perf_counter() - start
     params = qwen3.SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
@@ -757,8 +757,15 @@ def main() -> None:
             long_prompt = torch.randint(0, 151936, (1, 512), generator=torch.Generator().manual_seed(1)).to(device)
             ttft = time_to_first_token(model, long_prompt, device)
             print(f"qwen3 time to first token, 512-token prompt: {ttft * 1e3:.1f} ms")
+            tps, build, ttft, same = time_engine(model, prompt, new_tokens, device, persistent_decode=False)
+            rows.append(("qwen3", f"{name} engine, batch 1 (CUDA graph, paged kernels, persistent_decode=False)", tps,
+                         build, nbytes))  # fmt: skip
+            print(rows[-1], flush=True)
+            print(f"engine at batch 1 without the persistent kernel: greedy tokens shared with qwen3.generate before "
+                  f"the first difference: {same:.0%} of 64")  # fmt: skip
             tps, build, ttft, same = time_engine(model, prompt, new_tokens, device)
-            rows.append(("qwen3", f"{name} engine, batch 1 (CUDA graph, paged kernels)", tps, build, nbytes))
+            rows.append(("qwen3", f"{name} engine, batch 1 (default: one persistent kernel per token)", tps, build,
+                         nbytes))  # fmt: skip
             print(rows[-1], flush=True)
             print(f"engine at batch 1: time to first token of a 512-token prompt {ttft * 1e3:.1f} ms; greedy tokens "
                   f"shared with qwen3.generate before the first difference: {same:.0%} of 64")  # fmt: skip

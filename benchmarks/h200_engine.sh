@@ -89,7 +89,7 @@ if [[ " $parts " == *" layers-fused "* ]]; then  # QK-norm + RoPE + store as one
 fi
 if [[ " $parts " == *" persistent "* ]]; then  # the persistent batch-1 decode step: correct with 132 programs? how fast?
   run 200 persistent python3 benchmarks/persistent_decode.py
-  run 120 persistent-long python3 benchmarks/persistent_decode.py --prompt 2048 --steps 64 --launches default,splits1
+  run 120 persistent-long python3 benchmarks/persistent_decode.py --prompt 2048 --steps 64 --launches default,ahead0,splits8,splits32
   run 120 tests-persistent python3 -m pytest -q -p no:cacheprovider tests/test_persistent_decode.py -rs
 fi
 if [[ " $parts " == *" kernels "* ]]; then

@@ -7,7 +7,7 @@ Random-init Qwen3-0.6B in bf16; a 32-token prompt (--prompt) through the model w
    against the bytes of the layers' weights (0.88 GB: 3.2 TB/s would be 0.28 ms), and against the engine's compiled
    batch-1 layers (layers_autotune.py, 2026-12-02: 38.3 us per layer, 1.07 ms per token).
 
-    python benchmarks/persistent_decode.py                  # CUDA (~1-2 minutes on an H200)
+    python benchmarks/persistent_decode.py                  # CUDA (~1 minute on an H200)
     TRITON_INTERPRET=1 python benchmarks/persistent_decode.py --device cpu --layers 2 --steps 2   # dry run
 """
 
@@ -25,12 +25,14 @@ import torch
 import qwen3
 from qwen3.kernels.persistent_decode import Launch, StackedWeights, decode_step
 
-LAUNCHES = {  # offline for sm_90 (2026-12-02): 244-252 registers at 4-8 warps, no spills; 16 warps spill ~90 bytes
-    "default": Launch(),
-    "rows-half": Launch(rows_qkv=16, rows_o=8, rows_gate_up=8, rows_down=8),
-    "warps4": Launch(rows_qkv=16, rows_o=8, rows_gate_up=8, rows_down=8, num_warps=4),
-    "warps16": Launch(rows_qkv=32, rows_o=16, rows_gate_up=16, rows_down=16, num_warps=16),
-    "splits1": Launch(splits=1),  # one attention task per KV head: 8 programs walk the whole context
+LAUNCHES = {  # offline for sm_90 (2026-12-02): 243 registers at 8 warps, 127 at 16, no spills; 4 warps spill
+    "default": Launch(),  # L2 prefetch two weight phases ahead
+    "ahead0": Launch(prefetch_ahead=0),  # no prefetch (but the merge in the last split, balanced rows)
+    "ahead1": Launch(prefetch_ahead=1),
+    "ahead4": Launch(prefetch_ahead=4),  # a whole layer ahead
+    "warps16": Launch(num_warps=16),
+    "splits8": Launch(splits=8),
+    "splits32": Launch(splits=32),  # 256 attention tasks: two per program
 }
 
 
@@ -50,10 +52,10 @@ def main() -> int:
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("persistent_decode.py needs CUDA (or --device cpu under TRITON_INTERPRET=1)")
-    if device == "cpu":  # Triton 3.6's interpreter needs its scalar patch (the tests' conftest has it)
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from conftest import fix_triton_interpreter_scalars
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from conftest import fix_triton_interpreter_scalars, kv_cache_to_pool
 
+    if device == "cpu":  # Triton 3.6's interpreter needs its scalar patch
         fix_triton_interpreter_scalars()
     torch.manual_seed(0)
     config = dataclasses.replace(qwen3.Qwen3Config.from_preset("0.6B"), num_hidden_layers=args.layers)
@@ -73,7 +75,13 @@ def main() -> int:
           f"persistent_decode.py; layers' weights {layer_bytes / 1e9:.3f} GB per token")  # fmt: skip
     with torch.no_grad():
         model(ids[:, :prompt], cache=cache, positions=torch.arange(prompt, device=device)[None])
-        k0, v0 = cache.k.clone(), cache.v.clone()
+        block_size = 16
+        pool0, table = kv_cache_to_pool(cache.k[:, 0], cache.v[:, 0], prompt, block_size,
+                                        max_length // block_size + 8, torch.Generator().manual_seed(0))  # fmt: skip
+        pool = pool0.clone()
+
+        def slot_of(p: int) -> torch.Tensor:
+            return (table[p // block_size] * block_size + p % block_size).view(1)
 
         # 1. correctness at the first step
         token = ids[:, prompt : prompt + 1]
@@ -81,10 +89,11 @@ def main() -> int:
         for label, launch in LAUNCHES.items():
             outs = []
             for n in (sms, 1):
-                cache.k.copy_(k0)
-                cache.v.copy_(v0)
+                pool.copy_(pool0)
                 x = model.model.embed_tokens(token)[0, 0].contiguous()
-                decode_step(weights, x, prompt, cache.k[:, 0], cache.v[:, 0], model.rope.cos, model.rope.sin, n, launch)
+                position = torch.tensor([prompt], device=device)
+                decode_step(weights, x, position, slot_of(prompt), pool, table, model.rope.cos, model.rope.sin, n,
+                            launch)  # fmt: skip
                 outs.append(model.model.norm(x).float())
             err = ((outs[0] - want).norm() / want.norm()).item()
             same = torch.equal(outs[0], outs[1])
@@ -97,25 +106,24 @@ def main() -> int:
         print("|---|---|---|---|")
         for label in args.launches.split(","):
             launch = LAUNCHES[label]
-            cache.k.copy_(k0)
-            cache.v.copy_(v0)
+            pool.copy_(pool0)
             warm = range(prompt, prompt + min(8, args.steps))
             xs = [model.model.embed_tokens(ids[:, p : p + 1])[0, 0].contiguous() for p in warm]
             for i, x in enumerate(xs):  # warm-up (compile): the first few positions
-                decode_step(weights, x, prompt + i, cache.k[:, 0], cache.v[:, 0], model.rope.cos, model.rope.sin,
+                position = torch.tensor([prompt + i], device=device)
+                decode_step(weights, x, position, slot_of(prompt + i), pool, table, model.rope.cos, model.rope.sin,
                             sms, launch)  # fmt: skip
             sync(device)
-            cache.k.copy_(k0)
-            cache.v.copy_(v0)
+            pool.copy_(pool0)
             positions = range(prompt, prompt + args.steps)
             xs = [model.model.embed_tokens(ids[:, p : p + 1])[0, 0].contiguous() for p in positions]
+            where = [(torch.tensor([p], device=device), slot_of(p)) for p in positions]
             t0 = time.perf_counter()
             events = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if device == "cuda" else None
             if events:
                 events[0].record()
-            for i, x in enumerate(xs):  # the tokens are the prompt's next ids, not sampled: the cost is the same
-                decode_step(weights, x, prompt + i, cache.k[:, 0], cache.v[:, 0], model.rope.cos, model.rope.sin,
-                            sms, launch)  # fmt: skip
+            for x, (position, slot) in zip(xs, where, strict=True):  # the prompt's next ids: the same cost
+                decode_step(weights, x, position, slot, pool, table, model.rope.cos, model.rope.sin, sms, launch)
             if events:
                 events[1].record()
             sync(device)

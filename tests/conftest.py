@@ -192,6 +192,29 @@ def run_in_triton_interpreter(target: str, select: str | None = None, passed: in
         assert word not in summary, done.stdout[-2000:]
 
 
+def kv_cache_to_pool(k: torch.Tensor, v: torch.Tensor, length: int, block_size: int, num_blocks: int,
+                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """One sequence's keys and values (layers, nkv, max_length, D), as in qwen3.KVCache, copied at 0..length-1
+    into an engine-style pool (2, layers, num_blocks, block_size, nkv, D) through a random block table (int32,
+    room for max_length tokens). The pool's other slots hold noise, so a read through a wrong slot shows."""
+    L, nkv, max_length, D = k.shape
+    width = -(-max_length // block_size)
+    table = torch.randperm(num_blocks, generator=generator)[:width].to(torch.int32)
+    pool = torch.randn(2, L, num_blocks, block_size, nkv, D, generator=generator).to(k.dtype)
+    t = torch.arange(length)
+    blocks, offsets = table[t // block_size].long(), t % block_size
+    pool[0][:, blocks, offsets] = k[:, :, :length].transpose(1, 2).cpu()
+    pool[1][:, blocks, offsets] = v[:, :, :length].transpose(1, 2).cpu()
+    return pool.to(k.device), table.to(k.device)
+
+
+def pool_keys(pool: torch.Tensor, table: torch.Tensor, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The key and value (layers, nkv, D) stored in the pool at `position` of the sequence with this block table."""
+    block_size = pool.shape[3]
+    block = table[position // block_size].long()
+    return pool[0, :, block, position % block_size], pool[1, :, block, position % block_size]
+
+
 async def collect(engine, prompt, params, request_id=None) -> list:
     """Every increment an AsyncLLM streams for one request."""
     return [out async for out in engine.generate(prompt, params, request_id)]

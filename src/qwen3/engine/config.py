@@ -26,6 +26,7 @@ class EngineConfig:
     vocab_size: int
     eos_token_ids: tuple[int, ...]
     compile: bool = False  # every step runs a torch.compile'd forward, in the decode graphs and outside (compiled.py)
+    persistent_decode: bool = False  # a single sequence's decode step is one kernel launch (persistent.py)
 
     @property
     def max_blocks_per_seq(self) -> int:

@@ -161,6 +161,7 @@ class LLM:
         compile: bool = False,
         kv_cache_dtype: str = "auto",
         gemv: bool | None = None,
+        persistent_decode: bool | None = None,
     ) -> None:
         for name, value in (("max_num_seqs", max_num_seqs), ("max_model_len", max_model_len),
                             ("kv_cache_tokens", kv_cache_tokens), ("max_num_batched_tokens", max_num_batched_tokens),
@@ -171,6 +172,9 @@ class LLM:
             raise ValueError(f"LLM: gpu_memory_utilization={gpu_memory_utilization!r} must be in (0, 1]")
         if gemv not in (None, True, False):  # before loading anything, as every other argument check
             raise ValueError(f"LLM: gemv={gemv!r} must be None (int8 weights on CUDA), True or False")
+        if persistent_decode not in (None, True, False):
+            raise ValueError(f"LLM: persistent_decode={persistent_decode!r} must be None (where it applies), True or "
+                             "False")  # fmt: skip
         if kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"LLM: kv_cache_dtype={kv_cache_dtype!r} must be one of {', '.join(KV_CACHE_DTYPES)}")
         if kv_cache_dtype != "auto" and (tensor_parallel_size != 1 or compile):
@@ -228,6 +232,7 @@ class LLM:
             raise ValueError(f"LLM: compile=True needs CUDA and the Triton kernels; the model is on {self.device} "
                              f"with the {self.kernels.name} kernels")
 
+        persistent_decode = self._resolve_persistent_decode(persistent_decode, enforce_eager)
         nkv, layers = model_.num_kv_heads, config.num_hidden_layers
         block_bytes = KVPool.bytes_per_block(layers, block_size, nkv, config.head_dim, self.kv_dtype)
         if self.tp is not None:  # the workers size their pools (and warm up) with rank 0's numbers
@@ -245,7 +250,7 @@ class LLM:
             device=self.device, dtype=self.dtype, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
             max_num_batched_tokens=max_num_batched_tokens, block_size=block_size, num_blocks=num_blocks,
             enable_prefix_caching=enable_prefix_caching, enforce_eager=enforce_eager,
-            vocab_size=config.vocab_size, eos_token_ids=eos, compile=compile,
+            vocab_size=config.vocab_size, eos_token_ids=eos, compile=compile, persistent_decode=persistent_decode,
         )  # fmt: skip
         self.pool = KVPool(layers, num_blocks, block_size, nkv, config.head_dim, self.kv_dtype, self.device)
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
@@ -272,6 +277,21 @@ class LLM:
 
     # -------------------------------------------------------------------------------------------
     # Setup
+
+    def _resolve_persistent_decode(self, wanted: bool | None, enforce_eager: bool) -> bool:
+        """persistent_decode: None takes it where it applies (CUDA graphs, the Triton kernels, bf16 / fp16 weights
+        in plain projections, a pool of the same dtype, one process); True requires it (float32 too)."""
+        if wanted is False:
+            return False
+        if self.tp is not None or self.device.type != "cuda" or enforce_eager:
+            reason = "it needs CUDA graphs on one GPU (no tensor parallelism, no enforce_eager)"
+        else:
+            from .persistent import unavailable
+
+            reason = unavailable(self.model, self.kv_dtype, self.kernels.name, self.dtype, any_dtype=bool(wanted))
+        if reason is not None and wanted:
+            raise ValueError(f"LLM: persistent_decode=True, but {reason}")
+        return reason is None
 
     def _load(self, model: str | os.PathLike | Qwen3ForCausalLM, device: str | torch.device | None,
               dtype: torch.dtype | None, tokenizer: Tokenizer | None,

@@ -11,6 +11,8 @@ CUDA graphs (decode only). A decode step of S sequences replays the graph of the
 static input tensors that each replay overwrites; padding rows write nowhere (slot -1) and attend to nothing
 (seq_lens 0). Nothing per-step is baked in: the decode kernel reads seq_lens on the device, and its grid and
 split count depend only on the bucket. Prefill and mixed steps run outside the graphs. The CPU never uses graphs.
+With persistent_decode (the default for bf16 / fp16 on CUDA) bucket 1 records the persistent kernel instead
+(persistent.py): a single sequence's whole decode step, every layer, in one launch.
 
 LLM(compile=True) (compiled.py): every graph records a torch.compile'd forward instead of the eager one, and the
 steps no graph replays call a second compiled forward, compiled at start on a step of max_num_batched_tokens
@@ -57,6 +59,11 @@ class ModelRunner:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_groups: list[list[int]] = []  # the buckets that share a split count (capture_graphs)
         self.step_forward: Callable | None = None  # compile=True: the compiled forward of the steps not replayed
+        self.persistent = None  # config.persistent_decode: one sequence's decode step in one launch (persistent.py)
+        if config.persistent_decode:  # first: the layers' parameters become views of its stacks (same values)
+            from .persistent import PersistentDecode
+
+            self.persistent = PersistentDecode(model, pool)
         if hasattr(kernels, "warm_up"):  # the Triton kernels: compile them now, not during the first requests
             config_ = model.config
             kernels.warm_up(*pool.layer(0), config_.num_attention_heads // config_.num_key_value_heads, config.dtype)
@@ -121,6 +128,12 @@ class ModelRunner:
             return self.tp.step(self, header, data, holes, in_flight), sampling
         if bucket is not None:
             return self._replay(bucket, tokens, positions, slots, seq_lens, tables, holes, in_flight), sampling
+        if decode and S == 1 and self.persistent is not None:  # no graph (the Triton interpreter): eagerly
+            ids = self.to_device(tokens, torch.long)
+            self._fill_holes(ids, holes, in_flight)
+            hidden = self.persistent.hidden_states(ids, self.to_device(positions, torch.long), self.to_device(slots),
+                                                   self.to_device(tables))  # fmt: skip
+            return self.model.lm_head(hidden), sampling
         if compiled_step:
             return self._run_compiled_step(tokens, positions, slots, seq_lens, starts, tables, width, logits_index,
                                            holes, in_flight), sampling  # fmt: skip
@@ -267,8 +280,11 @@ class ModelRunner:
             split = [b for b in large if b not in one]
             groups = [(group, self._num_splits(group[0] if group is small else group[-1], max_len), fused,
                        (group[0], group[-1])) for group in (small, split, one) if group]  # fmt: skip
+        if self.persistent is not None:  # bucket 1 is the persistent kernel's graph (recorded last, below)
+            groups = [([b for b in group if b != 1], *rest) for group, *rest in groups]
+            groups = [g for g in groups if g[0]]
         self.graph_groups = [group for group, *_ in groups]  # compile=True: one compile per group
-        largest, max_blocks = buckets[-1], self.config.max_blocks_per_seq
+        largest, max_blocks = max(self.config.graph_buckets() + buckets), self.config.max_blocks_per_seq
         device = self.device
         self.g_tokens = torch.zeros(largest, dtype=torch.long, device=device)
         self.g_positions = torch.zeros(largest, dtype=torch.long, device=device)
@@ -300,6 +316,14 @@ class ModelRunner:
                     else:
                         self.graphs[size] = self._record(forward, memory_pool)
                     memory_pool = self.graphs[size].pool()
+            if self.persistent is not None:
+
+                def forward_one() -> None:
+                    hidden = self.persistent.hidden_states(self.g_tokens[:1], self.g_positions[:1], self.g_slots[:1],
+                                                           self.g_tables[0])  # fmt: skip
+                    self.g_hidden[:1].copy_(hidden)
+
+                self.graphs[1] = self._record(forward_one, memory_pool)
         self.graphs = dict(sorted(self.graphs.items()))  # smallest bucket first, for the lookup in run
 
     @staticmethod

@@ -1,33 +1,39 @@
 """A persistent decode step for one sequence (batch 1): all decoder layers of one token in a single Triton launch.
 
-A prototype for issue 13, not wired into the engine yet. At batch 1 each of the engine's ~9 kernels per layer sits at
-a floor of a few microseconds (launch, ramp, tail), so a token costs ~1.1 ms on the H200 where its 1.19 GB of weights
-need 0.28 ms (benchmarks/NOTES.md). Here one program per SM walks a fixed list of tasks, layer by layer:
+At batch 1 each of the engine's ~9 kernels per layer sits at a floor of a few microseconds (launch, ramp, tail), so
+a token costs ~1.1 ms on the H200 where its 1.19 GB of weights need 0.28 ms (benchmarks/NOTES.md). Here one program
+per SM walks a fixed list of tasks, layer by layer:
 
     phase 1  RMSNorm of the residual (each program recomputes it) and a slice of the qkv projection's rows
     phase 2  one KV head and a split of its context: QK-norm + RoPE of its query heads and its key, the key and
              value stored at `position` (by the split that holds it), attention of those query heads over the
-             split's keys, written as a partial result (running max, sum, unnormalised output)
-    phase 2b one query head: its splits' partial results merged into the attention output
+             split's keys, written as a partial result (running max, sum, unnormalised output); the split that
+             finishes last (a counter per KV head) merges the head's partial results into the attention output
     phase 3  a slice of o_proj's rows, added to the residual
     phase 4  RMSNorm of the residual and a slice of gate/up rows: SiLU(gate) x up
     phase 5  a slice of down_proj's rows, added to the residual
 
 A phase's tasks wait, through a counter in global memory per (layer, phase), until every task of the phase before
-has published its stores (release / acquire atomics at GPU scope, a CTA barrier on each side). Counters, not a
-grid-wide barrier: a program with no task in a phase does not wait for it, and a task loads its slice of weights
-before it waits, so the weights stream while the phase before finishes. Every program must be resident at once
-(grid <= SMs), or a wait could deadlock.
+has published its stores (release / acquire at GPU scope, a CTA barrier on each side). Counters, not a grid-wide
+barrier: a program with no task in a phase does not wait for it. The weights do not depend on the activations, so
+a task loads its slice before it waits, and (on the GPU) each program asks L2 for its slices a few phases ahead
+(`prefetch.global.L2`), so memory keeps streaming through the waits; an attention task likewise asks for its split's
+cached keys and values before it waits. Every program must be resident at once (grid <= SMs), or a wait could
+deadlock.
+
+Rows per task spread each projection over the SMs (Qwen3-0.6B on 132 SMs: 128 tasks of 32, 8, 24 and 8 rows), the
+same at any number of programs, so one program (which walks every task in order) computes exactly what 132 do.
 
 Testing without a GPU: the Triton interpreter runs programs one after another, so with several programs the first
 wait would never end. With one program the same kernel walks every task in order and each wait finds its counter
-complete: that run checks the arithmetic against the model (tests/test_persistent_decode.py). The GPU adds only the
-synchronisation between programs, which the benchmark checks against the one-program result.
+complete: that run checks the arithmetic against the model (tests/test_persistent_decode.py). The GPU adds the
+synchronisation between programs and the prefetches (inline PTX, which the interpreter lacks), which the GPU test
+checks against the one-program result.
 
 Numerics follow model.py: RMSNorm in fp32 rounded to the model dtype, then times the weight; RoPE in fp32; matrix
 products accumulate in fp32 and round to the model dtype; the residual stream stays in the model dtype. The
 attention's softmax runs in fp32 over scores of fp32 products (the model's SDPA may round differently).
-Key/value cache: KVCache's layout for one sequence, (layers, nkv, max_length, D) for keys and for values.
+Keys and values: the engine's paged pool (2, layers, blocks, block_size, nkv, D), through the sequence's block table.
 """
 
 from __future__ import annotations
@@ -40,8 +46,6 @@ import triton.language as tl
 from torch import Tensor
 
 from ..model import Qwen3ForCausalLM, RMSNorm
-
-PHASES = 6  # counters per layer: qkv, attention splits, merge, o_proj, gate/up, down
 
 
 @dataclass
@@ -58,10 +62,14 @@ class StackedWeights:
     down: Tensor  # (L, H, I)
     eps: float
 
-    @classmethod
-    def from_model(cls, model: Qwen3ForCausalLM) -> StackedWeights:
-        layers = model.model.layers
-        first = layers[0]
+    @staticmethod
+    def check(model: Qwen3ForCausalLM) -> None:
+        """A ValueError naming what the kernel does not compute, if anything: it computes Qwen3's pre-norm layers
+        with RMSNorms, SwiGLU and plain bias-free projections."""
+        first = model.model.layers[0]
+        head_dim = model.config.head_dim
+        if head_dim < 4 or head_dim & (head_dim - 1):
+            raise ValueError(f"persistent decode: head_dim {head_dim} is not a power of two (its tiles are whole heads)")
         for name, norm in (("input_layernorm", first.input_layernorm), ("self_attn.q_norm", first.self_attn.q_norm),
                            ("self_attn.k_norm", first.self_attn.k_norm)):  # fmt: skip
             if not isinstance(norm, RMSNorm):
@@ -69,32 +77,52 @@ class StackedWeights:
         if first.post_norm or not hasattr(first.mlp, "gate_up_proj"):
             raise ValueError("persistent decode: needs Qwen3's pre-norm SwiGLU layers (norm_position 'pre', "
                              "mlp_type 'swiglu')")
+        projections = (first.self_attn.qkv_proj, first.self_attn.o_proj, first.mlp.gate_up_proj, first.mlp.down_proj)
+        if any(type(p) is not torch.nn.Linear or p.bias is not None for p in projections):
+            raise ValueError("persistent decode: needs plain bias-free nn.Linear projections (not "
+                             f"{', '.join(sorted({type(p).__name__ for p in projections}))})")  # fmt: skip
 
-        def stack(get) -> Tensor:  # noqa: ANN001
-            return torch.stack([get(layer).detach() for layer in layers]).contiguous()
-
-        return cls(
-            input_norm=stack(lambda m: m.input_layernorm.weight),
-            qkv=stack(lambda m: m.self_attn.qkv_proj.weight),
-            q_norm=stack(lambda m: m.self_attn.q_norm.weight),
-            k_norm=stack(lambda m: m.self_attn.k_norm.weight),
-            o_proj=stack(lambda m: m.self_attn.o_proj.weight),
-            post_norm=stack(lambda m: m.post_attention_layernorm.weight),
-            gate_up=stack(lambda m: m.mlp.gate_up_proj.weight),
-            down=stack(lambda m: m.mlp.down_proj.weight),
-            eps=first.input_layernorm.eps,
-        )
+    @classmethod
+    def from_model(cls, model: Qwen3ForCausalLM, share: bool = False) -> StackedWeights:
+        """The stacks, copied from the model's layers; share=True then makes each layer's parameters views of
+        them (the same values, one copy of the weights in memory instead of two)."""
+        cls.check(model)
+        layers = model.model.layers
+        getters = {
+            "input_norm": lambda m: m.input_layernorm.weight,
+            "qkv": lambda m: m.self_attn.qkv_proj.weight,
+            "q_norm": lambda m: m.self_attn.q_norm.weight,
+            "k_norm": lambda m: m.self_attn.k_norm.weight,
+            "o_proj": lambda m: m.self_attn.o_proj.weight,
+            "post_norm": lambda m: m.post_attention_layernorm.weight,
+            "gate_up": lambda m: m.mlp.gate_up_proj.weight,
+            "down": lambda m: m.mlp.down_proj.weight,
+        }
+        stacks = {}
+        for field, get in getters.items():
+            stacks[field] = torch.stack([get(layer).detach() for layer in layers]).contiguous()
+            if share:
+                for i, layer in enumerate(layers):
+                    get(layer).data = stacks[field][i]
+        return cls(**stacks, eps=layers[0].input_layernorm.eps)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# synchronisation
+# synchronisation and prefetch (GPU: PTX through inline assembly; the interpreter has none and runs one program)
 
 
 @triton.jit
-def _wait(counter_ptr, target):
-    # Spin until `target` tasks have signalled; then every thread of the program may read what they stored.
-    while tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu") < target:
-        pass
+def _wait(counter_ptr, target, GPU: tl.constexpr):
+    # Spin until `target` tasks have signalled; then every thread of the program may read what they stored. On the
+    # GPU a plain acquire load polls (many programs polling with atomic read-modify-writes would queue at the
+    # counter's L2 slice behind the signals they wait for); the interpreter has no inline assembly.
+    if GPU:
+        while tl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [counter_ptr],
+                                        dtype=tl.int32, is_pure=False, pack=1) < target:  # fmt: skip
+            pass
+    else:
+        while tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu") < target:
+            pass
     tl.debug_barrier()
 
 
@@ -102,6 +130,65 @@ def _wait(counter_ptr, target):
 def _signal(counter_ptr):
     tl.debug_barrier()  # every thread's stores of this task are done before one thread releases them
     tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def _prefetch_lines(ptrs, GPU: tl.constexpr):
+    # Ask L2 for the line holding each address of ptrs: its bytes stream from memory while the program does other
+    # work, and its later loads hit L2. No-op in the interpreter.
+    if GPU:
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                                  is_pure=False, pack=1)  # fmt: skip
+
+
+@triton.jit
+def _prefetch(ptr, n, LINE: tl.constexpr, GPU: tl.constexpr):
+    # The n contiguous elements at ptr into L2, 512 lines of LINE elements at a time.
+    if GPU:
+        for start in range(0, n, 512 * LINE):
+            _prefetch_lines(ptr + tl.minimum(start + tl.arange(0, 512) * LINE, n - 1), GPU)
+
+
+@triton.jit
+def _prefetch_task(layer, phase, num_layers, pid, qkv_w_ptr, o_w_ptr, gu_w_ptr, down_w_ptr, rows_qkv, rows_o,
+                   rows_gu, rows_down, H: tl.constexpr, NH: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr,
+                   I: tl.constexpr, LINE: tl.constexpr, GPU: tl.constexpr):  # noqa: E741  # fmt: skip
+    # This program's first task's weights in weight phase `phase` (0 qkv, 1 o_proj, 2 gate/up, 3 down) of `layer`.
+    QKV: tl.constexpr = (NH + 2 * NKV) * D
+    if layer < num_layers:
+        if phase == 0:
+            if pid * rows_qkv < QKV:
+                first = pid * rows_qkv
+                n = tl.minimum(rows_qkv, QKV - first) * H
+                _prefetch(qkv_w_ptr + tl.cast(layer, tl.int64) * QKV * H + first * H, n, LINE, GPU)
+        elif phase == 1:
+            if pid * rows_o < H:
+                first = pid * rows_o
+                n = tl.minimum(rows_o, H - first) * NH * D
+                _prefetch(o_w_ptr + tl.cast(layer, tl.int64) * H * NH * D + first * NH * D, n, LINE, GPU)
+        elif phase == 2:
+            if pid * rows_gu < I:
+                first = pid * rows_gu
+                n = tl.minimum(rows_gu, I - first) * H
+                base = gu_w_ptr + tl.cast(layer, tl.int64) * 2 * I * H + first * H
+                _prefetch(base, n, LINE, GPU)
+                _prefetch(base + I * H, n, LINE, GPU)
+        else:
+            if pid * rows_down < H:
+                first = pid * rows_down
+                n = tl.minimum(rows_down, H - first) * I
+                _prefetch(down_w_ptr + tl.cast(layer, tl.int64) * H * I + first * I, n, LINE, GPU)
+
+
+@triton.jit
+def _prefetch_ahead(layer, phase, num_layers, pid, qkv_w_ptr, o_w_ptr, gu_w_ptr, down_w_ptr, rows_qkv, rows_o,
+                    rows_gu, rows_down, H: tl.constexpr, NH: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr,
+                    I: tl.constexpr, LINE: tl.constexpr, AHEAD: tl.constexpr, GPU: tl.constexpr):  # noqa: E741  # fmt: skip
+    # At weight phase `phase` of `layer`: the weights AHEAD weight phases later (0: no prefetch).
+    if AHEAD > 0:
+        target = layer * 4 + phase + AHEAD
+        _prefetch_task(target // 4, target % 4, num_layers, pid, qkv_w_ptr, o_w_ptr, gu_w_ptr, down_w_ptr, rows_qkv,
+                       rows_o, rows_gu, rows_down, H, NH, NKV, D, I, LINE, GPU)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -124,12 +211,13 @@ def _rms_norm(x_ptr, weight_ptr, eps, H: tl.constexpr, BLOCK_H: tl.constexpr):
 
 @triton.jit
 def _rows(w_ptr, row0, num_rows, K, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
-    # Rows row0.. of the row-major (num_rows, K) matrix at w_ptr, (ROWS, BLOCK_K) in its dtype, zero outside. Issued
-    # before a task waits: the weights do not depend on the activations, so their bytes stream during the wait.
-    rows = row0 + tl.arange(0, ROWS)
+    # Rows row0..row0 + num_rows - 1 of the row-major matrix of K columns at w_ptr: (ROWS, BLOCK_K) in its dtype,
+    # zero outside. Issued before a task waits: the weights do not depend on the activations, so their bytes stream
+    # during the wait.
+    rows = tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_K)
     keep = (rows[:, None] < num_rows) & (cols[None, :] < K)
-    return tl.load(w_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], mask=keep, other=0.0)
+    return tl.load(w_ptr + (row0 + rows[:, None]).to(tl.int64) * K + cols[None, :], mask=keep, other=0.0)
 
 
 @triton.jit
@@ -139,67 +227,97 @@ def _dot(w, vec):
 
 
 @triton.jit
-def _add_rows(x_ptr, w, vec_ptr, n, row0, H, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
-    # The residual's rows row0.. += the rows w (ROWS, BLOCK_K) times the vector of n values at vec_ptr (another
-    # phase's output: read past L1), the product rounded to the model dtype first, as x + proj(...) in model.py.
+def _add_rows(x_ptr, w, vec_ptr, n, row0, num_rows, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    # The residual's rows row0..row0 + num_rows - 1 += the rows w (ROWS, BLOCK_K) times the vector of n values at
+    # vec_ptr (another phase's output: read past L1), the product rounded to the model dtype first, as
+    # x + proj(...) in model.py.
     cols = tl.arange(0, BLOCK_K)
     vec = tl.load(vec_ptr + cols, mask=cols < n, other=0.0, cache_modifier=".cg").to(tl.float32)
-    rows = row0 + tl.arange(0, ROWS)
-    keep = rows < H
-    x = tl.load(x_ptr + rows, mask=keep, other=0.0, cache_modifier=".cg")
-    tl.store(x_ptr + rows, x + _dot(w, vec).to(x.dtype), mask=keep)
+    rows = tl.arange(0, ROWS)
+    keep = rows < num_rows
+    x = tl.load(x_ptr + row0 + rows, mask=keep, other=0.0, cache_modifier=".cg")
+    tl.store(x_ptr + row0 + rows, x + _dot(w, vec).to(x.dtype), mask=keep)
+
+
+@triton.jit
+def _key_slots(table_ptr, t, live, block_size, NKV: tl.constexpr, D: tl.constexpr):
+    # Offsets (in elements, within one layer's keys) of tokens t of the sequence: block table, then slot.
+    block = tl.load(table_ptr + t // block_size, mask=live, other=0)
+    return (block.to(tl.int64) * block_size + t % block_size) * (NKV * D)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # the kernel
 
 
-@triton.jit(do_not_specialize=["position"])  # one compile for every position (not one more per multiple of 16)
+@triton.jit
 def _decode_step_kernel(
     x_ptr, qkv_buf_ptr, part_ptr, attn_ptr, act_ptr, counters_ptr,
     in_norm_ptr, qkv_w_ptr, qn_ptr, kn_ptr, o_w_ptr, post_norm_ptr, gu_w_ptr, down_w_ptr,
-    cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr,
-    position, num_layers, max_length, eps, num_programs,
+    cos_ptr, sin_ptr, kv_ptr, table_ptr, position_ptr, slot_ptr,
+    num_layers, num_blocks, block_size, eps, num_programs, rows_qkv, rows_o, rows_gu, rows_down,
     H: tl.constexpr, NH: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr, I: tl.constexpr,  # noqa: E741 - intermediate_size
     BLOCK_H: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_G: tl.constexpr,
     ROWS_QKV: tl.constexpr, ROWS_O: tl.constexpr, ROWS_GU: tl.constexpr, ROWS_DOWN: tl.constexpr,
-    BLOCK_T: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, PHASES: tl.constexpr,
+    BLOCK_T: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, LINE: tl.constexpr, AHEAD: tl.constexpr,
+    GPU: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     G: tl.constexpr = NH // NKV
     HALF: tl.constexpr = D // 2
     QKV: tl.constexpr = (NH + 2 * NKV) * D
-    tasks_qkv = tl.cdiv(QKV, ROWS_QKV)
-    tasks_o = tl.cdiv(H, ROWS_O)
-    tasks_gu = tl.cdiv(I, ROWS_GU)
-    tasks_down = tl.cdiv(H, ROWS_DOWN)
+    PER_LAYER: tl.constexpr = 5 + NKV  # counters: qkv, merged heads, o_proj, gate/up, down; then one per KV head
+    tasks_qkv = tl.cdiv(QKV, rows_qkv)
+    tasks_o = tl.cdiv(H, rows_o)
+    tasks_gu = tl.cdiv(I, rows_gu)
+    tasks_down = tl.cdiv(H, rows_down)
     dtype = x_ptr.dtype.element_ty
-    cache_stride_layer = NKV * max_length * D
+    position = tl.load(position_ptr).to(tl.int32)
+    layer_stride = tl.cast(num_blocks, tl.int64) * block_size * NKV * D  # one layer's keys (or values) in the pool
+    v_base = kv_ptr + tl.cast(num_layers, tl.int64) * layer_stride  # the pool is (2, layers, blocks, block_size, ...)
     halves = tl.arange(0, HALF)
+    dims = tl.arange(0, D)
     cos = tl.load(cos_ptr + position * HALF + halves)  # (D/2,) fp32
     sin = tl.load(sin_ptr + position * HALF + halves)
+    new_slot = tl.load(slot_ptr).to(tl.int64)  # where the new key and value go (< 0: nowhere)
+    # the first AHEAD weight phases: later ones are asked for AHEAD phases before their turn
+    for ahead in tl.static_range(AHEAD):
+        _prefetch_task(ahead // 4, ahead % 4, num_layers, pid, qkv_w_ptr, o_w_ptr, gu_w_ptr, down_w_ptr, rows_qkv,
+                       rows_o, rows_gu, rows_down, H, NH, NKV, D, I, LINE, GPU)  # fmt: skip
 
     for layer in range(num_layers):
-        counters = counters_ptr + layer * PHASES
+        counters = counters_ptr + layer * PER_LAYER
         # -- phase 1: qkv rows of the normed residual ------------------------------------------------------------
+        _prefetch_ahead(layer, 0, num_layers, pid, qkv_w_ptr, o_w_ptr, gu_w_ptr, down_w_ptr, rows_qkv, rows_o,
+                        rows_gu, rows_down, H, NH, NKV, D, I, LINE, AHEAD, GPU)  # fmt: skip
         w_layer = qkv_w_ptr + tl.cast(layer, tl.int64) * QKV * H
         for task in range(pid, tasks_qkv, num_programs):
-            w = _rows(w_layer, task * ROWS_QKV, QKV, H, ROWS_QKV, BLOCK_H)
+            first = task * rows_qkv
+            n = tl.minimum(rows_qkv, QKV - first)
+            w = _rows(w_layer, first, n, H, ROWS_QKV, BLOCK_H)
             if layer > 0:
-                _wait(counters + 5 - PHASES, tasks_down)  # the layer before: all of phase 5
+                _wait(counters + 4 - PER_LAYER, tasks_down, GPU)  # the layer before: all of phase 5
             y = _rms_norm(x_ptr, in_norm_ptr + layer * H, eps, H, BLOCK_H)
             out = _dot(w, y)
-            rows = task * ROWS_QKV + tl.arange(0, ROWS_QKV)
-            tl.store(qkv_buf_ptr + rows, out.to(dtype), mask=rows < QKV)
+            rows = tl.arange(0, ROWS_QKV)
+            tl.store(qkv_buf_ptr + first + rows, out.to(dtype), mask=rows < n)
             _signal(counters + 0)
 
-        # -- phase 2: one (KV head, split of the context) per task ---------------------------------------------
+        # -- phase 2: one (KV head, split of the context) per task; the split that finishes last merges -----------
         chunk = tl.cdiv(position + 1, SPLITS)  # keys per split; the split holding `position` stores the new key
+        k_layer = kv_ptr + tl.cast(layer, tl.int64) * layer_stride
+        v_layer = v_base + tl.cast(layer, tl.int64) * layer_stride
         for task in range(pid, NKV * SPLITS, num_programs):
             head = task // SPLITS
             first = (task % SPLITS) * chunk
             last = tl.minimum(first + chunk, position + 1)  # keys first..last-1 (none for a split past the end)
-            _wait(counters + 0, tasks_qkv)
+            for t0 in range(first, tl.minimum(last, position), 4 * BLOCK_T):  # the cached keys and values: into L2
+                t = t0 + tl.arange(0, 4 * BLOCK_T)
+                slots = _key_slots(table_ptr, t, t < position, block_size, NKV, D) + head * D
+                for line in tl.static_range(0, D, LINE):  # a head's key (and value) may span several lines
+                    _prefetch_lines(k_layer + slots + line, GPU)
+                    _prefetch_lines(v_layer + slots + line, GPU)
+            _wait(counters + 0, tasks_qkv, GPU)
             # the key: QK-norm + RoPE, stored with the value at `position` by the split that holds it
             k1 = tl.load(qkv_buf_ptr + NH * D + head * D + halves, cache_modifier=".cg").to(tl.float32)
             k2 = tl.load(qkv_buf_ptr + NH * D + head * D + HALF + halves, cache_modifier=".cg").to(tl.float32)
@@ -208,13 +326,12 @@ def _decode_step_kernel(
             kw2 = tl.load(kn_ptr + layer * D + HALF + halves).to(tl.float32)
             k1 = (kw1 * (k1 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
             k2 = (kw2 * (k2 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
-            base = tl.cast(layer, tl.int64) * cache_stride_layer + head * max_length * D
-            holds = (first <= position) & (position < last)
-            dims = tl.arange(0, D)
-            tl.store(k_cache_ptr + base + position * D + halves, (k1 * cos - k2 * sin).to(dtype), mask=holds)
-            tl.store(k_cache_ptr + base + position * D + HALF + halves, (k2 * cos + k1 * sin).to(dtype), mask=holds)
+            holds = (first <= position) & (position < last) & (new_slot >= 0)
+            new = new_slot * (NKV * D) + head * D
+            tl.store(k_layer + new + halves, (k1 * cos - k2 * sin).to(dtype), mask=holds)
+            tl.store(k_layer + new + HALF + halves, (k2 * cos + k1 * sin).to(dtype), mask=holds)
             v = tl.load(qkv_buf_ptr + (NH + NKV) * D + head * D + dims, cache_modifier=".cg")
-            tl.store(v_cache_ptr + base + position * D + dims, v, mask=holds)
+            tl.store(v_layer + new + dims, v, mask=holds)
             # its query heads (G of them, padded to BLOCK_G)
             g = tl.arange(0, BLOCK_G)
             gq = (g < G)[:, None]
@@ -238,10 +355,11 @@ def _decode_step_kernel(
             for t0 in range(first, last, BLOCK_T):
                 t = t0 + tl.arange(0, BLOCK_T)
                 live = t < last
-                kp = k_cache_ptr + base + t[:, None] * D + halves[None, :]
+                slots = _key_slots(table_ptr, t, live, block_size, NKV, D) + head * D
+                kp = k_layer + slots[:, None] + halves[None, :]
                 ka = tl.load(kp, mask=live[:, None], other=0.0, cache_modifier=".cg").to(tl.float32)
                 kb = tl.load(kp + HALF, mask=live[:, None], other=0.0, cache_modifier=".cg").to(tl.float32)
-                vp = v_cache_ptr + base + t[:, None] * D + halves[None, :]
+                vp = v_layer + slots[:, None] + halves[None, :]
                 va = tl.load(vp, mask=live[:, None], other=0.0, cache_modifier=".cg").to(tl.float32)
                 vb = tl.load(vp + HALF, mask=live[:, None], other=0.0, cache_modifier=".cg").to(tl.float32)
                 s = tl.sum(qa[:, None, :] * ka[None, :, :], 2) + tl.sum(qb[:, None, :] * kb[None, :, :], 2)
@@ -260,53 +378,67 @@ def _decode_step_kernel(
             tl.store(dst + HALF, acc_b, mask=gq)
             tl.store(part_ptr + rows * (D + 2) + D, m, mask=g < G)
             tl.store(part_ptr + rows * (D + 2) + D + 1, l_sum, mask=g < G)
-            _signal(counters + 1)
-
-        # -- phase 2b: each query head's splits merged ----------------------------------------------------------
-        for hq in range(pid, NH, num_programs):
-            _wait(counters + 1, NKV * SPLITS)
-            splits = tl.arange(0, BLOCK_S)
-            live = splits < SPLITS
-            rows = ((hq // G) * SPLITS + splits) * G + hq % G  # (BLOCK_S,)
-            ms = tl.load(part_ptr + rows * (D + 2) + D, mask=live, other=-1e30, cache_modifier=".cg")
-            ls = tl.load(part_ptr + rows * (D + 2) + D + 1, mask=live, other=0.0, cache_modifier=".cg")
-            dims = tl.arange(0, D)
-            accs = tl.load(part_ptr + rows[:, None] * (D + 2) + dims[None, :], mask=live[:, None], other=0.0,
-                           cache_modifier=".cg")  # (BLOCK_S, D)  # fmt: skip
-            weight = tl.exp2(ms - tl.max(ms, 0))  # (BLOCK_S,)
-            out = tl.sum(accs * weight[:, None], 0) / tl.sum(ls * weight, 0)
-            tl.store(attn_ptr + hq * D + dims, out.to(dtype))
-            _signal(counters + 2)
+            # the last of the head's splits to finish merges them all (its acquire sees the others' partials)
+            tl.debug_barrier()
+            done = tl.atomic_add(counters + 5 + head, 1, sem="acq_rel", scope="gpu")
+            if done == SPLITS - 1:
+                tl.debug_barrier()
+                split_ids = tl.arange(0, BLOCK_S)
+                split_live = split_ids < SPLITS
+                for gi in range(G):
+                    part_rows = (head * SPLITS + split_ids) * G + gi  # (BLOCK_S,)
+                    ms = tl.load(part_ptr + part_rows * (D + 2) + D, mask=split_live, other=-1e30,
+                                 cache_modifier=".cg")  # fmt: skip
+                    ls = tl.load(part_ptr + part_rows * (D + 2) + D + 1, mask=split_live, other=0.0,
+                                 cache_modifier=".cg")  # fmt: skip
+                    accs = tl.load(part_ptr + part_rows[:, None] * (D + 2) + dims[None, :], mask=split_live[:, None],
+                                   other=0.0, cache_modifier=".cg")  # (BLOCK_S, D)  # fmt: skip
+                    weight = tl.exp2(ms - tl.max(ms, 0))  # (BLOCK_S,)
+                    out = tl.sum(accs * weight[:, None], 0) / tl.sum(ls * weight, 0)
+                    tl.store(attn_ptr + (head * G + gi) * D + dims, out.to(dtype))
+                _signal(counters + 1)
 
         # -- phase 3: o_proj rows, added to the residual --------------------------------------------------------
+        _prefetch_ahead(layer, 1, num_layers, pid, qkv_w_ptr, o_w_ptr, gu_w_ptr, down_w_ptr, rows_qkv, rows_o,
+                        rows_gu, rows_down, H, NH, NKV, D, I, LINE, AHEAD, GPU)  # fmt: skip
         w_layer = o_w_ptr + tl.cast(layer, tl.int64) * H * NH * D
         for task in range(pid, tasks_o, num_programs):
-            w = _rows(w_layer, task * ROWS_O, H, NH * D, ROWS_O, BLOCK_Q)
-            _wait(counters + 2, NH)
-            _add_rows(x_ptr, w, attn_ptr, NH * D, task * ROWS_O, H, ROWS_O, BLOCK_Q)
-            _signal(counters + 3)
+            first = task * rows_o
+            n = tl.minimum(rows_o, H - first)
+            w = _rows(w_layer, first, n, NH * D, ROWS_O, BLOCK_Q)
+            _wait(counters + 1, NKV, GPU)
+            _add_rows(x_ptr, w, attn_ptr, NH * D, first, n, ROWS_O, BLOCK_Q)
+            _signal(counters + 2)
 
         # -- phase 4: SiLU(gate) x up of the normed residual ------------------------------------------------------
+        _prefetch_ahead(layer, 2, num_layers, pid, qkv_w_ptr, o_w_ptr, gu_w_ptr, down_w_ptr, rows_qkv, rows_o,
+                        rows_gu, rows_down, H, NH, NKV, D, I, LINE, AHEAD, GPU)  # fmt: skip
         w_layer = gu_w_ptr + tl.cast(layer, tl.int64) * 2 * I * H
         for task in range(pid, tasks_gu, num_programs):
-            w_gate = _rows(w_layer, task * ROWS_GU, I, H, ROWS_GU, BLOCK_H)
-            w_up = _rows(w_layer + I * H, task * ROWS_GU, I, H, ROWS_GU, BLOCK_H)
-            _wait(counters + 3, tasks_o)
+            first = task * rows_gu
+            n = tl.minimum(rows_gu, I - first)
+            w_gate = _rows(w_layer, first, n, H, ROWS_GU, BLOCK_H)
+            w_up = _rows(w_layer + I * H, first, n, H, ROWS_GU, BLOCK_H)
+            _wait(counters + 2, tasks_o, GPU)
             y = _rms_norm(x_ptr, post_norm_ptr + layer * H, eps, H, BLOCK_H)
             gate = _dot(w_gate, y).to(dtype).to(tl.float32)
             up = _dot(w_up, y).to(dtype)
             silu = (gate / (1.0 + tl.exp(-gate))).to(dtype)
-            rows = task * ROWS_GU + tl.arange(0, ROWS_GU)
-            tl.store(act_ptr + rows, silu * up, mask=rows < I)
-            _signal(counters + 4)
+            rows = tl.arange(0, ROWS_GU)
+            tl.store(act_ptr + first + rows, silu * up, mask=rows < n)
+            _signal(counters + 3)
 
         # -- phase 5: down_proj rows, added to the residual -----------------------------------------------------
+        _prefetch_ahead(layer, 3, num_layers, pid, qkv_w_ptr, o_w_ptr, gu_w_ptr, down_w_ptr, rows_qkv, rows_o,
+                        rows_gu, rows_down, H, NH, NKV, D, I, LINE, AHEAD, GPU)  # fmt: skip
         w_layer = down_w_ptr + tl.cast(layer, tl.int64) * H * I
         for task in range(pid, tasks_down, num_programs):
-            w = _rows(w_layer, task * ROWS_DOWN, H, I, ROWS_DOWN, BLOCK_I)
-            _wait(counters + 4, tasks_gu)
-            _add_rows(x_ptr, w, act_ptr, I, task * ROWS_DOWN, H, ROWS_DOWN, BLOCK_I)
-            _signal(counters + 5)
+            first = task * rows_down
+            n = tl.minimum(rows_down, H - first)
+            w = _rows(w_layer, first, n, I, ROWS_DOWN, BLOCK_I)
+            _wait(counters + 3, tasks_gu, GPU)
+            _add_rows(x_ptr, w, act_ptr, I, first, n, ROWS_DOWN, BLOCK_I)
+            _signal(counters + 4)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -315,39 +447,52 @@ def _decode_step_kernel(
 
 @dataclass
 class Launch:
-    """Rows of each projection per task, and keys per attention tile: the work of one task (data, to sweep)."""
+    """The work of one task (data, to sweep): at most this many rows of each projection (fewer when that spreads
+    the rows over all SMs: Qwen3-0.6B on 132 SMs takes 32, 8, 24 and 8, 128 tasks each), keys per attention tile,
+    splits of the context per KV head, and how many weight phases ahead each program asks L2 for its weights."""
 
     rows_qkv: int = 32
     rows_o: int = 8
-    rows_gate_up: int = 16
+    rows_gate_up: int = 32
     rows_down: int = 8
     block_t: int = 32
     splits: int = 16  # of each KV head's context: NKV x splits attention tasks (8 x 16 = 128 for Qwen3-0.6B)
     num_warps: int = 8
+    prefetch_ahead: int = 2  # weight phases (4 per layer); 0: none. The interpreter never prefetches
 
 
-def decode_step(weights: StackedWeights, x: Tensor, position: int, k_cache: Tensor, v_cache: Tensor, cos: Tensor,
-                sin: Tensor, num_programs: int, launch: Launch | None = None) -> Tensor:  # fmt: skip
+def counters_per_step(num_layers: int, num_kv_heads: int) -> int:
+    """The int32 counters one step uses; they must be zero when it starts."""
+    return num_layers * (5 + num_kv_heads)
+
+
+def decode_step(weights: StackedWeights, x: Tensor, position: Tensor, slot: Tensor, kv: Tensor, block_table: Tensor,
+                cos: Tensor, sin: Tensor, num_programs: int, launch: Launch | None = None,
+                counters: Tensor | None = None) -> Tensor:  # fmt: skip
     """Run every decoder layer on one token: x (H,) the token's embedding, in the model dtype, becomes the last
-    layer's output (before the final norm), in place; its key and value are written at `position` of k_cache,
-    v_cache (layers, nkv, max_length, D), which must hold the sequence's keys at 0..position-1. cos, sin: the
-    model's rotary tables (positions, D/2) fp32. num_programs: at most the number of SMs (all must be resident);
-    1 walks every task in order (the Triton interpreter's case). Returns x."""
+    layer's output (before the final norm), in place. position, slot: (1,) integer tensors on the device (so a CUDA
+    graph can replay the step). kv: the engine's pool (2, layers, blocks, block_size, nkv, D) in the model dtype,
+    holding the sequence's keys and values at 0..position-1 through block_table (int32, the sequence's blocks); the
+    new key and value are written at pool slot `slot` (block_table[position // block_size] * block_size + position
+    % block_size; < 0: nowhere, for a warm-up). cos, sin: the model's rotary tables (positions, D/2) fp32.
+    num_programs: at most the number of SMs (all must be resident at once); 1 walks every task in order (the Triton
+    interpreter's case). counters: counters_per_step(...) int32 zeros (allocated here when None). Returns x."""
     launch = launch or Launch()
     L, qkv_rows, H = weights.qkv.shape
     D = weights.q_norm.shape[1]
-    nkv, max_length = k_cache.shape[1], k_cache.shape[2]
+    if kv.dim() != 6 or kv.shape[0] != 2 or kv.shape[1] != L or kv.shape[5] != D or not kv.is_contiguous():
+        raise ValueError(f"decode_step: kv must be a contiguous pool (2, {L}, blocks, block_size, nkv, {D}), got "
+                         f"{tuple(kv.shape)}")  # fmt: skip
+    nkv, num_blocks, block_size = kv.shape[4], kv.shape[2], kv.shape[3]
     nh = qkv_rows // D - 2 * nkv
     I = weights.down.shape[2]  # noqa: E741 - the config's letter for intermediate_size
-    if x.shape != (H,) or not x.is_contiguous():
-        raise ValueError(f"decode_step: x must be a contiguous ({H},) tensor, got {tuple(x.shape)}")
-    if k_cache.shape != (L, nkv, max_length, D) or v_cache.shape != k_cache.shape or not k_cache.is_contiguous() \
-            or not v_cache.is_contiguous():  # fmt: skip
-        raise ValueError(f"decode_step: k_cache and v_cache must be contiguous ({L}, nkv, max_length, {D}), got "
-                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
-    if not 0 <= position < max_length or position >= cos.shape[0]:
-        raise ValueError(f"decode_step: position {position} is outside the cache ({max_length}) or the rotary table "
-                         f"({cos.shape[0]})")
+    if x.shape != (H,) or not x.is_contiguous() or kv.dtype != x.dtype:
+        raise ValueError(f"decode_step: x must be a contiguous ({H},) tensor of the pool's dtype {kv.dtype}, got "
+                         f"{tuple(x.shape)} {x.dtype}")  # fmt: skip
+    if position.numel() != 1 or slot.numel() != 1 or block_table.dim() != 1 or block_table.dtype != torch.int32:
+        raise ValueError(f"decode_step: position and slot must hold one value each and block_table be a 1-d int32 "
+                         f"tensor, got {tuple(position.shape)}, {tuple(slot.shape)} and {tuple(block_table.shape)} "
+                         f"{block_table.dtype}")  # fmt: skip
     if num_programs < 1:
         raise ValueError(f"decode_step: num_programs must be at least 1, got {num_programs}")
     device, dtype = x.device, x.dtype
@@ -355,17 +500,29 @@ def decode_step(weights: StackedWeights, x: Tensor, position: int, k_cache: Tens
     part = torch.empty(nkv * launch.splits * (nh // nkv), D + 2, dtype=torch.float32, device=device)
     attn = torch.empty(nh * D, dtype=dtype, device=device)
     act = torch.empty(I, dtype=dtype, device=device)
-    counters = torch.zeros(L * PHASES, dtype=torch.int32, device=device)
+    if counters is None:
+        counters = torch.zeros(counters_per_step(L, nkv), dtype=torch.int32, device=device)
+    gpu = device.type == "cuda"
+    # Rows per task: the rows spread over the SMs (on the GPU; over the programs in the interpreter), at most the
+    # launch's, so that the grouping (and so the result) is the same at any num_programs.
+    spread = torch.cuda.get_device_properties(device).multi_processor_count if gpu else num_programs
+
+    def rows(limit: int, total: int) -> int:
+        return min(limit, -(-total // spread))
+
     _decode_step_kernel[(num_programs,)](
         x, qkv_buf, part, attn, act, counters,
         weights.input_norm, weights.qkv, weights.q_norm, weights.k_norm, weights.o_proj, weights.post_norm,
-        weights.gate_up, weights.down, cos, sin, k_cache, v_cache,
-        position, L, max_length, weights.eps, num_programs,
+        weights.gate_up, weights.down, cos, sin, kv, block_table, position, slot,
+        L, num_blocks, block_size, weights.eps, num_programs,
+        rows(launch.rows_qkv, qkv_rows), rows(launch.rows_o, H), rows(launch.rows_gate_up, I),
+        rows(launch.rows_down, H),
         H=H, NH=nh, NKV=nkv, D=D, I=I,
         BLOCK_H=triton.next_power_of_2(H), BLOCK_Q=triton.next_power_of_2(nh * D), BLOCK_I=triton.next_power_of_2(I),
         BLOCK_G=triton.next_power_of_2(nh // nkv),
-        ROWS_QKV=launch.rows_qkv, ROWS_O=launch.rows_o, ROWS_GU=launch.rows_gate_up, ROWS_DOWN=launch.rows_down,
+        ROWS_QKV=triton.next_power_of_2(launch.rows_qkv), ROWS_O=triton.next_power_of_2(launch.rows_o),
+        ROWS_GU=triton.next_power_of_2(launch.rows_gate_up), ROWS_DOWN=triton.next_power_of_2(launch.rows_down),
         BLOCK_T=launch.block_t, SPLITS=launch.splits, BLOCK_S=triton.next_power_of_2(launch.splits),
-        PHASES=PHASES, num_warps=launch.num_warps,
+        LINE=128 // x.element_size(), AHEAD=launch.prefetch_ahead if gpu else 0, GPU=gpu, num_warps=launch.num_warps,
     )  # fmt: skip
     return x
