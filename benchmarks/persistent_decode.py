@@ -33,7 +33,37 @@ LAUNCHES = {  # offline for sm_90 (2026-12-02): 243 registers at 8 warps, 127 at
     "warps16": Launch(num_warps=16),
     "splits8": Launch(splits=8),
     "splits32": Launch(splits=32),  # 256 attention tasks: two per program
+    "poll-atomic": Launch(poll_load=False),  # one thread per program polls, with an atomic
+    "poll-atomic-ahead0": Launch(poll_load=False, prefetch_ahead=0),
 }
+PHASES = ("qkv", "attention + merge", "o_proj", "gate/up", "down")
+
+
+def timeline(trace: torch.Tensor, layers: int) -> str:
+    """Where a step's time goes, from the global timer after each phase's wait and after its signal (per program):
+    per phase, averaged over the layers, the span from the first program's release to the last signal, the median
+    task (release to signal), and the handoff from the phase's last signal to the next phase's first release."""
+    trace = trace[:, :layers]
+    has = trace[..., 0] > 0  # 0 where a program had no task in the phase
+    base = trace[trace > 0].min()
+    t = (trace - base).double() / 1e3  # us since the first stamp (the timer's ns would lose precision in a double)
+    big = torch.tensor(float("inf"), dtype=torch.float64)
+    released = torch.where(has, t[..., 0], big).amin(0)  # (layers, 5)
+    done = torch.where(has, t[..., 1], -big).amax(0)
+    work = torch.where(has, t[..., 1] - t[..., 0], torch.tensor(float("nan"), dtype=torch.float64))
+    median = work.nanmedian(0).values  # (layers, 5)
+    flat_released = released.flatten()  # in step order: layer by layer, phase by phase
+    handoff = (flat_released[1:] - done.flatten()[:-1]).view(-1)
+    handoff = torch.cat([handoff, torch.zeros(1, dtype=torch.float64)]).view(layers, 5)
+    lines = ["| phase | span: first release to last signal (us) | median task (us) | handoff to the next phase (us) |",
+             "|---|---|---|---|"]  # fmt: skip
+    for p, name in enumerate(PHASES):
+        lines.append(f"| {name} | {(done[:, p] - released[:, p]).mean():.2f} | {median[:, p].mean():.2f} | "
+                     f"{handoff[:-1 if p == 4 else None, p].mean():.2f} |")  # fmt: skip
+    total = done[-1, 4] - released[0, 0]
+    lines.append(f"\nstep: {total:.0f} us from the first release to the last signal ({total / layers:.2f} us per "
+                 "layer)")  # fmt: skip
+    return "\n".join(lines)
 
 
 def sync(device: str) -> None:
@@ -48,6 +78,7 @@ def main() -> int:
     parser.add_argument("--launches", default=",".join(LAUNCHES))
     parser.add_argument("--device", default="cuda", help="cpu: a dry run under TRITON_INTERPRET=1, one program")
     parser.add_argument("--layers", type=int, default=28)
+    parser.add_argument("--trace", default="", help="CUDA: comma list of launches whose step to time phase by phase")
     args = parser.parse_args()
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
@@ -131,6 +162,17 @@ def main() -> int:
             us = events[0].elapsed_time(events[1]) * 1e3 / args.steps if events else host * 1e6
             print(f"| {label} | {us:.0f} (host {host * 1e6:.0f}) | {layer_bytes / us / 1e3:.0f} | x{1070 / us:.2f} |",
                   flush=True)  # fmt: skip
+        # 3. where the time goes (the kernel compiled with the global-timer stamps: a little slower than above)
+        for label in filter(None, args.trace.split(",")):
+            pool.copy_(pool0)
+            trace = torch.zeros(sms, 64, 5, 2, dtype=torch.int64, device=device)
+            for i in range(3):  # compile, then the last run's stamps
+                x = model.model.embed_tokens(ids[:, prompt + i : prompt + i + 1])[0, 0].contiguous()
+                decode_step(weights, x, torch.tensor([prompt + i], device=device), slot_of(prompt + i), pool, table,
+                            model.rope.cos, model.rope.sin, sms, LAUNCHES[label], trace=trace)  # fmt: skip
+            sync(device)
+            print(f"\n#### {label}: one step, phase by phase ({args.layers} layers, context {prompt + 3})\n")
+            print(timeline(trace.cpu(), args.layers), flush=True)
     return 0
 
 

@@ -69,7 +69,7 @@ class StackedWeights:
         first = model.model.layers[0]
         head_dim = model.config.head_dim
         if head_dim < 4 or head_dim & (head_dim - 1):
-            raise ValueError(f"persistent decode: head_dim {head_dim} is not a power of two (its tiles are whole heads)")
+            raise ValueError(f"persistent decode: head_dim {head_dim} is not a power of two (tiles hold whole heads)")
         for name, norm in (("input_layernorm", first.input_layernorm), ("self_attn.q_norm", first.self_attn.q_norm),
                            ("self_attn.k_norm", first.self_attn.k_norm)):  # fmt: skip
             if not isinstance(norm, RMSNorm):
@@ -112,11 +112,10 @@ class StackedWeights:
 
 
 @triton.jit
-def _wait(counter_ptr, target, GPU: tl.constexpr):
-    # Spin until `target` tasks have signalled; then every thread of the program may read what they stored. On the
-    # GPU a plain acquire load polls (many programs polling with atomic read-modify-writes would queue at the
-    # counter's L2 slice behind the signals they wait for); the interpreter has no inline assembly.
-    if GPU:
+def _wait(counter_ptr, target, GPU: tl.constexpr, POLL_LOAD: tl.constexpr):
+    # Spin until `target` tasks have signalled; then every thread of the program may read what they stored. POLL_LOAD
+    # (GPU only): every thread polls with an acquire load; else one thread with an atomic read-modify-write.
+    if GPU and POLL_LOAD:
         while tl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [counter_ptr],
                                         dtype=tl.int32, is_pure=False, pack=1) < target:  # fmt: skip
             pass
@@ -124,6 +123,16 @@ def _wait(counter_ptr, target, GPU: tl.constexpr):
         while tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu") < target:
             pass
     tl.debug_barrier()
+
+
+@triton.jit
+def _stamp(trace_ptr, pid, layer, phase, which, TRACE: tl.constexpr):
+    # TRACE (a diagnostic, GPU only): the global timer (ns) at this point of this program's first task of the phase,
+    # into trace (programs, layers, 5 phases, 2: after the wait, after the signal).
+    if TRACE:
+        now = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [pid], dtype=tl.int64, is_pure=False,
+                                        pack=1)  # fmt: skip
+        tl.store(trace_ptr + ((pid * 64 + layer) * 5 + phase) * 2 + which, now)
 
 
 @triton.jit
@@ -254,13 +263,13 @@ def _key_slots(table_ptr, t, live, block_size, NKV: tl.constexpr, D: tl.constexp
 def _decode_step_kernel(
     x_ptr, qkv_buf_ptr, part_ptr, attn_ptr, act_ptr, counters_ptr,
     in_norm_ptr, qkv_w_ptr, qn_ptr, kn_ptr, o_w_ptr, post_norm_ptr, gu_w_ptr, down_w_ptr,
-    cos_ptr, sin_ptr, kv_ptr, table_ptr, position_ptr, slot_ptr,
+    cos_ptr, sin_ptr, kv_ptr, table_ptr, position_ptr, slot_ptr, trace_ptr,
     num_layers, num_blocks, block_size, eps, num_programs, rows_qkv, rows_o, rows_gu, rows_down,
     H: tl.constexpr, NH: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr, I: tl.constexpr,  # noqa: E741 - intermediate_size
     BLOCK_H: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_G: tl.constexpr,
     ROWS_QKV: tl.constexpr, ROWS_O: tl.constexpr, ROWS_GU: tl.constexpr, ROWS_DOWN: tl.constexpr,
     BLOCK_T: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, LINE: tl.constexpr, AHEAD: tl.constexpr,
-    GPU: tl.constexpr,
+    GPU: tl.constexpr, POLL_LOAD: tl.constexpr, TRACE: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     G: tl.constexpr = NH // NKV
@@ -296,12 +305,14 @@ def _decode_step_kernel(
             n = tl.minimum(rows_qkv, QKV - first)
             w = _rows(w_layer, first, n, H, ROWS_QKV, BLOCK_H)
             if layer > 0:
-                _wait(counters + 4 - PER_LAYER, tasks_down, GPU)  # the layer before: all of phase 5
+                _wait(counters + 4 - PER_LAYER, tasks_down, GPU, POLL_LOAD)  # the layer before: all of phase 5
+            _stamp(trace_ptr, pid, layer, 0, 0, TRACE)
             y = _rms_norm(x_ptr, in_norm_ptr + layer * H, eps, H, BLOCK_H)
             out = _dot(w, y)
             rows = tl.arange(0, ROWS_QKV)
             tl.store(qkv_buf_ptr + first + rows, out.to(dtype), mask=rows < n)
             _signal(counters + 0)
+            _stamp(trace_ptr, pid, layer, 0, 1, TRACE)
 
         # -- phase 2: one (KV head, split of the context) per task; the split that finishes last merges -----------
         chunk = tl.cdiv(position + 1, SPLITS)  # keys per split; the split holding `position` stores the new key
@@ -317,7 +328,8 @@ def _decode_step_kernel(
                 for line in tl.static_range(0, D, LINE):  # a head's key (and value) may span several lines
                     _prefetch_lines(k_layer + slots + line, GPU)
                     _prefetch_lines(v_layer + slots + line, GPU)
-            _wait(counters + 0, tasks_qkv, GPU)
+            _wait(counters + 0, tasks_qkv, GPU, POLL_LOAD)
+            _stamp(trace_ptr, pid, layer, 1, 0, TRACE)
             # the key: QK-norm + RoPE, stored with the value at `position` by the split that holds it
             k1 = tl.load(qkv_buf_ptr + NH * D + head * D + halves, cache_modifier=".cg").to(tl.float32)
             k2 = tl.load(qkv_buf_ptr + NH * D + head * D + HALF + halves, cache_modifier=".cg").to(tl.float32)
@@ -397,6 +409,7 @@ def _decode_step_kernel(
                     out = tl.sum(accs * weight[:, None], 0) / tl.sum(ls * weight, 0)
                     tl.store(attn_ptr + (head * G + gi) * D + dims, out.to(dtype))
                 _signal(counters + 1)
+            _stamp(trace_ptr, pid, layer, 1, 1, TRACE)
 
         # -- phase 3: o_proj rows, added to the residual --------------------------------------------------------
         _prefetch_ahead(layer, 1, num_layers, pid, qkv_w_ptr, o_w_ptr, gu_w_ptr, down_w_ptr, rows_qkv, rows_o,
@@ -406,9 +419,11 @@ def _decode_step_kernel(
             first = task * rows_o
             n = tl.minimum(rows_o, H - first)
             w = _rows(w_layer, first, n, NH * D, ROWS_O, BLOCK_Q)
-            _wait(counters + 1, NKV, GPU)
+            _wait(counters + 1, NKV, GPU, POLL_LOAD)
+            _stamp(trace_ptr, pid, layer, 2, 0, TRACE)
             _add_rows(x_ptr, w, attn_ptr, NH * D, first, n, ROWS_O, BLOCK_Q)
             _signal(counters + 2)
+            _stamp(trace_ptr, pid, layer, 2, 1, TRACE)
 
         # -- phase 4: SiLU(gate) x up of the normed residual ------------------------------------------------------
         _prefetch_ahead(layer, 2, num_layers, pid, qkv_w_ptr, o_w_ptr, gu_w_ptr, down_w_ptr, rows_qkv, rows_o,
@@ -419,7 +434,8 @@ def _decode_step_kernel(
             n = tl.minimum(rows_gu, I - first)
             w_gate = _rows(w_layer, first, n, H, ROWS_GU, BLOCK_H)
             w_up = _rows(w_layer + I * H, first, n, H, ROWS_GU, BLOCK_H)
-            _wait(counters + 2, tasks_o, GPU)
+            _wait(counters + 2, tasks_o, GPU, POLL_LOAD)
+            _stamp(trace_ptr, pid, layer, 3, 0, TRACE)
             y = _rms_norm(x_ptr, post_norm_ptr + layer * H, eps, H, BLOCK_H)
             gate = _dot(w_gate, y).to(dtype).to(tl.float32)
             up = _dot(w_up, y).to(dtype)
@@ -427,6 +443,7 @@ def _decode_step_kernel(
             rows = tl.arange(0, ROWS_GU)
             tl.store(act_ptr + first + rows, silu * up, mask=rows < n)
             _signal(counters + 3)
+            _stamp(trace_ptr, pid, layer, 3, 1, TRACE)
 
         # -- phase 5: down_proj rows, added to the residual -----------------------------------------------------
         _prefetch_ahead(layer, 3, num_layers, pid, qkv_w_ptr, o_w_ptr, gu_w_ptr, down_w_ptr, rows_qkv, rows_o,
@@ -436,9 +453,11 @@ def _decode_step_kernel(
             first = task * rows_down
             n = tl.minimum(rows_down, H - first)
             w = _rows(w_layer, first, n, I, ROWS_DOWN, BLOCK_I)
-            _wait(counters + 3, tasks_gu, GPU)
+            _wait(counters + 3, tasks_gu, GPU, POLL_LOAD)
+            _stamp(trace_ptr, pid, layer, 4, 0, TRACE)
             _add_rows(x_ptr, w, act_ptr, I, first, n, ROWS_DOWN, BLOCK_I)
             _signal(counters + 4)
+            _stamp(trace_ptr, pid, layer, 4, 1, TRACE)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -459,6 +478,7 @@ class Launch:
     splits: int = 16  # of each KV head's context: NKV x splits attention tasks (8 x 16 = 128 for Qwen3-0.6B)
     num_warps: int = 8
     prefetch_ahead: int = 2  # weight phases (4 per layer); 0: none. The interpreter never prefetches
+    poll_load: bool = True  # every thread polls a counter with a load (GPU); False: one thread, an atomic
 
 
 def counters_per_step(num_layers: int, num_kv_heads: int) -> int:
@@ -468,7 +488,7 @@ def counters_per_step(num_layers: int, num_kv_heads: int) -> int:
 
 def decode_step(weights: StackedWeights, x: Tensor, position: Tensor, slot: Tensor, kv: Tensor, block_table: Tensor,
                 cos: Tensor, sin: Tensor, num_programs: int, launch: Launch | None = None,
-                counters: Tensor | None = None) -> Tensor:  # fmt: skip
+                counters: Tensor | None = None, trace: Tensor | None = None) -> Tensor:  # fmt: skip
     """Run every decoder layer on one token: x (H,) the token's embedding, in the model dtype, becomes the last
     layer's output (before the final norm), in place. position, slot: (1,) integer tensors on the device (so a CUDA
     graph can replay the step). kv: the engine's pool (2, layers, blocks, block_size, nkv, D) in the model dtype,
@@ -476,7 +496,9 @@ def decode_step(weights: StackedWeights, x: Tensor, position: Tensor, slot: Tens
     new key and value are written at pool slot `slot` (block_table[position // block_size] * block_size + position
     % block_size; < 0: nowhere, for a warm-up). cos, sin: the model's rotary tables (positions, D/2) fp32.
     num_programs: at most the number of SMs (all must be resident at once); 1 walks every task in order (the Triton
-    interpreter's case). counters: counters_per_step(...) int32 zeros (allocated here when None). Returns x."""
+    interpreter's case). counters: counters_per_step(...) int32 zeros (allocated here when None). trace (a diagnostic,
+    GPU only): int64 (num_programs, 64, 5, 2) that receives each program's global timer after each phase's wait and
+    after its signal (benchmarks/persistent_decode.py --trace). Returns x."""
     launch = launch or Launch()
     L, qkv_rows, H = weights.qkv.shape
     D = weights.q_norm.shape[1]
@@ -495,6 +517,8 @@ def decode_step(weights: StackedWeights, x: Tensor, position: Tensor, slot: Tens
                          f"{block_table.dtype}")  # fmt: skip
     if num_programs < 1:
         raise ValueError(f"decode_step: num_programs must be at least 1, got {num_programs}")
+    if trace is not None and (trace.shape != (num_programs, 64, 5, 2) or trace.dtype != torch.int64 or L > 64):
+        raise ValueError(f"decode_step: trace must be int64 ({num_programs}, 64, 5, 2) and layers <= 64")
     device, dtype = x.device, x.dtype
     qkv_buf = torch.empty(qkv_rows, dtype=dtype, device=device)
     part = torch.empty(nkv * launch.splits * (nh // nkv), D + 2, dtype=torch.float32, device=device)
@@ -513,7 +537,7 @@ def decode_step(weights: StackedWeights, x: Tensor, position: Tensor, slot: Tens
     _decode_step_kernel[(num_programs,)](
         x, qkv_buf, part, attn, act, counters,
         weights.input_norm, weights.qkv, weights.q_norm, weights.k_norm, weights.o_proj, weights.post_norm,
-        weights.gate_up, weights.down, cos, sin, kv, block_table, position, slot,
+        weights.gate_up, weights.down, cos, sin, kv, block_table, position, slot, trace if trace is not None else x,
         L, num_blocks, block_size, weights.eps, num_programs,
         rows(launch.rows_qkv, qkv_rows), rows(launch.rows_o, H), rows(launch.rows_gate_up, I),
         rows(launch.rows_down, H),
@@ -523,6 +547,7 @@ def decode_step(weights: StackedWeights, x: Tensor, position: Tensor, slot: Tens
         ROWS_QKV=triton.next_power_of_2(launch.rows_qkv), ROWS_O=triton.next_power_of_2(launch.rows_o),
         ROWS_GU=triton.next_power_of_2(launch.rows_gate_up), ROWS_DOWN=triton.next_power_of_2(launch.rows_down),
         BLOCK_T=launch.block_t, SPLITS=launch.splits, BLOCK_S=triton.next_power_of_2(launch.splits),
-        LINE=128 // x.element_size(), AHEAD=launch.prefetch_ahead if gpu else 0, GPU=gpu, num_warps=launch.num_warps,
+        LINE=128 // x.element_size(), AHEAD=launch.prefetch_ahead if gpu else 0, GPU=gpu, POLL_LOAD=launch.poll_load,
+        TRACE=trace is not None and gpu, num_warps=launch.num_warps,
     )  # fmt: skip
     return x
