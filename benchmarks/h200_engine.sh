@@ -88,10 +88,10 @@ if [[ " $parts " == *" layers-fused "* ]]; then  # QK-norm + RoPE + store as one
     --batches 256,64,16,2 --budget 240
 fi
 if [[ " $parts " == *" persistent "* ]]; then  # the persistent batch-1 decode step: correct with 132 programs? how fast?
-  run 200 persistent python3 benchmarks/persistent_decode.py --launches default,ahead0,poll-atomic,poll-atomic-ahead0,splits8 \
-    --trace default,poll-atomic
+  run 200 persistent python3 benchmarks/persistent_decode.py --launches default,no-wait,late-loads,ahead2,poll-load \
+    --trace default,no-wait
   run 120 persistent-long python3 benchmarks/persistent_decode.py --prompt 2048 --steps 64 \
-    --launches default,poll-atomic,splits8 --trace default
+    --launches default,splits32 --trace default
   run 120 tests-persistent python3 -m pytest -q -p no:cacheprovider tests/test_persistent_decode.py -rs
 fi
 if [[ " $parts " == *" kernels "* ]]; then

@@ -112,10 +112,14 @@ class StackedWeights:
 
 
 @triton.jit
-def _wait(counter_ptr, target, GPU: tl.constexpr, POLL_LOAD: tl.constexpr):
+def _wait(counter_ptr, target, GPU: tl.constexpr, POLL_LOAD: tl.constexpr, NO_WAIT: tl.constexpr = False):
     # Spin until `target` tasks have signalled; then every thread of the program may read what they stored. POLL_LOAD
-    # (GPU only): every thread polls with an acquire load; else one thread with an atomic read-modify-write.
-    if GPU and POLL_LOAD:
+    # (GPU only): every thread polls with an acquire load; else one thread with an atomic read-modify-write (which
+    # the compiler turns into a strong load). NO_WAIT: a diagnostic that times the kernel without waiting (wrong
+    # results with several programs).
+    if NO_WAIT:
+        pass
+    elif GPU and POLL_LOAD:
         while tl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [counter_ptr],
                                         dtype=tl.int32, is_pure=False, pack=1) < target:  # fmt: skip
             pass
@@ -269,7 +273,8 @@ def _decode_step_kernel(
     BLOCK_H: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_G: tl.constexpr,
     ROWS_QKV: tl.constexpr, ROWS_O: tl.constexpr, ROWS_GU: tl.constexpr, ROWS_DOWN: tl.constexpr,
     BLOCK_T: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, LINE: tl.constexpr, AHEAD: tl.constexpr,
-    GPU: tl.constexpr, POLL_LOAD: tl.constexpr, TRACE: tl.constexpr,
+    GPU: tl.constexpr, POLL_LOAD: tl.constexpr, LATE_LOADS: tl.constexpr, NO_WAIT: tl.constexpr,
+    TRACE: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     G: tl.constexpr = NH // NKV
@@ -303,9 +308,11 @@ def _decode_step_kernel(
         for task in range(pid, tasks_qkv, num_programs):
             first = task * rows_qkv
             n = tl.minimum(rows_qkv, QKV - first)
+            if LATE_LOADS and layer > 0:
+                _wait(counters + 4 - PER_LAYER, tasks_down, GPU, POLL_LOAD, NO_WAIT)
             w = _rows(w_layer, first, n, H, ROWS_QKV, BLOCK_H)
             if layer > 0:
-                _wait(counters + 4 - PER_LAYER, tasks_down, GPU, POLL_LOAD)  # the layer before: all of phase 5
+                _wait(counters + 4 - PER_LAYER, tasks_down, GPU, POLL_LOAD, NO_WAIT)  # the layer before: phase 5
             _stamp(trace_ptr, pid, layer, 0, 0, TRACE)
             y = _rms_norm(x_ptr, in_norm_ptr + layer * H, eps, H, BLOCK_H)
             out = _dot(w, y)
@@ -328,7 +335,7 @@ def _decode_step_kernel(
                 for line in tl.static_range(0, D, LINE):  # a head's key (and value) may span several lines
                     _prefetch_lines(k_layer + slots + line, GPU)
                     _prefetch_lines(v_layer + slots + line, GPU)
-            _wait(counters + 0, tasks_qkv, GPU, POLL_LOAD)
+            _wait(counters + 0, tasks_qkv, GPU, POLL_LOAD, NO_WAIT)
             _stamp(trace_ptr, pid, layer, 1, 0, TRACE)
             # the key: QK-norm + RoPE, stored with the value at `position` by the split that holds it
             k1 = tl.load(qkv_buf_ptr + NH * D + head * D + halves, cache_modifier=".cg").to(tl.float32)
@@ -418,8 +425,10 @@ def _decode_step_kernel(
         for task in range(pid, tasks_o, num_programs):
             first = task * rows_o
             n = tl.minimum(rows_o, H - first)
+            if LATE_LOADS:
+                _wait(counters + 1, NKV, GPU, POLL_LOAD, NO_WAIT)
             w = _rows(w_layer, first, n, NH * D, ROWS_O, BLOCK_Q)
-            _wait(counters + 1, NKV, GPU, POLL_LOAD)
+            _wait(counters + 1, NKV, GPU, POLL_LOAD, NO_WAIT)
             _stamp(trace_ptr, pid, layer, 2, 0, TRACE)
             _add_rows(x_ptr, w, attn_ptr, NH * D, first, n, ROWS_O, BLOCK_Q)
             _signal(counters + 2)
@@ -432,9 +441,11 @@ def _decode_step_kernel(
         for task in range(pid, tasks_gu, num_programs):
             first = task * rows_gu
             n = tl.minimum(rows_gu, I - first)
+            if LATE_LOADS:
+                _wait(counters + 2, tasks_o, GPU, POLL_LOAD, NO_WAIT)
             w_gate = _rows(w_layer, first, n, H, ROWS_GU, BLOCK_H)
             w_up = _rows(w_layer + I * H, first, n, H, ROWS_GU, BLOCK_H)
-            _wait(counters + 2, tasks_o, GPU, POLL_LOAD)
+            _wait(counters + 2, tasks_o, GPU, POLL_LOAD, NO_WAIT)
             _stamp(trace_ptr, pid, layer, 3, 0, TRACE)
             y = _rms_norm(x_ptr, post_norm_ptr + layer * H, eps, H, BLOCK_H)
             gate = _dot(w_gate, y).to(dtype).to(tl.float32)
@@ -452,8 +463,10 @@ def _decode_step_kernel(
         for task in range(pid, tasks_down, num_programs):
             first = task * rows_down
             n = tl.minimum(rows_down, H - first)
+            if LATE_LOADS:
+                _wait(counters + 3, tasks_gu, GPU, POLL_LOAD, NO_WAIT)
             w = _rows(w_layer, first, n, I, ROWS_DOWN, BLOCK_I)
-            _wait(counters + 3, tasks_gu, GPU, POLL_LOAD)
+            _wait(counters + 3, tasks_gu, GPU, POLL_LOAD, NO_WAIT)
             _stamp(trace_ptr, pid, layer, 4, 0, TRACE)
             _add_rows(x_ptr, w, act_ptr, I, first, n, ROWS_DOWN, BLOCK_I)
             _signal(counters + 4)
@@ -477,8 +490,10 @@ class Launch:
     block_t: int = 32
     splits: int = 16  # of each KV head's context: NKV x splits attention tasks (8 x 16 = 128 for Qwen3-0.6B)
     num_warps: int = 8
-    prefetch_ahead: int = 2  # weight phases (4 per layer); 0: none. The interpreter never prefetches
-    poll_load: bool = True  # every thread polls a counter with a load (GPU); False: one thread, an atomic
+    prefetch_ahead: int = 0  # weight phases (4 per layer); 0: none (H200: no gain at 1 or 2). Never in the interpreter
+    poll_load: bool = False  # all threads poll a counter with loads (GPU; H200: 5% slower); False: one atomic
+    late_loads: bool = False  # a diagnostic: load a task's weights after its wait instead of before
+    no_wait: bool = False  # a diagnostic: skip every wait (the time without synchronisation; wrong results)
 
 
 def counters_per_step(num_layers: int, num_kv_heads: int) -> int:
@@ -548,6 +563,7 @@ def decode_step(weights: StackedWeights, x: Tensor, position: Tensor, slot: Tens
         ROWS_GU=triton.next_power_of_2(launch.rows_gate_up), ROWS_DOWN=triton.next_power_of_2(launch.rows_down),
         BLOCK_T=launch.block_t, SPLITS=launch.splits, BLOCK_S=triton.next_power_of_2(launch.splits),
         LINE=128 // x.element_size(), AHEAD=launch.prefetch_ahead if gpu else 0, GPU=gpu, POLL_LOAD=launch.poll_load,
-        TRACE=trace is not None and gpu, num_warps=launch.num_warps,
+        LATE_LOADS=launch.late_loads, NO_WAIT=launch.no_wait, TRACE=trace is not None and gpu,
+        num_warps=launch.num_warps,
     )  # fmt: skip
     return x
