@@ -1,4 +1,4 @@
-"""The persistent decode step (qwen3/kernels/persistent_decode.py) on Qwen3-0.6B: correct, and how fast?
+"""The persistent decode step (qwen3/engine/triton_persistent.py) on Qwen3-0.6B: correct, and how fast?
 
 Random-init Qwen3-0.6B in bf16; a 32-token prompt (--prompt) through the model with a KVCache; then one token at a time:
 1. correctness: the kernel with one program per SM against the model's `hidden_states` on the same cache (bf16
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import qwen3
-from qwen3.kernels.persistent_decode import Launch, StackedWeights, decode_step
+from qwen3.engine.triton_persistent import Launch, StackedWeights, decode_step
 
 LAUNCHES = {  # offline for sm_90 (2026-12-02): 240 registers at 8 warps, 127 at 16, no spills; 4 warps spill
     "default": Launch(),  # one thread polls each counter with an atomic; no L2 prefetch

@@ -1,4 +1,4 @@
-"""The persistent decode step (kernels/persistent_decode.py) against the model with a KVCache, one token at a time.
+"""The persistent decode step (engine/triton_persistent.py) against the model with a KVCache, one token at a time.
 
 Without CUDA the kernel runs in Triton's interpreter with one program (several would wait on each other forever:
 the interpreter runs programs one after another), in a subprocess started with TRITON_INTERPRET=1. On CUDA it runs
@@ -43,7 +43,7 @@ def small_model(dtype):
 @pytest.mark.parametrize("splits", [1, 3, 16])  # 16: more splits than a split's 2 keys need, some left empty
 def test_decode_steps_equal_the_model_with_a_kv_cache(dtype, splits):
     import qwen3
-    from qwen3.kernels.persistent_decode import Launch, StackedWeights, decode_step
+    from qwen3.engine.triton_persistent import Launch, StackedWeights, decode_step
 
     model = small_model(dtype)
     weights = StackedWeights.from_model(model)
@@ -95,7 +95,7 @@ def tolerance(dtype: torch.dtype) -> float:
 
 @kernel_test
 def test_bad_arguments_name_what_is_wrong():
-    from qwen3.kernels.persistent_decode import StackedWeights, decode_step
+    from qwen3.engine.triton_persistent import StackedWeights, decode_step
 
     model = small_model(torch.float32)
     weights = StackedWeights.from_model(model)
@@ -116,7 +116,7 @@ def test_bad_arguments_name_what_is_wrong():
 
 def test_shared_stacks_leave_the_model_unchanged():
     """share=True: the layers' parameters become views of the stacks (one copy of the weights), same values."""
-    from qwen3.kernels.persistent_decode import StackedWeights
+    from qwen3.engine.triton_persistent import StackedWeights
 
     model = small_model(torch.float32).cpu()
     ids = torch.randint(0, model.config.vocab_size, (1, 9))

@@ -1,4 +1,4 @@
-"""Batch-1 decode in one kernel launch: the engine's step for a single sequence (kernels/persistent_decode.py).
+"""Batch-1 decode in one kernel launch: the engine's step for a single sequence (engine/triton_persistent.py).
 
 A decode step of one sequence is ~250 small kernels through the model's layers, each at a floor of a few
 microseconds, so it runs far below the memory bandwidth (benchmarks/NOTES.md). Here one persistent Triton kernel
@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..kernels.persistent_decode import Launch, StackedWeights, counters_per_step, decode_step
 from ..model import Qwen3ForCausalLM
 from .attention import KVPool
+from .triton_persistent import Launch, StackedWeights, counters_per_step, decode_step
 
 DTYPES = (torch.bfloat16, torch.float16)  # the default: the kernel's tiles are sized for 16-bit weights
 

@@ -9,7 +9,6 @@
   imports it at import time.
 - `gemv_linear`: `use_gemv(model)` puts that GEMV behind the model's projections for few rows on CUDA (module
   swap; Parameters shared). Imports triton.
-- `persistent_decode`: a prototype, not wired in: all decoder layers of one batch-1 token in one Triton launch
-  (one program per SM, phases joined by counters), checked against the model in tests/test_persistent_decode.py.
-  Imports triton.
+
+The engine's own kernels (paged attention, the fused sampler, the persistent batch-1 decode step) live in engine/.
 """

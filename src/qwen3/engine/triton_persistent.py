@@ -46,6 +46,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..model import Qwen3ForCausalLM, RMSNorm
+from .triton_kernels import _rms_norm_rope
 
 
 @dataclass
@@ -337,33 +338,28 @@ def _decode_step_kernel(
                     _prefetch_lines(v_layer + slots + line, GPU)
             _wait(counters + 0, tasks_qkv, GPU, POLL_LOAD, NO_WAIT)
             _stamp(trace_ptr, pid, layer, 1, 0, TRACE)
-            # the key: QK-norm + RoPE, stored with the value at `position` by the split that holds it
-            k1 = tl.load(qkv_buf_ptr + NH * D + head * D + halves, cache_modifier=".cg").to(tl.float32)
-            k2 = tl.load(qkv_buf_ptr + NH * D + head * D + HALF + halves, cache_modifier=".cg").to(tl.float32)
-            rstd = tl.rsqrt((tl.sum(k1 * k1, 0) + tl.sum(k2 * k2, 0)) / D + eps)
-            kw1 = tl.load(kn_ptr + layer * D + halves).to(tl.float32)
-            kw2 = tl.load(kn_ptr + layer * D + HALF + halves).to(tl.float32)
-            k1 = (kw1 * (k1 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
-            k2 = (kw2 * (k2 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+            # the key: QK-norm + RoPE (the engine's own _rms_norm_rope, on a tile whose row 0 is the key), stored with
+            # the value at `position` by the split that holds it. (After the wait's acquire, plain loads see the
+            # other programs' stores.)
+            g = tl.arange(0, BLOCK_G)
+            cols = halves[None, :]
+            in_half = cols < HALF
+            key = (g == 0)[:, None] & in_half  # (BLOCK_G, D/2)
+            k1, k2 = _rms_norm_rope(qkv_buf_ptr + NH * D + head * D + cols, key, kn_ptr + layer * D, cols, in_half,
+                                    cos, sin, eps, dtype, D)  # fmt: skip
             holds = (first <= position) & (position < last) & (new_slot >= 0)
             new = new_slot * (NKV * D) + head * D
-            tl.store(k_layer + new + halves, (k1 * cos - k2 * sin).to(dtype), mask=holds)
-            tl.store(k_layer + new + HALF + halves, (k2 * cos + k1 * sin).to(dtype), mask=holds)
+            k_dst = k_layer + new + (g * 0)[:, None] + cols  # (BLOCK_G, D/2): row 0 is stored
+            tl.store(k_dst, k1, mask=key & holds)
+            tl.store(k_dst + HALF, k2, mask=key & holds)
             v = tl.load(qkv_buf_ptr + (NH + NKV) * D + head * D + dims, cache_modifier=".cg")
             tl.store(v_layer + new + dims, v, mask=holds)
             # its query heads (G of them, padded to BLOCK_G)
-            g = tl.arange(0, BLOCK_G)
             gq = (g < G)[:, None]
-            q_src = qkv_buf_ptr + (head * G + g)[:, None] * D + halves[None, :]
-            q1 = tl.load(q_src, mask=gq, other=0.0, cache_modifier=".cg").to(tl.float32)
-            q2 = tl.load(q_src + HALF, mask=gq, other=0.0, cache_modifier=".cg").to(tl.float32)
-            rstd = tl.rsqrt((tl.sum(q1 * q1, 1) + tl.sum(q2 * q2, 1)) / D + eps)[:, None]
-            qw1 = tl.load(qn_ptr + layer * D + halves).to(tl.float32)[None, :]
-            qw2 = tl.load(qn_ptr + layer * D + HALF + halves).to(tl.float32)[None, :]
-            q1 = (qw1 * (q1 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
-            q2 = (qw2 * (q2 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
-            qa = (q1 * cos[None, :] - q2 * sin[None, :]).to(dtype).to(tl.float32)  # (BLOCK_G, D/2)
-            qb = (q2 * cos[None, :] + q1 * sin[None, :]).to(dtype).to(tl.float32)
+            q_src = qkv_buf_ptr + (head * G + g)[:, None] * D + cols
+            qa, qb = _rms_norm_rope(q_src, gq & in_half, qn_ptr + layer * D, cols, in_half, cos, sin, eps, dtype, D)
+            qa = qa.to(tl.float32)  # (BLOCK_G, D/2)
+            qb = qb.to(tl.float32)
             tl.debug_barrier()  # this program's key store is read back below
             # attention over keys first..last-1, online softmax in base 2
             scale = 1.4426950408889634 / tl.sqrt(D * 1.0)
